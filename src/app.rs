@@ -1,0 +1,194 @@
+//! Assembly: [`App::build`] turns a [`Config`] into a bound server with its shared context, and
+//! [`App::run_until`] serves until a shutdown signal, then drains.
+//!
+//! One tonic server hosts the four services of the contract, `grpc.health.v1` (overall and per
+//! service) and reflection v1 and v1alpha. Every call passes, outermost first: the tracing span
+//! (`trace_fn`), the stream-shutdown wrapper, authentication, the global concurrency limit, and
+//! the per-call timeout.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+use crate::bootstrap::{self, Secrets};
+use crate::config::{Config, ConfigError};
+use crate::grpc::auth::AuthLayer;
+use crate::grpc::layers::{LoadShedLayer, ShutdownStreamsLayer};
+use crate::grpc::pb;
+use crate::grpc::pb::revocation_service_server::RevocationServiceServer;
+use crate::grpc::pb::security_service_server::SecurityServiceServer;
+use crate::grpc::pb::session_service_server::SessionServiceServer;
+use crate::grpc::pb::token_service_server::TokenServiceServer;
+use crate::grpc::revocation::RevocationAdapter;
+use crate::grpc::security::SecurityAdapter;
+use crate::grpc::session::SessionAdapter;
+use crate::grpc::token::TokenAdapter;
+
+/// The fully qualified names of the four services, as health and reflection report them.
+pub const SERVICE_NAMES: [&str; 4] = [
+    "atoms.session.v1.SessionService",
+    "atoms.session.v1.TokenService",
+    "atoms.session.v1.RevocationService",
+    "atoms.session.v1.SecurityService",
+];
+
+/// A built server, bound to its address, not yet serving.
+pub struct App {
+    config: Arc<Config>,
+    secrets: Secrets,
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Validates what the configuration needs at start (keys, storage) and binds the listener.
+    pub async fn build(config: Config) -> Result<App, ConfigError> {
+        // Bind first: a start that fails on its address must not leave generated keys behind.
+        let listen = config.server.listen;
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+            ConfigError(format!("setting `listen`: cannot listen on {listen}: {e}"))
+        })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| ConfigError(format!("setting `listen`: {e}")))?;
+        let secrets = bootstrap::prepare(&config)?;
+        Ok(App {
+            config: Arc::new(config),
+            secrets,
+            listener,
+            local_addr,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// The address the server listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `signal` completes, then stops accepting, ends open streams with a
+    /// "reconnect" status, and waits up to `server.shutdown_grace` for in-flight calls.
+    pub async fn run_until(
+        self,
+        signal: impl Future<Output = ()> + Send,
+    ) -> Result<(), ConfigError> {
+        let App {
+            config,
+            secrets,
+            listener,
+            local_addr,
+            shutdown,
+        } = self;
+        let server_config = &config.server;
+        let max_message = server_config.max_message_bytes;
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status("", ServingStatus::Serving).await;
+        for name in SERVICE_NAMES {
+            health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| ConfigError(format!("reflection descriptors: {e}")))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| ConfigError(format!("reflection descriptors: {e}")))?;
+
+        let client_cert_role = server_config
+            .tls
+            .as_ref()
+            .filter(|tls| tls.client_ca_pem.is_some())
+            .map(|tls| tls.client_cert_role);
+
+        let mut builder = Server::builder()
+            .timeout(server_config.request_timeout)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()));
+        if let Some(tls) = &server_config.tls {
+            let mut tls_config =
+                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            if let Some(ca) = &tls.client_ca_pem {
+                tls_config = tls_config.client_ca_root(Certificate::from_pem(ca));
+            }
+            builder = builder
+                .tls_config(tls_config)
+                .map_err(|e| ConfigError(format!("setting `tls.cert`: {e}")))?;
+        }
+
+        let router = builder
+            .layer(ShutdownStreamsLayer::new(shutdown.clone()))
+            .layer(AuthLayer::new(secrets.api_keys.clone(), client_cert_role))
+            .layer(LoadShedLayer::new(server_config.concurrency_limit))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                SessionServiceServer::new(SessionAdapter)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                TokenServiceServer::new(TokenAdapter)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                RevocationServiceServer::new(RevocationAdapter)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                SecurityServiceServer::new(SecurityAdapter)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            );
+
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        tracing::info!(%local_addr, storage = config.storage.kind.as_str(), "serving");
+
+        let stop = shutdown.clone();
+        let health_on_stop = health.clone();
+        let shutdown_signal = async move {
+            signal.await;
+            tracing::info!("shutdown requested; draining");
+            for name in SERVICE_NAMES.into_iter().chain([""]) {
+                health_on_stop
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            stop.cancel();
+        };
+        let serve = router.serve_with_incoming_shutdown(incoming, shutdown_signal);
+        let grace = server_config.shutdown_grace;
+        tokio::select! {
+            result = serve => result.map_err(|e| ConfigError(format!("server failed: {e}")))?,
+            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "shutdown grace elapsed with calls still in flight; closing them");
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

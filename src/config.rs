@@ -1,0 +1,946 @@
+//! Configuration: one struct per component, resolved from command-line flags, the environment
+//! and an optional TOML file, in that order of precedence, and validated before anything binds.
+//!
+//! Every setting has a dotted name (`session.idle_timeout`), which is also its TOML path; its
+//! environment variable is `SESSION_AUTHORITY_` plus the name in upper case with dots as
+//! underscores, and a few settings also answer to the names the integration guide uses
+//! (`REDIS_URL`, `KV_REST_API_URL`, ...). Errors name the setting and where its value came from,
+//! in one line. The process environment is read only through the lookup function handed to
+//! [`Config::load`], so tests pass a map.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+/// A configuration problem, already phrased for a person: it names the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+fn err(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+/// Which storage backend holds sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageKind {
+    /// The durable embedded store in the data directory (default).
+    Embedded,
+    /// Process memory: for tests and ephemeral use.
+    Memory,
+    /// Redis or Redis Cluster.
+    Redis,
+    /// Vercel KV / Upstash over its REST API.
+    KvRest,
+}
+
+impl StorageKind {
+    /// The name used in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageKind::Embedded => "embedded",
+            StorageKind::Memory => "memory",
+            StorageKind::Redis => "redis",
+            StorageKind::KvRest => "kv-rest",
+        }
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A caller role. Roles are not hierarchical except that `admin` may call everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Backends: create, validate and end sessions, get tokens, check limits.
+    Service,
+    /// Operators: everything, including listing and acting on sessions by id.
+    Admin,
+    /// Sidecars: read the revocation list and watch it.
+    Watcher,
+}
+
+impl Role {
+    /// Parses a role name as written in configuration.
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "service" => Some(Role::Service),
+            "admin" => Some(Role::Admin),
+            "watcher" => Some(Role::Watcher),
+            _ => None,
+        }
+    }
+
+    /// The role's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Service => "service",
+            Role::Admin => "admin",
+            Role::Watcher => "watcher",
+        }
+    }
+}
+
+/// One configured API key: its SHA-256 digest, never the key itself.
+#[derive(Debug, Clone)]
+pub struct ApiKeyEntry {
+    /// A name for logs and metrics ("payments-backend").
+    pub name: String,
+    /// What the key may do.
+    pub role: Role,
+    /// SHA-256 of the key's UTF-8 bytes.
+    pub sha256: [u8; 32],
+}
+
+/// Transport security.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key of the server.
+    pub key_pem: Vec<u8>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+    /// Role granted to a caller authenticated by a client certificate alone.
+    pub client_cert_role: Role,
+}
+
+/// The gRPC server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Longest time one unary call (or the start of a stream) may take.
+    pub request_timeout: Duration,
+    /// Calls in flight at once across all connections; more are refused with RESOURCE_EXHAUSTED.
+    pub concurrency_limit: usize,
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// How long shutdown waits for in-flight calls before it gives up on them.
+    pub shutdown_grace: Duration,
+    /// TLS, when configured.
+    pub tls: Option<TlsConfig>,
+}
+
+/// Storage selection and backend settings.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// The backend.
+    pub kind: StorageKind,
+    /// Directory of the embedded store and of generated keys.
+    pub data_dir: PathBuf,
+    /// Redis URL (`REDIS_URL`).
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis / KV key.
+    pub key_prefix: String,
+    /// Vercel KV / Upstash REST URL (`KV_REST_API_URL`).
+    pub kv_rest_url: Option<String>,
+    /// Vercel KV / Upstash REST token (`KV_REST_API_TOKEN`).
+    pub kv_rest_token: Option<SecretString>,
+    /// Longest time one storage operation may take before the call fails UNAVAILABLE.
+    pub operation_timeout: Duration,
+}
+
+/// Session lifecycle.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Idle timeout (sliding).
+    pub idle_timeout: Duration,
+    /// Absolute timeout from creation.
+    pub absolute_timeout: Duration,
+    /// Active sessions one user may hold; creating one more evicts the oldest.
+    pub max_sessions_per_user: u32,
+    /// Whether presented device fingerprints are checked.
+    pub device_validation: bool,
+    /// Share of scored fingerprint fields that must agree (0 to 1).
+    pub device_match_threshold: f64,
+    /// The idle expiry is rewritten only when it would move by more than this.
+    pub idle_slide_step: Duration,
+    /// How often expired sessions are swept.
+    pub cleanup_interval: Duration,
+}
+
+/// Upstream token handling.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    /// Refresh when the access token expires within this window.
+    pub proactive_refresh: Duration,
+    /// Accept refresh-token rotation from the provider.
+    pub rotation: bool,
+    /// After a refresh, further refresh requests within this window reuse its result.
+    pub grace_period: Duration,
+    /// Retries after a failed upstream call.
+    pub max_retries: u32,
+    /// First backoff delay.
+    pub retry_initial_delay: Duration,
+    /// Largest backoff delay.
+    pub retry_max_delay: Duration,
+    /// OAuth2 client id (`OAUTH_CLIENT_ID`, or the guide's `OPENROUTER_CLIENT_ID`).
+    pub client_id: Option<String>,
+    /// OAuth2 client secret (`OAUTH_CLIENT_SECRET`, or `OPENROUTER_CLIENT_SECRET`).
+    pub client_secret: Option<SecretString>,
+    /// Token endpoint of the default provider.
+    pub token_endpoint: Option<String>,
+    /// Introspection endpoint of the default provider.
+    pub introspection_endpoint: Option<String>,
+    /// Revocation endpoint of the default provider.
+    pub revocation_endpoint: Option<String>,
+    /// Issuer URL, resolved through OpenID discovery.
+    pub issuer: Option<String>,
+}
+
+/// Revocation list and feed.
+#[derive(Debug, Clone)]
+pub struct RevocationConfig {
+    /// Revoking a session also revokes its upstream tokens; revoking a user revokes each session.
+    pub cascade: bool,
+    /// How long an entry stays on the revocation list (and an ended session's tombstone lives).
+    pub list_ttl: Duration,
+    /// How often expired entries are swept.
+    pub cleanup_interval: Duration,
+}
+
+/// Rate limits and hijack detection.
+#[derive(Debug, Clone)]
+pub struct SecurityConfig {
+    /// Whether rate-limit rules are enforced.
+    pub rate_limiting: bool,
+    /// Whether ValidateSession scores requests for hijacking.
+    pub hijack_detection: bool,
+    /// Risk score above which a session is terminated.
+    pub hijack_threshold: f64,
+    /// How long security events are kept.
+    pub event_retention: Duration,
+}
+
+/// Caller authentication and encryption at rest.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Hashed API keys from the config file.
+    pub api_keys: Vec<ApiKeyEntry>,
+    /// Plaintext keys from `SESSION_AUTHORITY_API_KEYS` ("role:key,role:key"), for development.
+    pub plaintext_api_keys: Vec<(Role, SecretString)>,
+    /// The current encryption key (base64 of 32 bytes), if configured.
+    pub encryption_key: Option<SecretString>,
+    /// Earlier encryption keys, still accepted for decryption during a rotation.
+    pub previous_encryption_keys: Vec<SecretString>,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The gRPC server.
+    pub server: ServerConfig,
+    /// Storage.
+    pub storage: StorageConfig,
+    /// Session lifecycle.
+    pub session: SessionConfig,
+    /// Upstream tokens.
+    pub token: TokenConfig,
+    /// Revocation.
+    pub revocation: RevocationConfig,
+    /// Security.
+    pub security: SecurityConfig,
+    /// Callers and keys.
+    pub auth: AuthConfig,
+    /// Address of the Prometheus `/metrics` listener; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Settings given on the command line, by dotted name.
+pub type Flags = BTreeMap<String, String>;
+
+/// Every setting the file may contain, so that a typo is an error instead of a silent default.
+const KNOWN_KEYS: &[&str] = &[
+    "listen",
+    "storage",
+    "data_dir",
+    "metrics_listen",
+    "log_format",
+    "server.request_timeout",
+    "server.concurrency_limit",
+    "server.max_message_bytes",
+    "server.shutdown_grace",
+    "tls.cert",
+    "tls.key",
+    "tls.client_ca",
+    "tls.client_cert_role",
+    "redis.url",
+    "redis.key_prefix",
+    "kv_rest.url",
+    "kv_rest.token",
+    "storage_timeout",
+    "session.idle_timeout",
+    "session.absolute_timeout",
+    "session.max_sessions_per_user",
+    "session.device_validation",
+    "session.device_match_threshold",
+    "session.idle_slide_step",
+    "session.cleanup_interval",
+    "token.proactive_refresh",
+    "token.rotation",
+    "token.grace_period",
+    "token.max_retries",
+    "token.retry_initial_delay",
+    "token.retry_max_delay",
+    "token.client_id",
+    "token.client_secret",
+    "token.token_endpoint",
+    "token.introspection_endpoint",
+    "token.revocation_endpoint",
+    "token.issuer",
+    "revocation.cascade",
+    "revocation.list_ttl",
+    "revocation.cleanup_interval",
+    "security.rate_limiting",
+    "security.hijack_detection",
+    "security.hijack_threshold",
+    "security.event_retention",
+    "encryption_key",
+    "previous_encryption_keys",
+];
+
+/// Resolves one setting through flags, then the environment, then the file.
+struct Resolver<'a> {
+    flags: &'a Flags,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    file: BTreeMap<String, toml::Value>,
+    file_name: String,
+}
+
+/// The environment variable of a setting: `SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT`.
+pub fn env_name(key: &str) -> String {
+    format!("SESSION_AUTHORITY_{}", key.replace('.', "_").to_uppercase())
+}
+
+impl Resolver<'_> {
+    /// The raw value and a description of where it came from.
+    fn raw(&self, key: &str, aliases: &[&str]) -> Option<(String, String)> {
+        if let Some(value) = self.flags.get(key) {
+            return Some((
+                value.clone(),
+                format!("flag --{}", key.replace(['.', '_'], "-")),
+            ));
+        }
+        let primary = env_name(key);
+        for name in std::iter::once(primary.as_str()).chain(aliases.iter().copied()) {
+            if let Some(value) = (self.env)(name) {
+                return Some((value, format!("environment variable {name}")));
+            }
+        }
+        let value = self.file.get(key)?;
+        let text = match value {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Some((text, format!("{} key `{key}`", self.file_name)))
+    }
+
+    fn parsed<T>(
+        &self,
+        key: &str,
+        aliases: &[&str],
+        default: T,
+        expected: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, ConfigError> {
+        match self.raw(key, aliases) {
+            None => Ok(default),
+            Some((text, origin)) => parse(text.trim()).ok_or_else(|| {
+                err(format!(
+                    "setting `{key}` ({origin}): expected {expected}, got {text:?}"
+                ))
+            }),
+        }
+    }
+
+    fn duration(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        self.parsed(
+            key,
+            &[],
+            default,
+            "a duration such as 30s, 15m or 24h",
+            |s| humantime::parse_duration(s).ok(),
+        )
+    }
+
+    fn positive_duration(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let value = self.duration(key, default)?;
+        if value.is_zero() {
+            return Err(err(format!("setting `{key}`: must be greater than zero")));
+        }
+        Ok(value)
+    }
+
+    fn bool(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        self.parsed(key, &[], default, "true or false", |s| match s {
+            "true" | "1" | "yes" | "on" => Some(true),
+            "false" | "0" | "no" | "off" => Some(false),
+            _ => None,
+        })
+    }
+
+    fn number<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, ConfigError> {
+        self.parsed(key, &[], default, "a whole number", |s| s.parse().ok())
+    }
+
+    fn fraction(&self, key: &str, default: f64) -> Result<f64, ConfigError> {
+        self.parsed(key, &[], default, "a number between 0 and 1", |s| {
+            s.parse::<f64>().ok().filter(|v| (0.0..=1.0).contains(v))
+        })
+    }
+
+    fn string(&self, key: &str, aliases: &[&str]) -> Option<String> {
+        self.raw(key, aliases)
+            .map(|(v, _)| v)
+            .filter(|v| !v.trim().is_empty())
+    }
+
+    fn socket_addr(&self, key: &str) -> Result<Option<SocketAddr>, ConfigError> {
+        match self.raw(key, &[]) {
+            None => Ok(None),
+            Some((text, _)) if text.trim().is_empty() => Ok(None),
+            Some((text, origin)) => text.trim().parse().map(Some).map_err(|_| {
+                err(format!(
+                    "setting `{key}` ({origin}): expected an address such as 127.0.0.1:50051, got {text:?}"
+                ))
+            }),
+        }
+    }
+
+    fn file_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, ConfigError> {
+        match self.raw(key, &[]) {
+            None => Ok(None),
+            Some((path, origin)) => std::fs::read(&path).map(Some).map_err(|e| {
+                err(format!(
+                    "setting `{key}` ({origin}): cannot read {path:?}: {e}"
+                ))
+            }),
+        }
+    }
+}
+
+/// Flattens a TOML document to dotted keys; `[[api_keys]]` is returned apart.
+fn flatten(
+    prefix: &str,
+    table: toml::Table,
+    out: &mut BTreeMap<String, toml::Value>,
+) -> Result<(), ConfigError> {
+    for (name, value) in table {
+        let key = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match value {
+            toml::Value::Table(inner) => flatten(&key, inner, out)?,
+            other => {
+                out.insert(key, other);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_api_key_table(index: usize, value: &toml::Value) -> Result<ApiKeyEntry, ConfigError> {
+    let at = |field: &str| format!("setting `api_keys[{index}].{field}`");
+    let table = value
+        .as_table()
+        .ok_or_else(|| err(format!("setting `api_keys[{index}]`: expected a table")))?;
+    let text = |field: &str| -> Result<String, ConfigError> {
+        table
+            .get(field)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| err(format!("{}: missing (a string)", at(field))))
+    };
+    let name = text("name")?;
+    let role_name = text("role")?;
+    let role = Role::parse(&role_name).ok_or_else(|| {
+        err(format!(
+            "{}: expected service, admin or watcher, got {role_name:?}",
+            at("role")
+        ))
+    })?;
+    let hash = text("hash")?;
+    let sha256 = parse_key_hash(&hash).ok_or_else(|| {
+        err(format!(
+            "{}: expected \"sha256:<64 hex digits>\" as printed by `session-authority hash-key`",
+            at("hash")
+        ))
+    })?;
+    Ok(ApiKeyEntry { name, role, sha256 })
+}
+
+/// Parses `sha256:<hex>` as printed by `session-authority hash-key`.
+pub fn parse_key_hash(text: &str) -> Option<[u8; 32]> {
+    let hex_digits = text.trim().strip_prefix("sha256:")?;
+    let bytes = hex::decode(hex_digits).ok()?;
+    bytes.try_into().ok()
+}
+
+fn parse_plaintext_keys(text: &str) -> Result<Vec<(Role, SecretString)>, ConfigError> {
+    let mut keys = Vec::new();
+    for (index, item) in text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .enumerate()
+    {
+        let (role_name, key) = item.split_once(':').ok_or_else(|| {
+            err(format!(
+                "setting `api_keys` (environment variable SESSION_AUTHORITY_API_KEYS): entry {} is not \"role:key\"",
+                index + 1
+            ))
+        })?;
+        let role = Role::parse(role_name.trim()).ok_or_else(|| {
+            err(format!(
+                "setting `api_keys` (environment variable SESSION_AUTHORITY_API_KEYS): entry {} has role {:?}; expected service, admin or watcher",
+                index + 1,
+                role_name
+            ))
+        })?;
+        if key.len() < 16 {
+            return Err(err(format!(
+                "setting `api_keys` (environment variable SESSION_AUTHORITY_API_KEYS): entry {} has a key shorter than 16 characters",
+                index + 1
+            )));
+        }
+        keys.push((role, SecretString::from(key.to_owned())));
+    }
+    Ok(keys)
+}
+
+impl Config {
+    /// Resolves the configuration from command-line `flags`, the environment seen through
+    /// `env`, and the TOML file named by the `config` flag or `SESSION_AUTHORITY_CONFIG`.
+    pub fn load(
+        flags: &Flags,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let config_path = flags
+            .get("config")
+            .cloned()
+            .or_else(|| env("SESSION_AUTHORITY_CONFIG"));
+        let mut file = BTreeMap::new();
+        let mut api_keys = Vec::new();
+        let mut file_name = String::from("config file");
+        if let Some(path) = config_path {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| err(format!("setting `config`: cannot read {path:?}: {e}")))?;
+            let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                err(format!(
+                    "setting `config`: {path:?} is not valid TOML: {}",
+                    e.message()
+                ))
+            })?;
+            if let Some(keys) = table.remove("api_keys") {
+                let array = keys
+                    .as_array()
+                    .ok_or_else(|| err("setting `api_keys`: expected [[api_keys]] tables"))?;
+                for (index, value) in array.iter().enumerate() {
+                    api_keys.push(parse_api_key_table(index, value)?);
+                }
+            }
+            flatten("", table, &mut file)?;
+            let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
+            if let Some(unknown) = file.keys().find(|k| !known.contains(k.as_str())) {
+                return Err(err(format!(
+                    "setting `{unknown}` in {path:?} is not a known setting"
+                )));
+            }
+            file_name = format!("config file {path:?}");
+        }
+        let r = Resolver {
+            flags,
+            env,
+            file,
+            file_name,
+        };
+        Config::resolve(&r, api_keys)
+    }
+
+    /// The configuration with every default and the given flags only (no environment).
+    pub fn from_flags(flags: &Flags) -> Result<Config, ConfigError> {
+        Config::load(flags, &|_| None)
+    }
+
+    fn resolve(r: &Resolver<'_>, api_keys: Vec<ApiKeyEntry>) -> Result<Config, ConfigError> {
+        let minutes = |m: u64| Duration::from_secs(m * 60);
+
+        let listen = r
+            .socket_addr("listen")?
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
+        let tls = match (r.file_bytes("tls.cert")?, r.file_bytes("tls.key")?) {
+            (None, None) => {
+                if r.raw("tls.client_ca", &[]).is_some() {
+                    return Err(err(
+                        "setting `tls.client_ca`: needs `tls.cert` and `tls.key` as well",
+                    ));
+                }
+                None
+            }
+            (Some(cert_pem), Some(key_pem)) => Some(TlsConfig {
+                cert_pem,
+                key_pem,
+                client_ca_pem: r.file_bytes("tls.client_ca")?,
+                client_cert_role: r.parsed(
+                    "tls.client_cert_role",
+                    &[],
+                    Role::Service,
+                    "service, admin or watcher",
+                    Role::parse,
+                )?,
+            }),
+            (Some(_), None) => {
+                return Err(err("setting `tls.key`: missing while `tls.cert` is set"));
+            }
+            (None, Some(_)) => {
+                return Err(err("setting `tls.cert`: missing while `tls.key` is set"));
+            }
+        };
+        let server = ServerConfig {
+            listen,
+            request_timeout: r
+                .positive_duration("server.request_timeout", Duration::from_secs(10))?,
+            concurrency_limit: r.number("server.concurrency_limit", 1024usize)?,
+            max_message_bytes: r.number("server.max_message_bytes", 1024 * 1024usize)?,
+            shutdown_grace: r.duration("server.shutdown_grace", Duration::from_secs(20))?,
+            tls,
+        };
+        if server.concurrency_limit == 0 {
+            return Err(err(
+                "setting `server.concurrency_limit`: must be at least 1",
+            ));
+        }
+        if server.max_message_bytes < 1024 {
+            return Err(err(
+                "setting `server.max_message_bytes`: must be at least 1024",
+            ));
+        }
+
+        let kind = r.parsed(
+            "storage",
+            &[],
+            StorageKind::Embedded,
+            "one of embedded, memory, redis, kv-rest",
+            |s| match s {
+                "embedded" => Some(StorageKind::Embedded),
+                "memory" => Some(StorageKind::Memory),
+                "redis" => Some(StorageKind::Redis),
+                "kv-rest" => Some(StorageKind::KvRest),
+                _ => None,
+            },
+        )?;
+        let storage = StorageConfig {
+            kind,
+            data_dir: PathBuf::from(r.string("data_dir", &[]).unwrap_or_else(|| "./data".into())),
+            redis_url: r.string("redis.url", &["REDIS_URL"]),
+            key_prefix: r
+                .string("redis.key_prefix", &[])
+                .unwrap_or_else(|| "atoms:session:".into()),
+            kv_rest_url: r.string("kv_rest.url", &["KV_REST_API_URL"]),
+            kv_rest_token: r
+                .string("kv_rest.token", &["KV_REST_API_TOKEN"])
+                .map(SecretString::from),
+            operation_timeout: r.positive_duration("storage_timeout", Duration::from_secs(2))?,
+        };
+        match kind {
+            StorageKind::Redis if storage.redis_url.is_none() => {
+                return Err(err(
+                    "setting `redis.url` (REDIS_URL): required when storage is redis",
+                ));
+            }
+            StorageKind::KvRest
+                if storage.kv_rest_url.is_none() || storage.kv_rest_token.is_none() =>
+            {
+                return Err(err(
+                    "settings `kv_rest.url` and `kv_rest.token` (KV_REST_API_URL, KV_REST_API_TOKEN): required when storage is kv-rest",
+                ));
+            }
+            _ => {}
+        }
+
+        let session = SessionConfig {
+            idle_timeout: r.positive_duration("session.idle_timeout", minutes(30))?,
+            absolute_timeout: r.positive_duration("session.absolute_timeout", minutes(480))?,
+            max_sessions_per_user: r.number("session.max_sessions_per_user", 5u32)?,
+            device_validation: r.bool("session.device_validation", true)?,
+            device_match_threshold: r.fraction("session.device_match_threshold", 0.8)?,
+            idle_slide_step: r.duration("session.idle_slide_step", Duration::from_secs(60))?,
+            cleanup_interval: r.positive_duration("session.cleanup_interval", minutes(15))?,
+        };
+        if session.max_sessions_per_user == 0 {
+            return Err(err(
+                "setting `session.max_sessions_per_user`: must be at least 1",
+            ));
+        }
+
+        let token = TokenConfig {
+            proactive_refresh: r.duration("token.proactive_refresh", minutes(5))?,
+            rotation: r.bool("token.rotation", true)?,
+            grace_period: r.duration("token.grace_period", minutes(5))?,
+            max_retries: r.number("token.max_retries", 3u32)?,
+            retry_initial_delay: r
+                .positive_duration("token.retry_initial_delay", Duration::from_secs(1))?,
+            retry_max_delay: r
+                .positive_duration("token.retry_max_delay", Duration::from_secs(30))?,
+            client_id: r.string(
+                "token.client_id",
+                &["OAUTH_CLIENT_ID", "OPENROUTER_CLIENT_ID"],
+            ),
+            client_secret: r
+                .string(
+                    "token.client_secret",
+                    &["OAUTH_CLIENT_SECRET", "OPENROUTER_CLIENT_SECRET"],
+                )
+                .map(SecretString::from),
+            token_endpoint: r.string("token.token_endpoint", &[]),
+            introspection_endpoint: r.string("token.introspection_endpoint", &[]),
+            revocation_endpoint: r.string("token.revocation_endpoint", &[]),
+            issuer: r.string("token.issuer", &[]),
+        };
+
+        let revocation = RevocationConfig {
+            cascade: r.bool("revocation.cascade", true)?,
+            list_ttl: r.positive_duration("revocation.list_ttl", Duration::from_secs(24 * 3600))?,
+            cleanup_interval: r
+                .positive_duration("revocation.cleanup_interval", Duration::from_secs(3600))?,
+        };
+
+        let security = SecurityConfig {
+            rate_limiting: r.bool("security.rate_limiting", true)?,
+            hijack_detection: r.bool("security.hijack_detection", true)?,
+            hijack_threshold: r.fraction("security.hijack_threshold", 0.7)?,
+            event_retention: r.positive_duration(
+                "security.event_retention",
+                Duration::from_secs(30 * 24 * 3600),
+            )?,
+        };
+
+        let plaintext_api_keys = match r.string("api_keys", &[]) {
+            Some(text) => parse_plaintext_keys(&text)?,
+            None => Vec::new(),
+        };
+        let encryption_key = r.string("encryption_key", &[]).map(SecretString::from);
+        let previous_encryption_keys = r
+            .string("previous_encryption_keys", &[])
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(|k| SecretString::from(k.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let auth = AuthConfig {
+            api_keys,
+            plaintext_api_keys,
+            encryption_key,
+            previous_encryption_keys,
+        };
+
+        let log_format = r.parsed(
+            "log_format",
+            &[],
+            LogFormat::Text,
+            "text or json",
+            |s| match s {
+                "text" => Some(LogFormat::Text),
+                "json" => Some(LogFormat::Json),
+                _ => None,
+            },
+        )?;
+
+        Ok(Config {
+            server,
+            storage,
+            session,
+            token,
+            revocation,
+            security,
+            auth,
+            metrics_listen: r.socket_addr("metrics_listen")?,
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(flags: &[(&str, &str)], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let flags: Flags = flags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load(&flags, &|name| env.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_are_the_guides() {
+        let c = load(&[], &[]).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(c.storage.kind, StorageKind::Embedded);
+        assert_eq!(c.storage.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.storage.key_prefix, "atoms:session:");
+        assert_eq!(c.session.idle_timeout, Duration::from_secs(30 * 60));
+        assert_eq!(c.session.absolute_timeout, Duration::from_secs(480 * 60));
+        assert_eq!(c.session.max_sessions_per_user, 5);
+        assert!(c.session.device_validation);
+        assert_eq!(c.session.device_match_threshold, 0.8);
+        assert_eq!(c.session.cleanup_interval, Duration::from_secs(15 * 60));
+        assert_eq!(c.token.proactive_refresh, Duration::from_secs(300));
+        assert!(c.token.rotation);
+        assert_eq!(c.token.grace_period, Duration::from_secs(300));
+        assert_eq!(c.token.max_retries, 3);
+        assert_eq!(c.token.retry_initial_delay, Duration::from_secs(1));
+        assert_eq!(c.token.retry_max_delay, Duration::from_secs(30));
+        assert_eq!(c.revocation.list_ttl, Duration::from_secs(24 * 3600));
+        assert!(c.revocation.cascade);
+        assert_eq!(c.security.hijack_threshold, 0.7);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.metrics_listen.is_none());
+    }
+
+    #[test]
+    fn flags_beat_environment_which_beats_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\n[session]\nidle_timeout = \"10m\"\nmax_sessions_per_user = 9\n").unwrap();
+        let path = path.to_str().unwrap();
+        let c = load(
+            &[("config", path), ("listen", "127.0.0.1:3")],
+            &[
+                ("SESSION_AUTHORITY_LISTEN", "127.0.0.1:2"),
+                ("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT", "20m"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.port(), 3);
+        assert_eq!(c.session.idle_timeout, Duration::from_secs(20 * 60));
+        assert_eq!(c.session.max_sessions_per_user, 9);
+    }
+
+    #[test]
+    fn guide_environment_names_work() {
+        let c = load(
+            &[("storage", "redis")],
+            &[
+                ("REDIS_URL", "redis://127.0.0.1:6379"),
+                ("OPENROUTER_CLIENT_ID", "cid"),
+                ("KV_REST_API_URL", "https://kv"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.storage.redis_url.as_deref(),
+            Some("redis://127.0.0.1:6379")
+        );
+        assert_eq!(c.token.client_id.as_deref(), Some("cid"));
+        assert_eq!(c.storage.kv_rest_url.as_deref(), Some("https://kv"));
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let e = load(&[("storage", "mongo")], &[]).unwrap_err().to_string();
+        assert!(e.contains("`storage`") && e.contains("mongo"), "{e}");
+        let e = load(&[], &[("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("session.idle_timeout")
+                && e.contains("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT"),
+            "{e}"
+        );
+        let e = load(&[("storage", "redis")], &[]).unwrap_err().to_string();
+        assert!(e.contains("REDIS_URL"), "{e}");
+        let e = load(
+            &[],
+            &[
+                ("SESSION_AUTHORITY_TLS_CERT", "/nonexistent/cert.pem"),
+                ("SESSION_AUTHORITY_TLS_KEY", "/x"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tls.cert") && e.contains("/nonexistent/cert.pem"),
+            "{e}"
+        );
+        let e = load(
+            &[],
+            &[("SESSION_AUTHORITY_SESSION_DEVICE_MATCH_THRESHOLD", "1.5")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("device_match_threshold"), "{e}");
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_api_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[session]\nidle_timout = \"10m\"\n").unwrap();
+        let e = load(&[("config", path.to_str().unwrap())], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("session.idle_timout"), "{e}");
+
+        std::fs::write(
+            &path,
+            "[[api_keys]]\nname = \"x\"\nrole = \"root\"\nhash = \"sha256:00\"\n",
+        )
+        .unwrap();
+        let e = load(&[("config", path.to_str().unwrap())], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api_keys[0].role"), "{e}");
+
+        let e = load(&[], &[("SESSION_AUTHORITY_API_KEYS", "admin")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SESSION_AUTHORITY_API_KEYS"), "{e}");
+    }
+
+    #[test]
+    fn hashed_and_plaintext_keys_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let hash = format!("sha256:{}", "ab".repeat(32));
+        std::fs::write(
+            &path,
+            format!("[[api_keys]]\nname = \"ops\"\nrole = \"admin\"\nhash = \"{hash}\"\n"),
+        )
+        .unwrap();
+        let c = load(
+            &[("config", path.to_str().unwrap())],
+            &[(
+                "SESSION_AUTHORITY_API_KEYS",
+                "service:0123456789abcdef0123,watcher:fedcba9876543210fedc",
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.auth.api_keys.len(), 1);
+        assert_eq!(c.auth.api_keys[0].role, Role::Admin);
+        assert_eq!(c.auth.api_keys[0].sha256, [0xab; 32]);
+        assert_eq!(c.auth.plaintext_api_keys.len(), 2);
+        assert_eq!(c.auth.plaintext_api_keys[1].0, Role::Watcher);
+    }
+}

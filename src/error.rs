@@ -1,0 +1,107 @@
+//! The crate's one error type.
+//!
+//! Domain and storage code return [`Error`]; the gRPC layer turns it into a `tonic::Status` in
+//! exactly one place (`grpc::status`). Variants are semantic (what went wrong for the caller),
+//! not technical (which library failed), so the mapping to status codes is a plain match.
+
+use std::time::Duration;
+
+/// Result with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, as the caller should understand it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is missing, too long or malformed. `field` names it as in the proto.
+    #[error("invalid `{field}`: {message}")]
+    InvalidArgument {
+        /// The proto field path, for example `device_fingerprint.user_agent`.
+        field: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// The caller did not present a valid API key.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's role does not allow this call.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is well formed but the state of the system refuses it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A cursor or position is outside what is retained.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A concurrent change won; the caller should retry from fresh state.
+    #[error("{0}")]
+    Aborted(String),
+    /// A rate-limit rule denied the request.
+    #[error("rate limit `{rule}` exceeded; retry in {}s", retry_after.as_secs().max(1))]
+    RateLimited {
+        /// The rule that denied.
+        rule: String,
+        /// How long until the request would be allowed.
+        retry_after: Duration,
+    },
+    /// The server is overloaded and shed the request.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A dependency (storage, the OAuth2 provider) cannot be reached; retrying later may work.
+    #[error("{message}")]
+    Unavailable {
+        /// What is unavailable.
+        message: String,
+        /// A hint for when to retry, if known.
+        retry_after: Option<Duration>,
+    },
+    /// The RPC exists in the contract but its behaviour has not been built yet.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// A bug or an unexpected failure. The message is logged, never sent to the client.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// An [`Error::InvalidArgument`] for `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An [`Error::Unavailable`] with no retry hint.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Error::Unavailable {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// An [`Error::Internal`] from any displayable cause.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        Error::Internal(cause.to_string())
+    }
+
+    /// A short machine-readable reason, used as the `ErrorInfo.reason` of the status.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Error::Unauthenticated(_) => "UNAUTHENTICATED",
+            Error::PermissionDenied(_) => "PERMISSION_DENIED",
+            Error::NotFound(_) => "NOT_FOUND",
+            Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Error::OutOfRange(_) => "OUT_OF_RANGE",
+            Error::Aborted(_) => "ABORTED",
+            Error::RateLimited { .. } => "RATE_LIMITED",
+            Error::ResourceExhausted(_) => "OVERLOADED",
+            Error::Unavailable { .. } => "UNAVAILABLE",
+            Error::Unimplemented(_) => "UNIMPLEMENTED",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Tower layers around every call: a global concurrency limit that sheds load at once, and a
+//! body wrapper that ends open server streams cleanly when the server shuts down.
+//!
+//! Tonic's own layers supply the rest: the request timeout (`Server::timeout`, which also
+//! honours the client's `grpc-timeout`) and the tracing span per call (`Server::trace_fn`). The
+//! authentication layer is in `auth.rs`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use http_body::Frame;
+use tokio::sync::Semaphore;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+/// Limits calls in flight across all connections. A call over the limit is answered
+/// RESOURCE_EXHAUSTED immediately instead of queueing without bound. A server stream holds its
+/// permit only until its response starts, so open watch streams do not starve unary calls.
+#[derive(Clone, Debug)]
+pub struct LoadShedLayer {
+    permits: Arc<Semaphore>,
+}
+
+impl LoadShedLayer {
+    /// At most `limit` calls in flight.
+    pub fn new(limit: usize) -> LoadShedLayer {
+        LoadShedLayer {
+            permits: Arc::new(Semaphore::new(limit)),
+        }
+    }
+}
+
+impl<S> Layer<S> for LoadShedLayer {
+    type Service = LoadShed<S>;
+    fn layer(&self, inner: S) -> LoadShed<S> {
+        LoadShed {
+            inner,
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+/// The service [`LoadShedLayer`] produces.
+#[derive(Clone, Debug)]
+pub struct LoadShed<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+impl<S> Service<Request<Body>> for LoadShed<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let future = self.inner.call(request);
+                Box::pin(async move {
+                    let response = future.await;
+                    drop(permit);
+                    response
+                })
+            }
+            Err(_) => Box::pin(async {
+                Ok(tonic::Status::resource_exhausted(
+                    "server overloaded: too many calls in flight; retry with backoff",
+                )
+                .into_http())
+            }),
+        }
+    }
+}
+
+/// Methods whose responses are long-lived streams.
+fn is_server_stream(path: &str) -> bool {
+    matches!(
+        path,
+        "/atoms.session.v1.RevocationService/WatchRevocations" | "/grpc.health.v1.Health/Watch"
+    )
+}
+
+/// Ends open server streams with UNAVAILABLE ("server shutting down, reconnect") when the
+/// shutdown token fires, so graceful shutdown does not wait forever on a watch stream.
+#[derive(Clone, Debug)]
+pub struct ShutdownStreamsLayer {
+    shutdown: CancellationToken,
+}
+
+impl ShutdownStreamsLayer {
+    /// Streams end when `shutdown` is cancelled.
+    pub fn new(shutdown: CancellationToken) -> ShutdownStreamsLayer {
+        ShutdownStreamsLayer { shutdown }
+    }
+}
+
+impl<S> Layer<S> for ShutdownStreamsLayer {
+    type Service = ShutdownStreams<S>;
+    fn layer(&self, inner: S) -> ShutdownStreams<S> {
+        ShutdownStreams {
+            inner,
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
+/// The service [`ShutdownStreamsLayer`] produces.
+#[derive(Clone, Debug)]
+pub struct ShutdownStreams<S> {
+    inner: S,
+    shutdown: CancellationToken,
+}
+
+impl<S> Service<Request<Body>> for ShutdownStreams<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let streaming = is_server_stream(request.uri().path());
+        let future = self.inner.call(request);
+        let shutdown = self.shutdown.clone();
+        Box::pin(async move {
+            let response = future.await?;
+            if !streaming {
+                return Ok(response);
+            }
+            Ok(response.map(|body| {
+                Body::new(EndOnShutdown {
+                    inner: body,
+                    shutdown: Box::pin(shutdown.cancelled_owned()),
+                    ended: false,
+                })
+            }))
+        })
+    }
+}
+
+/// A response body that finishes with an UNAVAILABLE status once shutdown begins.
+struct EndOnShutdown {
+    inner: Body,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    ended: bool,
+}
+
+impl http_body::Body for EndOnShutdown {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            self.ended = true;
+            let status = tonic::Status::unavailable(
+                "server shutting down; reconnect and resume from your last cursor",
+            );
+            let mut trailers = http::HeaderMap::new();
+            if let Err(e) = status.add_header(&mut trailers) {
+                tracing::warn!(error = %e, "could not encode the shutdown status");
+            }
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if frame.is_trailers() {
+                    self.ended = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(status))) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(status)))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+}
+
+use std::future::Future as _;

@@ -1,0 +1,25 @@
+//! Session Authority: a gRPC service that owns user sessions for a fleet of polyglot backends.
+//!
+//! Read in this order:
+//! - [`config`]: every setting, resolved from flags, environment and a TOML file;
+//! - [`error`]: the one error type, mapped to gRPC statuses in [`grpc::status`];
+//! - [`crypto`]: session tokens, hashes, encryption at rest;
+//! - [`bootstrap`]: the keys a first run generates;
+//! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
+//! - [`app`]: assembly of the server and its graceful shutdown.
+//!
+//! `ARCHITECTURE.md` at the repository root has the bird's-eye view and the invariants.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod app;
+pub mod bootstrap;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod grpc;
+
+pub use app::App;
+pub use config::Config;
+pub use error::{Error, Result};

@@ -1,0 +1,201 @@
+//! The `session-authority` command: `serve` runs the server until SIGTERM or SIGINT,
+//! `hash-key` prints the digest of an API key for the config file, `health` probes a server.
+
+use std::io::Read as _;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use session_authority::config::{Flags, LogFormat};
+use session_authority::{App, Config, crypto};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "session-authority",
+    version,
+    about = "gRPC session authority for polyglot backends"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the gRPC API (defaults: 127.0.0.1:50051, embedded storage in ./data).
+    Serve(ServeArgs),
+    /// Read an API key on stdin and print its `sha256:` digest for `[[api_keys]]` in the config.
+    /// Check a server's gRPC health (exit 0 when SERVING); used by the container HEALTHCHECK.
+    Health {
+        /// Server URL.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        target: String,
+        /// Service name to check; empty means the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+    HashKey {
+        /// Also print a whole `[[api_keys]]` entry with this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Role of that entry: service, admin or watcher.
+        #[arg(long, default_value = "service")]
+        role: String,
+    },
+}
+
+/// The contract's flags; each is also an environment variable and a config-file key.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on [env: SESSION_AUTHORITY_LISTEN] [default: 127.0.0.1:50051]
+    #[arg(long)]
+    listen: Option<String>,
+    /// embedded, memory, redis or kv-rest [env: SESSION_AUTHORITY_STORAGE] [default: embedded]
+    #[arg(long)]
+    storage: Option<String>,
+    /// Data directory of the embedded store and generated keys [env: SESSION_AUTHORITY_DATA_DIR] [default: ./data]
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// TOML configuration file [env: SESSION_AUTHORITY_CONFIG]
+    #[arg(long)]
+    config: Option<String>,
+    /// Address of the Prometheus /metrics listener; off when unset [env: SESSION_AUTHORITY_METRICS_LISTEN]
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// text or json [env: SESSION_AUTHORITY_LOG_FORMAT] [default: text]
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+impl ServeArgs {
+    fn flags(self) -> Flags {
+        [
+            ("listen", self.listen),
+            ("storage", self.storage),
+            ("data_dir", self.data_dir),
+            ("config", self.config),
+            ("metrics_listen", self.metrics_listen),
+            ("log_format", self.log_format),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect()
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.flags(), &|name| std::env::var(name).ok())?;
+    init_logging(config.log_format);
+    let app = App::build(config).await?;
+    app.run_until(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn health(target: String, service: String) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let channel = tonic::transport::Endpoint::from_shared(target.clone())?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {target}: {e}"))?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let response = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.clone(),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("health check failed: {}", e.message()))?
+        .into_inner();
+    let status = ServingStatus::try_from(response.status).unwrap_or(ServingStatus::Unknown);
+    println!("{}", status.as_str_name());
+    anyhow::ensure!(
+        status == ServingStatus::Serving,
+        "{target} is {}",
+        status.as_str_name()
+    );
+    Ok(())
+}
+
+fn hash_key(name: Option<String>, role: String) -> anyhow::Result<()> {
+    let mut key = String::new();
+    std::io::stdin().read_to_string(&mut key)?;
+    let key = key.trim();
+    anyhow::ensure!(
+        key.len() >= 16,
+        "the key read on stdin is shorter than 16 characters"
+    );
+    anyhow::ensure!(
+        session_authority::config::Role::parse(&role).is_some(),
+        "--role must be service, admin or watcher"
+    );
+    let hash = crypto::api_key_hash_string(key);
+    match name {
+        Some(name) => println!("[[api_keys]]\nname = {name:?}\nrole = {role:?}\nhash = {hash:?}"),
+        None => println!("{hash}"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(serve(args)),
+            Err(e) => Err(e.into()),
+        },
+        Command::HashKey { name, role } => hash_key(name, role),
+        Command::Health { target, service } => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(health(target, service)),
+            Err(e) => Err(e.into()),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("session-authority: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Test support: the real `session-authority` binary started as a process on a free port, with
+//! its stderr captured, and authenticated gRPC clients for it.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use session_authority::grpc::pb::revocation_service_client::RevocationServiceClient;
+use session_authority::grpc::pb::security_service_client::SecurityServiceClient;
+use session_authority::grpc::pb::session_service_client::SessionServiceClient;
+use session_authority::grpc::pb::token_service_client::TokenServiceClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Development keys every spawned server accepts.
+pub const SERVICE_KEY: &str = "test-service-key-0000000000000001";
+pub const ADMIN_KEY: &str = "test-admin-key-00000000000000002";
+pub const WATCHER_KEY: &str = "test-watcher-key-000000000000003";
+
+pub fn api_keys_env() -> String {
+    format!("service:{SERVICE_KEY},admin:{ADMIN_KEY},watcher:{WATCHER_KEY}")
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_session-authority")
+}
+
+/// A running server process. Killed on drop; its log is printed if the test panicked.
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    pub data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// How to start a server.
+pub struct Spawn {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub data_dir: Option<PathBuf>,
+    pub cwd: Option<PathBuf>,
+    pub with_keys: bool,
+}
+
+impl Default for Spawn {
+    fn default() -> Self {
+        Spawn {
+            args: Vec::new(),
+            env: Vec::new(),
+            data_dir: None,
+            cwd: None,
+            with_keys: true,
+        }
+    }
+}
+
+impl Spawn {
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+    pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+    pub fn without_keys(mut self) -> Self {
+        self.with_keys = false;
+        self
+    }
+
+    /// Starts `serve` on 127.0.0.1:0 with JSON logs and waits for its "serving" line.
+    pub fn start(self) -> Process {
+        let (temp, data_dir) = match self.data_dir {
+            Some(dir) => (None, dir),
+            None => {
+                let temp = tempfile::tempdir().expect("temp dir");
+                let dir = temp.path().join("data");
+                (Some(temp), dir)
+            }
+        };
+        let mut command = Command::new(binary());
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--log-format")
+            .arg("json")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(&self.args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if self.with_keys {
+            command.env("SESSION_AUTHORITY_API_KEYS", api_keys_env());
+        }
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        if let Some(cwd) = &self.cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = command.spawn().expect("spawn session-authority");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let addr = watch_stderr(&mut child, logs.clone());
+        let addr = match addr {
+            Some(addr) => addr,
+            None => {
+                let _ = child.kill();
+                panic!(
+                    "server did not start; its log:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Process {
+            child,
+            addr,
+            logs,
+            data_dir,
+            _temp: temp,
+        }
+    }
+}
+
+/// Reads the child's stderr on a thread, keeping every line, and returns the address from the
+/// "serving" log line (None if the process ended first or 30 s passed).
+fn watch_stderr(child: &mut Child, logs: Arc<Mutex<Vec<String>>>) -> Option<SocketAddr> {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(sender) = &tx
+                && line.contains("\"serving\"")
+                && let Some(addr) = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| {
+                        v["local_addr"]
+                            .as_str()
+                            .and_then(|a| a.parse::<SocketAddr>().ok())
+                    })
+            {
+                let _ = sender.send(addr);
+                tx = None;
+            }
+            logs.lock().unwrap().push(line);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30)).ok()
+}
+
+impl Process {
+    pub fn start() -> Process {
+        Spawn::default().start()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn sessions(
+        &self,
+        key: Option<&str>,
+    ) -> SessionServiceClient<InterceptedService<Channel, Auth>> {
+        SessionServiceClient::with_interceptor(self.channel().await, Auth::new(key))
+    }
+
+    pub async fn tokens(
+        &self,
+        key: Option<&str>,
+    ) -> TokenServiceClient<InterceptedService<Channel, Auth>> {
+        TokenServiceClient::with_interceptor(self.channel().await, Auth::new(key))
+    }
+
+    pub async fn revocations(
+        &self,
+        key: Option<&str>,
+    ) -> RevocationServiceClient<InterceptedService<Channel, Auth>> {
+        RevocationServiceClient::with_interceptor(self.channel().await, Auth::new(key))
+    }
+
+    pub async fn security(
+        &self,
+        key: Option<&str>,
+    ) -> SecurityServiceClient<InterceptedService<Channel, Auth>> {
+        SecurityServiceClient::with_interceptor(self.channel().await, Auth::new(key))
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.logs());
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <key>` to every call.
+#[derive(Clone)]
+pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Auth {
+    pub fn new(key: Option<&str>) -> Auth {
+        Auth(key.map(|k| format!("Bearer {k}").parse().unwrap()))
+    }
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Runs the binary with arguments to completion; returns (exit code, stderr).
+pub fn run_to_exit(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (Option<i32>, String) {
+    let mut command = Command::new(binary());
+    command
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .env_remove("RUST_LOG");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("run session-authority");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (code, reader.join().unwrap())
+}

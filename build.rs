@@ -21,13 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         compiler.open_file(file)?;
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out_dir.join("session_authority_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )?;
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_fds(compiler.file_descriptor_set())?;
+    std::fs::write(out_dir.join("session_authority_descriptor.bin"), compiler.encode_file_descriptor_set())?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

@@ -48,9 +48,7 @@ pub struct App {
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App")
-            .field("local_addr", &self.local_addr)
-            .finish_non_exhaustive()
+        f.debug_struct("App").field("local_addr", &self.local_addr).finish_non_exhaustive()
     }
 }
 
@@ -59,20 +57,12 @@ impl App {
     pub async fn build(config: Config) -> Result<App, ConfigError> {
         // Bind first: a start that fails on its address must not leave generated keys behind.
         let listen = config.server.listen;
-        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-            ConfigError(format!("setting `listen`: cannot listen on {listen}: {e}"))
-        })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| ConfigError(format!("setting `listen`: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| ConfigError(format!("setting `listen`: cannot listen on {listen}: {e}")))?;
+        let local_addr = listener.local_addr().map_err(|e| ConfigError(format!("setting `listen`: {e}")))?;
         let secrets = bootstrap::prepare(&config)?;
-        Ok(App {
-            config: Arc::new(config),
-            secrets,
-            listener,
-            local_addr,
-            shutdown: CancellationToken::new(),
-        })
+        Ok(App { config: Arc::new(config), secrets, listener, local_addr, shutdown: CancellationToken::new() })
     }
 
     /// The address the server listens on (useful with port 0).
@@ -82,26 +72,15 @@ impl App {
 
     /// Serves until `signal` completes, then stops accepting, ends open streams with a
     /// "reconnect" status, and waits up to `server.shutdown_grace` for in-flight calls.
-    pub async fn run_until(
-        self,
-        signal: impl Future<Output = ()> + Send,
-    ) -> Result<(), ConfigError> {
-        let App {
-            config,
-            secrets,
-            listener,
-            local_addr,
-            shutdown,
-        } = self;
+    pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), ConfigError> {
+        let App { config, secrets, listener, local_addr, shutdown } = self;
         let server_config = &config.server;
         let max_message = server_config.max_message_bytes;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::Serving).await;
         for name in SERVICE_NAMES {
-            health
-                .set_service_status(name, ServingStatus::Serving)
-                .await;
+            health.set_service_status(name, ServingStatus::Serving).await;
         }
 
         let reflection = || {
@@ -109,32 +88,23 @@ impl App {
                 .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let reflection_v1 = reflection()
-            .build_v1()
-            .map_err(|e| ConfigError(format!("reflection descriptors: {e}")))?;
-        let reflection_v1alpha = reflection()
-            .build_v1alpha()
-            .map_err(|e| ConfigError(format!("reflection descriptors: {e}")))?;
+        let reflection_v1 = reflection().build_v1().map_err(|e| ConfigError(format!("reflection descriptors: {e}")))?;
+        let reflection_v1alpha =
+            reflection().build_v1alpha().map_err(|e| ConfigError(format!("reflection descriptors: {e}")))?;
 
-        let client_cert_role = server_config
-            .tls
-            .as_ref()
-            .filter(|tls| tls.client_ca_pem.is_some())
-            .map(|tls| tls.client_cert_role);
+        let client_cert_role =
+            server_config.tls.as_ref().filter(|tls| tls.client_ca_pem.is_some()).map(|tls| tls.client_cert_role);
 
         let mut builder = Server::builder()
             .timeout(server_config.request_timeout)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()));
         if let Some(tls) = &server_config.tls {
-            let mut tls_config =
-                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            let mut tls_config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
             if let Some(ca) = &tls.client_ca_pem {
                 tls_config = tls_config.client_ca_root(Certificate::from_pem(ca));
             }
-            builder = builder
-                .tls_config(tls_config)
-                .map_err(|e| ConfigError(format!("setting `tls.cert`: {e}")))?;
+            builder = builder.tls_config(tls_config).map_err(|e| ConfigError(format!("setting `tls.cert`: {e}")))?;
         }
 
         let router = builder
@@ -174,9 +144,7 @@ impl App {
             signal.await;
             tracing::info!("shutdown requested; draining");
             for name in SERVICE_NAMES.into_iter().chain([""]) {
-                health_on_stop
-                    .set_service_status(name, ServingStatus::NotServing)
-                    .await;
+                health_on_stop.set_service_status(name, ServingStatus::NotServing).await;
             }
             stop.cancel();
         };

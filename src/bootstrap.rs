@@ -41,11 +41,7 @@ pub fn ensure_data_dir(dir: &Path) -> Result<(), ConfigError> {
 
 /// Writes `contents` to a new file readable only by the owner; fails if it exists.
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     file.write_all(contents.as_bytes())?;
     file.sync_all()
 }
@@ -61,11 +57,7 @@ pub fn prepare(config: &Config) -> Result<Secrets, ConfigError> {
     if api_keys.is_empty() {
         if kind == StorageKind::Memory {
             let key = crypto::new_api_key();
-            api_keys.add(
-                "ephemeral-admin",
-                Role::Admin,
-                crypto::sha256(key.as_bytes()),
-            );
+            api_keys.add("ephemeral-admin", Role::Admin, crypto::sha256(key.as_bytes()));
             eprintln!(
                 "session-authority: no API keys configured; ephemeral admin key for this process (memory storage persists nothing): {key}"
             );
@@ -82,39 +74,20 @@ fn first_run_admin_key(dir: &Path) -> Result<[u8; 32], ConfigError> {
     let digest_path = dir.join("admin.key.sha256");
     match std::fs::read_to_string(&digest_path) {
         Ok(text) => {
-            return crate::config::parse_key_hash(&text).ok_or_else(|| {
-                problem(
-                    "api_keys",
-                    format!("{} is not a sha256:<hex> digest", digest_path.display()),
-                )
-            });
+            return crate::config::parse_key_hash(&text)
+                .ok_or_else(|| problem("api_keys", format!("{} is not a sha256:<hex> digest", digest_path.display())));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            return Err(problem(
-                "api_keys",
-                format!("cannot read {}: {e}", digest_path.display()),
-            ));
+            return Err(problem("api_keys", format!("cannot read {}: {e}", digest_path.display())));
         }
     }
     let key = crypto::new_api_key();
     let key_path: PathBuf = dir.join("admin.key");
-    write_private(&key_path, &format!("{key}\n")).map_err(|e| {
-        problem(
-            "api_keys",
-            format!("cannot write {}: {e}", key_path.display()),
-        )
-    })?;
-    write_private(
-        &digest_path,
-        &format!("{}\n", crypto::api_key_hash_string(&key)),
-    )
-    .map_err(|e| {
-        problem(
-            "api_keys",
-            format!("cannot write {}: {e}", digest_path.display()),
-        )
-    })?;
+    write_private(&key_path, &format!("{key}\n"))
+        .map_err(|e| problem("api_keys", format!("cannot write {}: {e}", key_path.display())))?;
+    write_private(&digest_path, &format!("{}\n", crypto::api_key_hash_string(&key)))
+        .map_err(|e| problem("api_keys", format!("cannot write {}: {e}", digest_path.display())))?;
     eprintln!(
         "session-authority: no API keys configured; generated an admin key into {} (mode 0600). \
          Move it to your secret store and delete the file: the server keeps only its hash.",
@@ -125,12 +98,8 @@ fn first_run_admin_key(dir: &Path) -> Result<[u8; 32], ConfigError> {
 
 fn key_ring(config: &Config) -> Result<KeyRing, ConfigError> {
     let decode = |secret: &SecretString, setting: &str| {
-        crypto::decode_key(secret).map_err(|e| {
-            problem(
-                setting,
-                format!("(SESSION_AUTHORITY_{}) {e}", setting.to_uppercase()),
-            )
-        })
+        crypto::decode_key(secret)
+            .map_err(|e| problem(setting, format!("(SESSION_AUTHORITY_{}) {e}", setting.to_uppercase())))
     };
     let previous = config
         .auth
@@ -148,9 +117,7 @@ fn key_ring(config: &Config) -> Result<KeyRing, ConfigError> {
                 ));
             }
             StorageKind::Memory => {
-                tracing::warn!(
-                    "no encryption key configured; using an ephemeral one (memory storage)"
-                );
+                tracing::warn!("no encryption key configured; using an ephemeral one (memory storage)");
                 crypto::random_bytes()
             }
             StorageKind::Embedded => generated_encryption_key(&config.storage.data_dir)?,
@@ -166,12 +133,8 @@ fn generated_encryption_key(dir: &Path) -> Result<[u8; 32], ConfigError> {
             .map_err(|e| problem("encryption_key", format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = crypto::random_bytes();
-            write_private(&path, &format!("{}\n", crypto::encode_key(&key))).map_err(|e| {
-                problem(
-                    "encryption_key",
-                    format!("cannot write {}: {e}", path.display()),
-                )
-            })?;
+            write_private(&path, &format!("{}\n", crypto::encode_key(&key)))
+                .map_err(|e| problem("encryption_key", format!("cannot write {}: {e}", path.display())))?;
             eprintln!(
                 "session-authority: warning: no encryption key configured; generated one into {}. \
                  Production should supply its own in SESSION_AUTHORITY_ENCRYPTION_KEY (base64, 32 bytes).",
@@ -179,10 +142,7 @@ fn generated_encryption_key(dir: &Path) -> Result<[u8; 32], ConfigError> {
             );
             Ok(key)
         }
-        Err(e) => Err(problem(
-            "encryption_key",
-            format!("cannot read {}: {e}", path.display()),
-        )),
+        Err(e) => Err(problem("encryption_key", format!("cannot read {}: {e}", path.display()))),
     }
 }
 
@@ -197,10 +157,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Config::load(&flags, &|name| {
-            (name == "REDIS_URL").then(|| "redis://127.0.0.1:1".to_string())
-        })
-        .unwrap()
+        Config::load(&flags, &|name| (name == "REDIS_URL").then(|| "redis://127.0.0.1:1".to_string())).unwrap()
     }
 
     #[test]
@@ -209,41 +166,23 @@ mod tests {
         let secrets = prepare(&config(dir.path(), "embedded")).unwrap();
         let key = std::fs::read_to_string(dir.path().join("admin.key")).unwrap();
         let key = key.trim();
-        assert_eq!(
-            secrets.api_keys.authenticate(key).unwrap().role,
-            Role::Admin
-        );
-        let mode = std::fs::metadata(dir.path().join("admin.key"))
-            .unwrap()
-            .permissions()
-            .mode();
+        assert_eq!(secrets.api_keys.authenticate(key).unwrap().role, Role::Admin);
+        let mode = std::fs::metadata(dir.path().join("admin.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(
-            std::fs::metadata(dir.path().join("encryption.key"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(dir.path().join("encryption.key")).unwrap().permissions().mode() & 0o777, 0o600);
 
         // The operator moves the key away; the next start still accepts it, and makes no new one.
         std::fs::remove_file(dir.path().join("admin.key")).unwrap();
         let again = prepare(&config(dir.path(), "embedded")).unwrap();
         assert!(again.api_keys.authenticate(key).is_some());
         assert!(!dir.path().join("admin.key").exists());
-        assert_eq!(
-            again.key_ring.current_key_id(),
-            secrets.key_ring.current_key_id()
-        );
+        assert_eq!(again.key_ring.current_key_id(), secrets.key_ring.current_key_id());
     }
 
     #[test]
     fn shared_storage_requires_an_encryption_key() {
         let dir = tempfile::tempdir().unwrap();
-        let e = prepare(&config(dir.path(), "redis"))
-            .unwrap_err()
-            .to_string();
+        let e = prepare(&config(dir.path(), "redis")).unwrap_err().to_string();
         assert!(e.contains("encryption_key"), "{e}");
     }
 

@@ -328,10 +328,7 @@ impl Resolver<'_> {
     /// The raw value and a description of where it came from.
     fn raw(&self, key: &str, aliases: &[&str]) -> Option<(String, String)> {
         if let Some(value) = self.flags.get(key) {
-            return Some((
-                value.clone(),
-                format!("flag --{}", key.replace(['.', '_'], "-")),
-            ));
+            return Some((value.clone(), format!("flag --{}", key.replace(['.', '_'], "-"))));
         }
         let primary = env_name(key);
         for name in std::iter::once(primary.as_str()).chain(aliases.iter().copied()) {
@@ -357,22 +354,13 @@ impl Resolver<'_> {
     ) -> Result<T, ConfigError> {
         match self.raw(key, aliases) {
             None => Ok(default),
-            Some((text, origin)) => parse(text.trim()).ok_or_else(|| {
-                err(format!(
-                    "setting `{key}` ({origin}): expected {expected}, got {text:?}"
-                ))
-            }),
+            Some((text, origin)) => parse(text.trim())
+                .ok_or_else(|| err(format!("setting `{key}` ({origin}): expected {expected}, got {text:?}"))),
         }
     }
 
     fn duration(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
-        self.parsed(
-            key,
-            &[],
-            default,
-            "a duration such as 30s, 15m or 24h",
-            |s| humantime::parse_duration(s).ok(),
-        )
+        self.parsed(key, &[], default, "a duration such as 30s, 15m or 24h", |s| humantime::parse_duration(s).ok())
     }
 
     fn positive_duration(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
@@ -402,9 +390,7 @@ impl Resolver<'_> {
     }
 
     fn string(&self, key: &str, aliases: &[&str]) -> Option<String> {
-        self.raw(key, aliases)
-            .map(|(v, _)| v)
-            .filter(|v| !v.trim().is_empty())
+        self.raw(key, aliases).map(|(v, _)| v).filter(|v| !v.trim().is_empty())
     }
 
     fn socket_addr(&self, key: &str) -> Result<Option<SocketAddr>, ConfigError> {
@@ -412,9 +398,7 @@ impl Resolver<'_> {
             None => Ok(None),
             Some((text, _)) if text.trim().is_empty() => Ok(None),
             Some((text, origin)) => text.trim().parse().map(Some).map_err(|_| {
-                err(format!(
-                    "setting `{key}` ({origin}): expected an address such as 127.0.0.1:50051, got {text:?}"
-                ))
+                err(format!("setting `{key}` ({origin}): expected an address such as 127.0.0.1:50051, got {text:?}"))
             }),
         }
     }
@@ -422,27 +406,17 @@ impl Resolver<'_> {
     fn file_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, ConfigError> {
         match self.raw(key, &[]) {
             None => Ok(None),
-            Some((path, origin)) => std::fs::read(&path).map(Some).map_err(|e| {
-                err(format!(
-                    "setting `{key}` ({origin}): cannot read {path:?}: {e}"
-                ))
-            }),
+            Some((path, origin)) => std::fs::read(&path)
+                .map(Some)
+                .map_err(|e| err(format!("setting `{key}` ({origin}): cannot read {path:?}: {e}"))),
         }
     }
 }
 
 /// Flattens a TOML document to dotted keys; `[[api_keys]]` is returned apart.
-fn flatten(
-    prefix: &str,
-    table: toml::Table,
-    out: &mut BTreeMap<String, toml::Value>,
-) -> Result<(), ConfigError> {
+fn flatten(prefix: &str, table: toml::Table, out: &mut BTreeMap<String, toml::Value>) -> Result<(), ConfigError> {
     for (name, value) in table {
-        let key = if prefix.is_empty() {
-            name
-        } else {
-            format!("{prefix}.{name}")
-        };
+        let key = if prefix.is_empty() { name } else { format!("{prefix}.{name}") };
         match value {
             toml::Value::Table(inner) => flatten(&key, inner, out)?,
             other => {
@@ -455,9 +429,7 @@ fn flatten(
 
 fn parse_api_key_table(index: usize, value: &toml::Value) -> Result<ApiKeyEntry, ConfigError> {
     let at = |field: &str| format!("setting `api_keys[{index}].{field}`");
-    let table = value
-        .as_table()
-        .ok_or_else(|| err(format!("setting `api_keys[{index}]`: expected a table")))?;
+    let table = value.as_table().ok_or_else(|| err(format!("setting `api_keys[{index}]`: expected a table")))?;
     let text = |field: &str| -> Result<String, ConfigError> {
         table
             .get(field)
@@ -467,18 +439,11 @@ fn parse_api_key_table(index: usize, value: &toml::Value) -> Result<ApiKeyEntry,
     };
     let name = text("name")?;
     let role_name = text("role")?;
-    let role = Role::parse(&role_name).ok_or_else(|| {
-        err(format!(
-            "{}: expected service, admin or watcher, got {role_name:?}",
-            at("role")
-        ))
-    })?;
+    let role = Role::parse(&role_name)
+        .ok_or_else(|| err(format!("{}: expected service, admin or watcher, got {role_name:?}", at("role"))))?;
     let hash = text("hash")?;
     let sha256 = parse_key_hash(&hash).ok_or_else(|| {
-        err(format!(
-            "{}: expected \"sha256:<64 hex digits>\" as printed by `session-authority hash-key`",
-            at("hash")
-        ))
+        err(format!("{}: expected \"sha256:<64 hex digits>\" as printed by `session-authority hash-key`", at("hash")))
     })?;
     Ok(ApiKeyEntry { name, role, sha256 })
 }
@@ -492,12 +457,7 @@ pub fn parse_key_hash(text: &str) -> Option<[u8; 32]> {
 
 fn parse_plaintext_keys(text: &str) -> Result<Vec<(Role, SecretString)>, ConfigError> {
     let mut keys = Vec::new();
-    for (index, item) in text
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .enumerate()
-    {
+    for (index, item) in text.split(',').map(str::trim).filter(|s| !s.is_empty()).enumerate() {
         let (role_name, key) = item.split_once(':').ok_or_else(|| {
             err(format!(
                 "setting `api_keys` (environment variable SESSION_AUTHORITY_API_KEYS): entry {} is not \"role:key\"",
@@ -525,14 +485,8 @@ fn parse_plaintext_keys(text: &str) -> Result<Vec<(Role, SecretString)>, ConfigE
 impl Config {
     /// Resolves the configuration from command-line `flags`, the environment seen through
     /// `env`, and the TOML file named by the `config` flag or `SESSION_AUTHORITY_CONFIG`.
-    pub fn load(
-        flags: &Flags,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
-        let config_path = flags
-            .get("config")
-            .cloned()
-            .or_else(|| env("SESSION_AUTHORITY_CONFIG"));
+    pub fn load(flags: &Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let config_path = flags.get("config").cloned().or_else(|| env("SESSION_AUTHORITY_CONFIG"));
         let mut file = BTreeMap::new();
         let mut api_keys = Vec::new();
         let mut file_name = String::from("config file");
@@ -540,15 +494,10 @@ impl Config {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| err(format!("setting `config`: cannot read {path:?}: {e}")))?;
             let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-                err(format!(
-                    "setting `config`: {path:?} is not valid TOML: {}",
-                    e.message()
-                ))
+                err(format!("setting `config`: {path:?} is not valid TOML: {}", e.message()))
             })?;
             if let Some(keys) = table.remove("api_keys") {
-                let array = keys
-                    .as_array()
-                    .ok_or_else(|| err("setting `api_keys`: expected [[api_keys]] tables"))?;
+                let array = keys.as_array().ok_or_else(|| err("setting `api_keys`: expected [[api_keys]] tables"))?;
                 for (index, value) in array.iter().enumerate() {
                     api_keys.push(parse_api_key_table(index, value)?);
                 }
@@ -556,18 +505,11 @@ impl Config {
             flatten("", table, &mut file)?;
             let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
             if let Some(unknown) = file.keys().find(|k| !known.contains(k.as_str())) {
-                return Err(err(format!(
-                    "setting `{unknown}` in {path:?} is not a known setting"
-                )));
+                return Err(err(format!("setting `{unknown}` in {path:?} is not a known setting")));
             }
             file_name = format!("config file {path:?}");
         }
-        let r = Resolver {
-            flags,
-            env,
-            file,
-            file_name,
-        };
+        let r = Resolver { flags, env, file, file_name };
         Config::resolve(&r, api_keys)
     }
 
@@ -579,15 +521,11 @@ impl Config {
     fn resolve(r: &Resolver<'_>, api_keys: Vec<ApiKeyEntry>) -> Result<Config, ConfigError> {
         let minutes = |m: u64| Duration::from_secs(m * 60);
 
-        let listen = r
-            .socket_addr("listen")?
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
+        let listen = r.socket_addr("listen")?.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
         let tls = match (r.file_bytes("tls.cert")?, r.file_bytes("tls.key")?) {
             (None, None) => {
                 if r.raw("tls.client_ca", &[]).is_some() {
-                    return Err(err(
-                        "setting `tls.client_ca`: needs `tls.cert` and `tls.key` as well",
-                    ));
+                    return Err(err("setting `tls.client_ca`: needs `tls.cert` and `tls.key` as well"));
                 }
                 None
             }
@@ -612,59 +550,41 @@ impl Config {
         };
         let server = ServerConfig {
             listen,
-            request_timeout: r
-                .positive_duration("server.request_timeout", Duration::from_secs(10))?,
+            request_timeout: r.positive_duration("server.request_timeout", Duration::from_secs(10))?,
             concurrency_limit: r.number("server.concurrency_limit", 1024usize)?,
             max_message_bytes: r.number("server.max_message_bytes", 1024 * 1024usize)?,
             shutdown_grace: r.duration("server.shutdown_grace", Duration::from_secs(20))?,
             tls,
         };
         if server.concurrency_limit == 0 {
-            return Err(err(
-                "setting `server.concurrency_limit`: must be at least 1",
-            ));
+            return Err(err("setting `server.concurrency_limit`: must be at least 1"));
         }
         if server.max_message_bytes < 1024 {
-            return Err(err(
-                "setting `server.max_message_bytes`: must be at least 1024",
-            ));
+            return Err(err("setting `server.max_message_bytes`: must be at least 1024"));
         }
 
-        let kind = r.parsed(
-            "storage",
-            &[],
-            StorageKind::Embedded,
-            "one of embedded, memory, redis, kv-rest",
-            |s| match s {
+        let kind =
+            r.parsed("storage", &[], StorageKind::Embedded, "one of embedded, memory, redis, kv-rest", |s| match s {
                 "embedded" => Some(StorageKind::Embedded),
                 "memory" => Some(StorageKind::Memory),
                 "redis" => Some(StorageKind::Redis),
                 "kv-rest" => Some(StorageKind::KvRest),
                 _ => None,
-            },
-        )?;
+            })?;
         let storage = StorageConfig {
             kind,
             data_dir: PathBuf::from(r.string("data_dir", &[]).unwrap_or_else(|| "./data".into())),
             redis_url: r.string("redis.url", &["REDIS_URL"]),
-            key_prefix: r
-                .string("redis.key_prefix", &[])
-                .unwrap_or_else(|| "atoms:session:".into()),
+            key_prefix: r.string("redis.key_prefix", &[]).unwrap_or_else(|| "atoms:session:".into()),
             kv_rest_url: r.string("kv_rest.url", &["KV_REST_API_URL"]),
-            kv_rest_token: r
-                .string("kv_rest.token", &["KV_REST_API_TOKEN"])
-                .map(SecretString::from),
+            kv_rest_token: r.string("kv_rest.token", &["KV_REST_API_TOKEN"]).map(SecretString::from),
             operation_timeout: r.positive_duration("storage_timeout", Duration::from_secs(2))?,
         };
         match kind {
             StorageKind::Redis if storage.redis_url.is_none() => {
-                return Err(err(
-                    "setting `redis.url` (REDIS_URL): required when storage is redis",
-                ));
+                return Err(err("setting `redis.url` (REDIS_URL): required when storage is redis"));
             }
-            StorageKind::KvRest
-                if storage.kv_rest_url.is_none() || storage.kv_rest_token.is_none() =>
-            {
+            StorageKind::KvRest if storage.kv_rest_url.is_none() || storage.kv_rest_token.is_none() => {
                 return Err(err(
                     "settings `kv_rest.url` and `kv_rest.token` (KV_REST_API_URL, KV_REST_API_TOKEN): required when storage is kv-rest",
                 ));
@@ -682,9 +602,7 @@ impl Config {
             cleanup_interval: r.positive_duration("session.cleanup_interval", minutes(15))?,
         };
         if session.max_sessions_per_user == 0 {
-            return Err(err(
-                "setting `session.max_sessions_per_user`: must be at least 1",
-            ));
+            return Err(err("setting `session.max_sessions_per_user`: must be at least 1"));
         }
 
         let token = TokenConfig {
@@ -692,19 +610,11 @@ impl Config {
             rotation: r.bool("token.rotation", true)?,
             grace_period: r.duration("token.grace_period", minutes(5))?,
             max_retries: r.number("token.max_retries", 3u32)?,
-            retry_initial_delay: r
-                .positive_duration("token.retry_initial_delay", Duration::from_secs(1))?,
-            retry_max_delay: r
-                .positive_duration("token.retry_max_delay", Duration::from_secs(30))?,
-            client_id: r.string(
-                "token.client_id",
-                &["OAUTH_CLIENT_ID", "OPENROUTER_CLIENT_ID"],
-            ),
+            retry_initial_delay: r.positive_duration("token.retry_initial_delay", Duration::from_secs(1))?,
+            retry_max_delay: r.positive_duration("token.retry_max_delay", Duration::from_secs(30))?,
+            client_id: r.string("token.client_id", &["OAUTH_CLIENT_ID", "OPENROUTER_CLIENT_ID"]),
             client_secret: r
-                .string(
-                    "token.client_secret",
-                    &["OAUTH_CLIENT_SECRET", "OPENROUTER_CLIENT_SECRET"],
-                )
+                .string("token.client_secret", &["OAUTH_CLIENT_SECRET", "OPENROUTER_CLIENT_SECRET"])
                 .map(SecretString::from),
             token_endpoint: r.string("token.token_endpoint", &[]),
             introspection_endpoint: r.string("token.introspection_endpoint", &[]),
@@ -715,18 +625,14 @@ impl Config {
         let revocation = RevocationConfig {
             cascade: r.bool("revocation.cascade", true)?,
             list_ttl: r.positive_duration("revocation.list_ttl", Duration::from_secs(24 * 3600))?,
-            cleanup_interval: r
-                .positive_duration("revocation.cleanup_interval", Duration::from_secs(3600))?,
+            cleanup_interval: r.positive_duration("revocation.cleanup_interval", Duration::from_secs(3600))?,
         };
 
         let security = SecurityConfig {
             rate_limiting: r.bool("security.rate_limiting", true)?,
             hijack_detection: r.bool("security.hijack_detection", true)?,
             hijack_threshold: r.fraction("security.hijack_threshold", 0.7)?,
-            event_retention: r.positive_duration(
-                "security.event_retention",
-                Duration::from_secs(30 * 24 * 3600),
-            )?,
+            event_retention: r.positive_duration("security.event_retention", Duration::from_secs(30 * 24 * 3600))?,
         };
 
         let plaintext_api_keys = match r.string("api_keys", &[]) {
@@ -744,24 +650,13 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default();
-        let auth = AuthConfig {
-            api_keys,
-            plaintext_api_keys,
-            encryption_key,
-            previous_encryption_keys,
-        };
+        let auth = AuthConfig { api_keys, plaintext_api_keys, encryption_key, previous_encryption_keys };
 
-        let log_format = r.parsed(
-            "log_format",
-            &[],
-            LogFormat::Text,
-            "text or json",
-            |s| match s {
-                "text" => Some(LogFormat::Text),
-                "json" => Some(LogFormat::Json),
-                _ => None,
-            },
-        )?;
+        let log_format = r.parsed("log_format", &[], LogFormat::Text, "text or json", |s| match s {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        })?;
 
         Ok(Config {
             server,
@@ -782,14 +677,8 @@ mod tests {
     use super::*;
 
     fn load(flags: &[(&str, &str)], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let flags: Flags = flags
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let env: BTreeMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let flags: Flags = flags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Config::load(&flags, &|name| env.get(name).cloned())
     }
 
@@ -823,14 +712,15 @@ mod tests {
     fn flags_beat_environment_which_beats_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:1\"\n[session]\nidle_timeout = \"10m\"\nmax_sessions_per_user = 9\n").unwrap();
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:1\"\n[session]\nidle_timeout = \"10m\"\nmax_sessions_per_user = 9\n",
+        )
+        .unwrap();
         let path = path.to_str().unwrap();
         let c = load(
             &[("config", path), ("listen", "127.0.0.1:3")],
-            &[
-                ("SESSION_AUTHORITY_LISTEN", "127.0.0.1:2"),
-                ("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT", "20m"),
-            ],
+            &[("SESSION_AUTHORITY_LISTEN", "127.0.0.1:2"), ("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT", "20m")],
         )
         .unwrap();
         assert_eq!(c.server.listen.port(), 3);
@@ -849,10 +739,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(
-            c.storage.redis_url.as_deref(),
-            Some("redis://127.0.0.1:6379")
-        );
+        assert_eq!(c.storage.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
         assert_eq!(c.token.client_id.as_deref(), Some("cid"));
         assert_eq!(c.storage.kv_rest_url.as_deref(), Some("https://kv"));
     }
@@ -861,35 +748,16 @@ mod tests {
     fn errors_name_the_setting() {
         let e = load(&[("storage", "mongo")], &[]).unwrap_err().to_string();
         assert!(e.contains("`storage`") && e.contains("mongo"), "{e}");
-        let e = load(&[], &[("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT", "soon")])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("session.idle_timeout")
-                && e.contains("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT"),
-            "{e}"
-        );
+        let e = load(&[], &[("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT", "soon")]).unwrap_err().to_string();
+        assert!(e.contains("session.idle_timeout") && e.contains("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT"), "{e}");
         let e = load(&[("storage", "redis")], &[]).unwrap_err().to_string();
         assert!(e.contains("REDIS_URL"), "{e}");
-        let e = load(
-            &[],
-            &[
-                ("SESSION_AUTHORITY_TLS_CERT", "/nonexistent/cert.pem"),
-                ("SESSION_AUTHORITY_TLS_KEY", "/x"),
-            ],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("tls.cert") && e.contains("/nonexistent/cert.pem"),
-            "{e}"
-        );
-        let e = load(
-            &[],
-            &[("SESSION_AUTHORITY_SESSION_DEVICE_MATCH_THRESHOLD", "1.5")],
-        )
-        .unwrap_err()
-        .to_string();
+        let e =
+            load(&[], &[("SESSION_AUTHORITY_TLS_CERT", "/nonexistent/cert.pem"), ("SESSION_AUTHORITY_TLS_KEY", "/x")])
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("tls.cert") && e.contains("/nonexistent/cert.pem"), "{e}");
+        let e = load(&[], &[("SESSION_AUTHORITY_SESSION_DEVICE_MATCH_THRESHOLD", "1.5")]).unwrap_err().to_string();
         assert!(e.contains("device_match_threshold"), "{e}");
     }
 
@@ -898,24 +766,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "[session]\nidle_timout = \"10m\"\n").unwrap();
-        let e = load(&[("config", path.to_str().unwrap())], &[])
-            .unwrap_err()
-            .to_string();
+        let e = load(&[("config", path.to_str().unwrap())], &[]).unwrap_err().to_string();
         assert!(e.contains("session.idle_timout"), "{e}");
 
-        std::fs::write(
-            &path,
-            "[[api_keys]]\nname = \"x\"\nrole = \"root\"\nhash = \"sha256:00\"\n",
-        )
-        .unwrap();
-        let e = load(&[("config", path.to_str().unwrap())], &[])
-            .unwrap_err()
-            .to_string();
+        std::fs::write(&path, "[[api_keys]]\nname = \"x\"\nrole = \"root\"\nhash = \"sha256:00\"\n").unwrap();
+        let e = load(&[("config", path.to_str().unwrap())], &[]).unwrap_err().to_string();
         assert!(e.contains("api_keys[0].role"), "{e}");
 
-        let e = load(&[], &[("SESSION_AUTHORITY_API_KEYS", "admin")])
-            .unwrap_err()
-            .to_string();
+        let e = load(&[], &[("SESSION_AUTHORITY_API_KEYS", "admin")]).unwrap_err().to_string();
         assert!(e.contains("SESSION_AUTHORITY_API_KEYS"), "{e}");
     }
 
@@ -924,17 +782,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         let hash = format!("sha256:{}", "ab".repeat(32));
-        std::fs::write(
-            &path,
-            format!("[[api_keys]]\nname = \"ops\"\nrole = \"admin\"\nhash = \"{hash}\"\n"),
-        )
-        .unwrap();
+        std::fs::write(&path, format!("[[api_keys]]\nname = \"ops\"\nrole = \"admin\"\nhash = \"{hash}\"\n")).unwrap();
         let c = load(
             &[("config", path.to_str().unwrap())],
-            &[(
-                "SESSION_AUTHORITY_API_KEYS",
-                "service:0123456789abcdef0123,watcher:fedcba9876543210fedc",
-            )],
+            &[("SESSION_AUTHORITY_API_KEYS", "service:0123456789abcdef0123,watcher:fedcba9876543210fedc")],
         )
         .unwrap();
         assert_eq!(c.auth.api_keys.len(), 1);

@@ -28,18 +28,13 @@ pub const API_KEY_PREFIX: &str = "sak_";
 pub fn random_bytes() -> [u8; 32] {
     let mut bytes = [0u8; 32];
     // The OS generator failing is unrecoverable: continuing would hand out guessable secrets.
-    OsRng
-        .try_fill_bytes(&mut bytes)
-        .expect("the operating system's random source failed");
+    OsRng.try_fill_bytes(&mut bytes).expect("the operating system's random source failed");
     bytes
 }
 
 /// A new session token: the prefix plus 256 random bits in URL-safe base64.
 pub fn new_session_token() -> String {
-    format!(
-        "{SESSION_TOKEN_PREFIX}{}",
-        URL_SAFE_NO_PAD.encode(random_bytes())
-    )
+    format!("{SESSION_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(random_bytes()))
 }
 
 /// A new API key for a caller.
@@ -102,20 +97,14 @@ fn ring_key(raw: &[u8; 32]) -> RingKey {
     let digest = sha256(raw);
     let mut id = [0u8; KEY_ID_LEN];
     id.copy_from_slice(&digest[..KEY_ID_LEN]);
-    RingKey {
-        id,
-        cipher: ChaCha20Poly1305::new(Key::from_slice(raw)),
-    }
+    RingKey { id, cipher: ChaCha20Poly1305::new(Key::from_slice(raw)) }
 }
 
 /// Decodes a base64 key of exactly 32 bytes.
 pub fn decode_key(encoded: &SecretString) -> Result<[u8; 32], String> {
-    let bytes = STANDARD
-        .decode(encoded.expose_secret().trim())
-        .map_err(|_| "expected base64 of 32 bytes".to_string())?;
-    bytes
-        .try_into()
-        .map_err(|b: Vec<u8>| format!("expected 32 bytes after base64 decoding, got {}", b.len()))
+    let bytes =
+        STANDARD.decode(encoded.expose_secret().trim()).map_err(|_| "expected base64 of 32 bytes".to_string())?;
+    bytes.try_into().map_err(|b: Vec<u8>| format!("expected 32 bytes after base64 decoding, got {}", b.len()))
 }
 
 /// Encodes a key as base64 for the key file.
@@ -126,10 +115,7 @@ pub fn encode_key(raw: &[u8; 32]) -> String {
 impl KeyRing {
     /// A ring that seals with `current` and also opens what `previous` keys sealed.
     pub fn new(current: &[u8; 32], previous: &[[u8; 32]]) -> KeyRing {
-        KeyRing {
-            current: ring_key(current),
-            previous: previous.iter().map(ring_key).collect(),
-        }
+        KeyRing { current: ring_key(current), previous: previous.iter().map(ring_key).collect() }
     }
 
     /// Seals `plaintext`, binding `context` (the session id) as associated data.
@@ -140,13 +126,7 @@ impl KeyRing {
         let ciphertext = self
             .current
             .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: context,
-                },
-            )
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: context })
             // Encryption fails only for inputs over 256 GiB, which limits on requests rule out.
             .expect("ChaCha20-Poly1305 encryption of a bounded input");
         let mut out = Vec::with_capacity(1 + KEY_ID_LEN + NONCE_LEN + ciphertext.len());
@@ -165,23 +145,14 @@ impl KeyRing {
         }
         let key_id = &sealed[1..1 + KEY_ID_LEN];
         let nonce = Nonce::from_slice(&sealed[1 + KEY_ID_LEN..header]);
-        let key = std::iter::once(&self.current)
-            .chain(&self.previous)
-            .find(|k| k.id == key_id)
-            .ok_or_else(|| {
-                Error::internal(format!(
-                    "stored ciphertext was sealed with key id {} which is not configured",
-                    hex::encode(key_id)
-                ))
-            })?;
+        let key = std::iter::once(&self.current).chain(&self.previous).find(|k| k.id == key_id).ok_or_else(|| {
+            Error::internal(format!(
+                "stored ciphertext was sealed with key id {} which is not configured",
+                hex::encode(key_id)
+            ))
+        })?;
         key.cipher
-            .decrypt(
-                nonce,
-                Payload {
-                    msg: &sealed[header..],
-                    aad: context,
-                },
-            )
+            .decrypt(nonce, Payload { msg: &sealed[header..], aad: context })
             .map_err(|_| Error::internal("stored ciphertext failed authentication"))
     }
 
@@ -241,9 +212,6 @@ mod tests {
     fn api_key_hash_format_parses_back() {
         let key = new_api_key();
         let text = api_key_hash_string(&key);
-        assert_eq!(
-            crate::config::parse_key_hash(&text).unwrap(),
-            sha256(key.as_bytes())
-        );
+        assert_eq!(crate::config::parse_key_hash(&text).unwrap(), sha256(key.as_bytes()));
     }
 }

@@ -68,18 +68,12 @@ pub enum Error {
 impl Error {
     /// An [`Error::InvalidArgument`] for `field`.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            field: field.into(),
-            message: message.into(),
-        }
+        Error::InvalidArgument { field: field.into(), message: message.into() }
     }
 
     /// An [`Error::Unavailable`] with no retry hint.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Error::Unavailable {
-            message: message.into(),
-            retry_after: None,
-        }
+        Error::Unavailable { message: message.into(), retry_after: None }
     }
 
     /// An [`Error::Internal`] from any displayable cause.

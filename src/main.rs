@@ -9,11 +9,7 @@ use session_authority::config::{Flags, LogFormat};
 use session_authority::{App, Config, crypto};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "session-authority",
-    version,
-    about = "gRPC session authority for polyglot backends"
-)]
+#[command(name = "session-authority", version, about = "gRPC session authority for polyglot backends")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -86,17 +82,10 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
 }
 
@@ -136,19 +125,13 @@ async fn health(target: String, service: String) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot connect to {target}: {e}"))?;
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let response = client
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: service.clone(),
-        })
+        .check(tonic_health::pb::HealthCheckRequest { service: service.clone() })
         .await
         .map_err(|e| anyhow::anyhow!("health check failed: {}", e.message()))?
         .into_inner();
     let status = ServingStatus::try_from(response.status).unwrap_or(ServingStatus::Unknown);
     println!("{}", status.as_str_name());
-    anyhow::ensure!(
-        status == ServingStatus::Serving,
-        "{target} is {}",
-        status.as_str_name()
-    );
+    anyhow::ensure!(status == ServingStatus::Serving, "{target} is {}", status.as_str_name());
     Ok(())
 }
 
@@ -156,10 +139,7 @@ fn hash_key(name: Option<String>, role: String) -> anyhow::Result<()> {
     let mut key = String::new();
     std::io::stdin().read_to_string(&mut key)?;
     let key = key.trim();
-    anyhow::ensure!(
-        key.len() >= 16,
-        "the key read on stdin is shorter than 16 characters"
-    );
+    anyhow::ensure!(key.len() >= 16, "the key read on stdin is shorter than 16 characters");
     anyhow::ensure!(
         session_authority::config::Role::parse(&role).is_some(),
         "--role must be service, admin or watcher"
@@ -175,17 +155,12 @@ fn hash_key(name: Option<String>, role: String) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
+        Command::Serve(args) => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(runtime) => runtime.block_on(serve(args)),
             Err(e) => Err(e.into()),
         },
         Command::HashKey { name, role } => hash_key(name, role),
-        Command::Health { target, service } => match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        Command::Health { target, service } => match tokio::runtime::Builder::new_current_thread().enable_all().build()
         {
             Ok(runtime) => runtime.block_on(health(target, service)),
             Err(e) => Err(e.into()),

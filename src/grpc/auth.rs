@@ -51,9 +51,7 @@ pub struct ApiKeys {
 
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiKeys")
-            .field("count", &self.len())
-            .finish()
+        f.debug_struct("ApiKeys").field("count", &self.len()).finish()
     }
 }
 
@@ -70,11 +68,7 @@ impl ApiKeys {
         let mut entries: Vec<KeyEntry> = auth
             .api_keys
             .iter()
-            .map(|k| KeyEntry {
-                name: k.name.as_str().into(),
-                role: k.role,
-                sha256: k.sha256,
-            })
+            .map(|k| KeyEntry { name: k.name.as_str().into(), role: k.role, sha256: k.sha256 })
             .collect();
         for (index, (role, key)) in auth.plaintext_api_keys.iter().enumerate() {
             entries.push(KeyEntry {
@@ -89,19 +83,9 @@ impl ApiKeys {
     /// Adds one key by digest (the generated first-run admin key).
     pub fn add(&self, name: &str, role: Role, digest: [u8; 32]) {
         let mut guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        let mut entries: Vec<KeyEntry> = guard
-            .iter()
-            .map(|e| KeyEntry {
-                name: e.name.clone(),
-                role: e.role,
-                sha256: e.sha256,
-            })
-            .collect();
-        entries.push(KeyEntry {
-            name: name.into(),
-            role,
-            sha256: digest,
-        });
+        let mut entries: Vec<KeyEntry> =
+            guard.iter().map(|e| KeyEntry { name: e.name.clone(), role: e.role, sha256: e.sha256 }).collect();
+        entries.push(KeyEntry { name: name.into(), role, sha256: digest });
         *guard = Arc::new(entries);
     }
 
@@ -123,10 +107,7 @@ impl ApiKeys {
         let mut found = None;
         for entry in entries.iter() {
             if digest_eq(&digest, &entry.sha256) {
-                found = Some(Caller {
-                    name: entry.name.clone(),
-                    role: entry.role,
-                });
+                found = Some(Caller { name: entry.name.clone(), role: entry.role });
             }
         }
         found
@@ -152,9 +133,7 @@ pub fn allowed_roles(path: &str) -> Access {
         return Access::Public;
     }
     let roles = match path.rsplit('/').next().unwrap_or_default() {
-        "ListUserSessions" | "GetRefreshHistory" | "ListSecurityEvents" | "GetSecuritySummary" => {
-            ADMIN
-        }
+        "ListUserSessions" | "GetRefreshHistory" | "ListSecurityEvents" | "GetSecuritySummary" => ADMIN,
         "IsRevoked" | "ListRevocations" | "WatchRevocations" => READ_REVOCATIONS,
         _ => SERVICE,
     };
@@ -172,20 +151,14 @@ impl AuthLayer {
     /// Authenticates with `keys`; callers with a verified client certificate and no key get
     /// `client_cert_role` when it is set (mTLS).
     pub fn new(keys: ApiKeys, client_cert_role: Option<Role>) -> AuthLayer {
-        AuthLayer {
-            keys,
-            client_cert_role,
-        }
+        AuthLayer { keys, client_cert_role }
     }
 }
 
 impl<S> Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth {
-            inner,
-            layer: self.clone(),
-        }
+        Auth { inner, layer: self.clone() }
     }
 }
 
@@ -197,11 +170,7 @@ pub struct Auth<S> {
 }
 
 fn bearer(request: &Request<Body>) -> Option<&str> {
-    let value = request
-        .headers()
-        .get(http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
+    let value = request.headers().get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, key) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
@@ -227,10 +196,7 @@ impl<S> Auth<S> {
                 )
             })?,
             None => match self.layer.client_cert_role {
-                Some(role) if has_client_certificate(request) => Caller {
-                    name: Arc::from("client-certificate"),
-                    role,
-                },
+                Some(role) if has_client_certificate(request) => Caller { name: Arc::from("client-certificate"), role },
                 _ => {
                     return Err(tonic::Status::unauthenticated(
                         "missing credentials: send `authorization: Bearer <api key>`",
@@ -244,11 +210,7 @@ impl<S> Auth<S> {
             let method = request.uri().path().rsplit('/').next().unwrap_or_default();
             Err(tonic::Status::permission_denied(format!(
                 "{method} needs the {} role; this key has the {} role",
-                if roles.is_empty() {
-                    "admin".to_string()
-                } else {
-                    roles_text(roles)
-                },
+                if roles.is_empty() { "admin".to_string() } else { roles_text(roles) },
                 caller.role.as_str()
             )))
         }
@@ -295,15 +257,8 @@ mod tests {
 
     fn keys() -> ApiKeys {
         ApiKeys::from_config(&AuthConfig {
-            api_keys: vec![ApiKeyEntry {
-                name: "ops".into(),
-                role: Role::Admin,
-                sha256: sha256(b"admin-key-123456"),
-            }],
-            plaintext_api_keys: vec![(
-                Role::Service,
-                SecretString::from("service-key-12345".to_string()),
-            )],
+            api_keys: vec![ApiKeyEntry { name: "ops".into(), role: Role::Admin, sha256: sha256(b"admin-key-123456") }],
+            plaintext_api_keys: vec![(Role::Service, SecretString::from("service-key-12345".to_string()))],
             ..AuthConfig::default()
         })
     }
@@ -311,14 +266,8 @@ mod tests {
     #[test]
     fn keys_authenticate_to_their_roles() {
         let keys = keys();
-        assert_eq!(
-            keys.authenticate("admin-key-123456").unwrap().role,
-            Role::Admin
-        );
-        assert_eq!(
-            keys.authenticate("service-key-12345").unwrap().role,
-            Role::Service
-        );
+        assert_eq!(keys.authenticate("admin-key-123456").unwrap().role, Role::Admin);
+        assert_eq!(keys.authenticate("service-key-12345").unwrap().role, Role::Service);
         assert!(keys.authenticate("service-key-1234").is_none());
         assert!(keys.authenticate("").is_none());
     }
@@ -327,44 +276,23 @@ mod tests {
     fn replacing_keys_rotates_them() {
         let keys = keys();
         keys.replace(&AuthConfig {
-            plaintext_api_keys: vec![(
-                Role::Watcher,
-                SecretString::from("new-watcher-key-1".to_string()),
-            )],
+            plaintext_api_keys: vec![(Role::Watcher, SecretString::from("new-watcher-key-1".to_string()))],
             ..AuthConfig::default()
         });
         assert!(keys.authenticate("admin-key-123456").is_none());
-        assert_eq!(
-            keys.authenticate("new-watcher-key-1").unwrap().role,
-            Role::Watcher
-        );
+        assert_eq!(keys.authenticate("new-watcher-key-1").unwrap().role, Role::Watcher);
     }
 
     #[test]
     fn role_table() {
-        assert_eq!(
-            allowed_roles("/grpc.health.v1.Health/Check"),
-            Access::Public
-        );
-        assert_eq!(
-            allowed_roles("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
-            Access::Public
-        );
-        assert_eq!(
-            allowed_roles("/atoms.session.v1.SessionService/ListUserSessions"),
-            Access::Roles(ADMIN)
-        );
-        assert_eq!(
-            allowed_roles("/atoms.session.v1.SessionService/ValidateSession"),
-            Access::Roles(SERVICE)
-        );
+        assert_eq!(allowed_roles("/grpc.health.v1.Health/Check"), Access::Public);
+        assert_eq!(allowed_roles("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"), Access::Public);
+        assert_eq!(allowed_roles("/atoms.session.v1.SessionService/ListUserSessions"), Access::Roles(ADMIN));
+        assert_eq!(allowed_roles("/atoms.session.v1.SessionService/ValidateSession"), Access::Roles(SERVICE));
         assert_eq!(
             allowed_roles("/atoms.session.v1.RevocationService/WatchRevocations"),
             Access::Roles(READ_REVOCATIONS)
         );
-        assert_eq!(
-            allowed_roles("/atoms.session.v1.RevocationService/RevokeSession"),
-            Access::Roles(SERVICE)
-        );
+        assert_eq!(allowed_roles("/atoms.session.v1.RevocationService/RevokeSession"), Access::Roles(SERVICE));
     }
 }

@@ -28,19 +28,14 @@ pub struct LoadShedLayer {
 impl LoadShedLayer {
     /// At most `limit` calls in flight.
     pub fn new(limit: usize) -> LoadShedLayer {
-        LoadShedLayer {
-            permits: Arc::new(Semaphore::new(limit)),
-        }
+        LoadShedLayer { permits: Arc::new(Semaphore::new(limit)) }
     }
 }
 
 impl<S> Layer<S> for LoadShedLayer {
     type Service = LoadShed<S>;
     fn layer(&self, inner: S) -> LoadShed<S> {
-        LoadShed {
-            inner,
-            permits: self.permits.clone(),
-        }
+        LoadShed { inner, permits: self.permits.clone() }
     }
 }
 
@@ -75,10 +70,8 @@ where
                 })
             }
             Err(_) => Box::pin(async {
-                Ok(tonic::Status::resource_exhausted(
-                    "server overloaded: too many calls in flight; retry with backoff",
-                )
-                .into_http())
+                Ok(tonic::Status::resource_exhausted("server overloaded: too many calls in flight; retry with backoff")
+                    .into_http())
             }),
         }
     }
@@ -86,10 +79,7 @@ where
 
 /// Methods whose responses are long-lived streams.
 fn is_server_stream(path: &str) -> bool {
-    matches!(
-        path,
-        "/atoms.session.v1.RevocationService/WatchRevocations" | "/grpc.health.v1.Health/Watch"
-    )
+    matches!(path, "/atoms.session.v1.RevocationService/WatchRevocations" | "/grpc.health.v1.Health/Watch")
 }
 
 /// Ends open server streams with UNAVAILABLE ("server shutting down, reconnect") when the
@@ -109,10 +99,7 @@ impl ShutdownStreamsLayer {
 impl<S> Layer<S> for ShutdownStreamsLayer {
     type Service = ShutdownStreams<S>;
     fn layer(&self, inner: S) -> ShutdownStreams<S> {
-        ShutdownStreams {
-            inner,
-            shutdown: self.shutdown.clone(),
-        }
+        ShutdownStreams { inner, shutdown: self.shutdown.clone() }
     }
 }
 
@@ -146,11 +133,7 @@ where
                 return Ok(response);
             }
             Ok(response.map(|body| {
-                Body::new(EndOnShutdown {
-                    inner: body,
-                    shutdown: Box::pin(shutdown.cancelled_owned()),
-                    ended: false,
-                })
+                Body::new(EndOnShutdown { inner: body, shutdown: Box::pin(shutdown.cancelled_owned()), ended: false })
             }))
         })
     }
@@ -176,9 +159,7 @@ impl http_body::Body for EndOnShutdown {
         }
         if self.shutdown.as_mut().poll(cx).is_ready() {
             self.ended = true;
-            let status = tonic::Status::unavailable(
-                "server shutting down; reconnect and resume from your last cursor",
-            );
+            let status = tonic::Status::unavailable("server shutting down; reconnect and resume from your last cursor");
             let mut trailers = http::HeaderMap::new();
             if let Err(e) = status.add_header(&mut trailers) {
                 tracing::warn!(error = %e, "could not encode the shutdown status");

@@ -6,7 +6,4 @@
 tonic::include_proto!("atoms.session.v1");
 
 /// The encoded `FileDescriptorSet` of the contract, with its imports, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(
-    env!("OUT_DIR"),
-    "/session_authority_descriptor.bin"
-));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/session_authority_descriptor.bin"));

@@ -21,8 +21,7 @@ fn unimplemented(rpc: &str) -> Status {
 }
 
 /// The stream type of WatchRevocations.
-pub type WatchStream =
-    Pin<Box<dyn Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>>;
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RevocationService for RevocationAdapter {

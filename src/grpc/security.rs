@@ -68,11 +68,7 @@ impl SecurityService for SecurityAdapter {
         let r = request.into_inner();
         match pb::SecurityEventType::try_from(r.event_type) {
             Ok(pb::SecurityEventType::Unspecified) | Err(_) => {
-                return Err(Error::invalid(
-                    "event_type",
-                    "must be one of the 21 SecurityEventType values",
-                )
-                .into());
+                return Err(Error::invalid("event_type", "must be one of the 21 SecurityEventType values").into());
             }
             Ok(_) => {}
         }

@@ -33,18 +33,10 @@ fn validate_create(r: &pb::CreateSessionRequest) -> Result<(), Error> {
     validate::optional_id("provider", &r.provider)?;
     validate::optional_id("token_type", &r.token_type)?;
     if validate::duration("idle_timeout", r.idle_timeout.as_ref())?.is_some_and(|d| d.is_zero()) {
-        return Err(Error::invalid(
-            "idle_timeout",
-            "must be greater than zero when set",
-        ));
+        return Err(Error::invalid("idle_timeout", "must be greater than zero when set"));
     }
-    if validate::duration("absolute_timeout", r.absolute_timeout.as_ref())?
-        .is_some_and(|d| d.is_zero())
-    {
-        return Err(Error::invalid(
-            "absolute_timeout",
-            "must be greater than zero when set",
-        ));
+    if validate::duration("absolute_timeout", r.absolute_timeout.as_ref())?.is_some_and(|d| d.is_zero()) {
+        return Err(Error::invalid("absolute_timeout", "must be greater than zero when set"));
     }
     validate::metadata("metadata", &r.metadata)
 }

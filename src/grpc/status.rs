@@ -15,11 +15,7 @@ pub const ERROR_DOMAIN: &str = "session-authority";
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
         let mut details = ErrorDetails::new();
-        details.set_error_info(
-            error.reason(),
-            ERROR_DOMAIN,
-            std::collections::HashMap::new(),
-        );
+        details.set_error_info(error.reason(), ERROR_DOMAIN, std::collections::HashMap::new());
         let code = match &error {
             Error::InvalidArgument { field, message } => {
                 details.add_bad_request_violation(field.clone(), message.clone());
@@ -59,17 +55,11 @@ mod tests {
 
     #[test]
     fn rate_limits_carry_retry_info() {
-        let status: Status = Error::RateLimited {
-            rule: "session_create".into(),
-            retry_after: Duration::from_secs(30),
-        }
-        .into();
+        let status: Status =
+            Error::RateLimited { rule: "session_create".into(), retry_after: Duration::from_secs(30) }.into();
         assert_eq!(status.code(), Code::ResourceExhausted);
         let details = status.get_error_details();
-        assert_eq!(
-            details.retry_info().unwrap().retry_delay,
-            Some(Duration::from_secs(30))
-        );
+        assert_eq!(details.retry_info().unwrap().retry_delay, Some(Duration::from_secs(30)));
         assert_eq!(details.error_info().unwrap().reason, "RATE_LIMITED");
     }
 
@@ -78,12 +68,7 @@ mod tests {
         let status: Status = Error::invalid("user_id", "required").into();
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains("user_id"));
-        let violations = status
-            .get_error_details()
-            .bad_request()
-            .unwrap()
-            .field_violations
-            .clone();
+        let violations = status.get_error_details().bad_request().unwrap().field_violations.clone();
         assert_eq!(violations[0].field, "user_id");
     }
 

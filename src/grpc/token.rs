@@ -17,10 +17,7 @@ fn selector_token(token: Option<&str>, id: Option<&str>) -> Result<(), Error> {
     match (token, id) {
         (Some(t), _) => validate::session_token("session_token", t),
         (_, Some(i)) => validate::required_id("session_id", i),
-        _ => Err(Error::invalid(
-            "selector",
-            "set session_token or session_id",
-        )),
+        _ => Err(Error::invalid("selector", "set session_token or session_id")),
     }
 }
 

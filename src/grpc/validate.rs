@@ -31,10 +31,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 fn check_text(field: &str, value: &str, max: usize) -> Result<()> {
     if value.len() > max {
-        return Err(Error::invalid(
-            field,
-            format!("{} bytes; at most {max} allowed", value.len()),
-        ));
+        return Err(Error::invalid(field, format!("{} bytes; at most {max} allowed", value.len())));
     }
     if value.chars().any(|c| c.is_control()) {
         return Err(Error::invalid(field, "contains control characters"));
@@ -52,11 +49,7 @@ pub fn required_id(field: &str, value: &str) -> Result<()> {
 
 /// An optional identifier: empty, or as [`required_id`].
 pub fn optional_id(field: &str, value: &str) -> Result<()> {
-    if value.is_empty() {
-        Ok(())
-    } else {
-        required_id(field, value)
-    }
+    if value.is_empty() { Ok(()) } else { required_id(field, value) }
 }
 
 /// A session token as presented by an end user's client.
@@ -73,23 +66,13 @@ pub fn session_token(field: &str, value: &str) -> Result<()> {
 /// An upstream token (access, refresh, id); `required` says whether it may be empty.
 pub fn upstream_token(field: &str, value: &str, required: bool) -> Result<()> {
     if value.is_empty() {
-        return if required {
-            Err(Error::invalid(field, "required"))
-        } else {
-            Ok(())
-        };
+        return if required { Err(Error::invalid(field, "required")) } else { Ok(()) };
     }
     if value.len() > MAX_UPSTREAM_TOKEN_BYTES {
-        return Err(Error::invalid(
-            field,
-            format!("longer than {MAX_UPSTREAM_TOKEN_BYTES} bytes"),
-        ));
+        return Err(Error::invalid(field, format!("longer than {MAX_UPSTREAM_TOKEN_BYTES} bytes")));
     }
     if value.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(Error::invalid(
-            field,
-            "contains spaces or control characters",
-        ));
+        return Err(Error::invalid(field, "contains spaces or control characters"));
     }
     Ok(())
 }
@@ -104,19 +87,13 @@ pub fn ip_address(field: &str, value: &str) -> Result<Option<IpAddr>> {
     if value.is_empty() {
         return Ok(None);
     }
-    value
-        .parse::<IpAddr>()
-        .map(Some)
-        .map_err(|_| Error::invalid(field, "is not an IPv4 or IPv6 address"))
+    value.parse::<IpAddr>().map(Some).map_err(|_| Error::invalid(field, "is not an IPv4 or IPv6 address"))
 }
 
 /// A metadata map within the entry and byte limits.
 pub fn metadata(field: &str, map: &HashMap<String, String>) -> Result<()> {
     if map.len() > MAX_METADATA_ENTRIES {
-        return Err(Error::invalid(
-            field,
-            format!("{} entries; at most {MAX_METADATA_ENTRIES}", map.len()),
-        ));
+        return Err(Error::invalid(field, format!("{} entries; at most {MAX_METADATA_ENTRIES}", map.len())));
     }
     let mut total = 0;
     for (key, value) in map {
@@ -128,10 +105,7 @@ pub fn metadata(field: &str, map: &HashMap<String, String>) -> Result<()> {
         total += key.len() + value.len();
     }
     if total > MAX_METADATA_BYTES {
-        return Err(Error::invalid(
-            field,
-            format!("{total} bytes; at most {MAX_METADATA_BYTES}"),
-        ));
+        return Err(Error::invalid(field, format!("{total} bytes; at most {MAX_METADATA_BYTES}")));
     }
     Ok(())
 }
@@ -139,10 +113,7 @@ pub fn metadata(field: &str, map: &HashMap<String, String>) -> Result<()> {
 /// A list of short strings.
 pub fn string_list(field: &str, values: &[String]) -> Result<()> {
     if values.len() > MAX_LIST_ENTRIES {
-        return Err(Error::invalid(
-            field,
-            format!("{} entries; at most {MAX_LIST_ENTRIES}", values.len()),
-        ));
+        return Err(Error::invalid(field, format!("{} entries; at most {MAX_LIST_ENTRIES}", values.len())));
     }
     for value in values {
         check_text(field, value, MAX_ID_BYTES)?;
@@ -189,10 +160,7 @@ pub fn fingerprint(field: &str, fp: &pb::DeviceFingerprint) -> Result<()> {
     if let Some(ratio) = fp.pixel_ratio
         && !(ratio.is_finite() && ratio > 0.0 && ratio <= 64.0)
     {
-        return Err(Error::invalid(
-            format!("{field}.pixel_ratio"),
-            "must be a finite number in (0, 64]",
-        ));
+        return Err(Error::invalid(format!("{field}.pixel_ratio"), "must be a finite number in (0, 64]"));
     }
     string_list(&format!("{field}.fonts"), &fp.fonts)?;
     string_list(&format!("{field}.plugins"), &fp.plugins)?;
@@ -216,35 +184,10 @@ mod tests {
     #[test]
     fn durations_and_pages() {
         assert_eq!(duration("d", None).unwrap(), None);
-        assert!(
-            duration(
-                "d",
-                Some(&prost_types::Duration {
-                    seconds: -1,
-                    nanos: 0
-                })
-            )
-            .is_err()
-        );
-        assert!(
-            duration(
-                "d",
-                Some(&prost_types::Duration {
-                    seconds: 1,
-                    nanos: -5
-                })
-            )
-            .is_err()
-        );
+        assert!(duration("d", Some(&prost_types::Duration { seconds: -1, nanos: 0 })).is_err());
+        assert!(duration("d", Some(&prost_types::Duration { seconds: 1, nanos: -5 })).is_err());
         assert_eq!(
-            duration(
-                "d",
-                Some(&prost_types::Duration {
-                    seconds: 90,
-                    nanos: 0
-                })
-            )
-            .unwrap(),
+            duration("d", Some(&prost_types::Duration { seconds: 90, nanos: 0 })).unwrap(),
             Some(Duration::from_secs(90))
         );
         assert_eq!(page_size("page_size", 0, 50, 500).unwrap(), 50);
@@ -253,13 +196,9 @@ mod tests {
 
     #[test]
     fn fingerprints_and_maps() {
-        let fp = pb::DeviceFingerprint {
-            pixel_ratio: Some(f64::NAN),
-            ..Default::default()
-        };
+        let fp = pb::DeviceFingerprint { pixel_ratio: Some(f64::NAN), ..Default::default() };
         assert!(fingerprint("device_fingerprint", &fp).is_err());
-        let big: HashMap<String, String> =
-            (0..65).map(|i| (i.to_string(), String::new())).collect();
+        let big: HashMap<String, String> = (0..65).map(|i| (i.to_string(), String::new())).collect();
         assert!(metadata("metadata", &big).is_err());
         assert!(ip_address("ip_address", "10.0.0.300").is_err());
         assert!(ip_address("ip_address", "2001:db8::1").unwrap().is_some());

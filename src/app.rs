@@ -16,7 +16,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::bootstrap::{self, Secrets};
-use crate::config::{Config, ConfigError};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, ConfigError, StorageKind};
 use crate::grpc::auth::AuthLayer;
 use crate::grpc::layers::{LoadShedLayer, ShutdownStreamsLayer};
 use crate::grpc::pb;
@@ -28,6 +29,10 @@ use crate::grpc::revocation::RevocationAdapter;
 use crate::grpc::security::SecurityAdapter;
 use crate::grpc::session::SessionAdapter;
 use crate::grpc::token::TokenAdapter;
+use crate::session::{SessionManager, SessionSettings};
+use crate::store::DynSessionStore;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::memory::MemoryStore;
 
 /// The fully qualified names of the four services, as health and reflection report them.
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -41,6 +46,7 @@ pub const SERVICE_NAMES: [&str; 4] = [
 pub struct App {
     config: Arc<Config>,
     secrets: Secrets,
+    sessions: SessionManager,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     shutdown: CancellationToken,
@@ -55,14 +61,42 @@ impl std::fmt::Debug for App {
 impl App {
     /// Validates what the configuration needs at start (keys, storage) and binds the listener.
     pub async fn build(config: Config) -> Result<App, ConfigError> {
-        // Bind first: a start that fails on its address must not leave generated keys behind.
-        let listen = config.server.listen;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| ConfigError(format!("setting `listen`: cannot listen on {listen}: {e}")))?;
-        let local_addr = listener.local_addr().map_err(|e| ConfigError(format!("setting `listen`: {e}")))?;
+        let listener = bind(&config).await?;
         let secrets = bootstrap::prepare(&config)?;
-        Ok(App { config: Arc::new(config), secrets, listener, local_addr, shutdown: CancellationToken::new() })
+        let store = open_store(&config)?;
+        App::assemble(config, secrets, store, Arc::new(SystemClock), listener)
+    }
+
+    /// Builds around a given store and clock (tests use a manual clock).
+    pub async fn build_with(config: Config, store: DynSessionStore, clock: Arc<dyn Clock>) -> Result<App, ConfigError> {
+        let listener = bind(&config).await?;
+        let secrets = bootstrap::prepare(&config)?;
+        App::assemble(config, secrets, store, clock, listener)
+    }
+
+    fn assemble(
+        config: Config,
+        secrets: Secrets,
+        store: DynSessionStore,
+        clock: Arc<dyn Clock>,
+        listener: tokio::net::TcpListener,
+    ) -> Result<App, ConfigError> {
+        let local_addr = listener.local_addr().map_err(|e| ConfigError(format!("setting `listen`: {e}")))?;
+        let sessions =
+            SessionManager::new(store, secrets.key_ring.clone(), clock, SessionSettings::from_config(&config));
+        Ok(App {
+            config: Arc::new(config),
+            secrets,
+            sessions,
+            listener,
+            local_addr,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// The session manager (for tests and tools that seed data in process).
+    pub fn sessions(&self) -> &SessionManager {
+        &self.sessions
     }
 
     /// The address the server listens on (useful with port 0).
@@ -73,7 +107,7 @@ impl App {
     /// Serves until `signal` completes, then stops accepting, ends open streams with a
     /// "reconnect" status, and waits up to `server.shutdown_grace` for in-flight calls.
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), ConfigError> {
-        let App { config, secrets, listener, local_addr, shutdown } = self;
+        let App { config, secrets, sessions, listener, local_addr, shutdown } = self;
         let server_config = &config.server;
         let max_message = server_config.max_message_bytes;
 
@@ -115,7 +149,7 @@ impl App {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
-                SessionServiceServer::new(SessionAdapter)
+                SessionServiceServer::new(SessionAdapter::new(sessions.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
@@ -135,6 +169,7 @@ impl App {
                     .max_encoding_message_size(max_message),
             );
 
+        let cleanup = tokio::spawn(cleanup_loop(sessions, config.session.cleanup_interval, shutdown.clone()));
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         tracing::info!(%local_addr, storage = config.storage.kind.as_str(), "serving");
 
@@ -156,7 +191,50 @@ impl App {
                 tracing::warn!(?grace, "shutdown grace elapsed with calls still in flight; closing them");
             }
         }
+        cleanup.abort();
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Binds the configured address first: a start that fails on its address must not leave
+/// generated keys or a new database behind.
+async fn bind(config: &Config) -> Result<tokio::net::TcpListener, ConfigError> {
+    let listen = config.server.listen;
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| ConfigError(format!("setting `listen`: cannot listen on {listen}: {e}")))
+}
+
+/// Opens the configured session store.
+fn open_store(config: &Config) -> Result<DynSessionStore, ConfigError> {
+    match config.storage.kind {
+        StorageKind::Memory => Ok(Arc::new(MemoryStore::new())),
+        StorageKind::Embedded => EmbeddedStore::open(&config.storage.data_dir)
+            .map(|store| Arc::new(store) as DynSessionStore)
+            .map_err(|e| ConfigError(format!("setting `data_dir`: {e}"))),
+        kind @ (StorageKind::Redis | StorageKind::KvRest) => Err(ConfigError(format!(
+            "setting `storage`: the {} backend is not available in this build yet (it arrives with the shared-storage work); use embedded or memory",
+            kind.as_str()
+        ))),
+    }
+}
+
+/// Sweeps expired sessions every `interval` until shutdown. Errors are logged and the loop
+/// goes on; the sweep's cost grows with what expired.
+async fn cleanup_loop(sessions: SessionManager, interval: std::time::Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match sessions.cleanup().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "expired sessions purged"),
+            Err(e) => tracing::warn!(error = %e, "session cleanup failed; will retry"),
+        }
     }
 }

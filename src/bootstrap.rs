@@ -10,6 +10,7 @@
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use secrecy::SecretString;
 
@@ -23,7 +24,7 @@ pub struct Secrets {
     /// Accepted API keys.
     pub api_keys: ApiKeys,
     /// The encryption key ring.
-    pub key_ring: KeyRing,
+    pub key_ring: Arc<KeyRing>,
 }
 
 fn problem(setting: &str, message: impl std::fmt::Display) -> ConfigError {
@@ -66,7 +67,7 @@ pub fn prepare(config: &Config) -> Result<Secrets, ConfigError> {
             api_keys.add("generated-admin", Role::Admin, digest);
         }
     }
-    let key_ring = key_ring(config)?;
+    let key_ring = Arc::new(key_ring(config)?);
     Ok(Secrets { api_keys, key_ring })
 }
 

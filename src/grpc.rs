@@ -3,6 +3,7 @@
 //! adapters translate proto messages to domain calls and back, and nothing else.
 
 pub mod auth;
+pub mod convert;
 pub mod layers;
 pub mod pb;
 pub mod revocation;

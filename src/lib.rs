@@ -3,7 +3,11 @@
 //! Read in this order:
 //! - [`config`]: every setting, resolved from flags, environment and a TOML file;
 //! - [`error`]: the one error type, mapped to gRPC statuses in [`grpc::status`];
+//! - [`clock`]: time in milliseconds, and a clock tests can move;
 //! - [`crypto`]: session tokens, hashes, encryption at rest;
+//! - [`limits`]: size limits shared by validation and the domain;
+//! - [`session`]: the session record and lifecycle ([`session::SessionManager`]);
+//! - [`store`]: the storage traits and the memory and embedded backends;
 //! - [`bootstrap`]: the keys a first run generates;
 //! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
 //! - [`app`]: assembly of the server and its graceful shutdown.
@@ -15,10 +19,14 @@
 
 pub mod app;
 pub mod bootstrap;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod grpc;
+pub mod limits;
+pub mod session;
+pub mod store;
 
 pub use app::App;
 pub use config::Config;

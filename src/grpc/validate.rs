@@ -10,18 +10,12 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::grpc::pb;
 
-/// Longest user id, session id, rule name or key.
-pub const MAX_ID_BYTES: usize = 256;
+pub use crate::limits::{MAX_ID_BYTES, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES, MAX_TEXT_BYTES};
+
 /// Longest session token (ours are 47 characters).
 pub const MAX_SESSION_TOKEN_BYTES: usize = 128;
 /// Longest upstream token (JWTs with many claims can be large).
 pub const MAX_UPSTREAM_TOKEN_BYTES: usize = 16 * 1024;
-/// Longest free-text field (reasons, details, user agents, fingerprint strings).
-pub const MAX_TEXT_BYTES: usize = 2048;
-/// Most entries in a metadata map.
-pub const MAX_METADATA_ENTRIES: usize = 64;
-/// Most bytes in a metadata map, keys and values together.
-pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 /// Most entries in a list field (scopes, fonts, plugins, filters).
 pub const MAX_LIST_ENTRIES: usize = 256;
 /// Largest page size any list RPC accepts.

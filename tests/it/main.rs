@@ -1,4 +1,6 @@
 //! Integration tests: one test binary; `support` starts the real server as a process.
 
+mod conformance;
 mod foundation;
+mod sessions;
 mod support;

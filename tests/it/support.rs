@@ -180,6 +180,18 @@ impl Process {
         assert!(status.success());
     }
 
+    /// Sends SIGTERM and waits (off the async runtime, so this process's own connections can
+    /// answer the server's GOAWAY) up to 15 s for the exit code.
+    pub async fn terminate(mut self) -> (Option<i32>, Process) {
+        self.signal("TERM");
+        tokio::task::spawn_blocking(move || {
+            let code = self.wait_exit(Duration::from_secs(15));
+            (code, self)
+        })
+        .await
+        .unwrap()
+    }
+
     /// Waits up to `timeout` for the process to exit and returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + timeout;

@@ -1,0 +1,120 @@
+//! Conversions between proto messages and domain types, so that domain modules never see proto.
+
+use std::time::Duration;
+
+use crate::clock::Millis;
+use crate::grpc::pb;
+use crate::session::{Fingerprint, SessionRecord, SessionState};
+
+/// Milliseconds since the epoch as a protobuf timestamp.
+pub fn timestamp(at: Millis) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: at.div_euclid(1000), nanos: (at.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+/// A protobuf timestamp as milliseconds since the epoch.
+pub fn millis(ts: &prost_types::Timestamp) -> Millis {
+    ts.seconds.saturating_mul(1000).saturating_add(i64::from(ts.nanos) / 1_000_000)
+}
+
+/// A duration as protobuf.
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+/// A proto fingerprint as the domain's (already validated).
+pub fn fingerprint(fp: &pb::DeviceFingerprint) -> Fingerprint {
+    Fingerprint {
+        user_agent: non_empty(&fp.user_agent),
+        accept_language: non_empty(&fp.accept_language),
+        platform: non_empty(&fp.platform),
+        timezone: non_empty(&fp.timezone),
+        screen_resolution: non_empty(&fp.screen_resolution),
+        color_depth: fp.color_depth,
+        pixel_ratio: fp.pixel_ratio,
+        touch_support: fp.touch_support,
+        device_memory: fp.device_memory,
+        hardware_concurrency: fp.hardware_concurrency,
+        canvas_fingerprint: non_empty(&fp.canvas_fingerprint),
+        webgl_fingerprint: non_empty(&fp.webgl_fingerprint),
+        audio_fingerprint: non_empty(&fp.audio_fingerprint),
+        fonts: fp.fonts.iter().filter(|f| !f.is_empty()).cloned().collect(),
+        plugins: fp.plugins.iter().filter(|p| !p.is_empty()).cloned().collect(),
+        extras: fp.extras.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+/// A domain state as proto.
+pub fn state(state: SessionState) -> pb::SessionState {
+    match state {
+        SessionState::Active => pb::SessionState::Active,
+        SessionState::Expired => pb::SessionState::Expired,
+        SessionState::Revoked => pb::SessionState::Revoked,
+        SessionState::Terminated => pb::SessionState::Terminated,
+    }
+}
+
+/// A proto state filter as the domain's; UNSPECIFIED and unknown values are dropped.
+pub fn state_filter(states: &[i32]) -> Vec<SessionState> {
+    states
+        .iter()
+        .filter_map(|s| match pb::SessionState::try_from(*s) {
+            Ok(pb::SessionState::Active) => Some(SessionState::Active),
+            Ok(pb::SessionState::Expired) => Some(SessionState::Expired),
+            Ok(pb::SessionState::Revoked) => Some(SessionState::Revoked),
+            Ok(pb::SessionState::Terminated) => Some(SessionState::Terminated),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A session as the contract reports it at `now`: its effective state (a session past a
+/// timeout is reported expired even before that is written), and never a token.
+pub fn session(record: &SessionRecord, now: Millis) -> pb::Session {
+    let (effective, reason) = record.effective_state(now);
+    let ended_at = match (record.ended_at, effective) {
+        (Some(at), _) => Some(at),
+        (None, SessionState::Expired) => Some(record.idle_expires_at.min(record.absolute_expires_at)),
+        _ => None,
+    };
+    pb::Session {
+        session_id: record.session_id.clone(),
+        user_id: record.user_id.clone(),
+        state: state(effective) as i32,
+        created_at: Some(timestamp(record.created_at)),
+        last_accessed_at: Some(timestamp(record.last_accessed_at)),
+        idle_expires_at: Some(timestamp(record.idle_expires_at)),
+        absolute_expires_at: Some(timestamp(record.absolute_expires_at)),
+        token_expires_at: record.token_expires_at.map(timestamp),
+        scopes: record.scopes.clone(),
+        provider: record.provider.clone(),
+        ip_address: record.ip_address.clone().unwrap_or_default(),
+        user_agent: record.user_agent.clone().unwrap_or_default(),
+        metadata: record.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        end_reason: reason.unwrap_or_default().to_owned(),
+        ended_at: ended_at.map(timestamp),
+        idle_timeout: Some(duration(Duration::from_millis(record.idle_timeout_ms.max(0) as u64))),
+        absolute_timeout: Some(duration(Duration::from_millis(record.absolute_timeout_ms.max(0) as u64))),
+        has_refresh_token: record.tokens.refresh.is_some(),
+        refresh_count: record.refresh_count,
+        last_refreshed_at: record.last_refreshed_at.map(timestamp),
+        has_device_fingerprint: record.fingerprint.is_some(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_including_before_the_epoch() {
+        for at in [0, 1, 999, 1_000, 1_764_000_000_123, -1, -1_001] {
+            let ts = timestamp(at);
+            assert!((0..1_000_000_000).contains(&ts.nanos));
+            assert_eq!(millis(&ts), at);
+        }
+    }
+}

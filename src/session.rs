@@ -1,0 +1,834 @@
+//! Sessions: the record every backend stores, and [`SessionManager`], which implements the
+//! lifecycle over any [`SessionStore`]: create under the per-user cap, validate (the hot path),
+//! read, list, update, terminate, and the cleanup sweep.
+//!
+//! Rules worth knowing:
+//! - A session is expired at the instant `now >= idle_expires_at` or `now >= absolute_expires_at`.
+//! - Terminal states (`Expired`, `Revoked`, `Terminated`) are final; the store refuses to
+//!   rewrite them, and an ended session keeps a tombstone for the revocation-list TTL so that
+//!   validation can say why it ended.
+//! - Validation reads once; it writes only when the idle expiry would move by more than the
+//!   slide step, when the client's IP changed, or once when it finds a session newly expired.
+//! - Tokens: the session token is 256 random bits shown once, stored as its SHA-256; the
+//!   upstream tokens are sealed by the key ring with the session id as associated data.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{self, Clock, Millis};
+use crate::crypto::{self, KeyRing};
+use crate::error::{Error, Result};
+use crate::store::{CasOutcome, DynSessionStore, EndOutcome, EndSession, TokenHash, Touch};
+
+pub mod device;
+
+pub use device::Fingerprint;
+
+/// Lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// Usable.
+    Active,
+    /// A timeout passed.
+    Expired,
+    /// Revoked through the revocation service.
+    Revoked,
+    /// Terminated (logout, admin, cap eviction, hijack, refused refresh).
+    Terminated,
+}
+
+impl SessionState {
+    /// Whether the state is final.
+    pub fn is_terminal(self) -> bool {
+        self != SessionState::Active
+    }
+}
+
+/// Upstream tokens, each sealed by the key ring (base64 of the sealed bytes).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SealedTokens {
+    /// Token type, usually "Bearer".
+    pub token_type: String,
+    /// Sealed access token.
+    pub access: String,
+    /// Sealed refresh token.
+    pub refresh: Option<String>,
+    /// Sealed id token.
+    pub id: Option<String>,
+}
+
+/// A session as every backend stores it. Holds no secret in the clear.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Public id: `ses_<shard tag>_<uuid>`.
+    pub session_id: String,
+    /// SHA-256 of the session token (hex in storage).
+    #[serde(with = "hex_32")]
+    pub token_hash: TokenHash,
+    /// Owner.
+    pub user_id: String,
+    /// Stored state (see [`SessionRecord::effective_state`] for the state at a given time).
+    pub state: SessionState,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Last access written (to the slide step).
+    pub last_accessed_at: Millis,
+    /// Idle expiry.
+    pub idle_expires_at: Millis,
+    /// Absolute expiry.
+    pub absolute_expires_at: Millis,
+    /// Idle timeout in force, in milliseconds.
+    pub idle_timeout_ms: Millis,
+    /// Absolute timeout in force, in milliseconds.
+    pub absolute_timeout_ms: Millis,
+    /// Upstream access-token expiry.
+    pub token_expires_at: Option<Millis>,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// Provider name.
+    pub provider: String,
+    /// Last known client IP.
+    pub ip_address: Option<String>,
+    /// User agent at creation.
+    pub user_agent: Option<String>,
+    /// Caller metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Why it ended.
+    pub end_reason: Option<String>,
+    /// When it ended.
+    pub ended_at: Option<Millis>,
+    /// When the record may be purged.
+    pub retain_until: Millis,
+    /// Device fingerprint presented at creation (or set by UpdateSession).
+    pub fingerprint: Option<Fingerprint>,
+    /// Sealed upstream tokens.
+    pub tokens: SealedTokens,
+    /// Incremented by every compare-and-swap and state change.
+    pub version: u64,
+    /// Successful upstream refreshes.
+    pub refresh_count: u32,
+    /// Last successful refresh.
+    pub last_refreshed_at: Option<Millis>,
+}
+
+mod hex_32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let bytes = hex::decode(text.as_bytes()).map_err(serde::de::Error::custom)?;
+        bytes.try_into().map_err(|_| serde::de::Error::custom("expected 32 bytes"))
+    }
+}
+
+impl SessionRecord {
+    /// The state at `now`, and the end reason: an active record past a timeout is expired.
+    pub fn effective_state(&self, now: Millis) -> (SessionState, Option<&str>) {
+        match self.state {
+            SessionState::Active if now >= self.absolute_expires_at => {
+                (SessionState::Expired, Some("absolute_timeout"))
+            }
+            SessionState::Active if now >= self.idle_expires_at => (SessionState::Expired, Some("idle_timeout")),
+            state => (state, self.end_reason.as_deref()),
+        }
+    }
+
+    /// Whether the session is usable at `now`.
+    pub fn is_active_at(&self, now: Millis) -> bool {
+        self.effective_state(now).0 == SessionState::Active
+    }
+
+    /// Serialises for backends that store bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serialising plain data to a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses what [`SessionRecord::to_bytes`] wrote.
+    pub fn from_bytes(bytes: &[u8]) -> Result<SessionRecord> {
+        serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("stored session is unreadable: {e}")))
+    }
+}
+
+/// The four hex digits that route a user's keys to one shard (a Redis Cluster hash tag). They
+/// are part of the session token and id so that any key can be found from either.
+pub fn shard_tag(user_id: &str) -> String {
+    hex::encode(&crypto::sha256(user_id.as_bytes())[..2])
+}
+
+fn new_session_id(tag: &str) -> String {
+    format!("ses_{tag}_{}", uuid::Uuid::new_v4().simple())
+}
+
+fn new_session_token(tag: &str) -> String {
+    format!("{}{tag}_{}", crypto::SESSION_TOKEN_PREFIX, URL_SAFE_NO_PAD.encode(crypto::random_bytes()))
+}
+
+/// Settings of the session lifecycle (from `session.*`, `revocation.list_ttl` and
+/// `token.proactive_refresh`).
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// Default idle timeout.
+    pub idle_timeout: Duration,
+    /// Default absolute timeout.
+    pub absolute_timeout: Duration,
+    /// Per-user cap.
+    pub max_sessions_per_user: u32,
+    /// Compare presented fingerprints.
+    pub device_validation: bool,
+    /// Fingerprint threshold.
+    pub device_match_threshold: f64,
+    /// Minimum movement of the idle expiry before it is written.
+    pub idle_slide_step: Duration,
+    /// How long an ended session's tombstone is kept.
+    pub tombstone_ttl: Duration,
+    /// `needs_refresh` when the access token expires within this.
+    pub proactive_refresh: Duration,
+}
+
+impl SessionSettings {
+    /// The settings a configuration describes.
+    pub fn from_config(config: &crate::Config) -> SessionSettings {
+        SessionSettings {
+            idle_timeout: config.session.idle_timeout,
+            absolute_timeout: config.session.absolute_timeout,
+            max_sessions_per_user: config.session.max_sessions_per_user,
+            device_validation: config.session.device_validation,
+            device_match_threshold: config.session.device_match_threshold,
+            idle_slide_step: config.session.idle_slide_step,
+            tombstone_ttl: config.revocation.list_ttl,
+            proactive_refresh: config.token.proactive_refresh,
+        }
+    }
+}
+
+/// Checked before a session is created: the `session_create` rate limit. The security work
+/// plugs its limiter in here; until then [`NoRateLimit`] allows everything.
+#[async_trait::async_trait]
+pub trait CreateGuard: Send + Sync + std::fmt::Debug + 'static {
+    /// `Ok` to proceed, `Err(Error::RateLimited { .. })` to refuse.
+    async fn check(&self, rule: &str, key: &str) -> Result<()>;
+}
+
+/// A [`CreateGuard`] that allows everything.
+#[derive(Debug, Default)]
+pub struct NoRateLimit;
+
+#[async_trait::async_trait]
+impl CreateGuard for NoRateLimit {
+    async fn check(&self, _rule: &str, _key: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The name of the rate-limit rule checked on creation, keyed by user id.
+pub const SESSION_CREATE_RULE: &str = "session_create";
+
+/// Everything needed to create a session.
+#[derive(Debug, Default)]
+pub struct NewSession {
+    /// Owner.
+    pub user_id: String,
+    /// Upstream access token.
+    pub access_token: SecretString,
+    /// Upstream refresh token.
+    pub refresh_token: Option<SecretString>,
+    /// Upstream id token.
+    pub id_token: Option<SecretString>,
+    /// Token type; "Bearer" when empty.
+    pub token_type: String,
+    /// Access-token lifetime.
+    pub expires_in: Option<Duration>,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Device at login.
+    pub fingerprint: Option<Fingerprint>,
+    /// Client IP.
+    pub ip_address: Option<IpAddr>,
+    /// Client user agent.
+    pub user_agent: Option<String>,
+    /// Provider name.
+    pub provider: String,
+    /// Idle timeout override.
+    pub idle_timeout: Option<Duration>,
+    /// Absolute timeout override.
+    pub absolute_timeout: Option<Duration>,
+    /// Metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A created session.
+#[derive(Debug)]
+pub struct Created {
+    /// The record.
+    pub session: SessionRecord,
+    /// The bearer secret, shown once.
+    pub token: SecretString,
+    /// Sessions the cap ended, oldest first.
+    pub evicted: Vec<SessionRecord>,
+}
+
+/// Why a validation said no.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidReason {
+    /// No session has this token.
+    NotFound,
+    /// A timeout passed.
+    Expired,
+    /// Revoked.
+    Revoked,
+    /// Terminated.
+    Terminated,
+    /// The device does not match.
+    DeviceMismatch,
+    /// Hijack detection ended the session.
+    HijackSuspected,
+}
+
+/// The answer of [`SessionManager::validate`].
+#[derive(Debug, Clone)]
+pub enum Validation {
+    /// The request may proceed.
+    Valid {
+        /// The session.
+        session: Box<SessionRecord>,
+        /// The access token expires within the proactive window.
+        needs_refresh: bool,
+        /// Hijack risk of this request.
+        risk_score: f64,
+        /// Reasons behind the risk.
+        reasons: Vec<String>,
+    },
+    /// The request may not proceed.
+    Invalid {
+        /// Why.
+        reason: InvalidReason,
+        /// The recorded end reason of an ended session.
+        end_reason: Option<String>,
+        /// Hijack risk of this request, when it was scored.
+        risk_score: f64,
+        /// Reasons behind the risk.
+        reasons: Vec<String>,
+    },
+}
+
+/// The context of one validation request.
+#[derive(Debug, Default, Clone)]
+pub struct RequestContext {
+    /// The device presented now.
+    pub fingerprint: Option<Fingerprint>,
+    /// The client IP now.
+    pub ip_address: Option<IpAddr>,
+    /// The user agent now.
+    pub user_agent: Option<String>,
+}
+
+/// How a caller names a session.
+#[derive(Debug, Clone)]
+pub enum SessionRef {
+    /// By bearer token (proves possession).
+    Token(String),
+    /// By public id (admin).
+    Id(String),
+}
+
+/// A page of sessions.
+#[derive(Debug)]
+pub struct Page {
+    /// Sessions, newest first.
+    pub sessions: Vec<SessionRecord>,
+    /// Token of the next page.
+    pub next_page_token: Option<String>,
+}
+
+/// Scores a validation request for hijacking; see `security::hijack`.
+pub trait HijackScorer: Send + Sync + std::fmt::Debug + 'static {
+    /// Risk in [0, 1] and reasons, comparing `request` with what `session` stored.
+    fn score(&self, session: &SessionRecord, request: &RequestContext) -> (f64, Vec<String>);
+    /// Scores strictly above this end the session.
+    fn threshold(&self) -> f64;
+}
+
+/// The session lifecycle over a store.
+#[derive(Debug, Clone)]
+pub struct SessionManager {
+    store: DynSessionStore,
+    keys: Arc<KeyRing>,
+    clock: Arc<dyn Clock>,
+    settings: SessionSettings,
+    guard: Arc<dyn CreateGuard>,
+    hijack: Option<Arc<dyn HijackScorer>>,
+}
+
+/// The reason recorded for sessions evicted by the cap.
+pub const EVICTION_REASON: &str = "session_limit";
+/// The reason recorded for sessions ended by hijack detection.
+pub const HIJACK_REASON: &str = "suspected_hijacking";
+
+impl SessionManager {
+    /// A manager over `store`.
+    pub fn new(store: DynSessionStore, keys: Arc<KeyRing>, clock: Arc<dyn Clock>, settings: SessionSettings) -> Self {
+        SessionManager { store, keys, clock, settings, guard: Arc::new(NoRateLimit), hijack: None }
+    }
+
+    /// Checks `guard` before every creation.
+    pub fn with_create_guard(mut self, guard: Arc<dyn CreateGuard>) -> Self {
+        self.guard = guard;
+        self
+    }
+
+    /// Scores every validation with `scorer`.
+    pub fn with_hijack_scorer(mut self, scorer: Arc<dyn HijackScorer>) -> Self {
+        self.hijack = Some(scorer);
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &DynSessionStore {
+        &self.store
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &SessionSettings {
+        &self.settings
+    }
+
+    /// Now, by the manager's clock.
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    fn seal(&self, secret: &SecretString, session_id: &str) -> String {
+        STANDARD.encode(self.keys.seal(secret.expose_secret().as_bytes(), session_id.as_bytes()))
+    }
+
+    /// Opens one sealed upstream token of `session`.
+    pub fn open(&self, sealed: &str, session: &SessionRecord) -> Result<SecretString> {
+        let bytes = STANDARD.decode(sealed).map_err(|_| Error::internal("stored sealed token is not base64"))?;
+        let plain = self.keys.open(&bytes, session.session_id.as_bytes())?;
+        String::from_utf8(plain).map(SecretString::from).map_err(|_| Error::internal("stored token is not UTF-8"))
+    }
+
+    fn tombstone_until(&self, at: Millis) -> Millis {
+        clock::add(at, self.settings.tombstone_ttl)
+    }
+
+    /// Creates a session under the per-user cap.
+    pub async fn create(&self, new: NewSession) -> Result<Created> {
+        self.guard.check(SESSION_CREATE_RULE, &new.user_id).await?;
+        let now = self.clock.now();
+        let tag = shard_tag(&new.user_id);
+        let session_id = new_session_id(&tag);
+        let token = new_session_token(&tag);
+        let idle = new.idle_timeout.unwrap_or(self.settings.idle_timeout);
+        let absolute = new.absolute_timeout.unwrap_or(self.settings.absolute_timeout);
+        let absolute_expires_at = clock::add(now, absolute);
+        let tokens = SealedTokens {
+            token_type: if new.token_type.is_empty() { "Bearer".into() } else { new.token_type },
+            access: self.seal(&new.access_token, &session_id),
+            refresh: new.refresh_token.as_ref().map(|t| self.seal(t, &session_id)),
+            id: new.id_token.as_ref().map(|t| self.seal(t, &session_id)),
+        };
+        let record = SessionRecord {
+            token_hash: crypto::token_hash(&token),
+            session_id,
+            user_id: new.user_id,
+            state: SessionState::Active,
+            created_at: now,
+            last_accessed_at: now,
+            idle_expires_at: clock::add(now, idle).min(absolute_expires_at),
+            absolute_expires_at,
+            idle_timeout_ms: clock::millis(idle),
+            absolute_timeout_ms: clock::millis(absolute),
+            token_expires_at: new.expires_in.map(|d| clock::add(now, d)),
+            scopes: new.scopes,
+            provider: new.provider,
+            ip_address: new.ip_address.map(|ip| ip.to_string()),
+            user_agent: new.user_agent,
+            metadata: new.metadata,
+            end_reason: None,
+            ended_at: None,
+            retain_until: self.tombstone_until(absolute_expires_at),
+            fingerprint: new.fingerprint.filter(|f| !f.is_empty()),
+            tokens,
+            version: 1,
+            refresh_count: 0,
+            last_refreshed_at: None,
+        };
+        let eviction = EndSession {
+            state: SessionState::Terminated,
+            reason: EVICTION_REASON.into(),
+            at: now,
+            retain_until: self.tombstone_until(now),
+        };
+        let evicted = self.store.create(record.clone(), self.settings.max_sessions_per_user, eviction).await?;
+        Ok(Created { session: record, token: SecretString::from(token), evicted })
+    }
+
+    /// The hot path: is this token a usable session for this request?
+    pub async fn validate(&self, token: &str, request: &RequestContext) -> Result<Validation> {
+        let now = self.clock.now();
+        let invalid = |reason, end_reason: Option<&str>| Validation::Invalid {
+            reason,
+            end_reason: end_reason.map(str::to_owned),
+            risk_score: 0.0,
+            reasons: Vec::new(),
+        };
+        let Some(session) = self.store.get_by_token(&crypto::token_hash(token)).await? else {
+            return Ok(invalid(InvalidReason::NotFound, None));
+        };
+        match session.effective_state(now) {
+            (SessionState::Active, _) => {}
+            (SessionState::Expired, reason) if session.state == SessionState::Active => {
+                // Record the expiry once, so the state is visible everywhere and final.
+                let reason = reason.unwrap_or("expired").to_owned();
+                self.end_session(&session, SessionState::Expired, &reason).await?;
+                return Ok(invalid(InvalidReason::Expired, Some(&reason)));
+            }
+            (state, reason) => return Ok(invalid(reason_for(state), reason)),
+        }
+
+        // Hijack detection compares with what was stored before this request changes anything.
+        let (risk_score, reasons) = match &self.hijack {
+            Some(scorer) => scorer.score(&session, request),
+            None => (0.0, Vec::new()),
+        };
+        if let Some(scorer) = &self.hijack
+            && risk_score > scorer.threshold()
+        {
+            self.end_session(&session, SessionState::Terminated, HIJACK_REASON).await?;
+            return Ok(Validation::Invalid {
+                reason: InvalidReason::HijackSuspected,
+                end_reason: Some(HIJACK_REASON.into()),
+                risk_score,
+                reasons,
+            });
+        }
+
+        if let Some(presented) = &request.fingerprint
+            && !self.device_matches(&session, presented)
+        {
+            return Ok(Validation::Invalid {
+                reason: InvalidReason::DeviceMismatch,
+                end_reason: None,
+                risk_score,
+                reasons,
+            });
+        }
+
+        let session = self.slide(session, now, request.ip_address).await?;
+        let needs_refresh =
+            session.token_expires_at.is_some_and(|at| at - now <= clock::millis(self.settings.proactive_refresh));
+        Ok(Validation::Valid { session: Box::new(session), needs_refresh, risk_score, reasons })
+    }
+
+    fn device_matches(&self, session: &SessionRecord, presented: &Fingerprint) -> bool {
+        if !self.settings.device_validation || presented.is_empty() {
+            return true;
+        }
+        match &session.fingerprint {
+            Some(stored) => stored.compare(presented, self.settings.device_match_threshold).matches,
+            None => true,
+        }
+    }
+
+    /// Writes the idle slide when it moves by more than the step or the IP changed.
+    async fn slide(&self, mut session: SessionRecord, now: Millis, ip: Option<IpAddr>) -> Result<SessionRecord> {
+        let idle_expires_at = now.saturating_add(session.idle_timeout_ms).min(session.absolute_expires_at);
+        let moved = idle_expires_at - session.idle_expires_at > clock::millis(self.settings.idle_slide_step);
+        let ip = ip.map(|ip| ip.to_string());
+        let ip_changed = ip.is_some() && ip != session.ip_address;
+        if moved || ip_changed {
+            let touch = Touch {
+                last_accessed_at: now,
+                idle_expires_at: idle_expires_at.max(session.idle_expires_at),
+                ip_address: if ip_changed { ip } else { None },
+            };
+            self.store.touch(&session.token_hash, touch.clone()).await?;
+            session.last_accessed_at = touch.last_accessed_at;
+            session.idle_expires_at = touch.idle_expires_at;
+            if let Some(ip) = touch.ip_address {
+                session.ip_address = Some(ip);
+            }
+        }
+        Ok(session)
+    }
+
+    /// Ends `session` as `state` unless it has already ended; returns the outcome.
+    pub async fn end_session(&self, session: &SessionRecord, state: SessionState, reason: &str) -> Result<EndOutcome> {
+        let at = self.clock.now();
+        let end = EndSession { state, reason: reason.to_owned(), at, retain_until: self.tombstone_until(at) };
+        self.store.end(&session.token_hash, end).await
+    }
+
+    /// Finds a session by token or id, as stored (no device check, no expiry write).
+    pub async fn find(&self, by: &SessionRef) -> Result<SessionRecord> {
+        let found = match by {
+            SessionRef::Token(token) => self.store.get_by_token(&crypto::token_hash(token)).await?,
+            SessionRef::Id(id) => self.store.get_by_id(id).await?,
+        };
+        found.ok_or_else(|| Error::NotFound("no such session".into()))
+    }
+
+    /// Reads a session; with a presented fingerprint the stored one must match.
+    pub async fn get(&self, by: &SessionRef, fingerprint: Option<&Fingerprint>) -> Result<SessionRecord> {
+        let session = self.find(by).await?;
+        if let Some(presented) = fingerprint
+            && !self.device_matches(&session, presented)
+        {
+            return Err(Error::FailedPrecondition("the presented device does not match the session's device".into()));
+        }
+        Ok(session)
+    }
+
+    /// One user's sessions in the given states (active only when `states` is empty), newest
+    /// first, paged by an opaque token.
+    pub async fn list_user(
+        &self,
+        user_id: &str,
+        states: &[SessionState],
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page> {
+        let now = self.clock.now();
+        let wanted = |state: SessionState| {
+            if states.is_empty() { state == SessionState::Active } else { states.contains(&state) }
+        };
+        let after = page_token.map(decode_page_token).transpose()?;
+        let mut sessions: Vec<SessionRecord> =
+            self.store.list_user(user_id).await?.into_iter().filter(|s| wanted(s.effective_state(now).0)).collect();
+        sessions.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.session_id.cmp(&a.session_id)));
+        if let Some((created_at, id)) = after {
+            sessions.retain(|s| (s.created_at, s.session_id.as_str()) < (created_at, id.as_str()));
+        }
+        let next_page_token = (sessions.len() > page_size).then(|| {
+            let last = &sessions[page_size - 1];
+            encode_page_token(last.created_at, &last.session_id)
+        });
+        sessions.truncate(page_size);
+        Ok(Page { sessions, next_page_token })
+    }
+
+    /// Merges metadata, removes keys and optionally replaces the fingerprint of an active
+    /// session (compare-and-swap, retried on conflict).
+    pub async fn update(
+        &self,
+        by: &SessionRef,
+        merge: BTreeMap<String, String>,
+        remove: &[String],
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<SessionRecord> {
+        let mut session = self.find(by).await?;
+        for _ in 0..8 {
+            if !session.is_active_at(self.clock.now()) {
+                return Err(Error::FailedPrecondition("the session has ended; it can no longer be updated".into()));
+            }
+            let expected = session.version;
+            let mut next = session.clone();
+            for key in remove {
+                next.metadata.remove(key);
+            }
+            next.metadata.extend(merge.clone());
+            if crate::limits::metadata_too_large(&next.metadata) {
+                return Err(Error::invalid("metadata", "the merged metadata would exceed the size limits"));
+            }
+            if let Some(fp) = &fingerprint {
+                next.fingerprint = Some(fp.clone()).filter(|f| !f.is_empty());
+            }
+            next.version = expected + 1;
+            match self.store.compare_and_swap(&next, expected).await? {
+                CasOutcome::Swapped => return Ok(next),
+                CasOutcome::Conflict(current) => session = *current,
+                CasOutcome::NotFound => return Err(Error::NotFound("no such session".into())),
+            }
+        }
+        Err(Error::Aborted("the session kept changing during the update; retry".into()))
+    }
+
+    /// Ends a session as terminated; an ended session (or one found past a timeout, which is
+    /// recorded as expired) is reported as it is, with `true` for "had already ended".
+    pub async fn terminate(&self, by: &SessionRef, reason: &str) -> Result<(SessionRecord, bool)> {
+        let session = self.find(by).await?;
+        let (state, expiry_reason) = session.effective_state(self.clock.now());
+        let timed_out = session.state == SessionState::Active && state == SessionState::Expired;
+        let (end_state, end_reason) = if timed_out {
+            (SessionState::Expired, expiry_reason.unwrap_or("expired").to_owned())
+        } else {
+            (SessionState::Terminated, reason.to_owned())
+        };
+        match self.end_session(&session, end_state, &end_reason).await? {
+            EndOutcome::Ended(record) => Ok((record, timed_out)),
+            EndOutcome::AlreadyEnded(record) => Ok((record, true)),
+            EndOutcome::NotFound => Err(Error::NotFound("no such session".into())),
+        }
+    }
+
+    /// Purges tombstones and expired sessions past their retention, in batches; returns how
+    /// many were removed.
+    pub async fn cleanup(&self) -> Result<usize> {
+        let now = self.clock.now();
+        let mut total = 0;
+        loop {
+            let removed = self.store.purge_expired(now, 1000).await?;
+            total += removed;
+            if removed < 1000 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+fn reason_for(state: SessionState) -> InvalidReason {
+    match state {
+        SessionState::Active | SessionState::Expired => InvalidReason::Expired,
+        SessionState::Revoked => InvalidReason::Revoked,
+        SessionState::Terminated => InvalidReason::Terminated,
+    }
+}
+
+fn encode_page_token(created_at: Millis, session_id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{created_at}:{session_id}"))
+}
+
+fn decode_page_token(token: &str) -> Result<(Millis, String)> {
+    let bad = || Error::invalid("page_token", "not a token returned by a previous call");
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
+    let (created, id) = text.split_once(':').ok_or_else(bad)?;
+    Ok((created.parse().map_err(|_| bad())?, id.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::memory::MemoryStore;
+
+    #[derive(Debug, Default)]
+    struct Recording {
+        calls: Mutex<Vec<(String, String)>>,
+        deny: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl CreateGuard for Recording {
+        async fn check(&self, rule: &str, key: &str) -> Result<()> {
+            self.calls.lock().unwrap().push((rule.to_owned(), key.to_owned()));
+            if self.deny {
+                return Err(Error::RateLimited { rule: rule.to_owned(), retry_after: Duration::from_secs(300) });
+            }
+            Ok(())
+        }
+    }
+
+    fn manager(guard: Arc<Recording>) -> SessionManager {
+        let settings = SessionSettings {
+            idle_timeout: Duration::from_secs(1800),
+            absolute_timeout: Duration::from_secs(8 * 3600),
+            max_sessions_per_user: 5,
+            device_validation: true,
+            device_match_threshold: 0.8,
+            idle_slide_step: Duration::from_secs(60),
+            tombstone_ttl: Duration::from_secs(86400),
+            proactive_refresh: Duration::from_secs(300),
+        };
+        SessionManager::new(
+            Arc::new(MemoryStore::new()),
+            Arc::new(KeyRing::new(&[1; 32], &[])),
+            Arc::new(ManualClock::new(1_000_000)),
+            settings,
+        )
+        .with_create_guard(guard)
+    }
+
+    fn new(user: &str) -> NewSession {
+        NewSession { user_id: user.into(), access_token: SecretString::from("a".to_string()), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn creation_checks_the_session_create_rule_per_user() {
+        let guard = Arc::new(Recording::default());
+        let m = manager(guard.clone());
+        m.create(new("alice")).await.unwrap();
+        assert_eq!(*guard.calls.lock().unwrap(), vec![("session_create".to_string(), "alice".to_string())]);
+        // The default guard is a no-op rule that allows every creation.
+        let open = SessionManager::new(
+            m.store().clone(),
+            Arc::new(KeyRing::new(&[1; 32], &[])),
+            Arc::new(ManualClock::new(1_000_000)),
+            m.settings().clone(),
+        );
+        for _ in 0..20 {
+            open.create(new("bob")).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_denied_creation_writes_nothing() {
+        let guard = Arc::new(Recording { deny: true, ..Default::default() });
+        let m = manager(guard);
+        let e = m.create(new("mallory")).await.unwrap_err();
+        assert!(matches!(e, Error::RateLimited { ref rule, .. } if rule == "session_create"), "{e:?}");
+        assert_eq!(m.store().count().await.unwrap(), 0);
+    }
+
+    #[test]
+    fn tokens_and_ids_carry_the_users_shard_tag() {
+        let tag = shard_tag("alice");
+        assert_eq!(tag.len(), 4);
+        let token = new_session_token(&tag);
+        let id = new_session_id(&tag);
+        assert_eq!(&token[4..8], tag);
+        assert_eq!(&id[4..8], tag);
+        // 4 + 4 + 1 + 43: the random part alone is 256 bits.
+        assert_eq!(token.len(), 52);
+    }
+
+    #[test]
+    fn effective_state_expires_at_the_instant() {
+        let record = SessionRecord {
+            session_id: "s".into(),
+            token_hash: [0; 32],
+            user_id: "u".into(),
+            state: SessionState::Active,
+            created_at: 0,
+            last_accessed_at: 0,
+            idle_expires_at: 100,
+            absolute_expires_at: 200,
+            idle_timeout_ms: 100,
+            absolute_timeout_ms: 200,
+            token_expires_at: None,
+            scopes: vec![],
+            provider: String::new(),
+            ip_address: None,
+            user_agent: None,
+            metadata: BTreeMap::new(),
+            end_reason: None,
+            ended_at: None,
+            retain_until: 300,
+            fingerprint: None,
+            tokens: SealedTokens::default(),
+            version: 1,
+            refresh_count: 0,
+            last_refreshed_at: None,
+        };
+        assert_eq!(record.effective_state(99).0, SessionState::Active);
+        assert_eq!(record.effective_state(100), (SessionState::Expired, Some("idle_timeout")));
+        let revoked = SessionRecord { state: SessionState::Revoked, end_reason: Some("x".into()), ..record.clone() };
+        assert_eq!(revoked.effective_state(1_000), (SessionState::Revoked, Some("x")));
+        assert_eq!(SessionRecord::from_bytes(&record.to_bytes()).unwrap(), record);
+    }
+}

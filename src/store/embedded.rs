@@ -1,0 +1,317 @@
+//! The embedded backend, the default: a redb database in the data directory.
+//!
+//! Why redb: it is pure Rust (no C toolchain, no system library), ACID with copy-on-write
+//! B-trees and a single writer, so each trait operation is one write transaction and therefore
+//! atomic; a commit with `Durability::Immediate` is on disk when it returns, so an acknowledged
+//! write survives SIGKILL; and reads run concurrently with the writer without blocking. SQLite
+//! would give the same guarantees through a C library and SQL we do not need.
+//!
+//! Tables: `sessions` (token hash → record JSON), `session_ids` (session id → token hash),
+//! `user_sessions` ((user id, session id) → token hash) and `session_expiry`
+//! ((retain-until millis, token hash) → ()). Idle slides are committed with
+//! `Durability::None`: losing the last slides in a crash only makes a session expire a little
+//! earlier, and they cost no fsync on the hot path. Everything else is `Immediate`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{
+    Database, Durability, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _, TableDefinition,
+    WriteTransaction,
+};
+
+use crate::clock::Millis;
+use crate::error::{Error, Result};
+use crate::session::SessionRecord;
+use crate::store::{CasOutcome, EndOutcome, EndSession, SessionStore, TokenHash, Touch};
+
+const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
+const SESSION_IDS: TableDefinition<&str, &[u8]> = TableDefinition::new("session_ids");
+const USER_SESSIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("user_sessions");
+const SESSION_EXPIRY: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("session_expiry");
+
+/// Sessions in a redb file.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::unavailable(format!("embedded store: {e}"))
+}
+
+fn at(millis: Millis) -> u64 {
+    u64::try_from(millis).unwrap_or(0)
+}
+
+fn to_hash(bytes: &[u8]) -> Result<TokenHash> {
+    bytes.try_into().map_err(|_| Error::internal("embedded store: malformed token hash"))
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `sessions.redb` in `dir`.
+    pub fn open(dir: &Path) -> Result<EmbeddedStore> {
+        let path = dir.join("sessions.redb");
+        let db = Database::builder()
+            .set_cache_size(256 * 1024 * 1024)
+            .create(&path)
+            .map_err(|e| Error::unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let store = EmbeddedStore { db: Arc::new(db) };
+        store.write_now(Durability::Immediate, |tx| {
+            tx.open_table(SESSIONS).map_err(unavailable)?;
+            tx.open_table(SESSION_IDS).map_err(unavailable)?;
+            tx.open_table(USER_SESSIONS).map_err(unavailable)?;
+            tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `f` in one write transaction and commits it.
+    fn write_now<T>(&self, durability: Durability, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
+        let mut tx = self.db.begin_write().map_err(unavailable)?;
+        tx.set_durability(durability).map_err(unavailable)?;
+        if matches!(durability, Durability::Immediate) {
+            // Keeps recovery after a crash quick instead of a full repair scan.
+            tx.set_quick_repair(true);
+        }
+        let value = f(&tx)?;
+        tx.commit().map_err(unavailable)?;
+        Ok(value)
+    }
+
+    /// [`EmbeddedStore::write_now`] off the async runtime (commits wait for fsync).
+    async fn write<T: Send + 'static>(
+        &self,
+        durability: Durability,
+        f: impl FnOnce(&WriteTransaction) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.write_now(durability, f))
+            .await
+            .map_err(|e| Error::internal(format!("embedded store task failed: {e}")))?
+    }
+
+    fn read_session(&self, hash: &TokenHash) -> Result<Option<SessionRecord>> {
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        let table = tx.open_table(SESSIONS).map_err(unavailable)?;
+        match table.get(hash.as_slice()).map_err(unavailable)? {
+            Some(bytes) => SessionRecord::from_bytes(bytes.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+fn load(tx: &WriteTransaction, hash: &TokenHash) -> Result<Option<SessionRecord>> {
+    let table = tx.open_table(SESSIONS).map_err(unavailable)?;
+    let found = table.get(hash.as_slice()).map_err(unavailable)?;
+    match found {
+        Some(bytes) => SessionRecord::from_bytes(bytes.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Writes a record that already exists, moving its expiry entry if retention changed.
+fn save(tx: &WriteTransaction, record: &SessionRecord, old_retain_until: Millis) -> Result<()> {
+    let mut sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
+    sessions.insert(record.token_hash.as_slice(), record.to_bytes().as_slice()).map_err(unavailable)?;
+    if old_retain_until != record.retain_until {
+        let mut expiry = tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
+        expiry.remove((at(old_retain_until), record.token_hash.as_slice())).map_err(unavailable)?;
+        expiry.insert((at(record.retain_until), record.token_hash.as_slice()), ()).map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+fn end_in(tx: &WriteTransaction, hash: &TokenHash, end: &EndSession) -> Result<EndOutcome> {
+    let Some(mut record) = load(tx, hash)? else { return Ok(EndOutcome::NotFound) };
+    if record.state.is_terminal() {
+        return Ok(EndOutcome::AlreadyEnded(record));
+    }
+    let old_retain = record.retain_until;
+    record.state = end.state;
+    record.end_reason = Some(end.reason.clone());
+    record.ended_at = Some(end.at);
+    record.retain_until = end.retain_until;
+    record.version += 1;
+    save(tx, &record, old_retain)?;
+    Ok(EndOutcome::Ended(record))
+}
+
+fn user_records(tx: &WriteTransaction, user_id: &str) -> Result<Vec<SessionRecord>> {
+    let users = tx.open_table(USER_SESSIONS).map_err(unavailable)?;
+    let mut records = Vec::new();
+    for entry in users.range((user_id, "")..).map_err(unavailable)? {
+        let (key, hash) = entry.map_err(unavailable)?;
+        if key.value().0 != user_id {
+            break;
+        }
+        if let Some(record) = load(tx, &to_hash(hash.value())?)? {
+            records.push(record);
+        }
+    }
+    Ok(records)
+}
+
+#[async_trait]
+impl SessionStore for EmbeddedStore {
+    async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>> {
+        self.write(Durability::Immediate, move |tx| {
+            let mut active: Vec<SessionRecord> =
+                user_records(tx, &record.user_id)?.into_iter().filter(|s| s.is_active_at(eviction.at)).collect();
+            active.sort_by(|a, b| (a.created_at, &a.session_id).cmp(&(b.created_at, &b.session_id)));
+            let excess = (active.len() + 1).saturating_sub(cap as usize);
+            let mut evicted = Vec::with_capacity(excess);
+            for old in active.iter().take(excess) {
+                if let EndOutcome::Ended(ended) = end_in(tx, &old.token_hash, &eviction)? {
+                    evicted.push(ended);
+                }
+            }
+            let hash = record.token_hash.as_slice();
+            tx.open_table(SESSIONS)
+                .map_err(unavailable)?
+                .insert(hash, record.to_bytes().as_slice())
+                .map_err(unavailable)?;
+            tx.open_table(SESSION_IDS)
+                .map_err(unavailable)?
+                .insert(record.session_id.as_str(), hash)
+                .map_err(unavailable)?;
+            tx.open_table(USER_SESSIONS)
+                .map_err(unavailable)?
+                .insert((record.user_id.as_str(), record.session_id.as_str()), hash)
+                .map_err(unavailable)?;
+            tx.open_table(SESSION_EXPIRY)
+                .map_err(unavailable)?
+                .insert((at(record.retain_until), hash), ())
+                .map_err(unavailable)?;
+            Ok(evicted)
+        })
+        .await
+    }
+
+    async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>> {
+        // A read is a few microseconds from redb's cache: not worth a thread hop.
+        self.read_session(token_hash)
+    }
+
+    async fn get_by_id(&self, session_id: &str) -> Result<Option<SessionRecord>> {
+        let hash = {
+            let tx = self.db.begin_read().map_err(unavailable)?;
+            let ids = tx.open_table(SESSION_IDS).map_err(unavailable)?;
+            match ids.get(session_id).map_err(unavailable)? {
+                Some(hash) => to_hash(hash.value())?,
+                None => return Ok(None),
+            }
+        };
+        self.read_session(&hash)
+    }
+
+    async fn list_user(&self, user_id: &str) -> Result<Vec<SessionRecord>> {
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        let users = tx.open_table(USER_SESSIONS).map_err(unavailable)?;
+        let sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
+        let mut records = Vec::new();
+        for entry in users.range((user_id, "")..).map_err(unavailable)? {
+            let (key, hash) = entry.map_err(unavailable)?;
+            if key.value().0 != user_id {
+                break;
+            }
+            if let Some(bytes) = sessions.get(hash.value()).map_err(unavailable)? {
+                records.push(SessionRecord::from_bytes(bytes.value())?);
+            }
+        }
+        Ok(records)
+    }
+
+    async fn touch(&self, token_hash: &TokenHash, touch: Touch) -> Result<()> {
+        let hash = *token_hash;
+        self.write(Durability::None, move |tx| {
+            let Some(mut record) = load(tx, &hash)? else { return Ok(()) };
+            if record.state.is_terminal() {
+                return Ok(());
+            }
+            record.idle_expires_at = record.idle_expires_at.max(touch.idle_expires_at);
+            record.last_accessed_at = record.last_accessed_at.max(touch.last_accessed_at);
+            if let Some(ip) = touch.ip_address {
+                record.ip_address = Some(ip);
+            }
+            let retain = record.retain_until;
+            save(tx, &record, retain)
+        })
+        .await
+    }
+
+    async fn compare_and_swap(&self, record: &SessionRecord, expected_version: u64) -> Result<CasOutcome> {
+        let next = record.clone();
+        self.write(Durability::Immediate, move |tx| {
+            let Some(current) = load(tx, &next.token_hash)? else { return Ok(CasOutcome::NotFound) };
+            if current.version != expected_version || current.state.is_terminal() {
+                return Ok(CasOutcome::Conflict(Box::new(current)));
+            }
+            let mut next = next;
+            next.version = expected_version + 1;
+            // Identity, state and retention are not the caller's to change through a swap.
+            next.session_id = current.session_id.clone();
+            next.user_id = current.user_id.clone();
+            next.state = current.state;
+            next.retain_until = current.retain_until;
+            save(tx, &next, current.retain_until)?;
+            Ok(CasOutcome::Swapped)
+        })
+        .await
+    }
+
+    async fn end(&self, token_hash: &TokenHash, end: EndSession) -> Result<EndOutcome> {
+        let hash = *token_hash;
+        self.write(Durability::Immediate, move |tx| end_in(tx, &hash, &end)).await
+    }
+
+    async fn purge_expired(&self, now: Millis, limit: usize) -> Result<usize> {
+        self.write(Durability::Immediate, move |tx| {
+            let due: Vec<(u64, TokenHash)> = {
+                let expiry = tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
+                let mut due = Vec::new();
+                for entry in expiry.range(..=(at(now), [0xffu8; 32].as_slice())).map_err(unavailable)?.take(limit) {
+                    let (key, _) = entry.map_err(unavailable)?;
+                    let (until, hash) = key.value();
+                    due.push((until, to_hash(hash)?));
+                }
+                due
+            };
+            let mut expiry = tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
+            let mut sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
+            let mut ids = tx.open_table(SESSION_IDS).map_err(unavailable)?;
+            let mut users = tx.open_table(USER_SESSIONS).map_err(unavailable)?;
+            for (until, hash) in &due {
+                expiry.remove((*until, hash.as_slice())).map_err(unavailable)?;
+                let removed = sessions.remove(hash.as_slice()).map_err(unavailable)?;
+                if let Some(bytes) = removed {
+                    let record = SessionRecord::from_bytes(bytes.value())?;
+                    ids.remove(record.session_id.as_str()).map_err(unavailable)?;
+                    users.remove((record.user_id.as_str(), record.session_id.as_str())).map_err(unavailable)?;
+                }
+            }
+            Ok(due.len())
+        })
+        .await
+    }
+
+    async fn count(&self) -> Result<u64> {
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        let sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
+        sessions.len().map_err(unavailable)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        tx.open_table(SESSIONS).map_err(unavailable)?;
+        Ok(())
+    }
+}

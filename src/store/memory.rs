@@ -1,0 +1,170 @@
+//! The memory backend: every index in process memory behind one lock. For tests and ephemeral
+//! deployments; nothing survives a restart. Each trait operation holds the lock for its whole
+//! step, which is what makes it atomic.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+
+use crate::clock::Millis;
+use crate::error::Result;
+use crate::session::SessionRecord;
+use crate::store::{CasOutcome, EndOutcome, EndSession, SessionStore, TokenHash, Touch};
+
+/// Sessions in memory.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    sessions: HashMap<TokenHash, SessionRecord>,
+    ids: HashMap<String, TokenHash>,
+    users: HashMap<String, HashSet<TokenHash>>,
+    expiry: BTreeSet<(Millis, TokenHash)>,
+}
+
+impl Inner {
+    fn end(&mut self, hash: &TokenHash, end: &EndSession) -> EndOutcome {
+        let Some(record) = self.sessions.get_mut(hash) else { return EndOutcome::NotFound };
+        if record.state.is_terminal() {
+            return EndOutcome::AlreadyEnded(record.clone());
+        }
+        self.expiry.remove(&(record.retain_until, *hash));
+        record.state = end.state;
+        record.end_reason = Some(end.reason.clone());
+        record.ended_at = Some(end.at);
+        record.retain_until = end.retain_until;
+        record.version += 1;
+        self.expiry.insert((record.retain_until, *hash));
+        EndOutcome::Ended(record.clone())
+    }
+
+    fn remove(&mut self, hash: &TokenHash) {
+        if let Some(record) = self.sessions.remove(hash) {
+            self.ids.remove(&record.session_id);
+            self.expiry.remove(&(record.retain_until, *hash));
+            if let Some(set) = self.users.get_mut(&record.user_id) {
+                set.remove(hash);
+                if set.is_empty() {
+                    self.users.remove(&record.user_id);
+                }
+            }
+        }
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave an index half-written: every operation
+        // computes first and mutates last, so the data behind a poisoned lock is still whole.
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>> {
+        let mut inner = self.write();
+        let mut active: Vec<(Millis, String, TokenHash)> = inner
+            .users
+            .get(&record.user_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|h| inner.sessions.get(h))
+            .filter(|s| s.is_active_at(eviction.at))
+            .map(|s| (s.created_at, s.session_id.clone(), s.token_hash))
+            .collect();
+        active.sort();
+        let excess = (active.len() + 1).saturating_sub(cap as usize);
+        let mut evicted = Vec::with_capacity(excess);
+        for (_, _, hash) in active.into_iter().take(excess) {
+            if let EndOutcome::Ended(ended) = inner.end(&hash, &eviction) {
+                evicted.push(ended);
+            }
+        }
+        let hash = record.token_hash;
+        inner.ids.insert(record.session_id.clone(), hash);
+        inner.users.entry(record.user_id.clone()).or_default().insert(hash);
+        inner.expiry.insert((record.retain_until, hash));
+        inner.sessions.insert(hash, record);
+        Ok(evicted)
+    }
+
+    async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>> {
+        Ok(self.read().sessions.get(token_hash).cloned())
+    }
+
+    async fn get_by_id(&self, session_id: &str) -> Result<Option<SessionRecord>> {
+        let inner = self.read();
+        Ok(inner.ids.get(session_id).and_then(|h| inner.sessions.get(h)).cloned())
+    }
+
+    async fn list_user(&self, user_id: &str) -> Result<Vec<SessionRecord>> {
+        let inner = self.read();
+        Ok(inner.users.get(user_id).into_iter().flatten().filter_map(|h| inner.sessions.get(h).cloned()).collect())
+    }
+
+    async fn touch(&self, token_hash: &TokenHash, touch: Touch) -> Result<()> {
+        let mut inner = self.write();
+        if let Some(record) = inner.sessions.get_mut(token_hash)
+            && !record.state.is_terminal()
+        {
+            record.idle_expires_at = record.idle_expires_at.max(touch.idle_expires_at);
+            record.last_accessed_at = record.last_accessed_at.max(touch.last_accessed_at);
+            if let Some(ip) = touch.ip_address {
+                record.ip_address = Some(ip);
+            }
+        }
+        Ok(())
+    }
+
+    async fn compare_and_swap(&self, record: &SessionRecord, expected_version: u64) -> Result<CasOutcome> {
+        let mut inner = self.write();
+        let Some(current) = inner.sessions.get_mut(&record.token_hash) else { return Ok(CasOutcome::NotFound) };
+        if current.version != expected_version || current.state.is_terminal() {
+            return Ok(CasOutcome::Conflict(Box::new(current.clone())));
+        }
+        let mut next = record.clone();
+        next.version = expected_version + 1;
+        // Identity, state and retention are not the caller's to change through a swap.
+        next.session_id = current.session_id.clone();
+        next.user_id = current.user_id.clone();
+        next.state = current.state;
+        next.retain_until = current.retain_until;
+        *current = next;
+        Ok(CasOutcome::Swapped)
+    }
+
+    async fn end(&self, token_hash: &TokenHash, end: EndSession) -> Result<EndOutcome> {
+        Ok(self.write().end(token_hash, &end))
+    }
+
+    async fn purge_expired(&self, now: Millis, limit: usize) -> Result<usize> {
+        let mut inner = self.write();
+        let due: Vec<TokenHash> = inner.expiry.range(..=(now, [0xff; 32])).take(limit).map(|(_, hash)| *hash).collect();
+        for hash in &due {
+            inner.remove(hash);
+        }
+        Ok(due.len())
+    }
+
+    async fn count(&self) -> Result<u64> {
+        Ok(self.read().sessions.len() as u64)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}

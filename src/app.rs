@@ -112,10 +112,22 @@ impl App {
         let max_message = server_config.max_message_bytes;
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_service_status("", ServingStatus::Serving).await;
-        for name in SERVICE_NAMES {
-            health.set_service_status(name, ServingStatus::Serving).await;
-        }
+        let storage_ok = match sessions.store().ping().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "session storage unreachable at start; health is NOT_SERVING until it answers");
+                false
+            }
+        };
+        set_health(&health, storage_ok).await;
+        let health_gate = Arc::new(tokio::sync::Mutex::new(()));
+        let storage_health = tokio::spawn(storage_health_loop(
+            sessions.store().clone(),
+            health.clone(),
+            storage_ok,
+            health_gate.clone(),
+            shutdown.clone(),
+        ));
 
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -178,9 +190,8 @@ impl App {
         let shutdown_signal = async move {
             signal.await;
             tracing::info!("shutdown requested; draining");
-            for name in SERVICE_NAMES.into_iter().chain([""]) {
-                health_on_stop.set_service_status(name, ServingStatus::NotServing).await;
-            }
+            let _gate = health_gate.lock().await;
+            set_health(&health_on_stop, false).await;
             stop.cancel();
         };
         let serve = router.serve_with_incoming_shutdown(incoming, shutdown_signal);
@@ -192,6 +203,7 @@ impl App {
             }
         }
         cleanup.abort();
+        storage_health.abort();
         tracing::info!("stopped");
         Ok(())
     }
@@ -213,10 +225,67 @@ fn open_store(config: &Config) -> Result<DynSessionStore, ConfigError> {
         StorageKind::Embedded => EmbeddedStore::open(&config.storage.data_dir)
             .map(|store| Arc::new(store) as DynSessionStore)
             .map_err(|e| ConfigError(format!("setting `data_dir`: {e}"))),
-        kind @ (StorageKind::Redis | StorageKind::KvRest) => Err(ConfigError(format!(
-            "setting `storage`: the {} backend is not available in this build yet (it arrives with the shared-storage work); use embedded or memory",
-            kind.as_str()
-        ))),
+        StorageKind::Redis => {
+            let url = config.storage.redis_url.as_deref().unwrap_or_default();
+            crate::store::redis::open(url, &config.storage.key_prefix, config.storage.operation_timeout)
+                .map(|store| Arc::new(store) as DynSessionStore)
+        }
+        StorageKind::KvRest => {
+            let (Some(url), Some(token)) = (&config.storage.kv_rest_url, &config.storage.kv_rest_token) else {
+                return Err(ConfigError(
+                    "settings `kv_rest.url` and `kv_rest.token`: required when storage is kv-rest".into(),
+                ));
+            };
+            crate::store::kv_rest::open(url, token, &config.storage.key_prefix, config.storage.operation_timeout)
+                .map(|store| Arc::new(store) as DynSessionStore)
+        }
+    }
+}
+
+/// How often health checks storage.
+const STORAGE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Pings storage every second and reports the result as the health of the server and of every
+/// service, so a load balancer stops routing here while storage is unreachable and resumes
+/// when it returns. `gate` orders these updates with the shutdown's NOT_SERVING: once shutdown
+/// has taken it and cancelled, no later update can report SERVING again.
+async fn storage_health_loop(
+    store: DynSessionStore,
+    health: tonic_health::server::HealthReporter,
+    mut serving: bool,
+    gate: Arc<tokio::sync::Mutex<()>>,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(STORAGE_CHECK_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let result = store.ping().await;
+        let now_serving = result.is_ok();
+        let _gate = gate.lock().await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if now_serving != serving {
+            match &result {
+                Ok(()) => tracing::info!("session storage reachable again; serving"),
+                Err(e) => tracing::warn!(error = %e, "session storage unreachable; health is NOT_SERVING"),
+            }
+            set_health(&health, now_serving).await;
+            serving = now_serving;
+        }
+    }
+}
+
+/// Sets the overall status and every service's.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+    for name in SERVICE_NAMES.into_iter().chain([""]) {
+        health.set_service_status(name, status).await;
     }
 }
 

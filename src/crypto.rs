@@ -52,9 +52,30 @@ pub fn sha256_hex(secret: &str) -> String {
     hex::encode(sha256(secret.as_bytes()))
 }
 
-/// The storage key of a session token.
+/// The storage key of a session token: its SHA-256, except that for a token of the form
+/// `sat_<tag>_...` the first two bytes are the token's 4-hex-digit shard tag.
+///
+/// Why: the stores are only ever given this hash, and shared storage must route a token to the
+/// Redis Cluster slot of its user (`{<tag>}`) in one lookup. 240 bits of SHA-256 remain, far
+/// beyond guessing; the tag itself is already in the token and derives from the user id the
+/// record holds in the same place.
 pub fn token_hash(token: &str) -> [u8; 32] {
-    sha256(token.as_bytes())
+    let mut hash = sha256(token.as_bytes());
+    if let Some(tag) = token_shard_tag(token) {
+        hash[..2].copy_from_slice(&tag);
+    }
+    hash
+}
+
+/// The shard tag of a `sat_<tag>_...` token, as two bytes; `None` for any other shape.
+fn token_shard_tag(token: &str) -> Option<[u8; 2]> {
+    let rest = token.strip_prefix(SESSION_TOKEN_PREFIX)?.as_bytes();
+    if rest.len() < 5 || rest[4] != b'_' || !rest[..4].iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut tag = [0u8; 2];
+    hex::decode_to_slice(&rest[..4], &mut tag).ok()?;
+    Some(tag)
 }
 
 /// `sha256:<hex>` of an API key, as configuration holds it.
@@ -174,6 +195,18 @@ mod tests {
         assert!(a.starts_with(SESSION_TOKEN_PREFIX));
         // 32 bytes in unpadded base64 are 43 characters: 256 bits of entropy.
         assert_eq!(a.len(), SESSION_TOKEN_PREFIX.len() + 43);
+    }
+
+    #[test]
+    fn token_hashes_carry_the_shard_tag() {
+        let token = "sat_beef_0123456789abcdefghijklmnopqrstuvwxyzABCDEFG";
+        let hash = token_hash(token);
+        assert_eq!(&hash[..2], &[0xbe, 0xef]);
+        assert_eq!(&hash[2..], &sha256(token.as_bytes())[2..]);
+        // Tokens without a well-formed tag keep the plain digest.
+        for other in ["sat_BEEF_x", "sat_bee_x", "sat_beefx", "sak_beef_x", "sat_"] {
+            assert_eq!(token_hash(other), sha256(other.as_bytes()), "{other}");
+        }
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! A bare get/set store would push read-then-write races into the domain, which break the moment
 //! two replicas share a database. Instead every operation that must be atomic is one call here
-//! and one atomic step in the backend: a lock in `memory`, a write transaction in `embedded`
-//! (and, with the shared-storage work, a Lua script in Redis and over the KV REST API).
+//! and one atomic step in the backend: a lock in `memory`, a write transaction in `embedded`,
+//! a Lua script in `redis` and over the KV REST API in `kv_rest` (both in `keyspace`).
 //!
 //! Conventions: absence is `Ok(None)`; times are passed in (`now`) so backends hold no clock and
 //! tests control time; every failure to reach storage is `Error::Unavailable`, so callers fail
@@ -18,7 +18,10 @@ use crate::error::Result;
 use crate::session::{SessionRecord, SessionState};
 
 pub mod embedded;
+pub mod keyspace;
+pub mod kv_rest;
 pub mod memory;
+pub mod redis;
 
 /// SHA-256 of a session token: the key sessions are stored under.
 pub type TokenHash = [u8; 32];

@@ -460,3 +460,33 @@ pub fn embedded() -> Backend {
 
 conformance!(memory_backend, crate::conformance::memory());
 conformance!(embedded_backend, crate::conformance::embedded());
+
+/// How long a shared-storage operation may take in the suite: generous, since the tests of
+/// one binary share two cores and these servers.
+const SHARED_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn redis() -> Backend {
+    let server = crate::servers::shared_redis();
+    let prefix = crate::servers::unique_prefix("redis");
+    let store = session_authority::store::redis::open(&server.url(), &prefix, SHARED_TIMEOUT).unwrap();
+    Backend { store: Arc::new(store), _keep: Box::new(()) }
+}
+
+pub fn redis_cluster() -> Backend {
+    let cluster = crate::servers::shared_cluster();
+    let prefix = crate::servers::unique_prefix("cluster");
+    let store = session_authority::store::redis::open(&cluster.url(), &prefix, SHARED_TIMEOUT).unwrap();
+    Backend { store: Arc::new(store), _keep: Box::new(()) }
+}
+
+pub fn kv_rest() -> Backend {
+    let shim = crate::servers::shared_kv_rest();
+    let prefix = crate::servers::unique_prefix("kv");
+    let token = SecretString::from(shim.token.clone());
+    let store = session_authority::store::kv_rest::open(&shim.url, &token, &prefix, SHARED_TIMEOUT).unwrap();
+    Backend { store: Arc::new(store), _keep: Box::new(()) }
+}
+
+conformance!(redis_backend, crate::conformance::redis());
+conformance!(redis_cluster_backend, crate::conformance::redis_cluster());
+conformance!(kv_rest_backend, crate::conformance::kv_rest());

@@ -2,5 +2,6 @@
 
 mod conformance;
 mod foundation;
+mod servers;
 mod sessions;
 mod support;

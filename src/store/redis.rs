@@ -3,8 +3,8 @@
 //!
 //! One Redis: a multiplexed [`ConnectionManager`] (one connection, pipelined by concurrent
 //! callers) created lazily, so the service starts while Redis is down and reports NOT_SERVING
-//! until it is reachable; after a dropped connection it reconnects with a short capped backoff,
-//! so service resumes within a fraction of a second of Redis' return. A Redis Cluster (several
+//! until it is reachable; after a dropped connection the next call reconnects (one attempt, no
+//! backoff), so calls fail fast during an outage and succeed as soon as Redis returns. A Redis Cluster (several
 //! comma-separated nodes, or `redis+cluster://h1:p1,h2:p2`): the crate's cluster client, which
 //! follows slot moves; every per-user script touches one slot thanks to the `{tag}` hash tag.
 //!
@@ -96,9 +96,11 @@ pub fn open(url: &str, prefix: &str, timeout: Duration) -> std::result::Result<R
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(connect_timeout))
                 .set_response_timeout(Some(timeout))
-                .set_min_delay(Duration::from_millis(25))
-                .set_max_delay(Duration::from_millis(250))
-                .set_number_of_retries(4);
+                // One connection attempt per reconnect: while Redis is down every call fails at
+                // once (connection refused) instead of waiting out a backoff, and each failed
+                // call starts the next attempt, so service resumes with the first call after
+                // Redis returns.
+                .set_number_of_retries(0);
             Connection::Single(ConnectionManager::new_lazy_with_config(client, config).map_err(bad_url)?)
         }
         Target::Cluster(nodes) => {

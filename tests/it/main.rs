@@ -4,4 +4,5 @@ mod conformance;
 mod foundation;
 mod servers;
 mod sessions;
+mod shared_storage;
 mod support;

@@ -329,9 +329,15 @@ impl KvRest {
         KvRest { child, _stdin: stdin, url, token, logs }
     }
 
+    fn http() -> reqwest::Client {
+        // reqwest is built without a bundled crypto provider (see store::kv_rest).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::new()
+    }
+
     /// Queues failures (`POST /__test/fail`), for example `{"status":503,"count":100}`.
     pub async fn fail(&self, rule: serde_json::Value) {
-        let response = reqwest::Client::new()
+        let response = KvRest::http()
             .post(format!("{}/__test/fail", self.url))
             .header("content-type", "application/json")
             .body(rule.to_string())
@@ -343,7 +349,7 @@ impl KvRest {
 
     /// Clears pending failures and statistics.
     pub async fn reset(&self) {
-        let response = reqwest::Client::new().post(format!("{}/__test/reset", self.url)).send().await.unwrap();
+        let response = KvRest::http().post(format!("{}/__test/reset", self.url)).send().await.unwrap();
         assert!(response.status().is_success());
     }
 

@@ -1,0 +1,332 @@
+//! Shared storage through the real binary: two replicas on one Redis, a Redis outage under
+//! load, the one-command hot path, kv-rest endpoint failures, and configuration errors.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use session_authority::grpc::pb;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt as _;
+
+use crate::servers::{KvRest, RedisServer, shared_redis, unique_prefix};
+use crate::support::{ADMIN_KEY, Process, SERVICE_KEY, Spawn, run_to_exit};
+
+fn encryption_key() -> String {
+    session_authority::crypto::encode_key(&[7u8; 32])
+}
+
+/// A server on Redis at `url`, its keys under `prefix`.
+fn on_redis(url: &str, prefix: &str) -> Spawn {
+    Spawn::default()
+        .arg("--storage")
+        .arg("redis")
+        .env("REDIS_URL", url)
+        .env("SESSION_AUTHORITY_REDIS_KEY_PREFIX", prefix)
+        .env("SESSION_AUTHORITY_ENCRYPTION_KEY", encryption_key())
+}
+
+fn create(user: &str) -> pb::CreateSessionRequest {
+    pb::CreateSessionRequest {
+        user_id: user.into(),
+        access_token: "upstream-access".into(),
+        expires_in: Some(prost_types::Duration { seconds: 3600, nanos: 0 }),
+        ..Default::default()
+    }
+}
+
+fn validate(token: &str) -> pb::ValidateSessionRequest {
+    pb::ValidateSessionRequest { session_token: token.into(), ..Default::default() }
+}
+
+async fn active_sessions(server: &Process, user: &str) -> usize {
+    let mut admin = server.sessions(Some(ADMIN_KEY)).await;
+    let response = admin
+        .list_user_sessions(pb::ListUserSessionsRequest { user_id: user.into(), page_size: 500, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.sessions.iter().all(|s| s.state == pb::SessionState::Active as i32));
+    response.sessions.len()
+}
+
+async fn health(server: &Process) -> Option<i32> {
+    let mut client = HealthClient::new(server.channel().await);
+    client.check(HealthCheckRequest { service: String::new() }).await.ok().map(|r| r.into_inner().status)
+}
+
+/// Waits up to `limit` for the overall and SessionService health to be `wanted`.
+async fn wait_health(server: &Process, wanted: ServingStatus, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut client = HealthClient::new(server.channel().await);
+    loop {
+        let mut all = true;
+        for service in ["", "atoms.session.v1.SessionService"] {
+            let status =
+                client.check(HealthCheckRequest { service: service.into() }).await.map(|r| r.into_inner().status);
+            all &= matches!(status, Ok(s) if s == wanted as i32);
+        }
+        if all {
+            return;
+        }
+        assert!(Instant::now() < deadline, "health did not become {wanted:?} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_on_one_redis_share_the_cap_and_every_session() {
+    let redis = shared_redis();
+    let prefix = unique_prefix("replicas");
+    let a = on_redis(&redis.url(), &prefix).start();
+    let b = on_redis(&redis.url(), &prefix).start();
+    let client_a = a.sessions(Some(SERVICE_KEY)).await;
+    let client_b = b.sessions(Some(SERVICE_KEY)).await;
+
+    let calls: Vec<_> = (0..50)
+        .map(|i| {
+            let mut client = if i % 2 == 0 { client_a.clone() } else { client_b.clone() };
+            tokio::spawn(async move { client.create_session(create("racer")).await })
+        })
+        .collect();
+    let mut evicted = 0;
+    for call in calls {
+        evicted += call.await.unwrap().unwrap().into_inner().evicted_session_ids.len();
+    }
+    assert_eq!(evicted, 45);
+    assert_eq!(active_sessions(&a, "racer").await, 5);
+    assert_eq!(active_sessions(&b, "racer").await, 5);
+
+    // Created on one, valid on the other.
+    let mut on_a = client_a.clone();
+    let mut on_b = client_b.clone();
+    let token = on_a.create_session(create("carol")).await.unwrap().into_inner().session_token;
+    let seen = on_b.validate_session(validate(&token)).await.unwrap().into_inner();
+    assert!(seen.valid, "{seen:?}");
+
+    // Terminated on one, refused on the other at once.
+    let terminate = pb::TerminateSessionRequest {
+        selector: Some(pb::terminate_session_request::Selector::SessionToken(token.clone())),
+        reason: String::new(),
+    };
+    on_b.terminate_session(terminate).await.unwrap();
+    let refused = on_a.validate_session(validate(&token)).await.unwrap().into_inner();
+    assert!(!refused.valid);
+    assert_eq!(refused.reason, pb::InvalidReason::Terminated as i32);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outcome {
+    Valid,
+    Invalid,
+    Unavailable,
+    Other(Code),
+}
+
+#[derive(Debug)]
+struct Call {
+    started: Instant,
+    ended: Instant,
+    outcome: Outcome,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_outage_under_load_fails_closed_and_recovers_without_a_restart() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--save", ""]);
+    let server = on_redis(&redis.url(), "fault:").env("SESSION_AUTHORITY_STORAGE_TIMEOUT", "1s").start();
+    let pid = server.child.id();
+    let client = server.sessions(Some(SERVICE_KEY)).await;
+
+    // Sessions acknowledged before the outage.
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..20 {
+        let token =
+            client.clone().create_session(create(&format!("old-{i}"))).await.unwrap().into_inner().session_token;
+        acknowledged.lock().unwrap().push(token);
+    }
+
+    // The load: validators over old and new sessions, and a creator adding new ones.
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(Mutex::new(Vec::<Call>::new()));
+    let mut load = Vec::new();
+    for worker in 0..4usize {
+        let (mut client, stop, calls, acknowledged) =
+            (client.clone(), stop.clone(), calls.clone(), acknowledged.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = worker;
+            while !stop.load(Ordering::Relaxed) {
+                let token = {
+                    let tokens = acknowledged.lock().unwrap();
+                    // Alternate between the oldest sessions and the newest.
+                    if n % 2 == 0 { tokens[n % 20].clone() } else { tokens[tokens.len() - 1 - (n % 5)].clone() }
+                };
+                n += 1;
+                let started = Instant::now();
+                let outcome = match client.validate_session(validate(&token)).await {
+                    Ok(r) if r.get_ref().valid => Outcome::Valid,
+                    Ok(_) => Outcome::Invalid,
+                    Err(s) if s.code() == Code::Unavailable => Outcome::Unavailable,
+                    Err(s) => Outcome::Other(s.code()),
+                };
+                calls.lock().unwrap().push(Call { started, ended: Instant::now(), outcome });
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    {
+        let (mut client, stop, acknowledged) = (client.clone(), stop.clone(), acknowledged.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                if let Ok(created) = client.create_session(create(&format!("new-{n}"))).await {
+                    acknowledged.lock().unwrap().push(created.into_inner().session_token);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.stop();
+    let stopped = Instant::now();
+    wait_health(&server, ServingStatus::NotServing, Duration::from_secs(4)).await;
+    tokio::time::sleep_until((stopped + Duration::from_secs(5)).into()).await;
+    let restarting = Instant::now();
+    redis.restart();
+    let back = Instant::now();
+
+    // Calls succeed again within 2 seconds of Redis' return.
+    let probe = acknowledged.lock().unwrap()[0].clone();
+    loop {
+        if let Ok(r) = client.clone().validate_session(validate(&probe)).await {
+            assert!(r.get_ref().valid);
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(2), "no successful call within 2 s of Redis' return");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recovered = back + Duration::from_secs(2);
+    tokio::time::sleep_until((recovered + Duration::from_secs(1)).into()).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    wait_health(&server, ServingStatus::Serving, Duration::from_secs(3)).await;
+
+    let calls = std::mem::take(&mut *calls.lock().unwrap());
+    let during: Vec<&Call> = calls.iter().filter(|c| c.started >= stopped && c.ended <= restarting).collect();
+    eprintln!("{} calls during the outage, {} in all", during.len(), calls.len());
+    assert!(during.len() >= 20, "the load kept calling during the outage ({} calls)", during.len());
+    let wrong: Vec<&&Call> = during.iter().filter(|c| c.outcome != Outcome::Unavailable).collect();
+    assert!(wrong.is_empty(), "calls during the outage must answer UNAVAILABLE: {wrong:?}");
+    assert!(calls.iter().all(|c| c.outcome != Outcome::Valid || c.ended < stopped || c.started >= restarting));
+    let after: Vec<&Call> = calls.iter().filter(|c| c.started >= recovered).collect();
+    assert!(!after.is_empty());
+    assert!(after.iter().all(|c| c.outcome == Outcome::Valid), "after recovery: {after:?}");
+
+    // Same process, and every acknowledged session (before and around the outage) still valid.
+    assert_eq!(server.child.id(), pid);
+    let mut child = server;
+    assert!(child.child.try_wait().unwrap().is_none(), "the server process exited");
+    let tokens = acknowledged.lock().unwrap().clone();
+    assert!(tokens.len() > 20);
+    for token in &tokens {
+        let r = client.clone().validate_session(validate(token)).await.unwrap().into_inner();
+        assert!(r.valid, "an acknowledged session was lost: {r:?}");
+    }
+}
+
+#[tokio::test]
+async fn validate_session_is_one_redis_command() {
+    let redis = RedisServer::start();
+    let server = on_redis(&redis.url(), "one:").env("SESSION_AUTHORITY_SESSION_CLEANUP_INTERVAL", "1h").start();
+    let mut client = server.sessions(Some(SERVICE_KEY)).await;
+    let token = client.create_session(create("dora")).await.unwrap().into_inner().session_token;
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    for _ in 0..100 {
+        assert!(client.validate_session(validate(&token)).await.unwrap().into_inner().valid);
+    }
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let calls: BTreeMap<String, u64> = stats
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.trim().strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
+        })
+        // The health check's PING and this test's own INFO / CONFIG are not validations.
+        .filter(|(name, _)| !(name == "ping" || name == "info" || name.starts_with("config")))
+        .collect();
+    assert_eq!(calls, BTreeMap::from([("hgetall".to_owned(), 100)]), "{stats}");
+}
+
+#[tokio::test]
+async fn kv_rest_endpoint_failures_answer_unavailable_then_recover() {
+    let shim = KvRest::start(&shared_redis().url());
+    let server = Spawn::default()
+        .arg("--storage")
+        .arg("kv-rest")
+        .env("KV_REST_API_URL", &shim.url)
+        .env("KV_REST_API_TOKEN", &shim.token)
+        .env("SESSION_AUTHORITY_REDIS_KEY_PREFIX", unique_prefix("kvfail"))
+        .env("SESSION_AUTHORITY_ENCRYPTION_KEY", encryption_key())
+        .start();
+    let mut client = server.sessions(Some(SERVICE_KEY)).await;
+    let token = client.create_session(create("erin")).await.unwrap().into_inner().session_token;
+    assert!(client.validate_session(validate(&token)).await.unwrap().into_inner().valid);
+
+    // A refused token: UNAVAILABLE, saying what to check; health follows.
+    shim.fail(serde_json::json!({"status": 401, "count": 10_000})).await;
+    let e = client.validate_session(validate(&token)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("KV_REST_API_TOKEN"), "{}", e.message());
+    wait_health(&server, ServingStatus::NotServing, Duration::from_secs(4)).await;
+    shim.reset().await;
+    assert!(client.validate_session(validate(&token)).await.unwrap().into_inner().valid);
+    wait_health(&server, ServingStatus::Serving, Duration::from_secs(4)).await;
+
+    // The endpoint failing: UNAVAILABLE (after the read's retries), then back.
+    shim.fail(serde_json::json!({"status": 503, "count": 10_000})).await;
+    let e = client.validate_session(validate(&token)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("503"), "{}", e.message());
+    shim.reset().await;
+    assert!(client.validate_session(validate(&token)).await.unwrap().into_inner().valid);
+
+    // Rate limited: UNAVAILABLE with a retry hint, and the write was not sent twice.
+    shim.fail(serde_json::json!({"status": 429, "count": 10_000})).await;
+    let e = client.create_session(create("erin")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.get_error_details().retry_info().is_some(), "{e:?}");
+    shim.reset().await;
+    assert_eq!(active_sessions(&server, "erin").await, 1);
+    assert!(client.validate_session(validate(&token)).await.unwrap().into_inner().valid);
+    assert_eq!(health(&server).await, Some(ServingStatus::Serving as i32));
+}
+
+#[tokio::test]
+async fn a_bad_redis_url_or_prefix_exits_with_one_line_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let keys = crate::support::api_keys_env();
+    let key = encryption_key();
+    let base = [("SESSION_AUTHORITY_API_KEYS", keys.as_str()), ("SESSION_AUTHORITY_ENCRYPTION_KEY", key.as_str())];
+    let args = ["serve", "--storage", "redis", "--listen", "127.0.0.1:0", "--data-dir", data];
+
+    let env = [base[0], base[1], ("REDIS_URL", "http://user:hunter2@cache:6379")];
+    let (code, stderr) = run_to_exit(&args, &env, dir.path());
+    assert_ne!(code, Some(0));
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("redis.url") && !stderr.contains("hunter2"), "{stderr}");
+
+    let env =
+        [base[0], base[1], ("REDIS_URL", "redis://127.0.0.1:1"), ("SESSION_AUTHORITY_REDIS_KEY_PREFIX", "{app}:")];
+    let (code, stderr) = run_to_exit(&args, &env, dir.path());
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("redis.key_prefix"), "{stderr}");
+}

@@ -7,7 +7,7 @@
 //! - [`crypto`]: session tokens, hashes, encryption at rest;
 //! - [`limits`]: size limits shared by validation and the domain;
 //! - [`session`]: the session record and lifecycle ([`session::SessionManager`]);
-//! - [`store`]: the storage traits and the memory and embedded backends;
+//! - [`store`]: the storage traits and the memory, embedded, redis and kv-rest backends;
 //! - [`bootstrap`]: the keys a first run generates;
 //! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
 //! - [`app`]: assembly of the server and its graceful shutdown.

@@ -62,6 +62,9 @@ impl App {
     /// Validates what the configuration needs at start (keys, storage) and binds the listener.
     pub async fn build(config: Config) -> Result<App, ConfigError> {
         let listener = bind(&config).await?;
+        if let Some(addr) = config.metrics_listen {
+            crate::metrics::install(addr)?;
+        }
         let secrets = bootstrap::prepare(&config)?;
         let store = open_store(&config)?;
         App::assemble(config, secrets, store, Arc::new(SystemClock), listener)
@@ -145,6 +148,7 @@ impl App {
             .layer(ShutdownStreamsLayer::new(shutdown.clone()))
             .layer(AuthLayer::new(secrets.api_keys.clone(), client_cert_role))
             .layer(LoadShedLayer::new(server_config.concurrency_limit))
+            .layer(tower::util::option_layer(config.metrics_listen.map(|_| crate::metrics::RpcMetricsLayer)))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

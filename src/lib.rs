@@ -10,6 +10,7 @@
 //! - [`store`]: the storage traits and the memory and embedded backends;
 //! - [`bootstrap`]: the keys a first run generates;
 //! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
+//! - [`metrics`]: the Prometheus exporter and the per-RPC counters;
 //! - [`app`]: assembly of the server and its graceful shutdown.
 //!
 //! `ARCHITECTURE.md` at the repository root has the bird's-eye view and the invariants.
@@ -25,6 +26,7 @@ pub mod crypto;
 pub mod error;
 pub mod grpc;
 pub mod limits;
+pub mod metrics;
 pub mod session;
 pub mod store;
 

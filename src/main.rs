@@ -29,6 +29,20 @@ enum Command {
         #[arg(long, default_value = "")]
         service: String,
     },
+    /// Offline: write COUNT sessions straight into the embedded store of DATA_DIR (the server
+    /// must not be running) and their session tokens to FILE, for benchmarks. Never use this on
+    /// production data: the tokens file holds bearer secrets.
+    Seed {
+        /// Data directory of the embedded store.
+        #[arg(long, default_value = "./data")]
+        data_dir: String,
+        /// Sessions to create, one user each.
+        #[arg(long)]
+        count: usize,
+        /// Where to write the tokens, one per line.
+        #[arg(long)]
+        tokens_out: std::path::PathBuf,
+    },
     HashKey {
         /// Also print a whole `[[api_keys]]` entry with this name.
         #[arg(long)]
@@ -135,6 +149,49 @@ async fn health(target: String, service: String) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn seed(data_dir: String, count: usize, tokens_out: std::path::PathBuf) -> anyhow::Result<()> {
+    use secrecy::{ExposeSecret as _, SecretString};
+    use session_authority::session::{NewSession, SessionManager, SessionSettings};
+    use session_authority::store::embedded::EmbeddedStore;
+    use std::io::Write as _;
+    use std::sync::Arc;
+
+    let flags: Flags =
+        [("data_dir".to_string(), data_dir.clone()), ("storage".to_string(), "embedded".to_string())].into();
+    let config = Config::load(&flags, &|name| std::env::var(name).ok())?;
+    let secrets = session_authority::bootstrap::prepare(&config)?;
+    let store = Arc::new(EmbeddedStore::open(std::path::Path::new(&data_dir))?);
+    let manager = SessionManager::new(
+        store.clone(),
+        secrets.key_ring.clone(),
+        Arc::new(session_authority::clock::SystemClock),
+        SessionSettings::from_config(&config),
+    );
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tokens_out)?);
+    let run = std::process::id();
+    let mut written = 0;
+    while written < count {
+        let batch = (count - written).min(10_000);
+        let mut records = Vec::with_capacity(batch);
+        for n in written..written + batch {
+            let (record, token) = manager.prepare(NewSession {
+                user_id: format!("seed-{run}-{n}"),
+                access_token: SecretString::from("bench-access-token".to_string()),
+                refresh_token: Some(SecretString::from("bench-refresh-token".to_string())),
+                expires_in: Some(std::time::Duration::from_secs(3600)),
+                ..Default::default()
+            });
+            writeln!(out, "{}", token.expose_secret())?;
+            records.push(record);
+        }
+        store.insert_batch(&records)?;
+        written += batch;
+    }
+    out.flush()?;
+    eprintln!("seeded {written} sessions into {data_dir}; tokens in {}", tokens_out.display());
+    Ok(())
+}
+
 fn hash_key(name: Option<String>, role: String) -> anyhow::Result<()> {
     let mut key = String::new();
     std::io::stdin().read_to_string(&mut key)?;
@@ -160,6 +217,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e.into()),
         },
         Command::HashKey { name, role } => hash_key(name, role),
+        Command::Seed { data_dir, count, tokens_out } => seed(data_dir, count, tokens_out),
         Command::Health { target, service } => match tokio::runtime::Builder::new_current_thread().enable_all().build()
         {
             Ok(runtime) => runtime.block_on(health(target, service)),

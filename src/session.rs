@@ -428,6 +428,22 @@ impl SessionManager {
     /// Creates a session under the per-user cap.
     pub async fn create(&self, new: NewSession) -> Result<Created> {
         self.guard.check(SESSION_CREATE_RULE, &new.user_id).await?;
+        let (record, token) = self.prepare(new);
+        let now = record.created_at;
+        let eviction = EndSession {
+            state: SessionState::Terminated,
+            reason: EVICTION_REASON.into(),
+            at: now,
+            retain_until: self.tombstone_until(now),
+        };
+        let evicted = self.store.create(record.clone(), self.settings.max_sessions_per_user, eviction).await?;
+        metrics::counter!("session_created_total").increment(1);
+        Ok(Created { session: record, token, evicted })
+    }
+
+    /// Builds the record of a new session and its token, without storing anything (the
+    /// offline seeding tool stores such records in bulk).
+    pub fn prepare(&self, new: NewSession) -> (SessionRecord, SecretString) {
         let now = self.clock.now();
         let tag = shard_tag(&new.user_id);
         let session_id = new_session_id(&tag);
@@ -467,14 +483,7 @@ impl SessionManager {
             refresh_count: 0,
             last_refreshed_at: None,
         };
-        let eviction = EndSession {
-            state: SessionState::Terminated,
-            reason: EVICTION_REASON.into(),
-            at: now,
-            retain_until: self.tombstone_until(now),
-        };
-        let evicted = self.store.create(record.clone(), self.settings.max_sessions_per_user, eviction).await?;
-        Ok(Created { session: record, token: SecretString::from(token), evicted })
+        (record, SecretString::from(token))
     }
 
     /// The hot path: is this token a usable session for this request?
@@ -494,7 +503,9 @@ impl SessionManager {
             (SessionState::Expired, reason) if session.state == SessionState::Active => {
                 // Record the expiry once, so the state is visible everywhere and final.
                 let reason = reason.unwrap_or("expired").to_owned();
-                self.end_session(&session, SessionState::Expired, &reason).await?;
+                if let EndOutcome::Ended(_) = self.end_session(&session, SessionState::Expired, &reason).await? {
+                    metrics::counter!("session_expired_total").increment(1);
+                }
                 return Ok(invalid(InvalidReason::Expired, Some(&reason)));
             }
             (state, reason) => return Ok(invalid(reason_for(state), reason)),

@@ -99,6 +99,25 @@ impl EmbeddedStore {
             .map_err(|e| Error::internal(format!("embedded store task failed: {e}")))?
     }
 
+    /// Inserts new sessions in one transaction, without the per-user cap: for the offline
+    /// seeding tool (`session-authority seed`), never for serving.
+    pub fn insert_batch(&self, records: &[SessionRecord]) -> Result<()> {
+        self.write_now(Durability::Immediate, |tx| {
+            let mut sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
+            let mut ids = tx.open_table(SESSION_IDS).map_err(unavailable)?;
+            let mut users = tx.open_table(USER_SESSIONS).map_err(unavailable)?;
+            let mut expiry = tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
+            for record in records {
+                let hash = record.token_hash.as_slice();
+                sessions.insert(hash, record.to_bytes().as_slice()).map_err(unavailable)?;
+                ids.insert(record.session_id.as_str(), hash).map_err(unavailable)?;
+                users.insert((record.user_id.as_str(), record.session_id.as_str()), hash).map_err(unavailable)?;
+                expiry.insert((at(record.retain_until), hash), ()).map_err(unavailable)?;
+            }
+            Ok(())
+        })
+    }
+
     fn read_session(&self, hash: &TokenHash) -> Result<Option<SessionRecord>> {
         let tx = self.db.begin_read().map_err(unavailable)?;
         let table = tx.open_table(SESSIONS).map_err(unavailable)?;

@@ -2,5 +2,6 @@
 
 mod conformance;
 mod foundation;
+mod loadgen;
 mod sessions;
 mod support;

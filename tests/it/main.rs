@@ -5,3 +5,4 @@ mod foundation;
 mod loadgen;
 mod sessions;
 mod support;
+mod tls;

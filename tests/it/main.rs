@@ -2,5 +2,6 @@
 
 mod conformance;
 mod foundation;
+mod revocations;
 mod sessions;
 mod support;

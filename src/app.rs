@@ -29,6 +29,7 @@ use crate::grpc::revocation::RevocationAdapter;
 use crate::grpc::security::SecurityAdapter;
 use crate::grpc::session::SessionAdapter;
 use crate::grpc::token::TokenAdapter;
+use crate::revocation::{RevocationSettings, Revocations};
 use crate::session::{SessionManager, SessionSettings};
 use crate::store::DynSessionStore;
 use crate::store::embedded::EmbeddedStore;
@@ -47,6 +48,7 @@ pub struct App {
     config: Arc<Config>,
     secrets: Secrets,
     sessions: SessionManager,
+    revocations: Revocations,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     shutdown: CancellationToken,
@@ -87,10 +89,12 @@ impl App {
         let local_addr = listener.local_addr().map_err(|e| ConfigError(format!("setting `listen`: {e}")))?;
         let sessions =
             SessionManager::new(store, secrets.key_ring.clone(), clock, SessionSettings::from_config(&config));
+        let revocations = Revocations::new(sessions.clone(), RevocationSettings::from_config(&config));
         Ok(App {
             config: Arc::new(config),
             secrets,
             sessions,
+            revocations,
             listener,
             local_addr,
             shutdown: CancellationToken::new(),
@@ -102,6 +106,11 @@ impl App {
         &self.sessions
     }
 
+    /// Revocation (for tests and tools that act in process, such as a forced cleanup).
+    pub fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
     /// The address the server listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -110,7 +119,7 @@ impl App {
     /// Serves until `signal` completes, then stops accepting, ends open streams with a
     /// "reconnect" status, and waits up to `server.shutdown_grace` for in-flight calls.
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), ConfigError> {
-        let App { config, secrets, sessions, listener, local_addr, shutdown } = self;
+        let App { config, secrets, sessions, revocations, listener, local_addr, shutdown } = self;
         let server_config = &config.server;
         let max_message = server_config.max_message_bytes;
 
@@ -163,7 +172,7 @@ impl App {
                     .max_encoding_message_size(max_message),
             )
             .add_service(
-                RevocationServiceServer::new(RevocationAdapter)
+                RevocationServiceServer::new(RevocationAdapter::new(revocations.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
@@ -174,6 +183,9 @@ impl App {
             );
 
         let cleanup = tokio::spawn(cleanup_loop(sessions, config.session.cleanup_interval, shutdown.clone()));
+        let feed = tokio::spawn(revocations.feed().clone().run(shutdown.clone()));
+        let revocation_cleanup =
+            tokio::spawn(revocation_cleanup_loop(revocations, config.revocation.cleanup_interval, shutdown.clone()));
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         tracing::info!(%local_addr, storage = config.storage.kind.as_str(), "serving");
 
@@ -196,6 +208,8 @@ impl App {
             }
         }
         cleanup.abort();
+        feed.abort();
+        revocation_cleanup.abort();
         tracing::info!("stopped");
         Ok(())
     }
@@ -239,6 +253,25 @@ async fn cleanup_loop(sessions: SessionManager, interval: std::time::Duration, s
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "expired sessions purged"),
             Err(e) => tracing::warn!(error = %e, "session cleanup failed; will retry"),
+        }
+    }
+}
+
+/// Purges revocation-list entries whose TTL passed, every `interval` until shutdown. The sweep
+/// walks the list's expiry index, so its cost grows with what expired.
+async fn revocation_cleanup_loop(revocations: Revocations, interval: std::time::Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match revocations.cleanup().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "expired revocation-list entries purged"),
+            Err(e) => tracing::warn!(error = %e, "revocation cleanup failed; will retry"),
         }
     }
 }

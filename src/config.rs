@@ -207,6 +207,9 @@ pub struct RevocationConfig {
     pub list_ttl: Duration,
     /// How often expired entries are swept.
     pub cleanup_interval: Duration,
+    /// Events the per-replica live feed buffers; a watcher further behind is ended with
+    /// ABORTED and resumes from its cursor.
+    pub watch_buffer: usize,
 }
 
 /// Rate limits and hijack detection.
@@ -303,6 +306,7 @@ const KNOWN_KEYS: &[&str] = &[
     "revocation.cascade",
     "revocation.list_ttl",
     "revocation.cleanup_interval",
+    "revocation.watch_buffer",
     "security.rate_limiting",
     "security.hijack_detection",
     "security.hijack_threshold",
@@ -626,7 +630,11 @@ impl Config {
             cascade: r.bool("revocation.cascade", true)?,
             list_ttl: r.positive_duration("revocation.list_ttl", Duration::from_secs(24 * 3600))?,
             cleanup_interval: r.positive_duration("revocation.cleanup_interval", Duration::from_secs(3600))?,
+            watch_buffer: r.number("revocation.watch_buffer", 4096usize)?,
         };
+        if revocation.watch_buffer < 16 {
+            return Err(err("setting `revocation.watch_buffer`: must be at least 16"));
+        }
 
         let security = SecurityConfig {
             rate_limiting: r.bool("security.rate_limiting", true)?,

@@ -8,6 +8,7 @@
 //! - [`limits`]: size limits shared by validation and the domain;
 //! - [`session`]: the session record and lifecycle ([`session::SessionManager`]);
 //! - [`store`]: the storage traits and the memory and embedded backends;
+//! - [`revocation`]: the revocation log and list, cascading revocation, the live feed;
 //! - [`bootstrap`]: the keys a first run generates;
 //! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
 //! - [`metrics`]: the Prometheus exporter and the per-RPC counters;
@@ -27,6 +28,7 @@ pub mod error;
 pub mod grpc;
 pub mod limits;
 pub mod metrics;
+pub mod revocation;
 pub mod session;
 pub mod store;
 

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{self, Clock, Millis};
 use crate::crypto::{self, KeyRing};
 use crate::error::{Error, Result};
+use crate::revocation::RevocationKind;
 use crate::store::{CasOutcome, DynSessionStore, EndOutcome, EndSession, TokenHash, Touch};
 
 pub mod device;
@@ -370,6 +371,9 @@ pub struct SessionManager {
     settings: SessionSettings,
     guard: Arc<dyn CreateGuard>,
     hijack: Option<Arc<dyn HijackScorer>>,
+    // Woken after every write that may append to the revocation log, so this replica's feed
+    // publishes at once instead of at its next poll.
+    log_signal: Arc<tokio::sync::Notify>,
 }
 
 /// The reason recorded for sessions evicted by the cap.
@@ -380,7 +384,15 @@ pub const HIJACK_REASON: &str = "suspected_hijacking";
 impl SessionManager {
     /// A manager over `store`.
     pub fn new(store: DynSessionStore, keys: Arc<KeyRing>, clock: Arc<dyn Clock>, settings: SessionSettings) -> Self {
-        SessionManager { store, keys, clock, settings, guard: Arc::new(NoRateLimit), hijack: None }
+        SessionManager {
+            store,
+            keys,
+            clock,
+            settings,
+            guard: Arc::new(NoRateLimit),
+            hijack: None,
+            log_signal: Arc::new(tokio::sync::Notify::new()),
+        }
     }
 
     /// Checks `guard` before every creation.
@@ -403,6 +415,12 @@ impl SessionManager {
     /// The settings.
     pub fn settings(&self) -> &SessionSettings {
         &self.settings
+    }
+
+    /// Notified after every write that may have appended to the revocation log (the
+    /// replica's feed waits on it).
+    pub fn log_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.log_signal.clone()
     }
 
     /// Now, by the manager's clock.
@@ -435,8 +453,13 @@ impl SessionManager {
             reason: EVICTION_REASON.into(),
             at: now,
             retain_until: self.tombstone_until(now),
+            kind: Some(RevocationKind::Evicted),
+            revoked_by: None,
         };
         let evicted = self.store.create(record.clone(), self.settings.max_sessions_per_user, eviction).await?;
+        if !evicted.is_empty() {
+            self.log_signal.notify_one();
+        }
         metrics::counter!("session_created_total").increment(1);
         Ok(Created { session: record, token, evicted })
     }
@@ -519,7 +542,7 @@ impl SessionManager {
         if let Some(scorer) = &self.hijack
             && risk_score > scorer.threshold()
         {
-            self.end_session(&session, SessionState::Terminated, HIJACK_REASON).await?;
+            self.end_as(&session, RevocationKind::Hijack, HIJACK_REASON, None).await?;
             return Ok(Validation::Invalid {
                 reason: InvalidReason::HijackSuspected,
                 end_reason: Some(HIJACK_REASON.into()),
@@ -577,11 +600,55 @@ impl SessionManager {
         Ok(session)
     }
 
-    /// Ends `session` as `state` unless it has already ended; returns the outcome.
+    /// Ends `session` as `state` unless it has already ended; returns the outcome. `Expired`
+    /// appends no revocation event (time expiry is not on the list); `Revoked` and
+    /// `Terminated` append a `Revoked` or `Terminated` event. Ends with a more specific kind
+    /// go through [`SessionManager::end_as`].
     pub async fn end_session(&self, session: &SessionRecord, state: SessionState, reason: &str) -> Result<EndOutcome> {
+        let kind = match state {
+            SessionState::Active | SessionState::Expired => None,
+            SessionState::Revoked => Some(RevocationKind::Revoked),
+            SessionState::Terminated => Some(RevocationKind::Terminated),
+        };
+        self.end(session, state, kind, reason, None).await
+    }
+
+    /// Ends `session` for `kind` (its state is `kind.state()`), appending exactly one
+    /// revocation event in the same atomic step, unless it has already ended. This is the one
+    /// path for every end that watchers must see: revocation, termination, eviction, hijack and
+    /// a refused refresh (`RevocationKind::RefreshFailed`, for the token work).
+    pub async fn end_as(
+        &self,
+        session: &SessionRecord,
+        kind: RevocationKind,
+        reason: &str,
+        revoked_by: Option<&str>,
+    ) -> Result<EndOutcome> {
+        self.end(session, kind.state(), Some(kind), reason, revoked_by).await
+    }
+
+    async fn end(
+        &self,
+        session: &SessionRecord,
+        state: SessionState,
+        kind: Option<RevocationKind>,
+        reason: &str,
+        revoked_by: Option<&str>,
+    ) -> Result<EndOutcome> {
         let at = self.clock.now();
-        let end = EndSession { state, reason: reason.to_owned(), at, retain_until: self.tombstone_until(at) };
-        self.store.end(&session.token_hash, end).await
+        let end = EndSession {
+            state,
+            reason: reason.to_owned(),
+            at,
+            retain_until: self.tombstone_until(at),
+            kind,
+            revoked_by: revoked_by.map(str::to_owned),
+        };
+        let outcome = self.store.end(&session.token_hash, end).await?;
+        if kind.is_some() && matches!(outcome, EndOutcome::Ended(_)) {
+            self.log_signal.notify_one();
+        }
+        Ok(outcome)
     }
 
     /// Finds a session by token or id, as stored (no device check, no expiry write).

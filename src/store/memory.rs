@@ -1,21 +1,34 @@
 //! The memory backend: every index in process memory behind one lock. For tests and ephemeral
 //! deployments; nothing survives a restart. Each trait operation holds the lock for its whole
-//! step, which is what makes it atomic.
+//! step, which is what makes it atomic. The revocation log sits behind the same lock, so an
+//! end and its event are one step too.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::RwLock;
 
 use async_trait::async_trait;
 
 use crate::clock::Millis;
 use crate::error::Result;
+use crate::revocation::RevocationEvent;
 use crate::session::SessionRecord;
-use crate::store::{CasOutcome, EndOutcome, EndSession, SessionStore, TokenHash, Touch};
+use crate::store::{
+    CasOutcome, EndOutcome, EndSession, LogPosition, LogRead, RevocationPage, SessionStore, TokenHash, Touch,
+};
 
 /// Sessions in memory.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     inner: RwLock<Inner>,
+    // Random per process: a cursor from an earlier process's log is then out of range instead of
+    // being read as a position in this fresh one.
+    log_id: String,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore { inner: RwLock::default(), log_id: crate::revocation::new_log_id() }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -24,6 +37,35 @@ struct Inner {
     ids: HashMap<String, TokenHash>,
     users: HashMap<String, HashSet<TokenHash>>,
     expiry: BTreeSet<(Millis, TokenHash)>,
+    log: Log,
+}
+
+/// The revocation log and its indexes.
+#[derive(Debug, Default)]
+struct Log {
+    events: BTreeMap<u64, RevocationEvent>,
+    by_session: HashMap<String, u64>,
+    by_user: BTreeSet<(String, u64)>,
+    expiry: BTreeSet<(Millis, u64)>,
+    head: u64,
+    trimmed_through: u64,
+}
+
+impl Log {
+    fn append(&mut self, end: &EndSession, record: &SessionRecord) {
+        let seq = self.head + 1;
+        if let Some(event) = end.event_for(record, seq) {
+            self.head = seq;
+            self.by_session.insert(event.session_id.clone(), seq);
+            self.by_user.insert((event.user_id.clone(), seq));
+            self.expiry.insert((event.expires_at, seq));
+            self.events.insert(seq, event);
+        }
+    }
+
+    fn position(&self) -> LogPosition {
+        LogPosition { head: self.head, trimmed_through: self.trimmed_through }
+    }
 }
 
 impl Inner {
@@ -39,7 +81,9 @@ impl Inner {
         record.retain_until = end.retain_until;
         record.version += 1;
         self.expiry.insert((record.retain_until, *hash));
-        EndOutcome::Ended(record.clone())
+        let ended = record.clone();
+        self.log.append(end, &ended);
+        EndOutcome::Ended(ended)
     }
 
     fn remove(&mut self, hash: &TokenHash) {
@@ -156,6 +200,69 @@ impl SessionStore for MemoryStore {
         let due: Vec<TokenHash> = inner.expiry.range(..=(now, [0xff; 32])).take(limit).map(|(_, hash)| *hash).collect();
         for hash in &due {
             inner.remove(hash);
+        }
+        Ok(due.len())
+    }
+
+    fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
+    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
+        let inner = self.read();
+        let events = inner.log.events.range(after.saturating_add(1)..).take(limit).map(|(_, e)| e.clone()).collect();
+        Ok(LogRead { events, position: inner.log.position() })
+    }
+
+    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
+        let inner = self.read();
+        let log = &inner.log;
+        Ok(log.by_session.get(session_id).and_then(|seq| log.events.get(seq)).filter(|e| e.expires_at > now).cloned())
+    }
+
+    async fn list_revocations(
+        &self,
+        user_id: Option<&str>,
+        after: u64,
+        through: Option<u64>,
+        limit: usize,
+        now: Millis,
+    ) -> Result<RevocationPage> {
+        let inner = self.read();
+        let log = &inner.log;
+        let through = through.unwrap_or(log.head);
+        let live = |e: &&RevocationEvent| e.expires_at > now;
+        let entries = if after >= through {
+            Vec::new()
+        } else {
+            match user_id {
+                Some(user) => log
+                    .by_user
+                    .range((user.to_owned(), after + 1)..=(user.to_owned(), through))
+                    .filter_map(|(_, seq)| log.events.get(seq))
+                    .filter(live)
+                    .take(limit)
+                    .cloned()
+                    .collect(),
+                None => {
+                    log.events.range(after + 1..=through).map(|(_, e)| e).filter(live).take(limit).cloned().collect()
+                }
+            }
+        };
+        Ok(RevocationPage { entries, position: log.position() })
+    }
+
+    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
+        let mut inner = self.write();
+        let log = &mut inner.log;
+        let due: Vec<(Millis, u64)> = log.expiry.range(..=(now, u64::MAX)).take(limit).copied().collect();
+        for key in &due {
+            log.expiry.remove(key);
+            if let Some(event) = log.events.remove(&key.1) {
+                log.by_session.remove(&event.session_id);
+                log.by_user.remove(&(event.user_id, key.1));
+            }
+            log.trimmed_through = log.trimmed_through.max(key.1);
         }
         Ok(due.len())
     }

@@ -3,6 +3,7 @@
 mod conformance;
 mod foundation;
 mod loadgen;
+mod revocations;
 mod sessions;
 mod support;
 mod tls;

@@ -7,6 +7,7 @@
 //! - [`crypto`]: session tokens, hashes, encryption at rest;
 //! - [`limits`]: size limits shared by validation and the domain;
 //! - [`session`]: the session record and lifecycle ([`session::SessionManager`]);
+//! - [`security`]: rate limits, hijack detection, the security event log and summaries;
 //! - [`store`]: the storage traits and the memory and embedded backends;
 //! - [`bootstrap`]: the keys a first run generates;
 //! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
@@ -25,6 +26,7 @@ pub mod crypto;
 pub mod error;
 pub mod grpc;
 pub mod limits;
+pub mod security;
 pub mod session;
 pub mod store;
 

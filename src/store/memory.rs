@@ -1,21 +1,43 @@
-//! The memory backend: every index in process memory behind one lock. For tests and ephemeral
-//! deployments; nothing survives a restart. Each trait operation holds the lock for its whole
-//! step, which is what makes it atomic.
+//! The memory backend: every index in process memory behind one lock per concern (sessions,
+//! rate limits, security events). For tests and ephemeral deployments; nothing survives a
+//! restart. Each trait operation holds its lock for its whole step, which is what makes it atomic.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::RwLock;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Mutex, RwLock};
 
 use async_trait::async_trait;
 
 use crate::clock::Millis;
 use crate::error::Result;
+use crate::security::events::SecurityEvent;
+use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::SessionRecord;
-use crate::store::{CasOutcome, EndOutcome, EndSession, SessionStore, TokenHash, Touch};
+use crate::store::{
+    CasOutcome, EndOutcome, EndSession, EventQuery, RateLimitStore, SecurityEventStore, SessionStore, TokenHash, Touch,
+    type_matches,
+};
 
-/// Sessions in memory.
+/// Sessions, rate-limit state and security events in memory.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: RwLock<Inner>,
+    limits: Mutex<Limits>,
+    events: RwLock<Events>,
+}
+
+/// Rate-limit state by (rule, key), with an index by the time it can be forgotten.
+#[derive(Debug, Default)]
+struct Limits {
+    states: HashMap<(String, String), LimiterState>,
+    forget: BTreeSet<(Millis, String, String)>,
+    forget_at: HashMap<(String, String), Millis>,
+}
+
+/// Events by (time, id), and per user the (time, id) positions.
+#[derive(Debug, Default)]
+struct Events {
+    by_time: BTreeMap<(Millis, String), SecurityEvent>,
+    by_user: HashMap<String, BTreeSet<(Millis, String)>>,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +92,10 @@ impl MemoryStore {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn limits(&self) -> std::sync::MutexGuard<'_, Limits> {
+        self.limits.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -166,5 +192,88 @@ impl SessionStore for MemoryStore {
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[async_trait]
+impl RateLimitStore for MemoryStore {
+    async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+        let mut limits = self.limits();
+        let id = (rule.name.clone(), key.to_owned());
+        let (decision, next) = limiter::apply(limits.states.get(&id).copied(), rule, cost, now);
+        if let Some(next) = next {
+            let forget_at = next.forget_at(rule);
+            if let Some(old) = limits.forget_at.insert(id.clone(), forget_at) {
+                limits.forget.remove(&(old, id.0.clone(), id.1.clone()));
+            }
+            limits.forget.insert((forget_at, id.0.clone(), id.1.clone()));
+            limits.states.insert(id, next);
+        }
+        Ok(decision)
+    }
+
+    async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize> {
+        let mut limits = self.limits();
+        let due: Vec<(Millis, String, String)> =
+            limits.forget.iter().take_while(|(at, ..)| *at <= now).take(limit).cloned().collect();
+        for entry in &due {
+            limits.forget.remove(entry);
+            let id = (entry.1.clone(), entry.2.clone());
+            limits.forget_at.remove(&id);
+            limits.states.remove(&id);
+        }
+        Ok(due.len())
+    }
+}
+
+#[async_trait]
+impl SecurityEventStore for MemoryStore {
+    async fn append(&self, event: &SecurityEvent) -> Result<()> {
+        let mut events = self.events.write().unwrap_or_else(|p| p.into_inner());
+        let position = (event.occurred_at, event.event_id.clone());
+        if let Some(user) = &event.user_id {
+            events.by_user.entry(user.clone()).or_default().insert(position.clone());
+        }
+        events.by_time.insert(position, event.clone());
+        Ok(())
+    }
+
+    async fn user_events(&self, query: &EventQuery) -> Result<Vec<SecurityEvent>> {
+        let events = self.events.read().unwrap_or_else(|p| p.into_inner());
+        let Some(positions) = events.by_user.get(&query.user_id) else { return Ok(Vec::new()) };
+        if query.from >= query.until {
+            return Ok(Vec::new());
+        }
+        let upper = match &query.after {
+            Some((at, id)) if *at < query.until => std::ops::Bound::Excluded((*at, id.clone())),
+            _ => std::ops::Bound::Excluded((query.until, String::new())),
+        };
+        let lower = std::ops::Bound::Included((query.from, String::new()));
+        Ok(positions
+            .range((lower, upper))
+            .rev()
+            .filter_map(|position| events.by_time.get(position))
+            .filter(|event| type_matches(query, event.event_type))
+            .take(query.limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn purge_events(&self, cutoff: Millis, limit: usize) -> Result<usize> {
+        let mut events = self.events.write().unwrap_or_else(|p| p.into_inner());
+        let due: Vec<(Millis, String)> =
+            events.by_time.keys().take_while(|(at, _)| *at < cutoff).take(limit).cloned().collect();
+        for position in &due {
+            if let Some(event) = events.by_time.remove(position)
+                && let Some(user) = &event.user_id
+                && let Some(set) = events.by_user.get_mut(user)
+            {
+                set.remove(position);
+                if set.is_empty() {
+                    events.by_user.remove(user);
+                }
+            }
+        }
+        Ok(due.len())
     }
 }

@@ -556,3 +556,6 @@ fn decode_page_token(token: &str) -> Result<(Millis, String)> {
     let (at, id) = text.split_once(':').ok_or_else(bad)?;
     Ok((at.parse().map_err(|_| bad())?, id.to_owned()))
 }
+
+#[cfg(test)]
+mod tests;

@@ -124,7 +124,7 @@ pub const SUSPICIOUS_RISK: f64 = 0.5;
 /// One entry of the security event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecurityEvent {
-    /// `evt_<uuid>`.
+    /// `evt_` and 32 hex digits (see [`Recorder`]); unique, and ordered within a millisecond.
     pub event_id: String,
     /// What happened.
     pub event_type: EventType,
@@ -256,6 +256,15 @@ impl EventDraft {
     }
 }
 
+/// `evt_<16 hex: a process-wide sequence><16 hex: random>`. Events are ordered by
+/// `(occurred_at, event_id)`; the sequence keeps events of one millisecond in the order this
+/// process recorded them, the random part keeps ids of different replicas apart.
+fn new_event_id() -> String {
+    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let sequence = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("evt_{sequence:016x}{:016x}", rand::random::<u64>())
+}
+
 /// Appends security events to the store and logs each at info (type and ids, no secrets).
 #[derive(Debug, Clone)]
 pub struct Recorder {
@@ -278,7 +287,7 @@ impl Recorder {
     pub async fn record(&self, draft: EventDraft) -> Result<SecurityEvent> {
         let severity = draft.severity_or_default();
         let event = SecurityEvent {
-            event_id: format!("evt_{}", uuid::Uuid::new_v4().simple()),
+            event_id: new_event_id(),
             event_type: draft.event_type,
             user_id: draft.user_id,
             session_id: draft.session_id,

@@ -8,7 +8,7 @@
 //! | user agent | both known and different | 0.2 | "User agent changed" |
 //! | fingerprint mismatch | both present, digests differ and the device rule fails | 0.5 | "Device fingerprint mismatch" |
 //! | fingerprint changed | digests differ but the device rule still matches | 0.1 | "Device fingerprint changed" |
-//! | accept-language | both fingerprints carry it and it differs | 0.1 | "Accept-Language changed" |
+//! | accept-language | both fingerprints carry it, it differs, and the device rule still matches (a mismatch already counts it) | 0.1 | "Accept-Language changed" |
 //! | IP velocity | more than `velocity_max_ips` (3) distinct IPs used the session within `velocity_window` (5 min) | 0.3 | "Requests from N IP addresses within …" |
 //!
 //! The score is the sum, capped at 1; a session is ended when it is strictly above the threshold
@@ -122,18 +122,19 @@ pub fn assess(
 
     if let (Some(stored), Some(presented)) = (&session.fingerprint, &request.fingerprint)
         && !presented.is_empty()
+        && stored.digest() != presented.digest()
     {
-        if stored.digest() != presented.digest() {
-            if stored.compare(presented, rules.device_match_threshold).matches {
-                add(rules.fingerprint_changed, "Device fingerprint changed".into());
-            } else {
-                add(rules.fingerprint_mismatch, "Device fingerprint mismatch".into());
+        if stored.compare(presented, rules.device_match_threshold).matches {
+            add(rules.fingerprint_changed, "Device fingerprint changed".into());
+            // The language is one of the device rule's fields: it counts on its own only when
+            // the device as a whole still matches, so that a mismatch is not counted twice.
+            if let (Some(a), Some(b)) = (&stored.accept_language, &presented.accept_language)
+                && a != b
+            {
+                add(rules.accept_language, "Accept-Language changed".into());
             }
-        }
-        if let (Some(a), Some(b)) = (&stored.accept_language, &presented.accept_language)
-            && a != b
-        {
-            add(rules.accept_language, "Accept-Language changed".into());
+        } else {
+            add(rules.fingerprint_mismatch, "Device fingerprint mismatch".into());
         }
     }
 

@@ -2,5 +2,6 @@
 
 mod conformance;
 mod foundation;
+mod security;
 mod sessions;
 mod support;

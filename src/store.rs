@@ -167,7 +167,9 @@ pub trait SecurityEventStore: Send + Sync + std::fmt::Debug + 'static {
     async fn user_events(&self, query: &EventQuery) -> Result<Vec<SecurityEvent>>;
 
     /// Deletes up to `limit` events that occurred before `cutoff`, with their index entries.
-    /// Returns how many were deleted; cost grows with what is deleted.
+    /// Returns how many were deleted; cost grows with what is deleted. A backend that expires
+    /// events itself (Redis: the append script trims the user's log and sets key TTLs) may do
+    /// nothing here and return 0.
     async fn purge_events(&self, cutoff: Millis, limit: usize) -> Result<usize>;
 }
 

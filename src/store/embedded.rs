@@ -446,12 +446,15 @@ impl SecurityEventStore for EmbeddedStore {
             }
             Ok(())
         };
-        match &query.after {
-            Some((after_at, after_id)) if *after_at < query.until => {
-                scan(index.range(lower..(user, at(*after_at), after_id.as_str())).map_err(unavailable)?)?
-            }
-            _ => scan(index.range(lower..(user, at(query.until), "")).map_err(unavailable)?)?,
+        let upper = match &query.after {
+            Some((after_at, after_id)) if *after_at < query.until => (user, at(*after_at), after_id.as_str()),
+            _ => (user, at(query.until), ""),
+        };
+        // A resume position before the range (a crafted page token) selects nothing.
+        if upper <= lower {
+            return Ok(Vec::new());
         }
+        scan(index.range(lower..upper).map_err(unavailable)?)?;
         Ok(found)
     }
 

@@ -245,10 +245,16 @@ impl SecurityEventStore for MemoryStore {
             return Ok(Vec::new());
         }
         let upper = match &query.after {
-            Some((at, id)) if *at < query.until => std::ops::Bound::Excluded((*at, id.clone())),
-            _ => std::ops::Bound::Excluded((query.until, String::new())),
+            Some((at, id)) if *at < query.until => (*at, id.clone()),
+            _ => (query.until, String::new()),
         };
-        let lower = std::ops::Bound::Included((query.from, String::new()));
+        let lower = (query.from, String::new());
+        // A resume position before the range (a crafted page token) selects nothing; BTreeSet
+        // would panic on a reversed range.
+        if upper <= lower {
+            return Ok(Vec::new());
+        }
+        let (lower, upper) = (std::ops::Bound::Included(lower), std::ops::Bound::Excluded(upper));
         Ok(positions
             .range((lower, upper))
             .rev()

@@ -511,6 +511,12 @@ pub async fn events_are_listed_per_user_by_time_and_purged(backend: Backend) {
     assert_eq!(ids(&log.user_events(&q).await.unwrap()), ["e6a"]);
     q.after = Some((t(6), "e6a".into()));
     assert_eq!(ids(&log.user_events(&q).await.unwrap()), ["e1"]);
+    // A resume position before the range selects nothing (and does not panic).
+    let mut q = query(t(3), t(100));
+    q.after = Some((t(1), "e1".into()));
+    assert!(log.user_events(&q).await.unwrap().is_empty());
+    q.after = Some((-5, String::new()));
+    assert!(log.user_events(&q).await.unwrap().is_empty());
     // Other users and user-less events stay apart.
     let bob = log.user_events(&EventQuery { user_id: "bob".into(), ..query(0, t(100)) }).await.unwrap();
     assert_eq!(ids(&bob), ["e3"]);

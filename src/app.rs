@@ -30,8 +30,9 @@ use crate::grpc::security::SecurityAdapter;
 use crate::grpc::session::SessionAdapter;
 use crate::grpc::token::TokenAdapter;
 use crate::revocation::{RevocationSettings, Revocations};
+use crate::security::{Security, SecuritySettings};
 use crate::session::{SessionManager, SessionSettings};
-use crate::store::DynSessionStore;
+use crate::store::Stores;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::memory::MemoryStore;
 
@@ -49,6 +50,7 @@ pub struct App {
     secrets: Secrets,
     sessions: SessionManager,
     revocations: Revocations,
+    security: Security,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     shutdown: CancellationToken,
@@ -68,33 +70,41 @@ impl App {
             crate::metrics::install(addr)?;
         }
         let secrets = bootstrap::prepare(&config)?;
-        let store = open_store(&config)?;
-        App::assemble(config, secrets, store, Arc::new(SystemClock), listener)
+        let stores = open_stores(&config)?;
+        App::assemble(config, secrets, stores, Arc::new(SystemClock), listener)
     }
 
-    /// Builds around a given store and clock (tests use a manual clock).
-    pub async fn build_with(config: Config, store: DynSessionStore, clock: Arc<dyn Clock>) -> Result<App, ConfigError> {
+    /// Builds around given stores and clock (tests use a manual clock).
+    pub async fn build_with(config: Config, stores: Stores, clock: Arc<dyn Clock>) -> Result<App, ConfigError> {
         let listener = bind(&config).await?;
         let secrets = bootstrap::prepare(&config)?;
-        App::assemble(config, secrets, store, clock, listener)
+        App::assemble(config, secrets, stores, clock, listener)
     }
 
     fn assemble(
         config: Config,
         secrets: Secrets,
-        store: DynSessionStore,
+        stores: Stores,
         clock: Arc<dyn Clock>,
         listener: tokio::net::TcpListener,
     ) -> Result<App, ConfigError> {
         let local_addr = listener.local_addr().map_err(|e| ConfigError(format!("setting `listen`: {e}")))?;
-        let sessions =
-            SessionManager::new(store, secrets.key_ring.clone(), clock, SessionSettings::from_config(&config));
+        let sessions = SessionManager::new(
+            stores.sessions.clone(),
+            secrets.key_ring.clone(),
+            clock.clone(),
+            SessionSettings::from_config(&config),
+        );
+        // Security wraps the manager (create guard, hijack scorer, event observer); revocations
+        // are built on the wrapped one so that every end they cause is observed too.
+        let (sessions, security) = Security::install(SecuritySettings::from_config(&config), &stores, clock, sessions);
         let revocations = Revocations::new(sessions.clone(), RevocationSettings::from_config(&config));
         Ok(App {
             config: Arc::new(config),
             secrets,
             sessions,
             revocations,
+            security,
             listener,
             local_addr,
             shutdown: CancellationToken::new(),
@@ -119,7 +129,7 @@ impl App {
     /// Serves until `signal` completes, then stops accepting, ends open streams with a
     /// "reconnect" status, and waits up to `server.shutdown_grace` for in-flight calls.
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), ConfigError> {
-        let App { config, secrets, sessions, revocations, listener, local_addr, shutdown } = self;
+        let App { config, secrets, sessions, revocations, security, listener, local_addr, shutdown } = self;
         let server_config = &config.server;
         let max_message = server_config.max_message_bytes;
 
@@ -162,7 +172,7 @@ impl App {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
-                SessionServiceServer::new(SessionAdapter::new(sessions.clone()))
+                SessionServiceServer::new(SessionAdapter::new(sessions.clone()).with_security(security.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
@@ -177,12 +187,12 @@ impl App {
                     .max_encoding_message_size(max_message),
             )
             .add_service(
-                SecurityServiceServer::new(SecurityAdapter)
+                SecurityServiceServer::new(SecurityAdapter::new(security.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             );
 
-        let cleanup = tokio::spawn(cleanup_loop(sessions, config.session.cleanup_interval, shutdown.clone()));
+        let cleanup = tokio::spawn(cleanup_loop(sessions, security, config.session.cleanup_interval, shutdown.clone()));
         let feed = tokio::spawn(revocations.feed().clone().run(shutdown.clone()));
         let revocation_cleanup =
             tokio::spawn(revocation_cleanup_loop(revocations, config.revocation.cleanup_interval, shutdown.clone()));
@@ -224,12 +234,12 @@ async fn bind(config: &Config) -> Result<tokio::net::TcpListener, ConfigError> {
         .map_err(|e| ConfigError(format!("setting `listen`: cannot listen on {listen}: {e}")))
 }
 
-/// Opens the configured session store.
-fn open_store(config: &Config) -> Result<DynSessionStore, ConfigError> {
+/// Opens the configured stores (one backend serves sessions, rate limits and events).
+fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
     match config.storage.kind {
-        StorageKind::Memory => Ok(Arc::new(MemoryStore::new())),
+        StorageKind::Memory => Ok(Stores::of(MemoryStore::new())),
         StorageKind::Embedded => EmbeddedStore::open(&config.storage.data_dir)
-            .map(|store| Arc::new(store) as DynSessionStore)
+            .map(Stores::of)
             .map_err(|e| ConfigError(format!("setting `data_dir`: {e}"))),
         kind @ (StorageKind::Redis | StorageKind::KvRest) => Err(ConfigError(format!(
             "setting `storage`: the {} backend is not available in this build yet (it arrives with the shared-storage work); use embedded or memory",
@@ -238,9 +248,15 @@ fn open_store(config: &Config) -> Result<DynSessionStore, ConfigError> {
     }
 }
 
-/// Sweeps expired sessions every `interval` until shutdown. Errors are logged and the loop
-/// goes on; the sweep's cost grows with what expired.
-async fn cleanup_loop(sessions: SessionManager, interval: std::time::Duration, shutdown: CancellationToken) {
+/// Sweeps expired sessions, security events past retention and stale rate-limit state every
+/// `interval` until shutdown. Errors are logged and the loop goes on; each sweep's cost grows
+/// with what expired.
+async fn cleanup_loop(
+    sessions: SessionManager,
+    security: Security,
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -253,6 +269,11 @@ async fn cleanup_loop(sessions: SessionManager, interval: std::time::Duration, s
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "expired sessions purged"),
             Err(e) => tracing::warn!(error = %e, "session cleanup failed; will retry"),
+        }
+        match security.cleanup().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "old security events and rate-limit state purged"),
+            Err(e) => tracing::warn!(error = %e, "security cleanup failed; will retry"),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`crypto`]: session tokens, hashes, encryption at rest;
 //! - [`limits`]: size limits shared by validation and the domain;
 //! - [`session`]: the session record and lifecycle ([`session::SessionManager`]);
+//! - [`security`]: rate limits, hijack detection, the security event log and summaries;
 //! - [`store`]: the storage traits and the memory and embedded backends;
 //! - [`revocation`]: the revocation log and list, cascading revocation, the live feed;
 //! - [`bootstrap`]: the keys a first run generates;
@@ -29,6 +30,7 @@ pub mod grpc;
 pub mod limits;
 pub mod metrics;
 pub mod revocation;
+pub mod security;
 pub mod session;
 pub mod store;
 

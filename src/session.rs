@@ -362,6 +362,59 @@ pub trait HijackScorer: Send + Sync + std::fmt::Debug + 'static {
     fn threshold(&self) -> f64;
 }
 
+/// What the lifecycle reports to a [`SessionObserver`] (the security event log).
+#[derive(Debug, Clone, Copy)]
+pub enum SessionEvent<'a> {
+    /// A session was created.
+    Created(&'a SessionRecord),
+    /// A session ended (the record in its ended form: state, reason, time).
+    Ended(&'a SessionRecord),
+    /// A presented device did not match the session's.
+    DeviceMismatch {
+        /// The session as stored.
+        session: &'a SessionRecord,
+        /// The client IP of the request.
+        ip: Option<IpAddr>,
+    },
+    /// Hijack scoring found at least one signal.
+    HijackScored {
+        /// The session as stored before the request.
+        session: &'a SessionRecord,
+        /// The client IP of the request.
+        ip: Option<IpAddr>,
+        /// The score.
+        risk_score: f64,
+        /// The reasons.
+        reasons: &'a [String],
+        /// Whether the score ended the session.
+        ended: bool,
+    },
+    /// An upstream refresh failed (reported by the token work).
+    RefreshFailed {
+        /// The session.
+        session: &'a SessionRecord,
+        /// What failed, without secrets.
+        error: &'a str,
+    },
+}
+
+/// Told about lifecycle events that are not the common case; the security work records them.
+/// Observation never fails the operation it describes.
+#[async_trait::async_trait]
+pub trait SessionObserver: Send + Sync + std::fmt::Debug + 'static {
+    /// Called after the event happened.
+    async fn observe(&self, event: SessionEvent<'_>);
+}
+
+/// A [`SessionObserver`] that ignores everything.
+#[derive(Debug, Default)]
+pub struct NoObserver;
+
+#[async_trait::async_trait]
+impl SessionObserver for NoObserver {
+    async fn observe(&self, _event: SessionEvent<'_>) {}
+}
+
 /// The session lifecycle over a store.
 #[derive(Debug, Clone)]
 pub struct SessionManager {
@@ -374,6 +427,7 @@ pub struct SessionManager {
     // Woken after every write that may append to the revocation log, so this replica's feed
     // publishes at once instead of at its next poll.
     log_signal: Arc<tokio::sync::Notify>,
+    observer: Arc<dyn SessionObserver>,
 }
 
 /// The reason recorded for sessions evicted by the cap.
@@ -392,7 +446,19 @@ impl SessionManager {
             guard: Arc::new(NoRateLimit),
             hijack: None,
             log_signal: Arc::new(tokio::sync::Notify::new()),
+            observer: Arc::new(NoObserver),
         }
+    }
+
+    /// Reports lifecycle events to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn SessionObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Reports an event that happened outside the manager (for example a failed refresh).
+    pub async fn report(&self, event: SessionEvent<'_>) {
+        self.observer.observe(event).await;
     }
 
     /// Checks `guard` before every creation.
@@ -461,6 +527,10 @@ impl SessionManager {
             self.log_signal.notify_one();
         }
         metrics::counter!("session_created_total").increment(1);
+        self.observer.observe(SessionEvent::Created(&record)).await;
+        for ended in &evicted {
+            self.observer.observe(SessionEvent::Ended(ended)).await;
+        }
         Ok(Created { session: record, token, evicted })
     }
 
@@ -539,9 +609,18 @@ impl SessionManager {
             Some(scorer) => scorer.score(&session, request),
             None => (0.0, Vec::new()),
         };
-        if let Some(scorer) = &self.hijack
-            && risk_score > scorer.threshold()
-        {
+        let over_threshold = self.hijack.as_ref().is_some_and(|scorer| risk_score > scorer.threshold());
+        if risk_score > 0.0 {
+            let scored = SessionEvent::HijackScored {
+                session: &session,
+                ip: request.ip_address,
+                risk_score,
+                reasons: &reasons,
+                ended: over_threshold,
+            };
+            self.observer.observe(scored).await;
+        }
+        if over_threshold {
             self.end_as(&session, RevocationKind::Hijack, HIJACK_REASON, None).await?;
             return Ok(Validation::Invalid {
                 reason: InvalidReason::HijackSuspected,
@@ -554,6 +633,7 @@ impl SessionManager {
         if let Some(presented) = &request.fingerprint
             && !self.device_matches(&session, presented)
         {
+            self.observer.observe(SessionEvent::DeviceMismatch { session: &session, ip: request.ip_address }).await;
             return Ok(Validation::Invalid {
                 reason: InvalidReason::DeviceMismatch,
                 end_reason: None,
@@ -645,8 +725,11 @@ impl SessionManager {
             revoked_by: revoked_by.map(str::to_owned),
         };
         let outcome = self.store.end(&session.token_hash, end).await?;
-        if kind.is_some() && matches!(outcome, EndOutcome::Ended(_)) {
-            self.log_signal.notify_one();
+        if let EndOutcome::Ended(ended) = &outcome {
+            if kind.is_some() {
+                self.log_signal.notify_one();
+            }
+            self.observer.observe(SessionEvent::Ended(ended)).await;
         }
         Ok(outcome)
     }

@@ -24,6 +24,8 @@ use async_trait::async_trait;
 use crate::clock::Millis;
 use crate::error::Result;
 use crate::revocation::{RevocationEvent, RevocationKind};
+use crate::security::events::{EventType, SecurityEvent};
+use crate::security::limiter::{Decision, Rule};
 use crate::session::{SessionRecord, SessionState};
 
 pub mod embedded;
@@ -208,3 +210,84 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
 
 /// A shared handle to a session store.
 pub type DynSessionStore = Arc<dyn SessionStore>;
+
+/// Rate-limit state, one entry per (rule, key). The limiter itself is the pure function
+/// [`crate::security::limiter::apply`]; a backend only makes load–apply–store one atomic step,
+/// so that replicas sharing the store count every request exactly once.
+#[async_trait]
+pub trait RateLimitStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Atomically: loads the state of (`rule.name`, `key`), applies
+    /// [`crate::security::limiter::apply`] with `cost` at `now`, stores the new state (or deletes
+    /// it when it no longer matters) and returns the decision. Concurrent checks of one key are
+    /// serialised: N checks against a fresh rule of limit L allow exactly min(N, L).
+    async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision>;
+
+    /// Deletes up to `limit` states that no longer affect any decision at `now` (see
+    /// [`crate::security::limiter::LimiterState::forget_at`]). Cost grows with what is deleted.
+    async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize>;
+}
+
+/// A shared handle to a rate-limit store.
+pub type DynRateLimitStore = Arc<dyn RateLimitStore>;
+
+/// A query of one user's security events.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// The user.
+    pub user_id: String,
+    /// Events at or after this time.
+    pub from: Millis,
+    /// Events strictly before this time.
+    pub until: Millis,
+    /// Only these types; every type when empty.
+    pub types: Vec<EventType>,
+    /// Resume strictly after (older than) this `(occurred_at, event_id)` position.
+    pub after: Option<(Millis, String)>,
+    /// At most this many events.
+    pub limit: usize,
+}
+
+/// The security event log: append-only, indexed by time and by (user, time).
+#[async_trait]
+pub trait SecurityEventStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Appends an event (durably, before returning). Events without a user are kept in the time
+    /// index only (they are purged with the rest but not listed per user).
+    async fn append(&self, event: &SecurityEvent) -> Result<()>;
+
+    /// One user's events matching `query`, newest first, ordered by `(occurred_at, event_id)`
+    /// descending. Cost grows with that user's events in the range, never with all events.
+    async fn user_events(&self, query: &EventQuery) -> Result<Vec<SecurityEvent>>;
+
+    /// Deletes up to `limit` events that occurred before `cutoff`, with their index entries.
+    /// Returns how many were deleted; cost grows with what is deleted. A backend that expires
+    /// events itself (Redis: the append script trims the user's log and sets key TTLs) may do
+    /// nothing here and return 0.
+    async fn purge_events(&self, cutoff: Millis, limit: usize) -> Result<usize>;
+}
+
+/// A shared handle to a security event store.
+pub type DynSecurityEventStore = Arc<dyn SecurityEventStore>;
+
+/// The three stores of one backend, usually one object behind three handles.
+#[derive(Debug, Clone)]
+pub struct Stores {
+    /// Sessions.
+    pub sessions: DynSessionStore,
+    /// Rate-limit state.
+    pub limits: DynRateLimitStore,
+    /// Security events.
+    pub events: DynSecurityEventStore,
+}
+
+impl Stores {
+    /// One backend object serving all three traits.
+    pub fn of<S: SessionStore + RateLimitStore + SecurityEventStore>(store: S) -> Stores {
+        let store = Arc::new(store);
+        Stores { sessions: store.clone(), limits: store.clone(), events: store }
+    }
+}
+
+/// Whether `event` matches the type filter of `query` (shared by the backends).
+pub fn type_matches(query: &EventQuery, event_type: EventType) -> bool {
+    query.types.is_empty() || query.types.contains(&event_type)
+}

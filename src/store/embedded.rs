@@ -19,6 +19,14 @@
 //! ((expires-at millis, sequence number) → ()); `revocation_meta` holds the log id, the head and
 //! the highest purged sequence number. redb's single writer serialises the transactions, so
 //! sequence numbers are assigned in commit order with no gap.
+//!
+//! The security tables live in the same file: `rate_limits` ((rule, key) → limiter state and the
+//! time it can be forgotten), `rate_limit_forget` ((forget-at, rule, key) → ()),
+//! `security_events` ((occurred-at, event id) → event JSON) and `user_security_events`
+//! ((user id, occurred-at, event id) → ()), the per-user time index that keeps a user's queries
+//! proportional to that user's events. A rate-limit check is one write transaction committed with
+//! `Durability::None` (a crash may forget the last few counts; no fsync per check); events are
+//! `Immediate`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -32,9 +40,12 @@ use redb::{
 use crate::clock::Millis;
 use crate::error::{Error, Result};
 use crate::revocation::RevocationEvent;
+use crate::security::events::SecurityEvent;
+use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::SessionRecord;
 use crate::store::{
-    CasOutcome, EndOutcome, EndSession, LogPosition, LogRead, RevocationPage, SessionStore, TokenHash, Touch,
+    CasOutcome, EndOutcome, EndSession, EventQuery, LogPosition, LogRead, RateLimitStore, RevocationPage,
+    SecurityEventStore, SessionStore, TokenHash, Touch, type_matches,
 };
 
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
@@ -50,6 +61,11 @@ const REVOCATION_META: TableDefinition<&str, &[u8]> = TableDefinition::new("revo
 const META_LOG_ID: &str = "log_id";
 const META_HEAD: &str = "head";
 const META_TRIMMED: &str = "trimmed_through";
+
+const RATE_LIMITS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rate_limits");
+const RATE_LIMIT_FORGET: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("rate_limit_forget");
+const SECURITY_EVENTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("security_events");
+const USER_SECURITY_EVENTS: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("user_security_events");
 
 /// Sessions in a redb file.
 #[derive(Clone)]
@@ -90,6 +106,10 @@ impl EmbeddedStore {
             tx.open_table(SESSION_IDS).map_err(unavailable)?;
             tx.open_table(USER_SESSIONS).map_err(unavailable)?;
             tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
+            tx.open_table(RATE_LIMITS).map_err(unavailable)?;
+            tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
+            tx.open_table(SECURITY_EVENTS).map_err(unavailable)?;
+            tx.open_table(USER_SECURITY_EVENTS).map_err(unavailable)?;
             tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
             tx.open_table(REVOCATION_SESSIONS).map_err(unavailable)?;
             tx.open_table(REVOCATION_USERS).map_err(unavailable)?;
@@ -535,5 +555,153 @@ impl SessionStore for EmbeddedStore {
         let tx = self.db.begin_read().map_err(unavailable)?;
         tx.open_table(SESSIONS).map_err(unavailable)?;
         Ok(())
+    }
+}
+
+/// A rate-limit entry as stored: the state and the time it was filed under in the forget index.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredLimit {
+    state: LimiterState,
+    forget_at: Millis,
+}
+
+#[async_trait]
+impl RateLimitStore for EmbeddedStore {
+    async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+        let rule = rule.clone();
+        let key = key.to_owned();
+        self.write(Durability::None, move |tx| {
+            let mut limits = tx.open_table(RATE_LIMITS).map_err(unavailable)?;
+            let stored: Option<StoredLimit> =
+                match limits.get((rule.name.as_str(), key.as_str())).map_err(unavailable)? {
+                    Some(bytes) => Some(
+                        serde_json::from_slice(bytes.value())
+                            .map_err(|e| Error::internal(format!("stored rate-limit state is unreadable: {e}")))?,
+                    ),
+                    None => None,
+                };
+            let (decision, next) = limiter::apply(stored.as_ref().map(|s| s.state), &rule, cost, now);
+            if let Some(state) = next {
+                let mut forget = tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
+                if let Some(old) = &stored {
+                    forget.remove((at(old.forget_at), rule.name.as_str(), key.as_str())).map_err(unavailable)?;
+                }
+                let forget_at = state.forget_at(&rule);
+                forget.insert((at(forget_at), rule.name.as_str(), key.as_str()), ()).map_err(unavailable)?;
+                let bytes = serde_json::to_vec(&StoredLimit { state, forget_at }).map_err(Error::internal)?;
+                limits.insert((rule.name.as_str(), key.as_str()), bytes.as_slice()).map_err(unavailable)?;
+            }
+            Ok(decision)
+        })
+        .await
+    }
+
+    async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize> {
+        self.write(Durability::None, move |tx| {
+            let due: Vec<(u64, String, String)> = {
+                let forget = tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
+                let mut due = Vec::new();
+                for entry in forget.range(..(at(now).saturating_add(1), "", "")).map_err(unavailable)?.take(limit) {
+                    let (k, _) = entry.map_err(unavailable)?;
+                    let (when, rule, key) = k.value();
+                    due.push((when, rule.to_owned(), key.to_owned()));
+                }
+                due
+            };
+            let mut forget = tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
+            let mut limits = tx.open_table(RATE_LIMITS).map_err(unavailable)?;
+            for (when, rule, key) in &due {
+                forget.remove((*when, rule.as_str(), key.as_str())).map_err(unavailable)?;
+                limits.remove((rule.as_str(), key.as_str())).map_err(unavailable)?;
+            }
+            Ok(due.len())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl SecurityEventStore for EmbeddedStore {
+    async fn append(&self, event: &SecurityEvent) -> Result<()> {
+        let event = event.clone();
+        self.write(Durability::Immediate, move |tx| {
+            let when = at(event.occurred_at);
+            tx.open_table(SECURITY_EVENTS)
+                .map_err(unavailable)?
+                .insert((when, event.event_id.as_str()), event.to_bytes().as_slice())
+                .map_err(unavailable)?;
+            if let Some(user) = &event.user_id {
+                tx.open_table(USER_SECURITY_EVENTS)
+                    .map_err(unavailable)?
+                    .insert((user.as_str(), when, event.event_id.as_str()), ())
+                    .map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn user_events(&self, query: &EventQuery) -> Result<Vec<SecurityEvent>> {
+        if query.from >= query.until || query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        let index = tx.open_table(USER_SECURITY_EVENTS).map_err(unavailable)?;
+        let events = tx.open_table(SECURITY_EVENTS).map_err(unavailable)?;
+        let user = query.user_id.as_str();
+        let lower = (user, at(query.from), "");
+        let mut found = Vec::new();
+        let mut scan = |range: redb::Range<'_, (&str, u64, &str), ()>| -> Result<()> {
+            for entry in range.rev() {
+                let (k, _) = entry.map_err(unavailable)?;
+                let (_, when, id) = k.value();
+                if let Some(bytes) = events.get((when, id)).map_err(unavailable)? {
+                    let event = SecurityEvent::from_bytes(bytes.value())?;
+                    if type_matches(query, event.event_type) {
+                        found.push(event);
+                        if found.len() >= query.limit {
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        };
+        let upper = match &query.after {
+            Some((after_at, after_id)) if *after_at < query.until => (user, at(*after_at), after_id.as_str()),
+            _ => (user, at(query.until), ""),
+        };
+        // A resume position before the range (a crafted page token) selects nothing.
+        if upper <= lower {
+            return Ok(Vec::new());
+        }
+        scan(index.range(lower..upper).map_err(unavailable)?)?;
+        Ok(found)
+    }
+
+    async fn purge_events(&self, cutoff: Millis, limit: usize) -> Result<usize> {
+        self.write(Durability::Immediate, move |tx| {
+            let due: Vec<(u64, String, Option<String>)> = {
+                let events = tx.open_table(SECURITY_EVENTS).map_err(unavailable)?;
+                let mut due = Vec::new();
+                for entry in events.range(..(at(cutoff), "")).map_err(unavailable)?.take(limit) {
+                    let (k, v) = entry.map_err(unavailable)?;
+                    let (when, id) = k.value();
+                    let user = SecurityEvent::from_bytes(v.value()).ok().and_then(|e| e.user_id);
+                    due.push((when, id.to_owned(), user));
+                }
+                due
+            };
+            let mut events = tx.open_table(SECURITY_EVENTS).map_err(unavailable)?;
+            let mut index = tx.open_table(USER_SECURITY_EVENTS).map_err(unavailable)?;
+            for (when, id, user) in &due {
+                events.remove((*when, id.as_str())).map_err(unavailable)?;
+                if let Some(user) = user {
+                    index.remove((user.as_str(), *when, id.as_str())).map_err(unavailable)?;
+                }
+            }
+            Ok(due.len())
+        })
+        .await
     }
 }

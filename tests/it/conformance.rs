@@ -11,11 +11,13 @@ use session_authority::crypto::KeyRing;
 use session_authority::revocation::{
     Cursor, RevocationEvent, RevocationKind, RevocationSettings, Revocations, UpstreamOutcome, WatchItem, WatchRequest,
 };
+use session_authority::security::events::{EventType, SecurityEvent, Severity};
+use session_authority::security::limiter::Rule;
 use session_authority::session::{
     Fingerprint, InvalidReason, NewSession, RequestContext, SessionManager, SessionRef, SessionSettings, SessionState,
     Validation,
 };
-use session_authority::store::DynSessionStore;
+use session_authority::store::{DynRateLimitStore, DynSecurityEventStore, DynSessionStore, EventQuery, Stores};
 
 pub const START: i64 = 1_800_000_000_000;
 const MINUTE: Duration = Duration::from_secs(60);
@@ -33,10 +35,18 @@ pub fn settings(cap: u32) -> SessionSettings {
     }
 }
 
-/// A backend under test: a fresh store, and whatever must live as long as it (temp dirs, servers).
+/// A backend under test: fresh stores, and whatever must live as long as them (temp dirs, servers).
 pub struct Backend {
     pub store: DynSessionStore,
+    pub limits: DynRateLimitStore,
+    pub events: DynSecurityEventStore,
     pub _keep: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl Backend {
+    pub fn new(stores: Stores, keep: impl std::any::Any + Send + Sync) -> Backend {
+        Backend { store: stores.sessions, limits: stores.limits, events: stores.events, _keep: Box::new(keep) }
+    }
 }
 
 pub fn manager(backend: &Backend, cap: u32, clock: &ManualClock) -> SessionManager {
@@ -693,6 +703,131 @@ pub async fn watch_resumes_without_gap_or_duplicate(backend: Backend) {
     tailer.await.unwrap();
 }
 
+fn per_minute(limit: u32) -> Rule {
+    Rule { name: "per_minute".into(), limit, period: MINUTE, burst: limit, backoff: None }
+}
+
+/// `n` concurrent checks of one key at `now`; returns how many were allowed.
+async fn concurrent_checks(limits: &DynRateLimitStore, rule: &Rule, key: &str, n: usize, now: i64) -> usize {
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let (limits, rule, key) = (limits.clone(), rule.clone(), key.to_owned());
+            tokio::spawn(async move { limits.check(&rule, &key, 1, now).await.unwrap().allowed })
+        })
+        .collect();
+    let mut allowed = 0;
+    for call in calls {
+        allowed += usize::from(call.await.unwrap());
+    }
+    allowed
+}
+
+pub async fn limiter_is_exact_under_concurrency(backend: Backend) {
+    let rule = per_minute(10);
+    // 100 concurrent checks of one key against 10 per minute: exactly 10 pass.
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "alice", 100, START).await, 10);
+    // Another key and another rule have their own allowance.
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "bob", 100, START).await, 10);
+    let other = Rule { name: "other".into(), ..per_minute(3) };
+    assert_eq!(concurrent_checks(&backend.limits, &other, "alice", 20, START).await, 3);
+    // The allowance returns as the period passes: one unit per 6 s, all ten after a minute.
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "alice", 20, START + 5_999).await, 0);
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "alice", 20, START + 6_000).await, 1);
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "alice", 100, START + 6_000 + 60_000).await, 10);
+    let d = backend.limits.check(&rule, "alice", 1, START + 66_000).await.unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.remaining, 0);
+    assert_eq!(d.retry_after, Duration::from_secs(6));
+}
+
+pub async fn limiter_state_is_purged_when_it_no_longer_matters(backend: Backend) {
+    let rule = per_minute(10);
+    for key in ["a", "b", "c"] {
+        backend.limits.check(&rule, key, 1, START).await.unwrap();
+    }
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "d", 10, START).await, 10);
+    // "a".."c" are forgettable after one interval; "d" only after the whole minute.
+    assert_eq!(backend.limits.purge_limits(START, 100).await.unwrap(), 0);
+    assert_eq!(backend.limits.purge_limits(START + 7_000, 100).await.unwrap(), 3);
+    assert_eq!(backend.limits.purge_limits(START + 7_000, 100).await.unwrap(), 0);
+    assert_eq!(backend.limits.purge_limits(START + 61_000, 100).await.unwrap(), 1);
+    // A purged key starts afresh.
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "d", 20, START + 61_000).await, 10);
+}
+
+fn event(id: &str, event_type: EventType, user: Option<&str>, at: i64) -> SecurityEvent {
+    SecurityEvent {
+        event_id: id.into(),
+        event_type,
+        user_id: user.map(str::to_owned),
+        session_id: Some(format!("ses_{id}")),
+        ip_address: Some("192.0.2.1".into()),
+        severity: Severity::Info,
+        details: format!("event {id}"),
+        risk_score: 0.25,
+        metadata: BTreeMap::from([("k".to_string(), id.to_string())]),
+        occurred_at: at,
+    }
+}
+
+fn ids(events: &[SecurityEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.event_id.as_str()).collect()
+}
+
+pub async fn events_are_listed_per_user_by_time_and_purged(backend: Backend) {
+    let log = &backend.events;
+    let t = |s: i64| START + s * 1000;
+    for (id, kind, user, at) in [
+        ("e1", EventType::SessionCreated, Some("alice"), t(1)),
+        ("e2", EventType::LoginSuccess, Some("alice"), t(2)),
+        ("e3", EventType::SessionCreated, Some("bob"), t(3)),
+        ("e4", EventType::RateLimitExceeded, None, t(4)),
+        ("e5", EventType::Logout, Some("alice"), t(5)),
+        ("e6a", EventType::LoginFailure, Some("alice"), t(6)),
+        ("e6b", EventType::LoginFailure, Some("alice"), t(6)),
+    ] {
+        log.append(&event(id, kind, user, at)).await.unwrap();
+    }
+    let query = |from: i64, until: i64| EventQuery {
+        user_id: "alice".into(),
+        from,
+        until,
+        limit: 100,
+        ..EventQuery::default()
+    };
+    let all = log.user_events(&query(0, t(100))).await.unwrap();
+    assert_eq!(ids(&all), ["e6b", "e6a", "e5", "e2", "e1"]);
+    assert_eq!(all[4], event("e1", EventType::SessionCreated, Some("alice"), t(1)), "stored whole");
+    // The range is [from, until).
+    assert_eq!(ids(&log.user_events(&query(t(2), t(5))).await.unwrap()), ["e2"]);
+    // Types filter; limit; resuming after a position (ties at one millisecond by id).
+    let mut q = query(0, t(100));
+    q.types = vec![EventType::LoginFailure, EventType::SessionCreated];
+    assert_eq!(ids(&log.user_events(&q).await.unwrap()), ["e6b", "e6a", "e1"]);
+    q.limit = 1;
+    q.after = Some((t(6), "e6b".into()));
+    assert_eq!(ids(&log.user_events(&q).await.unwrap()), ["e6a"]);
+    q.after = Some((t(6), "e6a".into()));
+    assert_eq!(ids(&log.user_events(&q).await.unwrap()), ["e1"]);
+    // A resume position before the range selects nothing (and does not panic).
+    let mut q = query(t(3), t(100));
+    q.after = Some((t(1), "e1".into()));
+    assert!(log.user_events(&q).await.unwrap().is_empty());
+    q.after = Some((-5, String::new()));
+    assert!(log.user_events(&q).await.unwrap().is_empty());
+    // Other users and user-less events stay apart.
+    let bob = log.user_events(&EventQuery { user_id: "bob".into(), ..query(0, t(100)) }).await.unwrap();
+    assert_eq!(ids(&bob), ["e3"]);
+    assert!(log.user_events(&EventQuery { user_id: "carol".into(), ..query(0, t(100)) }).await.unwrap().is_empty());
+    // Purging removes events strictly before the cutoff, with their index entries.
+    assert_eq!(log.purge_events(t(3), 100).await.unwrap(), 2);
+    assert_eq!(log.purge_events(t(3), 100).await.unwrap(), 0);
+    assert_eq!(ids(&log.user_events(&query(0, t(100))).await.unwrap()), ["e6b", "e6a", "e5"]);
+    assert_eq!(log.purge_events(t(100), 2).await.unwrap(), 2);
+    assert_eq!(log.purge_events(t(100), 100).await.unwrap(), 3);
+    assert!(log.user_events(&query(0, t(100))).await.unwrap().is_empty());
+}
+
 /// Instantiates the suite for a backend.
 #[macro_export]
 macro_rules! conformance {
@@ -770,18 +905,30 @@ macro_rules! conformance {
             async fn watch_resumes_without_gap_or_duplicate() {
                 suite::watch_resumes_without_gap_or_duplicate($make).await
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn limiter_is_exact_under_concurrency() {
+                suite::limiter_is_exact_under_concurrency($make).await
+            }
+            #[tokio::test]
+            async fn limiter_state_is_purged_when_it_no_longer_matters() {
+                suite::limiter_state_is_purged_when_it_no_longer_matters($make).await
+            }
+            #[tokio::test]
+            async fn events_are_listed_per_user_by_time_and_purged() {
+                suite::events_are_listed_per_user_by_time_and_purged($make).await
+            }
         }
     };
 }
 
 pub fn memory() -> Backend {
-    Backend { store: Arc::new(session_authority::store::memory::MemoryStore::new()), _keep: Box::new(()) }
+    Backend::new(Stores::of(session_authority::store::memory::MemoryStore::new()), ())
 }
 
 pub fn embedded() -> Backend {
     let dir = tempfile::tempdir().unwrap();
     let store = session_authority::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
-    Backend { store: Arc::new(store), _keep: Box::new(dir) }
+    Backend::new(Stores::of(store), dir)
 }
 
 conformance!(memory_backend, crate::conformance::memory());
@@ -793,7 +940,7 @@ async fn the_embedded_log_survives_a_reopen_with_its_cursors() {
     let clock = ManualClock::new(START);
     let (log_id, ids) = {
         let store = session_authority::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
-        let backend = Backend { store: Arc::new(store), _keep: Box::new(()) };
+        let backend = Backend::new(Stores::of(store), ());
         let m = manager(&backend, 5, &clock);
         let r = revocations(&m);
         let mut ids = Vec::new();
@@ -805,7 +952,7 @@ async fn the_embedded_log_survives_a_reopen_with_its_cursors() {
         (backend.store.log_id().to_owned(), ids)
     };
     let store = session_authority::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
-    let backend = Backend { store: Arc::new(store), _keep: Box::new(()) };
+    let backend = Backend::new(Stores::of(store), ());
     assert_eq!(backend.store.log_id(), log_id, "cursors stay valid across restarts");
     let events = log(&backend).await;
     assert_eq!(events.iter().map(|e| e.session_id.clone()).collect::<Vec<_>>(), ids);

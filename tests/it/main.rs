@@ -4,6 +4,7 @@ mod conformance;
 mod foundation;
 mod loadgen;
 mod revocations;
+mod security;
 mod sessions;
 mod support;
 mod tls;

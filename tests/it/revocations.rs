@@ -169,6 +169,7 @@ async fn twenty_watchers_receive_ten_thousand_revocations_in_order_and_a_killed_
         .arg("--storage")
         .arg("memory")
         .env("SESSION_AUTHORITY_SESSION_MAX_SESSIONS_PER_USER", PER_USER.to_string())
+        .without_create_limit()
         .start();
 
     let (ready_tx, mut ready_rx) = mpsc::channel(20);
@@ -207,6 +208,7 @@ async fn a_stalled_watcher_does_not_delay_others_and_is_ended_with_its_resume_cu
         .arg("--storage")
         .arg("memory")
         .env("SESSION_AUTHORITY_SESSION_MAX_SESSIONS_PER_USER", PER_USER.to_string())
+        .without_create_limit()
         .env("SESSION_AUTHORITY_REVOCATION_WATCH_BUFFER", "1024")
         .start();
 
@@ -289,6 +291,7 @@ async fn terminate_and_eviction_produce_events_and_the_user_filter_applies() {
         .arg("--storage")
         .arg("memory")
         .env("SESSION_AUTHORITY_SESSION_MAX_SESSIONS_PER_USER", "2")
+        .without_create_limit()
         .start();
     let mut watcher = server.revocations(Some(WATCHER_KEY)).await;
     let one_second = Some(prost_types::Duration { seconds: 1, nanos: 0 });
@@ -426,8 +429,8 @@ async fn a_cursor_older_than_retention_is_out_of_range() {
         session_authority::Config::load(&flags, &|name| (name == "SESSION_AUTHORITY_API_KEYS").then(|| keys.clone()))
             .unwrap();
     let clock = ManualClock::new(crate::conformance::START);
-    let store = Arc::new(session_authority::store::memory::MemoryStore::new());
-    let app = session_authority::App::build_with(config, store, Arc::new(clock.clone())).await.unwrap();
+    let stores = session_authority::store::Stores::of(session_authority::store::memory::MemoryStore::new());
+    let app = session_authority::App::build_with(config, stores, Arc::new(clock.clone())).await.unwrap();
     let url = format!("http://{}", app.local_addr());
     let revocations = app.revocations().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -73,6 +73,11 @@ impl Spawn {
         self.listen = Some(addr.into());
         self
     }
+
+    /// Lifts the `session_create` rate limit (5 per 300 s per user) for tests about something else.
+    pub fn without_create_limit(self) -> Self {
+        self.env("SESSION_AUTHORITY_SECURITY_RULES_SESSION_CREATE_LIMIT", "1000000")
+    }
     pub fn without_keys(mut self) -> Self {
         self.with_keys = false;
         self

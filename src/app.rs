@@ -29,10 +29,12 @@ use crate::grpc::revocation::RevocationAdapter;
 use crate::grpc::security::SecurityAdapter;
 use crate::grpc::session::SessionAdapter;
 use crate::grpc::token::TokenAdapter;
+use crate::revocation::{RevocationSettings, Revocations};
+use crate::security::{Security, SecuritySettings};
 use crate::session::{SessionManager, SessionSettings};
-use crate::store::DynSessionStore;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::memory::MemoryStore;
+use crate::store::{DynSessionStore, Stores};
 
 /// The fully qualified names of the four services, as health and reflection report them.
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -47,6 +49,8 @@ pub struct App {
     config: Arc<Config>,
     secrets: Secrets,
     sessions: SessionManager,
+    revocations: Revocations,
+    security: Security,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     shutdown: CancellationToken,
@@ -62,32 +66,45 @@ impl App {
     /// Validates what the configuration needs at start (keys, storage) and binds the listener.
     pub async fn build(config: Config) -> Result<App, ConfigError> {
         let listener = bind(&config).await?;
+        if let Some(addr) = config.metrics_listen {
+            crate::metrics::install(addr)?;
+        }
         let secrets = bootstrap::prepare(&config)?;
-        let store = open_store(&config)?;
-        App::assemble(config, secrets, store, Arc::new(SystemClock), listener)
+        let stores = open_stores(&config)?;
+        App::assemble(config, secrets, stores, Arc::new(SystemClock), listener)
     }
 
-    /// Builds around a given store and clock (tests use a manual clock).
-    pub async fn build_with(config: Config, store: DynSessionStore, clock: Arc<dyn Clock>) -> Result<App, ConfigError> {
+    /// Builds around given stores and clock (tests use a manual clock).
+    pub async fn build_with(config: Config, stores: Stores, clock: Arc<dyn Clock>) -> Result<App, ConfigError> {
         let listener = bind(&config).await?;
         let secrets = bootstrap::prepare(&config)?;
-        App::assemble(config, secrets, store, clock, listener)
+        App::assemble(config, secrets, stores, clock, listener)
     }
 
     fn assemble(
         config: Config,
         secrets: Secrets,
-        store: DynSessionStore,
+        stores: Stores,
         clock: Arc<dyn Clock>,
         listener: tokio::net::TcpListener,
     ) -> Result<App, ConfigError> {
         let local_addr = listener.local_addr().map_err(|e| ConfigError(format!("setting `listen`: {e}")))?;
-        let sessions =
-            SessionManager::new(store, secrets.key_ring.clone(), clock, SessionSettings::from_config(&config));
+        let sessions = SessionManager::new(
+            stores.sessions.clone(),
+            secrets.key_ring.clone(),
+            clock.clone(),
+            SessionSettings::from_config(&config),
+        );
+        // Security wraps the manager (create guard, hijack scorer, event observer); revocations
+        // are built on the wrapped one so that every end they cause is observed too.
+        let (sessions, security) = Security::install(SecuritySettings::from_config(&config), &stores, clock, sessions);
+        let revocations = Revocations::new(sessions.clone(), RevocationSettings::from_config(&config));
         Ok(App {
             config: Arc::new(config),
             secrets,
             sessions,
+            revocations,
+            security,
             listener,
             local_addr,
             shutdown: CancellationToken::new(),
@@ -99,6 +116,11 @@ impl App {
         &self.sessions
     }
 
+    /// Revocation (for tests and tools that act in process, such as a forced cleanup).
+    pub fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
     /// The address the server listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -107,7 +129,7 @@ impl App {
     /// Serves until `signal` completes, then stops accepting, ends open streams with a
     /// "reconnect" status, and waits up to `server.shutdown_grace` for in-flight calls.
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), ConfigError> {
-        let App { config, secrets, sessions, listener, local_addr, shutdown } = self;
+        let App { config, secrets, sessions, revocations, security, listener, local_addr, shutdown } = self;
         let server_config = &config.server;
         let max_message = server_config.max_message_bytes;
 
@@ -157,11 +179,12 @@ impl App {
             .layer(ShutdownStreamsLayer::new(shutdown.clone()))
             .layer(AuthLayer::new(secrets.api_keys.clone(), client_cert_role))
             .layer(LoadShedLayer::new(server_config.concurrency_limit))
+            .layer(tower::util::option_layer(config.metrics_listen.map(|_| crate::metrics::RpcMetricsLayer)))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
-                SessionServiceServer::new(SessionAdapter::new(sessions.clone()))
+                SessionServiceServer::new(SessionAdapter::new(sessions.clone()).with_security(security.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
@@ -171,17 +194,20 @@ impl App {
                     .max_encoding_message_size(max_message),
             )
             .add_service(
-                RevocationServiceServer::new(RevocationAdapter)
+                RevocationServiceServer::new(RevocationAdapter::new(revocations.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
             .add_service(
-                SecurityServiceServer::new(SecurityAdapter)
+                SecurityServiceServer::new(SecurityAdapter::new(security.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             );
 
-        let cleanup = tokio::spawn(cleanup_loop(sessions, config.session.cleanup_interval, shutdown.clone()));
+        let cleanup = tokio::spawn(cleanup_loop(sessions, security, config.session.cleanup_interval, shutdown.clone()));
+        let feed = tokio::spawn(revocations.feed().clone().run(shutdown.clone()));
+        let revocation_cleanup =
+            tokio::spawn(revocation_cleanup_loop(revocations, config.revocation.cleanup_interval, shutdown.clone()));
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         tracing::info!(%local_addr, storage = config.storage.kind.as_str(), "serving");
 
@@ -203,6 +229,8 @@ impl App {
             }
         }
         cleanup.abort();
+        feed.abort();
+        revocation_cleanup.abort();
         storage_health.abort();
         tracing::info!("stopped");
         Ok(())
@@ -218,17 +246,16 @@ async fn bind(config: &Config) -> Result<tokio::net::TcpListener, ConfigError> {
         .map_err(|e| ConfigError(format!("setting `listen`: cannot listen on {listen}: {e}")))
 }
 
-/// Opens the configured session store.
-fn open_store(config: &Config) -> Result<DynSessionStore, ConfigError> {
+/// Opens the configured stores (one backend serves sessions, rate limits and events).
+fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
     match config.storage.kind {
-        StorageKind::Memory => Ok(Arc::new(MemoryStore::new())),
+        StorageKind::Memory => Ok(Stores::of(MemoryStore::new())),
         StorageKind::Embedded => EmbeddedStore::open(&config.storage.data_dir)
-            .map(|store| Arc::new(store) as DynSessionStore)
+            .map(Stores::of)
             .map_err(|e| ConfigError(format!("setting `data_dir`: {e}"))),
         StorageKind::Redis => {
             let url = config.storage.redis_url.as_deref().unwrap_or_default();
-            crate::store::redis::open(url, &config.storage.key_prefix, config.storage.operation_timeout)
-                .map(|store| Arc::new(store) as DynSessionStore)
+            crate::store::redis::open(url, &config.storage.key_prefix, config.storage.operation_timeout).map(Stores::of)
         }
         StorageKind::KvRest => {
             let (Some(url), Some(token)) = (&config.storage.kv_rest_url, &config.storage.kv_rest_token) else {
@@ -237,7 +264,7 @@ fn open_store(config: &Config) -> Result<DynSessionStore, ConfigError> {
                 ));
             };
             crate::store::kv_rest::open(url, token, &config.storage.key_prefix, config.storage.operation_timeout)
-                .map(|store| Arc::new(store) as DynSessionStore)
+                .map(Stores::of)
         }
     }
 }
@@ -289,9 +316,15 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
     }
 }
 
-/// Sweeps expired sessions every `interval` until shutdown. Errors are logged and the loop
-/// goes on; the sweep's cost grows with what expired.
-async fn cleanup_loop(sessions: SessionManager, interval: std::time::Duration, shutdown: CancellationToken) {
+/// Sweeps expired sessions, security events past retention and stale rate-limit state every
+/// `interval` until shutdown. Errors are logged and the loop goes on; each sweep's cost grows
+/// with what expired.
+async fn cleanup_loop(
+    sessions: SessionManager,
+    security: Security,
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -304,6 +337,30 @@ async fn cleanup_loop(sessions: SessionManager, interval: std::time::Duration, s
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "expired sessions purged"),
             Err(e) => tracing::warn!(error = %e, "session cleanup failed; will retry"),
+        }
+        match security.cleanup().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "old security events and rate-limit state purged"),
+            Err(e) => tracing::warn!(error = %e, "security cleanup failed; will retry"),
+        }
+    }
+}
+
+/// Purges revocation-list entries whose TTL passed, every `interval` until shutdown. The sweep
+/// walks the list's expiry index, so its cost grows with what expired.
+async fn revocation_cleanup_loop(revocations: Revocations, interval: std::time::Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match revocations.cleanup().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "expired revocation-list entries purged"),
+            Err(e) => tracing::warn!(error = %e, "revocation cleanup failed; will retry"),
         }
     }
 }

@@ -207,6 +207,9 @@ pub struct RevocationConfig {
     pub list_ttl: Duration,
     /// How often expired entries are swept.
     pub cleanup_interval: Duration,
+    /// Events the per-replica live feed buffers; a watcher further behind is ended with
+    /// ABORTED and resumes from its cursor.
+    pub watch_buffer: usize,
 }
 
 /// Rate limits and hijack detection.
@@ -220,6 +223,71 @@ pub struct SecurityConfig {
     pub hijack_threshold: f64,
     /// How long security events are kept.
     pub event_retention: Duration,
+    /// Rate-limit rules by name (`[security.rules.NAME]`).
+    pub rules: BTreeMap<String, RateRuleConfig>,
+    /// Weights of the hijack rule table (`[security.hijack]`).
+    pub hijack: HijackConfig,
+}
+
+/// One rate-limit rule (`[security.rules.NAME]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateRuleConfig {
+    /// Requests per period.
+    pub limit: u32,
+    /// The period.
+    pub period: Duration,
+    /// Requests allowed at once (default: `limit`).
+    pub burst: u32,
+    /// Exponential backoff for repeat offenders.
+    pub backoff: bool,
+    /// Factor between successive backoff blocks.
+    pub backoff_multiplier: f64,
+    /// Longest backoff block.
+    pub max_backoff: Duration,
+}
+
+/// Weights and thresholds of hijack detection (`[security.hijack]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HijackConfig {
+    /// IP changed within the same /24 or /64.
+    pub ip_same_network: f64,
+    /// IP changed to another network.
+    pub ip_new_network: f64,
+    /// User agent changed.
+    pub user_agent: f64,
+    /// Device fingerprint mismatch.
+    pub fingerprint_mismatch: f64,
+    /// Fingerprint changed but still the same device.
+    pub fingerprint_changed: f64,
+    /// Accept-Language changed.
+    pub accept_language: f64,
+    /// Many IPs within the velocity window.
+    pub ip_velocity: f64,
+    /// The velocity window.
+    pub velocity_window: Duration,
+    /// Distinct IPs allowed within the window.
+    pub velocity_max_ips: u32,
+}
+
+/// The fields of a `[security.rules.NAME]` table.
+const RULE_FIELDS: &[&str] = &["limit", "period", "burst", "backoff", "backoff_multiplier", "max_backoff"];
+
+/// The rules every deployment has unless configured otherwise: (name, limit, period s, max
+/// backoff s). The first three are the original library's; `validate_failure` counts "not valid"
+/// ValidateSession answers per client IP.
+const DEFAULT_RULES: &[(&str, u32, u64, u64)] = &[
+    ("token_refresh", 10, 60, 3600),
+    ("session_create", 5, 300, 3600),
+    ("login_attempt", 5, 300, 1800),
+    ("validate_failure", 30, 60, 900),
+];
+
+/// The rule name of a `security.rules.NAME.FIELD` key whose field is known.
+fn rule_key(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("security.rules.")?;
+    let (name, field) = rest.rsplit_once('.')?;
+    let valid_name = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    (valid_name && RULE_FIELDS.contains(&field)).then_some(name)
 }
 
 /// Caller authentication and encryption at rest.
@@ -303,10 +371,20 @@ const KNOWN_KEYS: &[&str] = &[
     "revocation.cascade",
     "revocation.list_ttl",
     "revocation.cleanup_interval",
+    "revocation.watch_buffer",
     "security.rate_limiting",
     "security.hijack_detection",
     "security.hijack_threshold",
     "security.event_retention",
+    "security.hijack.ip_same_network",
+    "security.hijack.ip_new_network",
+    "security.hijack.user_agent",
+    "security.hijack.fingerprint_mismatch",
+    "security.hijack.fingerprint_changed",
+    "security.hijack.accept_language",
+    "security.hijack.ip_velocity",
+    "security.hijack.velocity_window",
+    "security.hijack.velocity_max_ips",
     "encryption_key",
     "previous_encryption_keys",
 ];
@@ -482,6 +560,58 @@ fn parse_plaintext_keys(text: &str) -> Result<Vec<(Role, SecretString)>, ConfigE
     Ok(keys)
 }
 
+/// The rate-limit rules: the defaults, overridden field by field, plus every rule named in the
+/// file. A new rule needs at least `limit` and `period`.
+fn resolve_rules(r: &Resolver<'_>) -> Result<BTreeMap<String, RateRuleConfig>, ConfigError> {
+    let mut names: BTreeSet<String> = DEFAULT_RULES.iter().map(|(name, ..)| (*name).to_owned()).collect();
+    names.extend(r.file.keys().filter_map(|k| rule_key(k)).map(str::to_owned));
+    let mut rules = BTreeMap::new();
+    for name in names {
+        let key = |field: &str| format!("security.rules.{name}.{field}");
+        let default = DEFAULT_RULES.iter().find(|(n, ..)| *n == name);
+        let (limit, period, max_backoff) = match default {
+            Some((_, limit, period, max)) => (
+                r.number(&key("limit"), *limit)?,
+                r.positive_duration(&key("period"), Duration::from_secs(*period))?,
+                r.positive_duration(&key("max_backoff"), Duration::from_secs(*max))?,
+            ),
+            None => {
+                for field in ["limit", "period"] {
+                    if r.raw(&key(field), &[]).is_none() {
+                        return Err(err(format!("setting `{}`: required for the new rule {name:?}", key(field))));
+                    }
+                }
+                let period = r.positive_duration(&key("period"), Duration::from_secs(60))?;
+                (
+                    r.number(&key("limit"), 1u32)?,
+                    period,
+                    r.positive_duration(&key("max_backoff"), Duration::from_secs(3600))?,
+                )
+            }
+        };
+        if limit == 0 {
+            return Err(err(format!("setting `{}`: must be at least 1", key("limit"))));
+        }
+        let burst = r.number(&key("burst"), limit)?;
+        if burst == 0 {
+            return Err(err(format!("setting `{}`: must be at least 1", key("burst"))));
+        }
+        let backoff_multiplier = r.parsed(&key("backoff_multiplier"), &[], 2.0, "a number of at least 1", |s| {
+            s.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 1.0)
+        })?;
+        let rule = RateRuleConfig {
+            limit,
+            period,
+            burst,
+            backoff: r.bool(&key("backoff"), true)?,
+            backoff_multiplier,
+            max_backoff,
+        };
+        rules.insert(name, rule);
+    }
+    Ok(rules)
+}
+
 impl Config {
     /// Resolves the configuration from command-line `flags`, the environment seen through
     /// `env`, and the TOML file named by the `config` flag or `SESSION_AUTHORITY_CONFIG`.
@@ -504,7 +634,7 @@ impl Config {
             }
             flatten("", table, &mut file)?;
             let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
-            if let Some(unknown) = file.keys().find(|k| !known.contains(k.as_str())) {
+            if let Some(unknown) = file.keys().find(|k| !known.contains(k.as_str()) && rule_key(k).is_none()) {
                 return Err(err(format!("setting `{unknown}` in {path:?} is not a known setting")));
             }
             file_name = format!("config file {path:?}");
@@ -626,13 +756,29 @@ impl Config {
             cascade: r.bool("revocation.cascade", true)?,
             list_ttl: r.positive_duration("revocation.list_ttl", Duration::from_secs(24 * 3600))?,
             cleanup_interval: r.positive_duration("revocation.cleanup_interval", Duration::from_secs(3600))?,
+            watch_buffer: r.number("revocation.watch_buffer", 4096usize)?,
         };
+        if revocation.watch_buffer < 16 {
+            return Err(err("setting `revocation.watch_buffer`: must be at least 16"));
+        }
 
         let security = SecurityConfig {
             rate_limiting: r.bool("security.rate_limiting", true)?,
             hijack_detection: r.bool("security.hijack_detection", true)?,
             hijack_threshold: r.fraction("security.hijack_threshold", 0.7)?,
             event_retention: r.positive_duration("security.event_retention", Duration::from_secs(30 * 24 * 3600))?,
+            rules: resolve_rules(r)?,
+            hijack: HijackConfig {
+                ip_same_network: r.fraction("security.hijack.ip_same_network", 0.1)?,
+                ip_new_network: r.fraction("security.hijack.ip_new_network", 0.3)?,
+                user_agent: r.fraction("security.hijack.user_agent", 0.2)?,
+                fingerprint_mismatch: r.fraction("security.hijack.fingerprint_mismatch", 0.5)?,
+                fingerprint_changed: r.fraction("security.hijack.fingerprint_changed", 0.1)?,
+                accept_language: r.fraction("security.hijack.accept_language", 0.1)?,
+                ip_velocity: r.fraction("security.hijack.ip_velocity", 0.3)?,
+                velocity_window: r.positive_duration("security.hijack.velocity_window", minutes(5))?,
+                velocity_max_ips: r.number("security.hijack.velocity_max_ips", 3u32)?,
+            },
         };
 
         let plaintext_api_keys = match r.string("api_keys", &[]) {
@@ -775,6 +921,60 @@ mod tests {
 
         let e = load(&[], &[("SESSION_AUTHORITY_API_KEYS", "admin")]).unwrap_err().to_string();
         assert!(e.contains("SESSION_AUTHORITY_API_KEYS"), "{e}");
+    }
+
+    #[test]
+    fn rate_limit_rules_have_defaults_overrides_and_new_names() {
+        let c = load(&[], &[]).unwrap();
+        let rules = &c.security.rules;
+        assert_eq!(rules["token_refresh"].limit, 10);
+        assert_eq!(rules["token_refresh"].period, Duration::from_secs(60));
+        assert_eq!(rules["session_create"].limit, 5);
+        assert_eq!(rules["session_create"].period, Duration::from_secs(300));
+        assert_eq!(rules["session_create"].max_backoff, Duration::from_secs(3600));
+        assert_eq!(rules["login_attempt"].max_backoff, Duration::from_secs(1800));
+        assert_eq!(rules["validate_failure"].burst, 30);
+        assert!(rules.values().all(|r| r.backoff && r.backoff_multiplier == 2.0));
+        assert_eq!(c.security.hijack.ip_new_network, 0.3);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[security.rules.session_create]\nlimit = 2\n[security.rules.api_call]\nlimit = 100\nperiod = \"1m\"\nburst = 20\nbackoff = false\n[security.hijack]\nip_new_network = 0.4\n",
+        )
+        .unwrap();
+        let c =
+            load(&[("config", path.to_str().unwrap())], &[("SESSION_AUTHORITY_SECURITY_RULES_API_CALL_LIMIT", "50")])
+                .unwrap();
+        let rules = &c.security.rules;
+        assert_eq!(rules["session_create"].limit, 2);
+        assert_eq!(rules["session_create"].burst, 2);
+        assert_eq!(rules["session_create"].period, Duration::from_secs(300));
+        assert_eq!(rules["api_call"].limit, 50);
+        assert_eq!(rules["api_call"].burst, 20);
+        assert!(!rules["api_call"].backoff);
+        assert_eq!(c.security.hijack.ip_new_network, 0.4);
+    }
+
+    #[test]
+    fn rule_errors_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let path_str = path.to_str().unwrap();
+        for (text, expected) in [
+            ("[security.rules.x]\nlimt = 3\n", "security.rules.x.limt"),
+            ("[security.rules.x]\nlimit = 3\n", "security.rules.x.period"),
+            ("[security.rules.session_create]\nlimit = 0\n", "security.rules.session_create.limit"),
+            ("[security.rules.session_create]\nperiod = \"soon\"\n", "security.rules.session_create.period"),
+            ("[security.rules.y]\nlimit = 1\nperiod = \"1s\"\nbackoff_multiplier = 0.5\n", "backoff_multiplier"),
+            ("[security.hijack]\nuser_agent = 2\n", "security.hijack.user_agent"),
+            ("[security.hijack]\nuser_agnt = 0.1\n", "security.hijack.user_agnt"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = load(&[("config", path_str)], &[]).unwrap_err().to_string();
+            assert!(e.contains(expected), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //! - [`crypto`]: session tokens, hashes, encryption at rest;
 //! - [`limits`]: size limits shared by validation and the domain;
 //! - [`session`]: the session record and lifecycle ([`session::SessionManager`]);
+//! - [`security`]: rate limits, hijack detection, the security event log and summaries;
 //! - [`store`]: the storage traits and the memory, embedded, redis and kv-rest backends;
+//! - [`revocation`]: the revocation log and list, cascading revocation, the live feed;
 //! - [`bootstrap`]: the keys a first run generates;
 //! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
+//! - [`metrics`]: the Prometheus exporter and the per-RPC counters;
 //! - [`app`]: assembly of the server and its graceful shutdown.
 //!
 //! `ARCHITECTURE.md` at the repository root has the bird's-eye view and the invariants.
@@ -25,6 +28,9 @@ pub mod crypto;
 pub mod error;
 pub mod grpc;
 pub mod limits;
+pub mod metrics;
+pub mod revocation;
+pub mod security;
 pub mod session;
 pub mod store;
 

@@ -1,11 +1,14 @@
 //! The `session-authority` command: `serve` runs the server until SIGTERM or SIGINT,
-//! `hash-key` prints the digest of an API key for the config file, `health` probes a server.
+//! `hash-key` prints the digest of an API key for the config file, `health` probes a server,
+//! `watch` streams revocations as JSON lines (the reference sidecar).
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use session_authority::config::{Flags, LogFormat};
+use session_authority::grpc::pb;
 use session_authority::{App, Config, crypto};
 
 #[derive(Parser, Debug)]
@@ -19,7 +22,6 @@ struct Cli {
 enum Command {
     /// Serve the gRPC API (defaults: 127.0.0.1:50051, embedded storage in ./data).
     Serve(ServeArgs),
-    /// Read an API key on stdin and print its `sha256:` digest for `[[api_keys]]` in the config.
     /// Check a server's gRPC health (exit 0 when SERVING); used by the container HEALTHCHECK.
     Health {
         /// Server URL.
@@ -29,6 +31,35 @@ enum Command {
         #[arg(long, default_value = "")]
         service: String,
     },
+    /// Offline: write COUNT sessions straight into the embedded store of DATA_DIR (the server
+    /// must not be running) and their session tokens to FILE, for benchmarks. Never use this on
+    /// production data: the tokens file holds bearer secrets.
+    Seed {
+        /// Data directory of the embedded store.
+        #[arg(long, default_value = "./data")]
+        data_dir: String,
+        /// Sessions to create, one user each.
+        #[arg(long)]
+        count: usize,
+        /// Where to write the tokens, one per line.
+        #[arg(long)]
+        tokens_out: std::path::PathBuf,
+    },
+    /// Stream revocations as JSON lines on stdout, resuming from the last cursor across
+    /// disconnects (API key from SESSION_AUTHORITY_KEY).
+    Watch {
+        /// Server URL.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        target: String,
+        /// Resume after this cursor (from an earlier event, heartbeat or ListRevocations);
+        /// default: from now.
+        #[arg(long)]
+        after: Option<String>,
+        /// Only this user's revocations.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Read an API key on stdin and print its `sha256:` digest for `[[api_keys]]` in the config.
     HashKey {
         /// Also print a whole `[[api_keys]]` entry with this name.
         #[arg(long)]
@@ -135,6 +166,161 @@ async fn health(target: String, service: String) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn seed(data_dir: String, count: usize, tokens_out: std::path::PathBuf) -> anyhow::Result<()> {
+    use secrecy::{ExposeSecret as _, SecretString};
+    use session_authority::session::{NewSession, SessionManager, SessionSettings};
+    use session_authority::store::embedded::EmbeddedStore;
+    use std::io::Write as _;
+    use std::sync::Arc;
+
+    let flags: Flags =
+        [("data_dir".to_string(), data_dir.clone()), ("storage".to_string(), "embedded".to_string())].into();
+    let config = Config::load(&flags, &|name| std::env::var(name).ok())?;
+    let secrets = session_authority::bootstrap::prepare(&config)?;
+    let store = Arc::new(EmbeddedStore::open(std::path::Path::new(&data_dir))?);
+    let manager = SessionManager::new(
+        store.clone(),
+        secrets.key_ring.clone(),
+        Arc::new(session_authority::clock::SystemClock),
+        SessionSettings::from_config(&config),
+    );
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tokens_out)?);
+    let run = std::process::id();
+    let mut written = 0;
+    while written < count {
+        let batch = (count - written).min(10_000);
+        let mut records = Vec::with_capacity(batch);
+        for n in written..written + batch {
+            let (record, token) = manager.prepare(NewSession {
+                user_id: format!("seed-{run}-{n}"),
+                access_token: SecretString::from("bench-access-token".to_string()),
+                refresh_token: Some(SecretString::from("bench-refresh-token".to_string())),
+                expires_in: Some(std::time::Duration::from_secs(3600)),
+                ..Default::default()
+            });
+            writeln!(out, "{}", token.expose_secret())?;
+            records.push(record);
+        }
+        store.insert_batch(&records)?;
+        written += batch;
+    }
+    out.flush()?;
+    eprintln!("seeded {written} sessions into {data_dir}; tokens in {}", tokens_out.display());
+    Ok(())
+}
+
+/// One revocation event as a JSON line.
+fn event_json(event: &pb::RevocationEvent) -> serde_json::Value {
+    let kind = pb::RevocationKind::try_from(event.kind)
+        .map(|k| k.as_str_name().trim_start_matches("REVOCATION_KIND_").to_ascii_lowercase())
+        .unwrap_or_else(|_| event.kind.to_string());
+    let time = |ts: &Option<prost_types::Timestamp>| {
+        ts.as_ref()
+            .and_then(|ts| {
+                let millis = session_authority::grpc::convert::millis(ts);
+                let at = std::time::UNIX_EPOCH.checked_add(Duration::from_millis(u64::try_from(millis).ok()?))?;
+                Some(humantime::format_rfc3339_millis(at).to_string())
+            })
+            .map_or(serde_json::Value::Null, serde_json::Value::String)
+    };
+    serde_json::json!({
+        "cursor": event.cursor,
+        "session_id": event.session_id,
+        "user_id": event.user_id,
+        "kind": kind,
+        "reason": event.reason,
+        "revoked_by": event.revoked_by,
+        "revoked_at": time(&event.revoked_at),
+        "expires_at": time(&event.expires_at),
+    })
+}
+
+/// Subscribes and prints events until the stream ends; `cursor` follows every event and
+/// heartbeat, so a reconnect resumes exactly where this one stopped. `Ok(true)` when at least
+/// one message arrived (the connection was healthy).
+async fn watch_once(
+    endpoint: &tonic::transport::Endpoint,
+    key: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    cursor: &mut Option<String>,
+    user: &Option<String>,
+) -> Result<bool, tonic::Status> {
+    let channel = endpoint.connect().await.map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
+    let mut client = pb::revocation_service_client::RevocationServiceClient::new(channel);
+    let mut request = tonic::Request::new(pb::WatchRevocationsRequest {
+        after_cursor: cursor.clone().unwrap_or_default(),
+        user_id: user.clone().unwrap_or_default(),
+        heartbeat_interval: None,
+    });
+    request.metadata_mut().insert("authorization", key.clone());
+    let mut stream = client.watch_revocations(request).await?.into_inner();
+    let mut received = false;
+    while let Some(message) = stream.message().await? {
+        received = true;
+        match message.message {
+            Some(pb::watch_revocations_response::Message::Event(event)) => {
+                let mut out = std::io::stdout().lock();
+                let written = writeln!(out, "{}", event_json(&event)).and_then(|()| out.flush());
+                if let Err(e) = written {
+                    // Nobody reads our output any more (a closed pipe): stop instead of spinning.
+                    return Err(tonic::Status::cancelled(format!("cannot write to stdout: {e}")));
+                }
+                *cursor = Some(event.cursor);
+            }
+            Some(pb::watch_revocations_response::Message::Heartbeat(heartbeat)) => *cursor = Some(heartbeat.cursor),
+            None => {}
+        }
+    }
+    Ok(received)
+}
+
+async fn watch(target: String, after: Option<String>, user: Option<String>) -> anyhow::Result<()> {
+    let key = std::env::var("SESSION_AUTHORITY_KEY").map_err(|_| {
+        anyhow::anyhow!("set SESSION_AUTHORITY_KEY to an API key with the watcher, service or admin role")
+    })?;
+    let key = format!("Bearer {}", key.trim())
+        .parse()
+        .map_err(|_| anyhow::anyhow!("SESSION_AUTHORITY_KEY is not a valid header value"))?;
+    let endpoint = tonic::transport::Endpoint::from_shared(target.clone())
+        .map_err(|e| anyhow::anyhow!("--target {target}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30));
+    let mut cursor = after;
+    let first_delay = Duration::from_millis(200);
+    let mut delay = first_delay;
+    loop {
+        let outcome = watch_once(&endpoint, &key, &mut cursor, &user).await;
+        let healthy = matches!(outcome, Ok(true));
+        if let Err(status) = &outcome {
+            use tonic::Code;
+            match status.code() {
+                // Retrying cannot fix these: say why and stop.
+                Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument | Code::Cancelled => {
+                    anyhow::bail!("watch: {:?}: {}", status.code(), status.message())
+                }
+                Code::OutOfRange => anyhow::bail!(
+                    "watch: {}; restart without --after (or with the cursor of ListRevocations)",
+                    status.message()
+                ),
+                _ => {}
+            }
+        }
+        if healthy {
+            delay = first_delay;
+        }
+        let reason = match &outcome {
+            Ok(_) => "stream ended".to_owned(),
+            Err(status) => format!("{:?}: {}", status.code(), status.message()),
+        };
+        eprintln!(
+            "session-authority watch: {reason}; reconnecting in {} ms after cursor {}",
+            delay.as_millis(),
+            cursor.as_deref().unwrap_or("(now)")
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
 fn hash_key(name: Option<String>, role: String) -> anyhow::Result<()> {
     let mut key = String::new();
     std::io::stdin().read_to_string(&mut key)?;
@@ -160,6 +346,13 @@ fn main() -> ExitCode {
             Err(e) => Err(e.into()),
         },
         Command::HashKey { name, role } => hash_key(name, role),
+        Command::Seed { data_dir, count, tokens_out } => seed(data_dir, count, tokens_out),
+        Command::Watch { target, after, user } => {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(watch(target, after, user)),
+                Err(e) => Err(e.into()),
+            }
+        }
         Command::Health { target, service } => match tokio::runtime::Builder::new_current_thread().enable_all().build()
         {
             Ok(runtime) => runtime.block_on(health(target, service)),

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{self, Clock, Millis};
 use crate::crypto::{self, KeyRing};
 use crate::error::{Error, Result};
+use crate::revocation::RevocationKind;
 use crate::store::{CasOutcome, DynSessionStore, EndOutcome, EndSession, TokenHash, Touch};
 
 pub mod device;
@@ -361,6 +362,59 @@ pub trait HijackScorer: Send + Sync + std::fmt::Debug + 'static {
     fn threshold(&self) -> f64;
 }
 
+/// What the lifecycle reports to a [`SessionObserver`] (the security event log).
+#[derive(Debug, Clone, Copy)]
+pub enum SessionEvent<'a> {
+    /// A session was created.
+    Created(&'a SessionRecord),
+    /// A session ended (the record in its ended form: state, reason, time).
+    Ended(&'a SessionRecord),
+    /// A presented device did not match the session's.
+    DeviceMismatch {
+        /// The session as stored.
+        session: &'a SessionRecord,
+        /// The client IP of the request.
+        ip: Option<IpAddr>,
+    },
+    /// Hijack scoring found at least one signal.
+    HijackScored {
+        /// The session as stored before the request.
+        session: &'a SessionRecord,
+        /// The client IP of the request.
+        ip: Option<IpAddr>,
+        /// The score.
+        risk_score: f64,
+        /// The reasons.
+        reasons: &'a [String],
+        /// Whether the score ended the session.
+        ended: bool,
+    },
+    /// An upstream refresh failed (reported by the token work).
+    RefreshFailed {
+        /// The session.
+        session: &'a SessionRecord,
+        /// What failed, without secrets.
+        error: &'a str,
+    },
+}
+
+/// Told about lifecycle events that are not the common case; the security work records them.
+/// Observation never fails the operation it describes.
+#[async_trait::async_trait]
+pub trait SessionObserver: Send + Sync + std::fmt::Debug + 'static {
+    /// Called after the event happened.
+    async fn observe(&self, event: SessionEvent<'_>);
+}
+
+/// A [`SessionObserver`] that ignores everything.
+#[derive(Debug, Default)]
+pub struct NoObserver;
+
+#[async_trait::async_trait]
+impl SessionObserver for NoObserver {
+    async fn observe(&self, _event: SessionEvent<'_>) {}
+}
+
 /// The session lifecycle over a store.
 #[derive(Debug, Clone)]
 pub struct SessionManager {
@@ -370,6 +424,10 @@ pub struct SessionManager {
     settings: SessionSettings,
     guard: Arc<dyn CreateGuard>,
     hijack: Option<Arc<dyn HijackScorer>>,
+    // Woken after every write that may append to the revocation log, so this replica's feed
+    // publishes at once instead of at its next poll.
+    log_signal: Arc<tokio::sync::Notify>,
+    observer: Arc<dyn SessionObserver>,
 }
 
 /// The reason recorded for sessions evicted by the cap.
@@ -380,7 +438,27 @@ pub const HIJACK_REASON: &str = "suspected_hijacking";
 impl SessionManager {
     /// A manager over `store`.
     pub fn new(store: DynSessionStore, keys: Arc<KeyRing>, clock: Arc<dyn Clock>, settings: SessionSettings) -> Self {
-        SessionManager { store, keys, clock, settings, guard: Arc::new(NoRateLimit), hijack: None }
+        SessionManager {
+            store,
+            keys,
+            clock,
+            settings,
+            guard: Arc::new(NoRateLimit),
+            hijack: None,
+            log_signal: Arc::new(tokio::sync::Notify::new()),
+            observer: Arc::new(NoObserver),
+        }
+    }
+
+    /// Reports lifecycle events to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn SessionObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Reports an event that happened outside the manager (for example a failed refresh).
+    pub async fn report(&self, event: SessionEvent<'_>) {
+        self.observer.observe(event).await;
     }
 
     /// Checks `guard` before every creation.
@@ -403,6 +481,12 @@ impl SessionManager {
     /// The settings.
     pub fn settings(&self) -> &SessionSettings {
         &self.settings
+    }
+
+    /// Notified after every write that may have appended to the revocation log (the
+    /// replica's feed waits on it).
+    pub fn log_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.log_signal.clone()
     }
 
     /// Now, by the manager's clock.
@@ -428,6 +512,31 @@ impl SessionManager {
     /// Creates a session under the per-user cap.
     pub async fn create(&self, new: NewSession) -> Result<Created> {
         self.guard.check(SESSION_CREATE_RULE, &new.user_id).await?;
+        let (record, token) = self.prepare(new);
+        let now = record.created_at;
+        let eviction = EndSession {
+            state: SessionState::Terminated,
+            reason: EVICTION_REASON.into(),
+            at: now,
+            retain_until: self.tombstone_until(now),
+            kind: Some(RevocationKind::Evicted),
+            revoked_by: None,
+        };
+        let evicted = self.store.create(record.clone(), self.settings.max_sessions_per_user, eviction).await?;
+        if !evicted.is_empty() {
+            self.log_signal.notify_one();
+        }
+        metrics::counter!("session_created_total").increment(1);
+        self.observer.observe(SessionEvent::Created(&record)).await;
+        for ended in &evicted {
+            self.observer.observe(SessionEvent::Ended(ended)).await;
+        }
+        Ok(Created { session: record, token, evicted })
+    }
+
+    /// Builds the record of a new session and its token, without storing anything (the
+    /// offline seeding tool stores such records in bulk).
+    pub fn prepare(&self, new: NewSession) -> (SessionRecord, SecretString) {
         let now = self.clock.now();
         let tag = shard_tag(&new.user_id);
         let session_id = new_session_id(&tag);
@@ -467,14 +576,7 @@ impl SessionManager {
             refresh_count: 0,
             last_refreshed_at: None,
         };
-        let eviction = EndSession {
-            state: SessionState::Terminated,
-            reason: EVICTION_REASON.into(),
-            at: now,
-            retain_until: self.tombstone_until(now),
-        };
-        let evicted = self.store.create(record.clone(), self.settings.max_sessions_per_user, eviction).await?;
-        Ok(Created { session: record, token: SecretString::from(token), evicted })
+        (record, SecretString::from(token))
     }
 
     /// The hot path: is this token a usable session for this request?
@@ -494,7 +596,9 @@ impl SessionManager {
             (SessionState::Expired, reason) if session.state == SessionState::Active => {
                 // Record the expiry once, so the state is visible everywhere and final.
                 let reason = reason.unwrap_or("expired").to_owned();
-                self.end_session(&session, SessionState::Expired, &reason).await?;
+                if let EndOutcome::Ended(_) = self.end_session(&session, SessionState::Expired, &reason).await? {
+                    metrics::counter!("session_expired_total").increment(1);
+                }
                 return Ok(invalid(InvalidReason::Expired, Some(&reason)));
             }
             (state, reason) => return Ok(invalid(reason_for(state), reason)),
@@ -505,10 +609,19 @@ impl SessionManager {
             Some(scorer) => scorer.score(&session, request),
             None => (0.0, Vec::new()),
         };
-        if let Some(scorer) = &self.hijack
-            && risk_score > scorer.threshold()
-        {
-            self.end_session(&session, SessionState::Terminated, HIJACK_REASON).await?;
+        let over_threshold = self.hijack.as_ref().is_some_and(|scorer| risk_score > scorer.threshold());
+        if risk_score > 0.0 {
+            let scored = SessionEvent::HijackScored {
+                session: &session,
+                ip: request.ip_address,
+                risk_score,
+                reasons: &reasons,
+                ended: over_threshold,
+            };
+            self.observer.observe(scored).await;
+        }
+        if over_threshold {
+            self.end_as(&session, RevocationKind::Hijack, HIJACK_REASON, None).await?;
             return Ok(Validation::Invalid {
                 reason: InvalidReason::HijackSuspected,
                 end_reason: Some(HIJACK_REASON.into()),
@@ -520,6 +633,7 @@ impl SessionManager {
         if let Some(presented) = &request.fingerprint
             && !self.device_matches(&session, presented)
         {
+            self.observer.observe(SessionEvent::DeviceMismatch { session: &session, ip: request.ip_address }).await;
             return Ok(Validation::Invalid {
                 reason: InvalidReason::DeviceMismatch,
                 end_reason: None,
@@ -566,11 +680,58 @@ impl SessionManager {
         Ok(session)
     }
 
-    /// Ends `session` as `state` unless it has already ended; returns the outcome.
+    /// Ends `session` as `state` unless it has already ended; returns the outcome. `Expired`
+    /// appends no revocation event (time expiry is not on the list); `Revoked` and
+    /// `Terminated` append a `Revoked` or `Terminated` event. Ends with a more specific kind
+    /// go through [`SessionManager::end_as`].
     pub async fn end_session(&self, session: &SessionRecord, state: SessionState, reason: &str) -> Result<EndOutcome> {
+        let kind = match state {
+            SessionState::Active | SessionState::Expired => None,
+            SessionState::Revoked => Some(RevocationKind::Revoked),
+            SessionState::Terminated => Some(RevocationKind::Terminated),
+        };
+        self.end(session, state, kind, reason, None).await
+    }
+
+    /// Ends `session` for `kind` (its state is `kind.state()`), appending exactly one
+    /// revocation event in the same atomic step, unless it has already ended. This is the one
+    /// path for every end that watchers must see: revocation, termination, eviction, hijack and
+    /// a refused refresh (`RevocationKind::RefreshFailed`, for the token work).
+    pub async fn end_as(
+        &self,
+        session: &SessionRecord,
+        kind: RevocationKind,
+        reason: &str,
+        revoked_by: Option<&str>,
+    ) -> Result<EndOutcome> {
+        self.end(session, kind.state(), Some(kind), reason, revoked_by).await
+    }
+
+    async fn end(
+        &self,
+        session: &SessionRecord,
+        state: SessionState,
+        kind: Option<RevocationKind>,
+        reason: &str,
+        revoked_by: Option<&str>,
+    ) -> Result<EndOutcome> {
         let at = self.clock.now();
-        let end = EndSession { state, reason: reason.to_owned(), at, retain_until: self.tombstone_until(at) };
-        self.store.end(&session.token_hash, end).await
+        let end = EndSession {
+            state,
+            reason: reason.to_owned(),
+            at,
+            retain_until: self.tombstone_until(at),
+            kind,
+            revoked_by: revoked_by.map(str::to_owned),
+        };
+        let outcome = self.store.end(&session.token_hash, end).await?;
+        if let EndOutcome::Ended(ended) = &outcome {
+            if kind.is_some() {
+                self.log_signal.notify_one();
+            }
+            self.observer.observe(SessionEvent::Ended(ended)).await;
+        }
+        Ok(outcome)
     }
 
     /// Finds a session by token or id, as stored (no device check, no expiry write).

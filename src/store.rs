@@ -8,6 +8,14 @@
 //! Conventions: absence is `Ok(None)`; times are passed in (`now`) so backends hold no clock and
 //! tests control time; every failure to reach storage is `Error::Unavailable`, so callers fail
 //! closed. One conformance suite (`tests/it/conformance.rs`) runs against every backend.
+//!
+//! The revocation log lives beside the sessions in the same backend: every end of a session
+//! except plain time expiry appends exactly one [`RevocationEvent`] in the same atomic step as
+//! the state change (`end`, and the evictions inside `create`), so a session never ends without
+//! its event and no event exists for a session that did not end. Sequence numbers are assigned
+//! in that step, so they are gap-free and in commit order. The log doubles as the revocation
+//! list: an event is a list entry until its `expires_at`, and purging expired entries trims the
+//! log by age (never by count, which could drop live entries).
 
 use std::sync::Arc;
 
@@ -15,6 +23,9 @@ use async_trait::async_trait;
 
 use crate::clock::Millis;
 use crate::error::Result;
+use crate::revocation::{RevocationEvent, RevocationKind};
+use crate::security::events::{EventType, SecurityEvent};
+use crate::security::limiter::{Decision, Rule};
 use crate::session::{SessionRecord, SessionState};
 
 pub mod embedded;
@@ -35,8 +46,57 @@ pub struct EndSession {
     pub reason: String,
     /// When.
     pub at: Millis,
-    /// When the tombstone may be purged.
+    /// When the tombstone may be purged; also when the revocation-list entry expires.
     pub retain_until: Millis,
+    /// The revocation event to append in the same step, or `None` for a plain time expiry
+    /// (the only end that is not on the revocation list).
+    pub kind: Option<RevocationKind>,
+    /// Who asked (a user id or an operator name), when known; recorded in the event.
+    pub revoked_by: Option<String>,
+}
+
+impl EndSession {
+    /// The event this end appends for `record`, with sequence number `seq`, if it appends one.
+    pub fn event_for(&self, record: &SessionRecord, seq: u64) -> Option<RevocationEvent> {
+        self.kind.map(|kind| RevocationEvent {
+            seq,
+            session_id: record.session_id.clone(),
+            user_id: record.user_id.clone(),
+            kind,
+            reason: self.reason.clone(),
+            revoked_by: self.revoked_by.clone(),
+            revoked_at: self.at,
+            expires_at: self.retain_until,
+        })
+    }
+}
+
+/// Where the revocation log stands, read atomically with whatever accompanies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogPosition {
+    /// Sequence number of the newest event (0 when the log is empty).
+    pub head: u64,
+    /// Highest sequence number ever purged (0 when nothing was). Reading after a cursor below
+    /// it would skip purged events, so such a cursor is out of range.
+    pub trimmed_through: u64,
+}
+
+/// What [`SessionStore::read_revocations`] read.
+#[derive(Debug, Clone, Default)]
+pub struct LogRead {
+    /// Events after the requested sequence number, in order, without gaps.
+    pub events: Vec<RevocationEvent>,
+    /// The log's position in the same read.
+    pub position: LogPosition,
+}
+
+/// What [`SessionStore::list_revocations`] read.
+#[derive(Debug, Clone, Default)]
+pub struct RevocationPage {
+    /// Live entries, in sequence order.
+    pub entries: Vec<RevocationEvent>,
+    /// The log's position in the same read (the snapshot's cursor is its head).
+    pub position: LogPosition,
 }
 
 /// What [`SessionStore::end`] did.
@@ -77,7 +137,8 @@ pub struct Touch {
 pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// Atomically: counts the user's sessions that are active at `now`, ends the oldest of them
     /// (by creation time) as `Terminated` with `eviction.reason` until fewer than `cap` remain,
-    /// then inserts `record`. Returns the evicted sessions, oldest first, in their ended form.
+    /// appending one revocation event per evicted session when `eviction.kind` is set (it is
+    /// `Evicted`), then inserts `record`. Returns the evicted sessions, oldest first, in their ended form.
     /// Concurrent creates for one user never leave more than `cap` active sessions.
     async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>>;
 
@@ -101,14 +162,49 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// `expected_version + 1`.
     async fn compare_and_swap(&self, record: &SessionRecord, expected_version: u64) -> Result<CasOutcome>;
 
-    /// Moves an active session to a terminal state. A session already in a terminal state is
-    /// left exactly as it is: terminal states are never rewritten.
+    /// Moves an active session to a terminal state and, when `end.kind` is set, appends its
+    /// revocation event in the same atomic step. A session already in a terminal state is left
+    /// exactly as it is (terminal states are never rewritten) and nothing is appended.
     async fn end(&self, token_hash: &TokenHash, end: EndSession) -> Result<EndOutcome>;
 
     /// Deletes up to `limit` sessions whose `retain_until` is at or before `now`, with their
     /// index entries. Returns how many were deleted. Cost grows with what expired, not with all
     /// sessions.
     async fn purge_expired(&self, now: Millis, limit: usize) -> Result<usize>;
+
+    /// Identity of this revocation log. Cursors carry it, so a cursor from another log (a
+    /// memory store of an earlier process, another database) is recognised instead of being
+    /// misread as a position in this one. It must change whenever sequence numbers restart.
+    /// Owned, because a shared backend learns it from the database (every replica of one
+    /// database must report the same id) and may see it change when the database is reset.
+    fn log_id(&self) -> String;
+
+    /// Up to `limit` log events with a sequence number above `after`, in order, and the log's
+    /// position read atomically with them (`limit` 0 reads only the position). Events whose
+    /// list entry expired but that are not purged yet are still returned: the log has no gaps.
+    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead>;
+
+    /// The live revocation-list entry of a session: its event, if it has one whose
+    /// `expires_at` is after `now`.
+    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>>;
+
+    /// Up to `limit` live entries (`expires_at` after `now`) with `after < seq <= through`
+    /// (`through` `None`: up to the head), of one user when `user_id` is set, in sequence order,
+    /// with the position read atomically with them. Cost grows with the page (and, with a user,
+    /// with that user's entries), not with the whole list.
+    async fn list_revocations(
+        &self,
+        user_id: Option<&str>,
+        after: u64,
+        through: Option<u64>,
+        limit: usize,
+        now: Millis,
+    ) -> Result<RevocationPage>;
+
+    /// Deletes up to `limit` events whose `expires_at` is at or before `now`, with their index
+    /// entries, and raises `trimmed_through` accordingly. Returns how many were deleted. Walks an
+    /// expiry index, so cost grows with what expired.
+    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize>;
 
     /// Number of stored sessions (all states), for metrics and benchmarks.
     async fn count(&self) -> Result<u64>;
@@ -119,3 +215,84 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
 
 /// A shared handle to a session store.
 pub type DynSessionStore = Arc<dyn SessionStore>;
+
+/// Rate-limit state, one entry per (rule, key). The limiter itself is the pure function
+/// [`crate::security::limiter::apply`]; a backend only makes load–apply–store one atomic step,
+/// so that replicas sharing the store count every request exactly once.
+#[async_trait]
+pub trait RateLimitStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Atomically: loads the state of (`rule.name`, `key`), applies
+    /// [`crate::security::limiter::apply`] with `cost` at `now`, stores the new state (or deletes
+    /// it when it no longer matters) and returns the decision. Concurrent checks of one key are
+    /// serialised: N checks against a fresh rule of limit L allow exactly min(N, L).
+    async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision>;
+
+    /// Deletes up to `limit` states that no longer affect any decision at `now` (see
+    /// [`crate::security::limiter::LimiterState::forget_at`]). Cost grows with what is deleted.
+    async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize>;
+}
+
+/// A shared handle to a rate-limit store.
+pub type DynRateLimitStore = Arc<dyn RateLimitStore>;
+
+/// A query of one user's security events.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// The user.
+    pub user_id: String,
+    /// Events at or after this time.
+    pub from: Millis,
+    /// Events strictly before this time.
+    pub until: Millis,
+    /// Only these types; every type when empty.
+    pub types: Vec<EventType>,
+    /// Resume strictly after (older than) this `(occurred_at, event_id)` position.
+    pub after: Option<(Millis, String)>,
+    /// At most this many events.
+    pub limit: usize,
+}
+
+/// The security event log: append-only, indexed by time and by (user, time).
+#[async_trait]
+pub trait SecurityEventStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Appends an event (durably, before returning). Events without a user are kept in the time
+    /// index only (they are purged with the rest but not listed per user).
+    async fn append(&self, event: &SecurityEvent) -> Result<()>;
+
+    /// One user's events matching `query`, newest first, ordered by `(occurred_at, event_id)`
+    /// descending. Cost grows with that user's events in the range, never with all events.
+    async fn user_events(&self, query: &EventQuery) -> Result<Vec<SecurityEvent>>;
+
+    /// Deletes up to `limit` events that occurred before `cutoff`, with their index entries.
+    /// Returns how many were deleted; cost grows with what is deleted. A backend that expires
+    /// events itself (Redis: the append script trims the user's log and sets key TTLs) may do
+    /// nothing here and return 0.
+    async fn purge_events(&self, cutoff: Millis, limit: usize) -> Result<usize>;
+}
+
+/// A shared handle to a security event store.
+pub type DynSecurityEventStore = Arc<dyn SecurityEventStore>;
+
+/// The three stores of one backend, usually one object behind three handles.
+#[derive(Debug, Clone)]
+pub struct Stores {
+    /// Sessions.
+    pub sessions: DynSessionStore,
+    /// Rate-limit state.
+    pub limits: DynRateLimitStore,
+    /// Security events.
+    pub events: DynSecurityEventStore,
+}
+
+impl Stores {
+    /// One backend object serving all three traits.
+    pub fn of<S: SessionStore + RateLimitStore + SecurityEventStore>(store: S) -> Stores {
+        let store = Arc::new(store);
+        Stores { sessions: store.clone(), limits: store.clone(), events: store }
+    }
+}
+
+/// Whether `event` matches the type filter of `query` (shared by the backends).
+pub fn type_matches(query: &EventQuery, event_type: EventType) -> bool {
+    query.types.is_empty() || query.types.contains(&event_type)
+}

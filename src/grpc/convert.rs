@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::clock::Millis;
 use crate::grpc::pb;
+use crate::security::events::{EventType, SecurityEvent, Severity, Summary};
 use crate::session::{Fingerprint, SessionRecord, SessionState};
 
 /// Milliseconds since the epoch as a protobuf timestamp.
@@ -105,9 +106,82 @@ pub fn session(record: &SessionRecord, now: Millis) -> pb::Session {
     }
 }
 
+/// A proto event type as the domain's; UNSPECIFIED and unknown values are `None`.
+pub fn event_type(value: i32) -> Option<EventType> {
+    let index = usize::try_from(value).ok()?.checked_sub(1)?;
+    EventType::ALL.get(index).copied()
+}
+
+/// A domain event type as the proto enum value.
+pub fn event_type_value(event_type: EventType) -> i32 {
+    // ALL is in the contract's order, numbered from 1.
+    EventType::ALL.iter().position(|t| *t == event_type).map_or(0, |i| i as i32 + 1)
+}
+
+fn severity(severity: Severity) -> pb::Severity {
+    match severity {
+        Severity::Info => pb::Severity::Info,
+        Severity::Warning => pb::Severity::Warning,
+        Severity::Critical => pb::Severity::Critical,
+    }
+}
+
+/// A security event as proto.
+pub fn security_event(event: &SecurityEvent) -> pb::SecurityEvent {
+    pb::SecurityEvent {
+        event_id: event.event_id.clone(),
+        event_type: event_type_value(event.event_type),
+        user_id: event.user_id.clone().unwrap_or_default(),
+        session_id: event.session_id.clone().unwrap_or_default(),
+        ip_address: event.ip_address.clone().unwrap_or_default(),
+        severity: severity(event.severity) as i32,
+        details: event.details.clone(),
+        risk_score: event.risk_score,
+        metadata: event.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        occurred_at: Some(timestamp(event.occurred_at)),
+    }
+}
+
+/// A summary as proto.
+pub fn summary(s: &Summary) -> pb::GetSecuritySummaryResponse {
+    pb::GetSecuritySummaryResponse {
+        user_id: s.user_id.clone(),
+        period_hours: s.period_hours,
+        total_events: s.total_events,
+        suspicious_events: s.suspicious_events,
+        counts: s
+            .counts
+            .iter()
+            .map(|(t, count)| pb::EventTypeCount { event_type: event_type_value(*t), count: *count })
+            .collect(),
+        active_sessions: s.active_sessions,
+        suspicious_sessions: s.suspicious_sessions,
+        rate_limit_hits: s.rate_limit_hits,
+        distinct_ips: s.distinct_ips,
+        last_login_at: s.last_login_at.map(timestamp),
+        successful_logins: s.successful_logins,
+        failed_logins: s.failed_logins,
+        average_risk_score: s.average_risk_score,
+        recent_events: s.recent_events.iter().map(security_event).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_types_match_the_proto_enum_by_name() {
+        for t in EventType::ALL {
+            let value = event_type_value(t);
+            let proto = pb::SecurityEventType::try_from(value).unwrap();
+            assert_eq!(proto.as_str_name(), format!("SECURITY_EVENT_TYPE_{}", t.as_str().to_uppercase()));
+            assert_eq!(event_type(value), Some(t));
+        }
+        assert_eq!(event_type(0), None);
+        assert_eq!(event_type(22), None);
+        assert_eq!(event_type(-1), None);
+    }
 
     #[test]
     fn timestamps_round_trip_including_before_the_epoch() {

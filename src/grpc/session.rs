@@ -11,19 +11,35 @@ use crate::grpc::auth::Caller;
 use crate::grpc::pb::session_service_server::SessionService;
 use crate::grpc::pb::{self, get_session_request, terminate_session_request, update_session_request};
 use crate::grpc::{convert, validate};
+use crate::security::Security;
 use crate::session::{InvalidReason, NewSession, RequestContext, SessionManager, SessionRef, Validation};
 
 /// The SessionService implementation.
 #[derive(Clone, Debug)]
 pub struct SessionAdapter {
     sessions: SessionManager,
+    security: Option<Security>,
 }
 
 impl SessionAdapter {
     /// An adapter over `sessions`.
     pub fn new(sessions: SessionManager) -> SessionAdapter {
-        SessionAdapter { sessions }
+        SessionAdapter { sessions, security: None }
     }
+
+    /// Counts suspicious "not valid" answers per client IP against the `validate_failure` rule.
+    pub fn with_security(mut self, security: Security) -> SessionAdapter {
+        self.security = Some(security);
+        self
+    }
+}
+
+/// Answers that count against the client IP's `validate_failure` allowance: a token that names
+/// no session, or a session presented from the wrong device. Sessions that ended normally
+/// (expired, revoked, terminated) do not count: a stale cookie behind a shared NAT must not lock
+/// out its neighbours.
+fn counts_as_failure(reason: InvalidReason) -> bool {
+    matches!(reason, InvalidReason::NotFound | InvalidReason::DeviceMismatch | InvalidReason::HijackSuspected)
 }
 
 /// Every field of a CreateSession request within its limits.
@@ -151,7 +167,13 @@ impl SessionService for SessionAdapter {
         };
         let context =
             RequestContext { ip_address: validate::ip_address("ip_address", &r.ip_address)?, fingerprint, user_agent };
-        let response = match self.sessions.validate(&r.session_token, &context).await? {
+        let validation = self.sessions.validate(&r.session_token, &context).await?;
+        if let (Validation::Invalid { reason, .. }, Some(security)) = (&validation, &self.security)
+            && counts_as_failure(*reason)
+        {
+            security.validation_refused(context.ip_address).await?;
+        }
+        let response = match validation {
             Validation::Valid { session, needs_refresh, risk_score, reasons } => pb::ValidateSessionResponse {
                 valid: true,
                 reason: pb::InvalidReason::Unspecified as i32,

@@ -11,6 +11,22 @@
 //! ((retain-until millis, token hash) → ()). Idle slides are committed with
 //! `Durability::None`: losing the last slides in a crash only makes a session expire a little
 //! earlier, and they cost no fsync on the hot path. Everything else is `Immediate`.
+//!
+//! The revocation log is four more tables in the same file, written in the same write
+//! transaction as the end of the session that produced the event: `revocation_log` (sequence
+//! number → event JSON), `revocation_sessions` (session id → sequence number),
+//! `revocation_users` ((user id, sequence number) → ()) and `revocation_expiry`
+//! ((expires-at millis, sequence number) → ()); `revocation_meta` holds the log id, the head and
+//! the highest purged sequence number. redb's single writer serialises the transactions, so
+//! sequence numbers are assigned in commit order with no gap.
+//!
+//! The security tables live in the same file: `rate_limits` ((rule, key) → limiter state and the
+//! time it can be forgotten), `rate_limit_forget` ((forget-at, rule, key) → ()),
+//! `security_events` ((occurred-at, event id) → event JSON) and `user_security_events`
+//! ((user id, occurred-at, event id) → ()), the per-user time index that keeps a user's queries
+//! proportional to that user's events. A rate-limit check is one write transaction committed with
+//! `Durability::None` (a crash may forget the last few counts; no fsync per check); events are
+//! `Immediate`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,18 +39,39 @@ use redb::{
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
+use crate::revocation::RevocationEvent;
+use crate::security::events::SecurityEvent;
+use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::SessionRecord;
-use crate::store::{CasOutcome, EndOutcome, EndSession, SessionStore, TokenHash, Touch};
+use crate::store::{
+    CasOutcome, EndOutcome, EndSession, EventQuery, LogPosition, LogRead, RateLimitStore, RevocationPage,
+    SecurityEventStore, SessionStore, TokenHash, Touch, type_matches,
+};
 
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
 const SESSION_IDS: TableDefinition<&str, &[u8]> = TableDefinition::new("session_ids");
 const USER_SESSIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("user_sessions");
 const SESSION_EXPIRY: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("session_expiry");
+const REVOCATION_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("revocation_log");
+const REVOCATION_SESSIONS: TableDefinition<&str, u64> = TableDefinition::new("revocation_sessions");
+const REVOCATION_USERS: TableDefinition<(&str, u64), ()> = TableDefinition::new("revocation_users");
+const REVOCATION_EXPIRY: TableDefinition<(u64, u64), ()> = TableDefinition::new("revocation_expiry");
+const REVOCATION_META: TableDefinition<&str, &[u8]> = TableDefinition::new("revocation_meta");
+
+const META_LOG_ID: &str = "log_id";
+const META_HEAD: &str = "head";
+const META_TRIMMED: &str = "trimmed_through";
+
+const RATE_LIMITS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rate_limits");
+const RATE_LIMIT_FORGET: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("rate_limit_forget");
+const SECURITY_EVENTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("security_events");
+const USER_SECURITY_EVENTS: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("user_security_events");
 
 /// Sessions in a redb file.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    log_id: Arc<str>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -63,15 +100,46 @@ impl EmbeddedStore {
             .set_cache_size(256 * 1024 * 1024)
             .create(&path)
             .map_err(|e| Error::unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let store = EmbeddedStore { db: Arc::new(db) };
-        store.write_now(Durability::Immediate, |tx| {
+        let mut store = EmbeddedStore { db: Arc::new(db), log_id: Arc::from("") };
+        let log_id = store.write_now(Durability::Immediate, |tx| {
             tx.open_table(SESSIONS).map_err(unavailable)?;
             tx.open_table(SESSION_IDS).map_err(unavailable)?;
             tx.open_table(USER_SESSIONS).map_err(unavailable)?;
             tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
-            Ok(())
+            tx.open_table(RATE_LIMITS).map_err(unavailable)?;
+            tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
+            tx.open_table(SECURITY_EVENTS).map_err(unavailable)?;
+            tx.open_table(USER_SECURITY_EVENTS).map_err(unavailable)?;
+            tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
+            tx.open_table(REVOCATION_SESSIONS).map_err(unavailable)?;
+            tx.open_table(REVOCATION_USERS).map_err(unavailable)?;
+            tx.open_table(REVOCATION_EXPIRY).map_err(unavailable)?;
+            // The log id is made once with the database and kept: cursors stay valid across
+            // restarts, and a cursor from another database is recognised as foreign.
+            let mut meta = tx.open_table(REVOCATION_META).map_err(unavailable)?;
+            let existing = meta.get(META_LOG_ID).map_err(unavailable)?.map(|v| v.value().to_vec());
+            match existing {
+                Some(bytes) => {
+                    String::from_utf8(bytes).map_err(|_| Error::internal("embedded store: malformed log id"))
+                }
+                None => {
+                    let id = crate::revocation::new_log_id();
+                    meta.insert(META_LOG_ID, id.as_bytes()).map_err(unavailable)?;
+                    Ok(id)
+                }
+            }
         })?;
+        store.log_id = Arc::from(log_id);
         Ok(store)
+    }
+
+    fn position(&self) -> Result<(redb::ReadTransaction, LogPosition)> {
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        let position = {
+            let meta = tx.open_table(REVOCATION_META).map_err(unavailable)?;
+            LogPosition { head: meta_u64(&meta, META_HEAD)?, trimmed_through: meta_u64(&meta, META_TRIMMED)? }
+        };
+        Ok((tx, position))
     }
 
     /// Runs `f` in one write transaction and commits it.
@@ -99,6 +167,25 @@ impl EmbeddedStore {
             .map_err(|e| Error::internal(format!("embedded store task failed: {e}")))?
     }
 
+    /// Inserts new sessions in one transaction, without the per-user cap: for the offline
+    /// seeding tool (`session-authority seed`), never for serving.
+    pub fn insert_batch(&self, records: &[SessionRecord]) -> Result<()> {
+        self.write_now(Durability::Immediate, |tx| {
+            let mut sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
+            let mut ids = tx.open_table(SESSION_IDS).map_err(unavailable)?;
+            let mut users = tx.open_table(USER_SESSIONS).map_err(unavailable)?;
+            let mut expiry = tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
+            for record in records {
+                let hash = record.token_hash.as_slice();
+                sessions.insert(hash, record.to_bytes().as_slice()).map_err(unavailable)?;
+                ids.insert(record.session_id.as_str(), hash).map_err(unavailable)?;
+                users.insert((record.user_id.as_str(), record.session_id.as_str()), hash).map_err(unavailable)?;
+                expiry.insert((at(record.retain_until), hash), ()).map_err(unavailable)?;
+            }
+            Ok(())
+        })
+    }
+
     fn read_session(&self, hash: &TokenHash) -> Result<Option<SessionRecord>> {
         let tx = self.db.begin_read().map_err(unavailable)?;
         let table = tx.open_table(SESSIONS).map_err(unavailable)?;
@@ -107,6 +194,50 @@ impl EmbeddedStore {
             None => Ok(None),
         }
     }
+}
+
+fn meta_u64(meta: &impl redb::ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<u64> {
+    match meta.get(key).map_err(unavailable)? {
+        Some(bytes) => {
+            let raw: [u8; 8] =
+                bytes.value().try_into().map_err(|_| Error::internal("embedded store: malformed log metadata"))?;
+            Ok(u64::from_be_bytes(raw))
+        }
+        None => Ok(0),
+    }
+}
+
+fn set_meta_u64(tx: &WriteTransaction, key: &str, value: u64) -> Result<()> {
+    let mut meta = tx.open_table(REVOCATION_META).map_err(unavailable)?;
+    meta.insert(key, value.to_be_bytes().as_slice()).map_err(unavailable)?;
+    Ok(())
+}
+
+/// Appends the event of `end` (if it has one) for the just-ended `record`, in the caller's
+/// transaction, so the end and its event commit together or not at all.
+fn append_in(tx: &WriteTransaction, end: &EndSession, record: &SessionRecord) -> Result<()> {
+    let head = meta_u64(&tx.open_table(REVOCATION_META).map_err(unavailable)?, META_HEAD)?;
+    let seq = head + 1;
+    let Some(event) = end.event_for(record, seq) else { return Ok(()) };
+    let bytes = serde_json::to_vec(&event).map_err(Error::internal)?;
+    tx.open_table(REVOCATION_LOG).map_err(unavailable)?.insert(seq, bytes.as_slice()).map_err(unavailable)?;
+    tx.open_table(REVOCATION_SESSIONS)
+        .map_err(unavailable)?
+        .insert(event.session_id.as_str(), seq)
+        .map_err(unavailable)?;
+    tx.open_table(REVOCATION_USERS)
+        .map_err(unavailable)?
+        .insert((event.user_id.as_str(), seq), ())
+        .map_err(unavailable)?;
+    tx.open_table(REVOCATION_EXPIRY)
+        .map_err(unavailable)?
+        .insert((at(event.expires_at), seq), ())
+        .map_err(unavailable)?;
+    set_meta_u64(tx, META_HEAD, seq)
+}
+
+fn parse_event(bytes: &[u8]) -> Result<RevocationEvent> {
+    serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("stored revocation event is unreadable: {e}")))
 }
 
 fn load(tx: &WriteTransaction, hash: &TokenHash) -> Result<Option<SessionRecord>> {
@@ -142,6 +273,7 @@ fn end_in(tx: &WriteTransaction, hash: &TokenHash, end: &EndSession) -> Result<E
     record.retain_until = end.retain_until;
     record.version += 1;
     save(tx, &record, old_retain)?;
+    append_in(tx, end, &record)?;
     Ok(EndOutcome::Ended(record))
 }
 
@@ -303,6 +435,116 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
+    fn log_id(&self) -> String {
+        self.log_id.to_string()
+    }
+
+    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
+        let (tx, position) = self.position()?;
+        let log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
+        let mut events = Vec::new();
+        if limit > 0 {
+            for entry in log.range(after.saturating_add(1)..).map_err(unavailable)?.take(limit) {
+                let (_, bytes) = entry.map_err(unavailable)?;
+                events.push(parse_event(bytes.value())?);
+            }
+        }
+        Ok(LogRead { events, position })
+    }
+
+    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        let by_session = tx.open_table(REVOCATION_SESSIONS).map_err(unavailable)?;
+        let Some(seq) = by_session.get(session_id).map_err(unavailable)?.map(|v| v.value()) else { return Ok(None) };
+        let log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
+        let event = match log.get(seq).map_err(unavailable)? {
+            Some(bytes) => parse_event(bytes.value())?,
+            None => return Ok(None),
+        };
+        Ok(Some(event).filter(|e| e.expires_at > now))
+    }
+
+    async fn list_revocations(
+        &self,
+        user_id: Option<&str>,
+        after: u64,
+        through: Option<u64>,
+        limit: usize,
+        now: Millis,
+    ) -> Result<RevocationPage> {
+        let (tx, position) = self.position()?;
+        let through = through.unwrap_or(position.head);
+        let log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
+        let mut entries = Vec::new();
+        if after >= through {
+            return Ok(RevocationPage { entries, position });
+        }
+        let mut keep = |bytes: &[u8]| -> Result<bool> {
+            let event = parse_event(bytes)?;
+            if event.expires_at > now {
+                entries.push(event);
+            }
+            Ok(entries.len() < limit)
+        };
+        match user_id {
+            Some(user) => {
+                let users = tx.open_table(REVOCATION_USERS).map_err(unavailable)?;
+                for entry in users.range((user, after + 1)..=(user, through)).map_err(unavailable)? {
+                    let (key, _) = entry.map_err(unavailable)?;
+                    let Some(bytes) = log.get(key.value().1).map_err(unavailable)? else { continue };
+                    if !keep(bytes.value())? {
+                        break;
+                    }
+                }
+            }
+            None => {
+                for entry in log.range(after + 1..=through).map_err(unavailable)? {
+                    let (_, bytes) = entry.map_err(unavailable)?;
+                    if !keep(bytes.value())? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(RevocationPage { entries, position })
+    }
+
+    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
+        self.write(Durability::Immediate, move |tx| {
+            let due: Vec<(u64, u64)> = {
+                let expiry = tx.open_table(REVOCATION_EXPIRY).map_err(unavailable)?;
+                let mut due = Vec::new();
+                for entry in expiry.range(..=(at(now), u64::MAX)).map_err(unavailable)?.take(limit) {
+                    let (key, _) = entry.map_err(unavailable)?;
+                    due.push(key.value());
+                }
+                due
+            };
+            if due.is_empty() {
+                return Ok(0);
+            }
+            let mut trimmed = meta_u64(&tx.open_table(REVOCATION_META).map_err(unavailable)?, META_TRIMMED)?;
+            let mut expiry = tx.open_table(REVOCATION_EXPIRY).map_err(unavailable)?;
+            let mut log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
+            let mut by_session = tx.open_table(REVOCATION_SESSIONS).map_err(unavailable)?;
+            let mut by_user = tx.open_table(REVOCATION_USERS).map_err(unavailable)?;
+            for (until, seq) in &due {
+                expiry.remove((*until, *seq)).map_err(unavailable)?;
+                let removed = log.remove(*seq).map_err(unavailable)?;
+                if let Some(bytes) = removed {
+                    let event = parse_event(bytes.value())?;
+                    by_session.remove(event.session_id.as_str()).map_err(unavailable)?;
+                    by_user.remove((event.user_id.as_str(), *seq)).map_err(unavailable)?;
+                }
+                trimmed = trimmed.max(*seq);
+            }
+            drop((expiry, log, by_session, by_user));
+            set_meta_u64(tx, META_TRIMMED, trimmed)?;
+            Ok(due.len())
+        })
+        .await
+    }
+
     async fn count(&self) -> Result<u64> {
         let tx = self.db.begin_read().map_err(unavailable)?;
         let sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
@@ -313,5 +555,153 @@ impl SessionStore for EmbeddedStore {
         let tx = self.db.begin_read().map_err(unavailable)?;
         tx.open_table(SESSIONS).map_err(unavailable)?;
         Ok(())
+    }
+}
+
+/// A rate-limit entry as stored: the state and the time it was filed under in the forget index.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredLimit {
+    state: LimiterState,
+    forget_at: Millis,
+}
+
+#[async_trait]
+impl RateLimitStore for EmbeddedStore {
+    async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+        let rule = rule.clone();
+        let key = key.to_owned();
+        self.write(Durability::None, move |tx| {
+            let mut limits = tx.open_table(RATE_LIMITS).map_err(unavailable)?;
+            let stored: Option<StoredLimit> =
+                match limits.get((rule.name.as_str(), key.as_str())).map_err(unavailable)? {
+                    Some(bytes) => Some(
+                        serde_json::from_slice(bytes.value())
+                            .map_err(|e| Error::internal(format!("stored rate-limit state is unreadable: {e}")))?,
+                    ),
+                    None => None,
+                };
+            let (decision, next) = limiter::apply(stored.as_ref().map(|s| s.state), &rule, cost, now);
+            if let Some(state) = next {
+                let mut forget = tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
+                if let Some(old) = &stored {
+                    forget.remove((at(old.forget_at), rule.name.as_str(), key.as_str())).map_err(unavailable)?;
+                }
+                let forget_at = state.forget_at(&rule);
+                forget.insert((at(forget_at), rule.name.as_str(), key.as_str()), ()).map_err(unavailable)?;
+                let bytes = serde_json::to_vec(&StoredLimit { state, forget_at }).map_err(Error::internal)?;
+                limits.insert((rule.name.as_str(), key.as_str()), bytes.as_slice()).map_err(unavailable)?;
+            }
+            Ok(decision)
+        })
+        .await
+    }
+
+    async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize> {
+        self.write(Durability::None, move |tx| {
+            let due: Vec<(u64, String, String)> = {
+                let forget = tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
+                let mut due = Vec::new();
+                for entry in forget.range(..(at(now).saturating_add(1), "", "")).map_err(unavailable)?.take(limit) {
+                    let (k, _) = entry.map_err(unavailable)?;
+                    let (when, rule, key) = k.value();
+                    due.push((when, rule.to_owned(), key.to_owned()));
+                }
+                due
+            };
+            let mut forget = tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
+            let mut limits = tx.open_table(RATE_LIMITS).map_err(unavailable)?;
+            for (when, rule, key) in &due {
+                forget.remove((*when, rule.as_str(), key.as_str())).map_err(unavailable)?;
+                limits.remove((rule.as_str(), key.as_str())).map_err(unavailable)?;
+            }
+            Ok(due.len())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl SecurityEventStore for EmbeddedStore {
+    async fn append(&self, event: &SecurityEvent) -> Result<()> {
+        let event = event.clone();
+        self.write(Durability::Immediate, move |tx| {
+            let when = at(event.occurred_at);
+            tx.open_table(SECURITY_EVENTS)
+                .map_err(unavailable)?
+                .insert((when, event.event_id.as_str()), event.to_bytes().as_slice())
+                .map_err(unavailable)?;
+            if let Some(user) = &event.user_id {
+                tx.open_table(USER_SECURITY_EVENTS)
+                    .map_err(unavailable)?
+                    .insert((user.as_str(), when, event.event_id.as_str()), ())
+                    .map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn user_events(&self, query: &EventQuery) -> Result<Vec<SecurityEvent>> {
+        if query.from >= query.until || query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        let index = tx.open_table(USER_SECURITY_EVENTS).map_err(unavailable)?;
+        let events = tx.open_table(SECURITY_EVENTS).map_err(unavailable)?;
+        let user = query.user_id.as_str();
+        let lower = (user, at(query.from), "");
+        let mut found = Vec::new();
+        let mut scan = |range: redb::Range<'_, (&str, u64, &str), ()>| -> Result<()> {
+            for entry in range.rev() {
+                let (k, _) = entry.map_err(unavailable)?;
+                let (_, when, id) = k.value();
+                if let Some(bytes) = events.get((when, id)).map_err(unavailable)? {
+                    let event = SecurityEvent::from_bytes(bytes.value())?;
+                    if type_matches(query, event.event_type) {
+                        found.push(event);
+                        if found.len() >= query.limit {
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        };
+        let upper = match &query.after {
+            Some((after_at, after_id)) if *after_at < query.until => (user, at(*after_at), after_id.as_str()),
+            _ => (user, at(query.until), ""),
+        };
+        // A resume position before the range (a crafted page token) selects nothing.
+        if upper <= lower {
+            return Ok(Vec::new());
+        }
+        scan(index.range(lower..upper).map_err(unavailable)?)?;
+        Ok(found)
+    }
+
+    async fn purge_events(&self, cutoff: Millis, limit: usize) -> Result<usize> {
+        self.write(Durability::Immediate, move |tx| {
+            let due: Vec<(u64, String, Option<String>)> = {
+                let events = tx.open_table(SECURITY_EVENTS).map_err(unavailable)?;
+                let mut due = Vec::new();
+                for entry in events.range(..(at(cutoff), "")).map_err(unavailable)?.take(limit) {
+                    let (k, v) = entry.map_err(unavailable)?;
+                    let (when, id) = k.value();
+                    let user = SecurityEvent::from_bytes(v.value()).ok().and_then(|e| e.user_id);
+                    due.push((when, id.to_owned(), user));
+                }
+                due
+            };
+            let mut events = tx.open_table(SECURITY_EVENTS).map_err(unavailable)?;
+            let mut index = tx.open_table(USER_SECURITY_EVENTS).map_err(unavailable)?;
+            for (when, id, user) in &due {
+                events.remove((*when, id.as_str())).map_err(unavailable)?;
+                if let Some(user) = user {
+                    index.remove((user.as_str(), *when, id.as_str())).map_err(unavailable)?;
+                }
+            }
+            Ok(due.len())
+        })
+        .await
     }
 }

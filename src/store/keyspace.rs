@@ -39,8 +39,14 @@ use serde_json::{Map, Value};
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
+use crate::revocation::{RevocationEvent, RevocationKind, new_log_id};
+use crate::security::events::SecurityEvent;
+use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::{SessionRecord, SessionState, shard_tag};
-use crate::store::{CasOutcome, EndOutcome, EndSession, SessionStore, TokenHash, Touch};
+use crate::store::{
+    CasOutcome, EndOutcome, EndSession, EventQuery, LogPosition, LogRead, RateLimitStore, RevocationPage,
+    SecurityEventStore, SessionStore, TokenHash, Touch,
+};
 
 /// A reply, as both transports decode it (RESP2 shapes; status replies become `Data`).
 #[derive(Debug, Clone, PartialEq)]
@@ -91,13 +97,57 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     /// Runs a script: EVALSHA, and EVAL (or SCRIPT LOAD) only when the server answers NOSCRIPT,
     /// which guarantees it did not run. A script that may have run is never sent again.
     async fn eval(&self, lua: &Lua, keys: Vec<String>, args: Vec<String>, read_only: bool) -> Result<Reply>;
+
+    /// Whether keys of different hash slots may live on different servers (Redis Cluster), so
+    /// that no script may touch two slots.
+    fn clustered(&self) -> bool {
+        false
+    }
 }
 
-/// Creates a session under the cap, ending the oldest active sessions of the user.
-/// KEYS: record, id, user index. ARGV: record-key prefix, now, cap, eviction state, reason,
+/// The revocation sink, shared by every script that may end a session or move events: it
+/// appends one event to the log (`log`), to the user slot's outbox (`outbox`, Redis Cluster),
+/// or to the log unless the session already has an event there (`drain`, outbox → log).
+/// KEYS[1..4]: log meta, log stream, session → seq hash, expiry index (`outbox`: the outbox
+/// four times). ARGV[1..3]: mode, a fresh log id (kept only if the log has none), the prefix of
+/// the per-user seq indexes. The script's own keys and arguments follow, as `K` and `V`.
+macro_rules! lua_sink {
+    () => {
+        r#"
+local sink = {mode = ARGV[1], newid = ARGV[2], users = ARGV[3],
+  meta = KEYS[1], stream = KEYS[2], sess = KEYS[3], exp = KEYS[4]}
+local K = {unpack(KEYS, 5)}
+local V = {unpack(ARGV, 4)}
+local function emit(sid, uid, kind, reason, by, at, expires)
+  if sink.mode == 'outbox' then
+    redis.call('XADD', sink.meta, '*', 'sid', sid, 'uid', uid, 'kind', kind, 'reason', reason,
+      'by', by, 'at', at, 'exp', expires)
+    return 0
+  end
+  if sink.mode == 'drain' and redis.call('HEXISTS', sink.sess, sid) == 1 then return 0 end
+  redis.call('HSETNX', sink.meta, 'id', sink.newid)
+  local seq = redis.call('HINCRBY', sink.meta, 'head', 1)
+  redis.call('XADD', sink.stream, seq .. '-0', 'sid', sid, 'uid', uid, 'kind', kind,
+    'reason', reason, 'by', by, 'at', at, 'exp', expires)
+  redis.call('HSET', sink.sess, sid, seq)
+  redis.call('ZADD', sink.users .. uid, seq, seq)
+  redis.call('ZADD', sink.exp, expires, seq)
+  return 1
+end
+"#
+    };
+}
+
+/// Creates a session under the cap, ending the oldest active sessions of the user, each with
+/// its event when V[18] (the eviction's kind) is set.
+/// K: record, id, user index. V: record-key prefix, now, cap, eviction state, reason,
 /// retain-until, then the new record: hash hex, doc, session id, user id, created, absolute,
-/// idle, last access, retain-until, version, state. Returns the evicted records (HGETALL each).
-const CREATE: &str = r#"
+/// idle, last access, retain-until, version, state; then kind, revoked-by. Returns the evicted
+/// records (HGETALL each).
+const CREATE: &str = concat!(
+    lua_sink!(),
+    r#"
+local KEYS, ARGV = K, V
 local now = tonumber(ARGV[2])
 local cap = tonumber(ARGV[3])
 local active = {}
@@ -119,6 +169,9 @@ for i = 1, math.min(#active + 1 - cap, #active) do
   local version = tonumber(redis.call('HGET', key, 'version')) + 1
   redis.call('HSET', key, 'state', ARGV[4], 'end_reason', ARGV[5], 'ended_at', ARGV[2],
     'retain_until', ARGV[6], 'version', tostring(version))
+  if ARGV[18] ~= '' then
+    emit(active[i][2], ARGV[10], ARGV[18], ARGV[5], ARGV[19], ARGV[2], ARGV[6])
+  end
   evicted[#evicted + 1] = redis.call('HGETALL', key)
 end
 redis.call('HSET', KEYS[1], 'doc', ARGV[8], 'session_id', ARGV[9], 'user_id', ARGV[10],
@@ -127,7 +180,8 @@ redis.call('HSET', KEYS[1], 'doc', ARGV[8], 'session_id', ARGV[9], 'user_id', AR
 redis.call('SET', KEYS[2], ARGV[7])
 redis.call('ZADD', KEYS[3], ARGV[11], ARGV[7])
 return evicted
-"#;
+"#
+);
 
 /// The record a session id names. KEYS: id. ARGV: record-key prefix. Returns HGETALL or `{}`.
 const GET_BY_ID: &str = r#"
@@ -172,17 +226,26 @@ redis.call('HDEL', KEYS[1], 'ip_address')
 return {1}
 "#;
 
-/// Active → terminal; a terminal state is never rewritten. KEYS: record. ARGV: state, reason,
-/// at, retain-until. Returns {0} missing, {1, HGETALL} ended, {2, HGETALL} already ended.
-const END: &str = r#"
+/// Active → terminal, with the revocation event when V[5] (the kind) is set; a terminal state is
+/// never rewritten. K: record. V: state, reason, at, retain-until, kind, revoked-by. Returns {0}
+/// missing, {1, HGETALL} ended, {2, HGETALL} already ended.
+const END: &str = concat!(
+    lua_sink!(),
+    r#"
+local KEYS, ARGV = K, V
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {0} end
 if state ~= 'active' then return {2, redis.call('HGETALL', KEYS[1])} end
 local version = tonumber(redis.call('HGET', KEYS[1], 'version')) + 1
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'end_reason', ARGV[2], 'ended_at', ARGV[3],
   'retain_until', ARGV[4], 'version', tostring(version))
+if ARGV[5] ~= '' then
+  local ids = redis.call('HMGET', KEYS[1], 'session_id', 'user_id')
+  emit(ids[1], ids[2], ARGV[5], ARGV[2], ARGV[6], ARGV[3], ARGV[4])
+end
 return {1, redis.call('HGETALL', KEYS[1])}
-"#;
+"#
+);
 
 /// Deletes a record whose retention passed, with its id key and user-index entry. KEYS: record.
 /// ARGV: tag prefix (`P{T}:`), now, hash hex. Returns {0} missing, {1} deleted,
@@ -195,6 +258,212 @@ redis.call('DEL', KEYS[1])
 redis.call('DEL', ARGV[1] .. 'id:' .. f[2])
 redis.call('ZREM', ARGV[1] .. 'u:' .. f[3], ARGV[3])
 return {1}
+"#;
+
+/// Moves outbox entries into the log (Redis Cluster), skipping sessions that already have an
+/// event there, so that draining one entry twice (two replicas, a retry) appends it once.
+/// KEYS/ARGV[1..3]: the sink in `drain` mode. V: groups of sid, uid, kind, reason, by, at, exp.
+/// Returns how many were appended.
+const DRAIN: &str = concat!(
+    lua_sink!(),
+    r#"
+local appended = 0
+for i = 1, #V, 7 do
+  appended = appended + emit(V[i], V[i + 1], V[i + 2], V[i + 3], V[i + 4], V[i + 5], V[i + 6])
+end
+return appended
+"#
+);
+
+/// Log events after a position. KEYS: meta, stream. ARGV: a fresh log id, first stream id to
+/// read (`<after + 1>-0`), limit. Returns {log id, head, trimmed, XRANGE entries}.
+const READ_LOG: &str = r#"
+redis.call('HSETNX', KEYS[1], 'id', ARGV[1])
+local m = redis.call('HMGET', KEYS[1], 'id', 'head', 'trimmed')
+local entries = {}
+if tonumber(ARGV[3]) > 0 then
+  entries = redis.call('XRANGE', KEYS[2], ARGV[2], '+', 'COUNT', ARGV[3])
+end
+return {m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0'), entries}
+"#;
+
+/// Live list entries (`exp` after now) with after < seq <= through, of one user when a user
+/// index is given. KEYS: meta, stream, user index (or the stream again). ARGV: a fresh log id,
+/// after, through ('' for the head), limit, now, '1' with a user, first stream id
+/// (`<after + 1>-0`). Returns {log id, head, trimmed, XRANGE-shaped entries}.
+const LIST_LOG: &str = r#"
+redis.call('HSETNX', KEYS[1], 'id', ARGV[1])
+local m = redis.call('HMGET', KEYS[1], 'id', 'head', 'trimmed')
+local head = tonumber(m[2] or '0')
+local after = tonumber(ARGV[2])
+local through = head
+if ARGV[3] ~= '' then through = tonumber(ARGV[3]) end
+local limit = tonumber(ARGV[4])
+local now = tonumber(ARGV[5])
+local out = {}
+local function live(entry)
+  local f = entry[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'exp' then return tonumber(f[i + 1]) > now end
+  end
+  return false
+end
+if after < through and limit > 0 then
+  if ARGV[6] == '1' then
+    local offset = 0
+    while #out < limit do
+      local seqs = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], through, 'LIMIT', offset, 128)
+      if #seqs == 0 then break end
+      offset = offset + #seqs
+      for _, seq in ipairs(seqs) do
+        local e = redis.call('XRANGE', KEYS[2], seq .. '-0', seq .. '-0')
+        if e[1] and live(e[1]) then
+          out[#out + 1] = e[1]
+          if #out >= limit then break end
+        end
+      end
+    end
+  else
+    local start = ARGV[7]
+    local stop = string.format('%d-0', through)
+    while #out < limit do
+      local es = redis.call('XRANGE', KEYS[2], start, stop, 'COUNT', 128)
+      if #es == 0 then break end
+      for _, e in ipairs(es) do
+        if live(e) then
+          out[#out + 1] = e
+          if #out >= limit then break end
+        end
+      end
+      start = string.format('%d-0', tonumber(string.match(es[#es][1], '^(%d+)')) + 1)
+    end
+  end
+end
+return {m[1], head, tonumber(m[3] or '0'), out}
+"#;
+
+/// The log event of a session. KEYS: meta, session → seq hash, stream. ARGV: a fresh log id,
+/// session id. Returns {log id, XRANGE entries (zero or one)}.
+const LOG_ENTRY: &str = r#"
+redis.call('HSETNX', KEYS[1], 'id', ARGV[1])
+local id = redis.call('HGET', KEYS[1], 'id')
+local seq = redis.call('HGET', KEYS[2], ARGV[2])
+if not seq then return {id, {}} end
+return {id, redis.call('XRANGE', KEYS[3], seq .. '-0', seq .. '-0')}
+"#;
+
+/// Deletes events whose `exp` is at or before now, with their index entries, and raises
+/// `trimmed`. KEYS: meta, stream, session → seq hash, expiry index. ARGV: now, limit, prefix of
+/// the per-user indexes. Returns how many were deleted.
+const PURGE_LOG: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local trimmed = tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0')
+for _, seq in ipairs(due) do
+  local e = redis.call('XRANGE', KEYS[2], seq .. '-0', seq .. '-0')
+  if e[1] then
+    local f = e[1][2]
+    local sid, uid
+    for i = 1, #f, 2 do
+      if f[i] == 'sid' then sid = f[i + 1] elseif f[i] == 'uid' then uid = f[i + 1] end
+    end
+    redis.call('XDEL', KEYS[2], seq .. '-0')
+    if sid and redis.call('HGET', KEYS[3], sid) == seq then redis.call('HDEL', KEYS[3], sid) end
+    if uid then redis.call('ZREM', ARGV[3] .. uid, seq) end
+  end
+  redis.call('ZREM', KEYS[4], seq)
+  if tonumber(seq) > trimmed then trimmed = tonumber(seq) end
+end
+if #due > 0 then redis.call('HSET', KEYS[1], 'trimmed', string.format('%d', trimmed)) end
+return #due
+"#;
+
+/// Forgets a dirty outbox tag if its mark is unchanged since it was read. KEYS: dirty set.
+/// ARGV: tag, score as read.
+const FORGET_DIRTY: &str = r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"#;
+
+/// Compare-and-set of one rate-limit state. KEYS: states hash, forget index. ARGV: field,
+/// expected value ('' when absent), new value, forget-at. Returns {1} written or {0, current}.
+const LIMIT_CAS: &str = r#"
+local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if current ~= ARGV[2] then return {0, current} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return {1}
+"#;
+
+/// Deletes rate-limit states forgettable at now. KEYS: states hash, forget index. ARGV: now,
+/// limit. Returns how many were deleted.
+const PURGE_LIMITS: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, field in ipairs(due) do
+  redis.call('HDEL', KEYS[1], field)
+  redis.call('ZREM', KEYS[2], field)
+end
+return #due
+"#;
+
+/// Stores one security event. KEYS: events hash, time index. ARGV: event id, value
+/// (`<type>\n<json>`), occurred-at, index member.
+const EVENT_APPEND: &str = r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"#;
+
+/// Deletes one security event and its index entry. KEYS: events hash, index. ARGV: event id,
+/// index member. Returns 1 if the event existed.
+const EVENT_DELETE: &str = r#"
+local n = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return n
+"#;
+
+/// One user's events, newest first by (occurred_at, id). KEYS: the user's events hash and time
+/// index. ARGV: from (inclusive), upper score, upper id ('' : the upper score is exclusive;
+/// else entries at the upper score are kept only below that id), limit, then the wanted types
+/// (none: all). Returns the stored values.
+const USER_EVENTS: &str = r#"
+local limit = tonumber(ARGV[4])
+local types = nil
+if #ARGV > 4 then
+  types = {}
+  for i = 5, #ARGV do types[ARGV[i]] = true end
+end
+local max = ARGV[2]
+if ARGV[3] == '' then max = '(' .. ARGV[2] end
+local upper = tonumber(ARGV[2])
+-- Byte order, as sorted sets and Rust order strings (Lua's `<` follows the server's locale).
+local function below(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local out = {}
+local offset = 0
+while #out < limit do
+  local page = redis.call('ZREVRANGEBYSCORE', KEYS[2], max, ARGV[1], 'WITHSCORES', 'LIMIT', offset, 128)
+  if #page == 0 then break end
+  offset = offset + #page / 2
+  for i = 1, #page, 2 do
+    local id, score = page[i], tonumber(page[i + 1])
+    if ARGV[3] == '' or score < upper or below(id, ARGV[3]) then
+      local value = redis.call('HGET', KEYS[1], id)
+      if value then
+        local cut = string.find(value, '\n', 1, true)
+        if cut and (types == nil or types[string.sub(value, 1, cut - 1)]) then
+          out[#out + 1] = string.sub(value, cut + 1)
+          if #out >= limit then break end
+        end
+      end
+    end
+  end
+end
+return out
 "#;
 
 /// The scripts, each with its SHA-1.
@@ -214,6 +483,28 @@ pub struct Scripts {
     pub end: Lua,
     /// [`SessionStore::purge_expired`], one record per call.
     pub purge: Lua,
+    /// Outbox entries into the log (Redis Cluster).
+    pub drain: Lua,
+    /// [`SessionStore::read_revocations`].
+    pub read_log: Lua,
+    /// [`SessionStore::list_revocations`].
+    pub list_log: Lua,
+    /// [`SessionStore::revocation_entry`].
+    pub log_entry: Lua,
+    /// [`SessionStore::purge_revocations`].
+    pub purge_log: Lua,
+    /// Forgets a drained outbox tag.
+    pub forget_dirty: Lua,
+    /// [`RateLimitStore::check`]'s compare-and-set.
+    pub limit_cas: Lua,
+    /// [`RateLimitStore::purge_limits`].
+    pub purge_limits: Lua,
+    /// [`SecurityEventStore::append`].
+    pub event_append: Lua,
+    /// [`SecurityEventStore::purge_events`], one event per call.
+    pub event_delete: Lua,
+    /// [`SecurityEventStore::user_events`].
+    pub user_events: Lua,
 }
 
 /// The scripts every keyspace backend runs.
@@ -225,6 +516,17 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     compare_and_swap: Lua::new("compare_and_swap", COMPARE_AND_SWAP),
     end: Lua::new("end", END),
     purge: Lua::new("purge", PURGE),
+    drain: Lua::new("drain", DRAIN),
+    read_log: Lua::new("read_log", READ_LOG),
+    list_log: Lua::new("list_log", LIST_LOG),
+    log_entry: Lua::new("log_entry", LOG_ENTRY),
+    purge_log: Lua::new("purge_log", PURGE_LOG),
+    forget_dirty: Lua::new("forget_dirty", FORGET_DIRTY),
+    limit_cas: Lua::new("limit_cas", LIMIT_CAS),
+    purge_limits: Lua::new("purge_limits", PURGE_LIMITS),
+    event_append: Lua::new("event_append", EVENT_APPEND),
+    event_delete: Lua::new("event_delete", EVENT_DELETE),
+    user_events: Lua::new("user_events", USER_EVENTS),
 });
 
 /// Key names under a prefix.
@@ -268,6 +570,33 @@ impl Layout {
     /// The purge index (one key, its own slot).
     fn due(&self) -> String {
         format!("{}{{expiry}}:due", self.prefix)
+    }
+
+    /// A key of the revocation log (all in the `{log}` slot): `meta`, `stream`, `sess`, `exp`,
+    /// `dirty`, and `u:` (the prefix of the per-user indexes).
+    fn log(&self, what: &str) -> String {
+        format!("{}{{log}}:{what}", self.prefix)
+    }
+
+    /// The revocation outbox of the users with tag `tag` (Redis Cluster).
+    fn outbox(&self, tag: &str) -> String {
+        format!("{}outbox", self.tagged(tag))
+    }
+
+    /// Rate-limit states (`states`) and their forget index (`forget`), in the `{limits}` slot.
+    fn limits(&self, what: &str) -> String {
+        format!("{}{{limits}}:{what}", self.prefix)
+    }
+
+    /// A user's security events (`ev`) or their time index (`evi`).
+    fn user_events(&self, what: &str, user_id: &str) -> String {
+        format!("{}{what}:{user_id}", self.tagged(&shard_tag(user_id)))
+    }
+
+    /// Security events without a user (`nouser`) and the global time index (`time`), in the
+    /// `{events}` slot.
+    fn events(&self, what: &str) -> String {
+        format!("{}{{events}}:{what}", self.prefix)
     }
 }
 
@@ -382,18 +711,258 @@ fn coded(reply: Reply) -> Result<(i64, Vec<Reply>)> {
 /// How many purge scripts run at once.
 const PURGE_CONCURRENCY: usize = 16;
 
+fn unsigned(reply: &Reply) -> Result<u64> {
+    u64::try_from(integer(reply)?).map_err(|_| malformed("negative number"))
+}
+
+fn wall_clock_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A stream entry `[id, [field, value, ...]]`.
+fn stream_entry(reply: Reply) -> Result<(String, std::collections::HashMap<String, String>)> {
+    let mut parts = items(reply)?.into_iter();
+    let (Some(id), Some(fields)) = (parts.next(), parts.next()) else { return Err(malformed("stream entry")) };
+    let id = text(&id)?.to_owned();
+    let mut map = std::collections::HashMap::new();
+    for pair in items(fields)?.chunks(2) {
+        let [name, value] = pair else { return Err(malformed("odd stream entry fields")) };
+        map.insert(text(name)?.to_owned(), text(value)?.to_owned());
+    }
+    Ok((id, map))
+}
+
+fn kind_from(name: &str) -> Result<RevocationKind> {
+    [
+        RevocationKind::Revoked,
+        RevocationKind::Terminated,
+        RevocationKind::Evicted,
+        RevocationKind::Hijack,
+        RevocationKind::RefreshFailed,
+    ]
+    .into_iter()
+    .find(|kind| kind.as_str() == name)
+    .ok_or_else(|| malformed("unknown revocation kind"))
+}
+
+/// `revoked_by` as a stream field: `-` for none, `+<name>` for a name.
+fn encode_by(by: Option<&str>) -> String {
+    by.map_or_else(|| "-".to_owned(), |by| format!("+{by}"))
+}
+
+/// A log event from a stream entry whose id is `<seq>-0`.
+fn log_event(reply: Reply) -> Result<RevocationEvent> {
+    let (id, mut fields) = stream_entry(reply)?;
+    let seq = id.strip_suffix("-0").and_then(|n| n.parse().ok()).ok_or_else(|| malformed("log entry id"))?;
+    let mut take = |name: &str| fields.remove(name).ok_or_else(|| malformed("log entry field"));
+    let number = |value: String| value.parse::<Millis>().map_err(|_| malformed("log entry number"));
+    Ok(RevocationEvent {
+        seq,
+        session_id: take("sid")?,
+        user_id: take("uid")?,
+        kind: kind_from(&take("kind")?)?,
+        reason: take("reason")?,
+        revoked_by: take("by")?.strip_prefix('+').map(str::to_owned),
+        revoked_at: number(take("at")?)?,
+        expires_at: number(take("exp")?)?,
+    })
+}
+
+/// The hash field of a rate-limit state: the rule's name, length-prefixed, then the key.
+fn limit_field(rule: &str, key: &str) -> String {
+    format!("{}:{rule}{key}", rule.len())
+}
+
+fn encode_limit(state: &LimiterState) -> String {
+    format!("{}:{}:{}:{}", state.tat_us, state.violations, state.last_violation_ms, state.blocked_until_ms)
+}
+
+fn decode_limit(value: &str) -> Result<LimiterState> {
+    let bad = || Error::internal("stored rate-limit state is unreadable");
+    let mut parts = value.split(':');
+    let mut next = || parts.next().ok_or_else(bad);
+    let state = LimiterState {
+        tat_us: next()?.parse().map_err(|_| bad())?,
+        violations: next()?.parse().map_err(|_| bad())?,
+        last_violation_ms: next()?.parse().map_err(|_| bad())?,
+        blocked_until_ms: next()?.parse().map_err(|_| bad())?,
+    };
+    Ok(state)
+}
+
+/// The time-index member of a security event: `u|<tag>|<user hex>|<id>` or `n|<id>`.
+fn event_member(event: &SecurityEvent) -> String {
+    match &event.user_id {
+        Some(user) => format!("u|{}|{}|{}", shard_tag(user), hex::encode(user), event.event_id),
+        None => format!("n|{}", event.event_id),
+    }
+}
+
 /// A [`SessionStore`] over any [`Transport`]; every operation is bounded by the storage timeout.
 #[derive(Debug)]
 pub struct KeyspaceStore<T: Transport> {
     transport: T,
     layout: Layout,
     timeout: Duration,
+    /// The log id last read from Redis (see [`SessionStore::log_id`]).
+    log_id: std::sync::RwLock<String>,
+    /// When this replica last drained stale outboxes (Redis Cluster).
+    last_drain: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// Placeholder log id until the first log read: alphanumeric (so a cursor made with it parses),
+/// never equal to a real id (16 hex digits), so such a cursor is out of range, never misread.
+const UNKNOWN_LOG_ID: &str = "unknownlog";
+
+/// How long an outbox tag's mark protects it from other replicas' drains: the writer that
+/// marked it drains its own entry right after its script, so others only step in (and may then
+/// forget the tag) once the mark is older than any write in flight could be.
+const OUTBOX_GRACE: Duration = Duration::from_secs(10);
+
+/// How often a replica looks for outboxes that their writers did not drain (Redis Cluster).
+const STALE_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Outbox entries moved per drain script.
+const DRAIN_BATCH: usize = 256;
 
 impl<T: Transport> KeyspaceStore<T> {
     /// A store over `transport` under `layout`; each operation fails `Unavailable` after `timeout`.
     pub fn new(transport: T, layout: Layout, timeout: Duration) -> KeyspaceStore<T> {
-        KeyspaceStore { transport, layout, timeout }
+        KeyspaceStore {
+            transport,
+            layout,
+            timeout,
+            log_id: std::sync::RwLock::new(UNKNOWN_LOG_ID.to_owned()),
+            last_drain: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The sink keys and arguments of a script that may end sessions of tag `tag` (see
+    /// `lua_sink!`): the log itself on one Redis, the tag's outbox on a cluster.
+    fn sink(&self, tag: &str) -> (Vec<String>, Vec<String>) {
+        if self.transport.clustered() {
+            let outbox = self.layout.outbox(tag);
+            (
+                vec![outbox.clone(), outbox.clone(), outbox.clone(), outbox],
+                vec!["outbox".into(), String::new(), String::new()],
+            )
+        } else {
+            (self.log_keys(), vec!["log".into(), new_log_id(), self.layout.log("u:")])
+        }
+    }
+
+    fn log_keys(&self) -> Vec<String> {
+        vec![self.layout.log("meta"), self.layout.log("stream"), self.layout.log("sess"), self.layout.log("exp")]
+    }
+
+    fn remember_log_id(&self, reply: &Reply) -> Result<()> {
+        let id = text(reply)?;
+        let mut current = self.log_id.write().unwrap_or_else(|p| p.into_inner());
+        if *current != id {
+            if *current != UNKNOWN_LOG_ID {
+                tracing::warn!(old = %current, new = %id, "the revocation log in Redis has a new id (was it reset?); older cursors are now out of range");
+            }
+            id.clone_into(&mut current);
+        }
+        Ok(())
+    }
+
+    /// Cluster: marks `tag` as having outbox entries, before the script that writes them.
+    async fn mark_outbox(&self, tag: &str) -> Result<()> {
+        if !self.transport.clustered() {
+            return Ok(());
+        }
+        let args = vec!["ZADD".into(), self.layout.log("dirty"), wall_clock_ms().to_string(), tag.to_owned()];
+        self.transport.command(args, false).await.map(drop)
+    }
+
+    /// Cluster: after a script that may have written the outbox of `tag`, moves its entries into
+    /// the log at once, so the caller's event is in the log when the call returns. A failure is
+    /// logged, not returned: the end itself has happened, and the entry stays in the outbox
+    /// until a later drain (this writer's next one, or any replica's stale drain) moves it.
+    async fn drain_after_write(&self, tag: &str) {
+        if self.transport.clustered()
+            && let Err(e) = self.drain_outbox(tag).await
+        {
+            tracing::warn!(error = %e, tag, "revocation outbox not drained yet; a later drain will move it");
+        }
+    }
+
+    /// Moves every entry of one outbox into the log (idempotent: a session's event is appended
+    /// once however often its entry is drained), then deletes them from the outbox.
+    async fn drain_outbox(&self, tag: &str) -> Result<()> {
+        let outbox = self.layout.outbox(tag);
+        loop {
+            let args =
+                vec!["XRANGE".into(), outbox.clone(), "-".into(), "+".into(), "COUNT".into(), DRAIN_BATCH.to_string()];
+            let entries = items(self.transport.command(args, true).await?)?;
+            if entries.is_empty() {
+                return Ok(());
+            }
+            let full = entries.len() == DRAIN_BATCH;
+            let mut ids = Vec::with_capacity(entries.len());
+            let mut args = vec!["drain".to_owned(), new_log_id(), self.layout.log("u:")];
+            for entry in entries {
+                let (id, fields) = stream_entry(entry)?;
+                ids.push(id);
+                for name in ["sid", "uid", "kind", "reason", "by", "at", "exp"] {
+                    args.push(fields.get(name).cloned().ok_or_else(|| malformed("outbox entry field"))?);
+                }
+            }
+            self.transport.eval(&SCRIPTS.drain, self.log_keys(), args, false).await?;
+            let mut xdel = vec!["XDEL".to_owned(), outbox.clone()];
+            xdel.extend(ids);
+            self.transport.command(xdel, false).await?;
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Cluster: drains the outboxes whose mark is older than [`OUTBOX_GRACE`] (their writer
+    /// stopped before draining), then forgets each tag unless it was marked again meanwhile.
+    /// Runs at most once per [`STALE_DRAIN_INTERVAL`] per replica.
+    async fn drain_stale(&self) -> Result<()> {
+        if !self.transport.clustered() {
+            return Ok(());
+        }
+        {
+            let mut last = self.last_drain.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| at.elapsed() < STALE_DRAIN_INTERVAL) {
+                return Ok(());
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let before = wall_clock_ms() - crate::clock::millis(OUTBOX_GRACE);
+        let dirty = self.layout.log("dirty");
+        let args = vec![
+            "ZRANGEBYSCORE".into(),
+            dirty.clone(),
+            "-inf".into(),
+            format!("({before}"),
+            "WITHSCORES".into(),
+            "LIMIT".into(),
+            "0".into(),
+            "64".into(),
+        ];
+        let marks = items(self.transport.command(args, true).await?)?;
+        for pair in marks.chunks(2) {
+            let [tag, score] = pair else { return Err(malformed("odd ZRANGEBYSCORE reply")) };
+            let tag = text(tag)?.to_owned();
+            self.drain_outbox(&tag).await?;
+            let args = vec![tag, text(score)?.to_owned()];
+            self.transport.eval(&SCRIPTS.forget_dirty, vec![dirty.clone()], args, false).await?;
+        }
+        Ok(())
+    }
+
+    /// The log's id and position from a `{id, head, trimmed, ...}` reply.
+    fn position(&self, reply: &[Reply]) -> Result<LogPosition> {
+        let [id, head, trimmed, ..] = reply else { return Err(malformed("log reply")) };
+        self.remember_log_id(id)?;
+        Ok(LogPosition { head: unsigned(head)?, trimmed_through: unsigned(trimmed)? })
     }
 
     /// The transport (tests inspect it).
@@ -467,14 +1036,18 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
             let due =
                 vec!["ZADD".into(), self.layout.due(), record.retain_until.to_string(), due_member(&record.token_hash)];
             self.transport.command(due, false).await?;
+            if eviction.kind.is_some() {
+                self.mark_outbox(&tag).await?;
+            }
             let hash_hex = hex::encode(record.token_hash);
-            let keys = vec![
+            let (mut keys, mut args) = self.sink(&tag);
+            keys.extend([
                 self.layout.record(&record.token_hash),
                 self.layout.id(&tag, &record.session_id),
                 self.layout.user(&tag, &record.user_id),
-            ];
+            ]);
             let doc = String::from_utf8(record.to_bytes()).map_err(Error::internal)?;
-            let args = vec![
+            args.extend([
                 self.layout.records(&tag),
                 eviction.at.to_string(),
                 cap.to_string(),
@@ -492,11 +1065,16 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
                 record.retain_until.to_string(),
                 record.version.to_string(),
                 state_name(record.state).into(),
-            ];
+                eviction.kind.map_or("", RevocationKind::as_str).to_owned(),
+                encode_by(eviction.revoked_by.as_deref()),
+            ]);
             let reply = self.transport.eval(&SCRIPTS.create, keys, args, false).await?;
             let evicted = items(reply)?.into_iter().map(required).collect::<Result<Vec<_>>>()?;
             for ended in &evicted {
                 self.lower_due_after_write(&ended.token_hash, ended.retain_until).await;
+            }
+            if !evicted.is_empty() {
+                self.drain_after_write(&tag).await;
             }
             Ok(evicted)
         })
@@ -564,19 +1142,29 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
 
     async fn end(&self, token_hash: &TokenHash, end: EndSession) -> Result<EndOutcome> {
         self.bounded("end", async {
-            let args = vec![
+            let tag = hash_tag(token_hash);
+            if end.kind.is_some() {
+                self.mark_outbox(&tag).await?;
+            }
+            let (mut keys, mut args) = self.sink(&tag);
+            keys.push(self.layout.record(token_hash));
+            args.extend([
                 state_name(end.state).into(),
                 end.reason.clone(),
                 end.at.to_string(),
                 end.retain_until.to_string(),
-            ];
-            let keys = vec![self.layout.record(token_hash)];
+                end.kind.map_or("", RevocationKind::as_str).to_owned(),
+                encode_by(end.revoked_by.as_deref()),
+            ]);
             let (code, mut rest) = coded(self.transport.eval(&SCRIPTS.end, keys, args, false).await?)?;
             Ok(match code {
                 0 => EndOutcome::NotFound,
                 1 => {
                     let ended = required(rest.pop().unwrap_or(Reply::Nil))?;
                     self.lower_due_after_write(token_hash, ended.retain_until).await;
+                    if end.kind.is_some() {
+                        self.drain_after_write(&tag).await;
+                    }
                     EndOutcome::Ended(ended)
                 }
                 _ => EndOutcome::AlreadyEnded(required(rest.pop().unwrap_or(Reply::Nil))?),
@@ -616,6 +1204,82 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
         .await
     }
 
+    fn log_id(&self) -> String {
+        self.log_id.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
+        self.bounded("read_revocations", async {
+            if let Err(e) = self.drain_stale().await {
+                tracing::warn!(error = %e, "stale revocation outboxes not drained; will retry");
+            }
+            let keys = vec![self.layout.log("meta"), self.layout.log("stream")];
+            let args = vec![new_log_id(), format!("{}-0", after.saturating_add(1)), limit.to_string()];
+            let mut reply = items(self.transport.eval(&SCRIPTS.read_log, keys, args, true).await?)?;
+            let position = self.position(&reply)?;
+            let entries = reply.pop().ok_or_else(|| malformed("log reply"))?;
+            let events = items(entries)?.into_iter().map(log_event).collect::<Result<Vec<_>>>()?;
+            Ok(LogRead { events, position })
+        })
+        .await
+    }
+
+    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
+        self.bounded("revocation_entry", async {
+            let keys = vec![self.layout.log("meta"), self.layout.log("sess"), self.layout.log("stream")];
+            let args = vec![new_log_id(), session_id.to_owned()];
+            let mut reply = items(self.transport.eval(&SCRIPTS.log_entry, keys, args, true).await?)?.into_iter();
+            let (Some(id), Some(entries)) = (reply.next(), reply.next()) else {
+                return Err(malformed("log entry reply"));
+            };
+            self.remember_log_id(&id)?;
+            match items(entries)?.into_iter().next() {
+                Some(entry) => Ok(Some(log_event(entry)?).filter(|e| e.expires_at > now)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn list_revocations(
+        &self,
+        user_id: Option<&str>,
+        after: u64,
+        through: Option<u64>,
+        limit: usize,
+        now: Millis,
+    ) -> Result<RevocationPage> {
+        self.bounded("list_revocations", async {
+            let stream = self.layout.log("stream");
+            let index = user_id.map_or_else(|| stream.clone(), |user| self.layout.log(&format!("u:{user}")));
+            let keys = vec![self.layout.log("meta"), stream, index];
+            let args = vec![
+                new_log_id(),
+                after.to_string(),
+                through.map(|t| t.to_string()).unwrap_or_default(),
+                limit.to_string(),
+                now.to_string(),
+                if user_id.is_some() { "1" } else { "0" }.into(),
+                format!("{}-0", after.saturating_add(1)),
+            ];
+            let mut reply = items(self.transport.eval(&SCRIPTS.list_log, keys, args, true).await?)?;
+            let position = self.position(&reply)?;
+            let entries = reply.pop().ok_or_else(|| malformed("list reply"))?;
+            let entries = items(entries)?.into_iter().map(log_event).collect::<Result<Vec<_>>>()?;
+            Ok(RevocationPage { entries, position })
+        })
+        .await
+    }
+
+    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
+        self.bounded("purge_revocations", async {
+            let args = vec![now.to_string(), limit.to_string(), self.layout.log("u:")];
+            let n = integer(&self.transport.eval(&SCRIPTS.purge_log, self.log_keys(), args, false).await?)?;
+            Ok(usize::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
     async fn count(&self) -> Result<u64> {
         // The purge index has one entry per record (plus, briefly, entries of creations in
         // flight or that failed after their entry was written): O(1) instead of a key scan.
@@ -628,6 +1292,155 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
 
     async fn ping(&self) -> Result<()> {
         self.bounded("ping", async { self.transport.command(vec!["PING".into()], true).await.map(drop) }).await
+    }
+}
+
+#[async_trait]
+impl<T: Transport> RateLimitStore for KeyspaceStore<T> {
+    /// `limiter::apply` runs here, in Rust, and the script only compare-and-sets the state it
+    /// read: one function decides on every backend, with no Lua copy of its arithmetic to drift.
+    /// A conflict means another check of the key committed first; the script returns the state
+    /// it found and this check runs again on it, so checks of one key are serialised exactly
+    /// (lock-free: every retry follows another check's success), bounded by the storage timeout.
+    async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+        self.bounded("rate_limit_check", async {
+            let states = self.layout.limits("states");
+            let field = limit_field(&rule.name, key);
+            let get = vec!["HGET".into(), states.clone(), field.clone()];
+            let mut current = match self.transport.command(get, true).await? {
+                Reply::Nil => String::new(),
+                reply => text(&reply)?.to_owned(),
+            };
+            loop {
+                let state = if current.is_empty() { None } else { Some(decode_limit(&current)?) };
+                let (decision, next) = limiter::apply(state, rule, cost, now);
+                let Some(next) = next else { return Ok(decision) };
+                let keys = vec![states.clone(), self.layout.limits("forget")];
+                let args = vec![field.clone(), current, encode_limit(&next), next.forget_at(rule).to_string()];
+                let (code, rest) = coded(self.transport.eval(&SCRIPTS.limit_cas, keys, args, false).await?)?;
+                if code == 1 {
+                    return Ok(decision);
+                }
+                current = text(rest.first().ok_or_else(|| malformed("rate-limit reply"))?)?.to_owned();
+            }
+        })
+        .await
+    }
+
+    async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize> {
+        self.bounded("purge_limits", async {
+            let keys = vec![self.layout.limits("states"), self.layout.limits("forget")];
+            let args = vec![now.to_string(), limit.to_string()];
+            let n = integer(&self.transport.eval(&SCRIPTS.purge_limits, keys, args, false).await?)?;
+            Ok(usize::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl<T: Transport> SecurityEventStore for KeyspaceStore<T> {
+    async fn append(&self, event: &SecurityEvent) -> Result<()> {
+        self.bounded("append_event", async {
+            let json = serde_json::to_string(event).map_err(Error::internal)?;
+            let value = format!("{}\n{json}", event.event_type.as_str());
+            let member = event_member(event);
+            let at = event.occurred_at.to_string();
+            match &event.user_id {
+                Some(user) => {
+                    // The global time index first (its own slot): an event is never stored
+                    // without the entry that lets the retention purge find it.
+                    let index = vec!["ZADD".into(), self.layout.events("time"), at.clone(), member];
+                    self.transport.command(index, false).await?;
+                    let keys = vec![self.layout.user_events("ev", user), self.layout.user_events("evi", user)];
+                    let args = vec![event.event_id.clone(), value, at, event.event_id.clone()];
+                    self.transport.eval(&SCRIPTS.event_append, keys, args, false).await.map(drop)
+                }
+                None => {
+                    let keys = vec![self.layout.events("nouser"), self.layout.events("time")];
+                    let args = vec![event.event_id.clone(), value, at, member];
+                    self.transport.eval(&SCRIPTS.event_append, keys, args, false).await.map(drop)
+                }
+            }
+        })
+        .await
+    }
+
+    async fn user_events(&self, query: &EventQuery) -> Result<Vec<SecurityEvent>> {
+        if query.from >= query.until || query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        // The exclusive upper bound, as in the memory store: the resume position when it is
+        // inside the range, else `until`.
+        let (upper_at, upper_id) = match &query.after {
+            Some((at, id)) if *at < query.until => (*at, id.clone()),
+            _ => (query.until, String::new()),
+        };
+        if (upper_at, upper_id.as_str()) <= (query.from, "") {
+            return Ok(Vec::new());
+        }
+        self.bounded("user_events", async {
+            let user = &query.user_id;
+            let keys = vec![self.layout.user_events("ev", user), self.layout.user_events("evi", user)];
+            let mut args = vec![query.from.to_string(), upper_at.to_string(), upper_id, query.limit.to_string()];
+            args.extend(query.types.iter().map(|t| t.as_str().to_owned()));
+            let reply = self.transport.eval(&SCRIPTS.user_events, keys, args, true).await?;
+            items(reply)?
+                .iter()
+                .map(|value| serde_json::from_str(text(value)?).map_err(|e| malformed(&format!("security event: {e}"))))
+                .collect()
+        })
+        .await
+    }
+
+    async fn purge_events(&self, cutoff: Millis, limit: usize) -> Result<usize> {
+        self.bounded("purge_events", async {
+            let time = self.layout.events("time");
+            let args = vec![
+                "ZRANGEBYSCORE".into(),
+                time.clone(),
+                "-inf".into(),
+                format!("({cutoff}"),
+                "LIMIT".into(),
+                "0".into(),
+                limit.to_string(),
+            ];
+            let due = items(self.transport.command(args, true).await?)?;
+            let mut deleted = 0;
+            for member in due {
+                let member = text(&member)?.to_owned();
+                let parts: Vec<&str> = member.splitn(4, '|').collect();
+                let n = match parts.as_slice() {
+                    ["n", id] => {
+                        let keys = vec![self.layout.events("nouser"), time.clone()];
+                        let args = vec![(*id).to_owned(), member.clone()];
+                        integer(&self.transport.eval(&SCRIPTS.event_delete, keys, args, false).await?)?
+                    }
+                    ["u", _, user_hex, id] => {
+                        let user = hex::decode(user_hex)
+                            .ok()
+                            .and_then(|b| String::from_utf8(b).ok())
+                            .ok_or_else(|| malformed("security event index entry"))?;
+                        let keys = vec![self.layout.user_events("ev", &user), self.layout.user_events("evi", &user)];
+                        let n = integer(
+                            &self
+                                .transport
+                                .eval(&SCRIPTS.event_delete, keys, vec![(*id).to_owned(), (*id).to_owned()], false)
+                                .await?,
+                        )?;
+                        self.transport.command(vec!["ZREM".into(), time.clone(), member.clone()], false).await?;
+                        n
+                    }
+                    _ => {
+                        self.transport.command(vec!["ZREM".into(), time.clone(), member.clone()], false).await?;
+                        0
+                    }
+                };
+                deleted += usize::try_from(n).unwrap_or(0);
+            }
+            Ok(deleted)
+        })
+        .await
     }
 }
 

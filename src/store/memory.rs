@@ -1,21 +1,60 @@
-//! The memory backend: every index in process memory behind one lock. For tests and ephemeral
-//! deployments; nothing survives a restart. Each trait operation holds the lock for its whole
-//! step, which is what makes it atomic.
+//! The memory backend: every index in process memory behind one lock per concern (sessions with
+//! the revocation log, rate limits, security events). For tests and ephemeral deployments;
+//! nothing survives a restart. Each trait operation holds its lock for its whole step, which is
+//! what makes it atomic; the revocation log sits behind the sessions' lock, so an end and its
+//! event are one step too.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::RwLock;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Mutex, RwLock};
 
 use async_trait::async_trait;
 
 use crate::clock::Millis;
 use crate::error::Result;
+use crate::revocation::RevocationEvent;
+use crate::security::events::SecurityEvent;
+use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::SessionRecord;
-use crate::store::{CasOutcome, EndOutcome, EndSession, SessionStore, TokenHash, Touch};
+use crate::store::{
+    CasOutcome, EndOutcome, EndSession, EventQuery, LogPosition, LogRead, RateLimitStore, RevocationPage,
+    SecurityEventStore, SessionStore, TokenHash, Touch, type_matches,
+};
 
-/// Sessions in memory.
-#[derive(Debug, Default)]
+/// Sessions, the revocation log, rate-limit state and security events in memory.
+#[derive(Debug)]
 pub struct MemoryStore {
     inner: RwLock<Inner>,
+    // Random per process: a cursor from an earlier process's log is then out of range instead of
+    // being read as a position in this fresh one.
+    log_id: String,
+    limits: Mutex<Limits>,
+    events: RwLock<Events>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            inner: RwLock::default(),
+            log_id: crate::revocation::new_log_id(),
+            limits: Mutex::default(),
+            events: RwLock::default(),
+        }
+    }
+}
+
+/// Rate-limit state by (rule, key), with an index by the time it can be forgotten.
+#[derive(Debug, Default)]
+struct Limits {
+    states: HashMap<(String, String), LimiterState>,
+    forget: BTreeSet<(Millis, String, String)>,
+    forget_at: HashMap<(String, String), Millis>,
+}
+
+/// Events by (time, id), and per user the (time, id) positions.
+#[derive(Debug, Default)]
+struct Events {
+    by_time: BTreeMap<(Millis, String), SecurityEvent>,
+    by_user: HashMap<String, BTreeSet<(Millis, String)>>,
 }
 
 #[derive(Debug, Default)]
@@ -24,6 +63,35 @@ struct Inner {
     ids: HashMap<String, TokenHash>,
     users: HashMap<String, HashSet<TokenHash>>,
     expiry: BTreeSet<(Millis, TokenHash)>,
+    log: Log,
+}
+
+/// The revocation log and its indexes.
+#[derive(Debug, Default)]
+struct Log {
+    events: BTreeMap<u64, RevocationEvent>,
+    by_session: HashMap<String, u64>,
+    by_user: BTreeSet<(String, u64)>,
+    expiry: BTreeSet<(Millis, u64)>,
+    head: u64,
+    trimmed_through: u64,
+}
+
+impl Log {
+    fn append(&mut self, end: &EndSession, record: &SessionRecord) {
+        let seq = self.head + 1;
+        if let Some(event) = end.event_for(record, seq) {
+            self.head = seq;
+            self.by_session.insert(event.session_id.clone(), seq);
+            self.by_user.insert((event.user_id.clone(), seq));
+            self.expiry.insert((event.expires_at, seq));
+            self.events.insert(seq, event);
+        }
+    }
+
+    fn position(&self) -> LogPosition {
+        LogPosition { head: self.head, trimmed_through: self.trimmed_through }
+    }
 }
 
 impl Inner {
@@ -39,7 +107,9 @@ impl Inner {
         record.retain_until = end.retain_until;
         record.version += 1;
         self.expiry.insert((record.retain_until, *hash));
-        EndOutcome::Ended(record.clone())
+        let ended = record.clone();
+        self.log.append(end, &ended);
+        EndOutcome::Ended(ended)
     }
 
     fn remove(&mut self, hash: &TokenHash) {
@@ -70,6 +140,10 @@ impl MemoryStore {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn limits(&self) -> std::sync::MutexGuard<'_, Limits> {
+        self.limits.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -160,11 +234,163 @@ impl SessionStore for MemoryStore {
         Ok(due.len())
     }
 
+    fn log_id(&self) -> String {
+        self.log_id.clone()
+    }
+
+    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
+        let inner = self.read();
+        let events = inner.log.events.range(after.saturating_add(1)..).take(limit).map(|(_, e)| e.clone()).collect();
+        Ok(LogRead { events, position: inner.log.position() })
+    }
+
+    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
+        let inner = self.read();
+        let log = &inner.log;
+        Ok(log.by_session.get(session_id).and_then(|seq| log.events.get(seq)).filter(|e| e.expires_at > now).cloned())
+    }
+
+    async fn list_revocations(
+        &self,
+        user_id: Option<&str>,
+        after: u64,
+        through: Option<u64>,
+        limit: usize,
+        now: Millis,
+    ) -> Result<RevocationPage> {
+        let inner = self.read();
+        let log = &inner.log;
+        let through = through.unwrap_or(log.head);
+        let live = |e: &&RevocationEvent| e.expires_at > now;
+        let entries = if after >= through {
+            Vec::new()
+        } else {
+            match user_id {
+                Some(user) => log
+                    .by_user
+                    .range((user.to_owned(), after + 1)..=(user.to_owned(), through))
+                    .filter_map(|(_, seq)| log.events.get(seq))
+                    .filter(live)
+                    .take(limit)
+                    .cloned()
+                    .collect(),
+                None => {
+                    log.events.range(after + 1..=through).map(|(_, e)| e).filter(live).take(limit).cloned().collect()
+                }
+            }
+        };
+        Ok(RevocationPage { entries, position: log.position() })
+    }
+
+    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
+        let mut inner = self.write();
+        let log = &mut inner.log;
+        let due: Vec<(Millis, u64)> = log.expiry.range(..=(now, u64::MAX)).take(limit).copied().collect();
+        for key in &due {
+            log.expiry.remove(key);
+            if let Some(event) = log.events.remove(&key.1) {
+                log.by_session.remove(&event.session_id);
+                log.by_user.remove(&(event.user_id, key.1));
+            }
+            log.trimmed_through = log.trimmed_through.max(key.1);
+        }
+        Ok(due.len())
+    }
+
     async fn count(&self) -> Result<u64> {
         Ok(self.read().sessions.len() as u64)
     }
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[async_trait]
+impl RateLimitStore for MemoryStore {
+    async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+        let mut limits = self.limits();
+        let id = (rule.name.clone(), key.to_owned());
+        let (decision, next) = limiter::apply(limits.states.get(&id).copied(), rule, cost, now);
+        if let Some(next) = next {
+            let forget_at = next.forget_at(rule);
+            if let Some(old) = limits.forget_at.insert(id.clone(), forget_at) {
+                limits.forget.remove(&(old, id.0.clone(), id.1.clone()));
+            }
+            limits.forget.insert((forget_at, id.0.clone(), id.1.clone()));
+            limits.states.insert(id, next);
+        }
+        Ok(decision)
+    }
+
+    async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize> {
+        let mut limits = self.limits();
+        let due: Vec<(Millis, String, String)> =
+            limits.forget.iter().take_while(|(at, ..)| *at <= now).take(limit).cloned().collect();
+        for entry in &due {
+            limits.forget.remove(entry);
+            let id = (entry.1.clone(), entry.2.clone());
+            limits.forget_at.remove(&id);
+            limits.states.remove(&id);
+        }
+        Ok(due.len())
+    }
+}
+
+#[async_trait]
+impl SecurityEventStore for MemoryStore {
+    async fn append(&self, event: &SecurityEvent) -> Result<()> {
+        let mut events = self.events.write().unwrap_or_else(|p| p.into_inner());
+        let position = (event.occurred_at, event.event_id.clone());
+        if let Some(user) = &event.user_id {
+            events.by_user.entry(user.clone()).or_default().insert(position.clone());
+        }
+        events.by_time.insert(position, event.clone());
+        Ok(())
+    }
+
+    async fn user_events(&self, query: &EventQuery) -> Result<Vec<SecurityEvent>> {
+        let events = self.events.read().unwrap_or_else(|p| p.into_inner());
+        let Some(positions) = events.by_user.get(&query.user_id) else { return Ok(Vec::new()) };
+        if query.from >= query.until {
+            return Ok(Vec::new());
+        }
+        let upper = match &query.after {
+            Some((at, id)) if *at < query.until => (*at, id.clone()),
+            _ => (query.until, String::new()),
+        };
+        let lower = (query.from, String::new());
+        // A resume position before the range (a crafted page token) selects nothing; BTreeSet
+        // would panic on a reversed range.
+        if upper <= lower {
+            return Ok(Vec::new());
+        }
+        let (lower, upper) = (std::ops::Bound::Included(lower), std::ops::Bound::Excluded(upper));
+        Ok(positions
+            .range((lower, upper))
+            .rev()
+            .filter_map(|position| events.by_time.get(position))
+            .filter(|event| type_matches(query, event.event_type))
+            .take(query.limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn purge_events(&self, cutoff: Millis, limit: usize) -> Result<usize> {
+        let mut events = self.events.write().unwrap_or_else(|p| p.into_inner());
+        let due: Vec<(Millis, String)> =
+            events.by_time.keys().take_while(|(at, _)| *at < cutoff).take(limit).cloned().collect();
+        for position in &due {
+            if let Some(event) = events.by_time.remove(position)
+                && let Some(user) = &event.user_id
+                && let Some(set) = events.by_user.get_mut(user)
+            {
+                set.remove(position);
+                if set.is_empty() {
+                    events.by_user.remove(user);
+                }
+            }
+        }
+        Ok(due.len())
     }
 }

@@ -210,6 +210,10 @@ impl Transport for RedisTransport {
         "redis"
     }
 
+    fn clustered(&self) -> bool {
+        matches!(self.connection, Connection::Cluster { .. })
+    }
+
     async fn command(&self, args: Vec<String>, read_only: bool) -> Result<Reply> {
         let Some((name, rest)) = args.split_first() else { return Err(Error::internal("empty command")) };
         let mut cmd = ::redis::cmd(name);

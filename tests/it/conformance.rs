@@ -8,11 +8,16 @@ use std::time::Duration;
 use secrecy::SecretString;
 use session_authority::clock::{Clock, ManualClock};
 use session_authority::crypto::KeyRing;
+use session_authority::revocation::{
+    Cursor, RevocationEvent, RevocationKind, RevocationSettings, Revocations, UpstreamOutcome, WatchItem, WatchRequest,
+};
+use session_authority::security::events::{EventType, SecurityEvent, Severity};
+use session_authority::security::limiter::Rule;
 use session_authority::session::{
     Fingerprint, InvalidReason, NewSession, RequestContext, SessionManager, SessionRef, SessionSettings, SessionState,
     Validation,
 };
-use session_authority::store::DynSessionStore;
+use session_authority::store::{DynRateLimitStore, DynSecurityEventStore, DynSessionStore, EventQuery, Stores};
 
 pub const START: i64 = 1_800_000_000_000;
 const MINUTE: Duration = Duration::from_secs(60);
@@ -30,10 +35,18 @@ pub fn settings(cap: u32) -> SessionSettings {
     }
 }
 
-/// A backend under test: a fresh store, and whatever must live as long as it (temp dirs, servers).
+/// A backend under test: fresh stores, and whatever must live as long as them (temp dirs, servers).
 pub struct Backend {
     pub store: DynSessionStore,
+    pub limits: DynRateLimitStore,
+    pub events: DynSecurityEventStore,
     pub _keep: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl Backend {
+    pub fn new(stores: Stores, keep: impl std::any::Any + Send + Sync) -> Backend {
+        Backend { store: stores.sessions, limits: stores.limits, events: stores.events, _keep: Box::new(keep) }
+    }
 }
 
 pub fn manager(backend: &Backend, cap: u32, clock: &ManualClock) -> SessionManager {
@@ -395,6 +408,426 @@ pub async fn cleanup_purges_only_what_expired(backend: Backend) {
     assert!(m.list_user("leo", &states, 50, None).await.unwrap().sessions.is_empty());
 }
 
+// ---- Revocation: the log, the list and the feed, over every backend ----
+
+pub fn revocations(m: &SessionManager) -> Revocations {
+    Revocations::new(m.clone(), RevocationSettings::default())
+}
+
+async fn log(backend: &Backend) -> Vec<RevocationEvent> {
+    backend.store.read_revocations(0, 100_000).await.unwrap().events
+}
+
+fn id(created: &session_authority::session::Created) -> String {
+    created.session.session_id.clone()
+}
+
+pub async fn revoke_by_token_and_by_id(backend: Backend) {
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 5, &clock);
+    let r = revocations(&m);
+    let first = m.create(new_session("rita")).await.unwrap();
+    let second = m.create(new_session("rita")).await.unwrap();
+
+    let revoked = r.revoke_session(&SessionRef::Token(token(&first)), "user_logout", Some("rita")).await.unwrap();
+    assert!(!revoked.already_ended);
+    assert_eq!(revoked.session.state, SessionState::Revoked);
+    assert_eq!(revoked.upstream, UpstreamOutcome::NotConfigured, "no provider client yet: said, not faked");
+    let event = revoked.event.expect("a revocation event");
+    assert_eq!((event.seq, event.kind), (1, RevocationKind::Revoked));
+    assert_eq!((event.session_id.as_str(), event.user_id.as_str()), (id(&first).as_str(), "rita"));
+    assert_eq!(event.revoked_by.as_deref(), Some("rita"));
+    assert_eq!((event.revoked_at, event.expires_at), (START, START + 24 * 3600 * 1000));
+    match m.validate(&token(&first), &ctx()).await.unwrap() {
+        Validation::Invalid { reason, end_reason, .. } => {
+            assert_eq!(reason, InvalidReason::Revoked);
+            assert_eq!(end_reason.as_deref(), Some("user_logout"));
+        }
+        other => panic!("expected revoked, got {other:?}"),
+    }
+    assert_eq!(r.is_revoked(&id(&first)).await.unwrap(), Some(event.clone()));
+    assert_eq!(r.is_revoked(&id(&second)).await.unwrap(), None);
+    assert_eq!(r.is_revoked("ses_0000_unknown").await.unwrap(), None);
+
+    // Again, by id: nothing changes and the earlier event is reported.
+    clock.advance(MINUTE);
+    let again = r.revoke_session(&SessionRef::Id(id(&first)), "admin", None).await.unwrap();
+    assert!(again.already_ended);
+    assert_eq!(again.event, Some(event));
+    assert_eq!(log(&backend).await.len(), 1);
+
+    let by_id = r.revoke_session(&SessionRef::Id(id(&second)), "admin_revocation", Some("ops")).await.unwrap();
+    assert_eq!(by_id.event.unwrap().seq, 2);
+    let missing = r.revoke_session(&SessionRef::Id("ses_0000_missing".into()), "x", None).await.unwrap_err();
+    assert!(matches!(missing, session_authority::Error::NotFound(_)), "{missing:?}");
+}
+
+pub async fn revoke_all_but_the_current_session(backend: Backend) {
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 5, &clock);
+    let r = revocations(&m);
+    let mut sam = Vec::new();
+    for _ in 0..3 {
+        sam.push(m.create(new_session("sam")).await.unwrap());
+        clock.advance(Duration::from_secs(1));
+    }
+    let tom = m.create(new_session("tom")).await.unwrap();
+    let current = id(&sam[1]);
+
+    let ids = r.revoke_user("sam", Some(&current), "user_logout_all", Some("sam")).await.unwrap();
+    assert_eq!(ids, vec![id(&sam[0]), id(&sam[2])], "oldest first, the current one kept");
+    assert_eq!(reason(&m.validate(&token(&sam[1]), &ctx()).await.unwrap()), None);
+    for ended in [&sam[0], &sam[2]] {
+        assert_eq!(reason(&m.validate(&token(ended), &ctx()).await.unwrap()), Some(InvalidReason::Revoked));
+        assert!(r.is_revoked(&id(ended)).await.unwrap().is_some());
+    }
+    assert_eq!(reason(&m.validate(&token(&tom), &ctx()).await.unwrap()), None, "other users are untouched");
+    // Nothing left to revoke but the kept one: a second call revokes nothing.
+    assert!(r.revoke_user("sam", Some(&current), "user_logout_all", None).await.unwrap().is_empty());
+    assert_eq!(log(&backend).await.len(), 2);
+}
+
+pub async fn revoking_a_user_revokes_each_active_session_once(backend: Backend) {
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 10, &clock);
+    let r = revocations(&m);
+    let mut short = new_session("uma");
+    short.absolute_timeout = Some(MINUTE);
+    let timed_out = m.create(short).await.unwrap();
+    let sessions: Vec<_> = futures_join(&m, "uma", 4).await;
+    m.terminate(&SessionRef::Token(token(&sessions[0])), "user_logout").await.unwrap();
+    clock.advance(2 * MINUTE);
+
+    let ids = r.revoke_user("uma", None, "user_logout_all", Some("admin")).await.unwrap();
+    let mut expected: Vec<String> = sessions[1..].iter().map(id).collect();
+    let mut got = ids.clone();
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected, "active sessions only: not the terminated one, not the timed-out one");
+
+    let events = log(&backend).await;
+    assert_eq!(events.len(), 4, "one terminate event and one revocation per active session: {events:?}");
+    assert_eq!(events[0].kind, RevocationKind::Terminated);
+    let revoked: Vec<&RevocationEvent> = events[1..].iter().collect();
+    assert!(revoked.iter().all(|e| e.kind == RevocationKind::Revoked && e.revoked_by.as_deref() == Some("admin")));
+    let mut event_ids: Vec<String> = revoked.iter().map(|e| e.session_id.clone()).collect();
+    event_ids.sort();
+    assert_eq!(event_ids, expected);
+    assert!(events.iter().all(|e| e.session_id != id(&timed_out)));
+    // Sequence numbers are gap-free and in order.
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+}
+
+async fn futures_join(m: &SessionManager, user: &str, n: usize) -> Vec<session_authority::session::Created> {
+    let mut created = Vec::new();
+    for _ in 0..n {
+        created.push(m.create(new_session(user)).await.unwrap());
+    }
+    created
+}
+
+pub async fn every_end_but_time_expiry_appends_exactly_one_event(backend: Backend) {
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 1, &clock);
+    let r = revocations(&m);
+    let terminated = m.create(new_session("vic")).await.unwrap();
+    m.terminate(&SessionRef::Token(token(&terminated)), "user_logout").await.unwrap();
+    let evicted = m.create(new_session("vic")).await.unwrap();
+    let evictor = m.create(new_session("vic")).await.unwrap();
+    assert_eq!(evictor.evicted.len(), 1);
+    let hijacked = m.create(new_session("wes")).await.unwrap();
+    m.end_as(&hijacked.session, RevocationKind::Hijack, "suspected_hijacking", None).await.unwrap();
+    let refused = m.create(new_session("xia")).await.unwrap();
+    m.end_as(&refused.session, RevocationKind::RefreshFailed, "invalid_grant", None).await.unwrap();
+    let expiring = m.create(new_session("yan")).await.unwrap();
+    // Ending an ended session appends nothing.
+    m.end_as(&refused.session, RevocationKind::Revoked, "again", None).await.unwrap();
+    m.terminate(&SessionRef::Token(token(&terminated)), "again").await.unwrap();
+    // A plain time expiry, once recorded, is not on the list.
+    clock.advance(31 * MINUTE);
+    assert_eq!(reason(&m.validate(&token(&expiring), &ctx()).await.unwrap()), Some(InvalidReason::Expired));
+    assert_eq!(m.find(&SessionRef::Token(token(&expiring))).await.unwrap().state, SessionState::Expired);
+
+    let kinds: Vec<(String, RevocationKind, String)> =
+        log(&backend).await.into_iter().map(|e| (e.session_id, e.kind, e.reason)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (id(&terminated), RevocationKind::Terminated, "user_logout".into()),
+            (id(&evicted), RevocationKind::Evicted, "session_limit".into()),
+            (id(&hijacked), RevocationKind::Hijack, "suspected_hijacking".into()),
+            (id(&refused), RevocationKind::RefreshFailed, "invalid_grant".into()),
+        ]
+    );
+    assert_eq!(m.find(&SessionRef::Token(token(&refused))).await.unwrap().state, SessionState::Terminated);
+    assert!(r.is_revoked(&id(&expiring)).await.unwrap().is_none());
+    assert!(r.is_revoked(&id(&evicted)).await.unwrap().is_some());
+}
+
+pub async fn list_entries_expire_after_the_ttl(backend: Backend) {
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 5, &clock);
+    let r = revocations(&m);
+    let old = m.create(new_session("zoe")).await.unwrap();
+    r.revoke_session(&SessionRef::Token(token(&old)), "user_logout", None).await.unwrap();
+    let first_cursor = r.list(None, 10, None).await.unwrap().cursor;
+    clock.advance(23 * 60 * MINUTE);
+    let newer = m.create(new_session("zoe")).await.unwrap();
+    r.revoke_session(&SessionRef::Token(token(&newer)), "user_logout", None).await.unwrap();
+    assert_eq!(r.list(None, 10, None).await.unwrap().entries.len(), 2);
+    assert_eq!(r.cleanup().await.unwrap(), 0, "nothing expired yet");
+
+    // 24 h after the first revocation its entry leaves the list, even before cleanup runs.
+    clock.set(START + 24 * 60 * 60_000 - 1);
+    assert!(r.is_revoked(&id(&old)).await.unwrap().is_some());
+    clock.advance(Duration::from_millis(1));
+    assert!(r.is_revoked(&id(&old)).await.unwrap().is_none());
+    let live = r.list(None, 10, None).await.unwrap();
+    assert_eq!(live.entries.iter().map(|e| e.session_id.clone()).collect::<Vec<_>>(), vec![id(&newer)]);
+
+    // Cleanup deletes it from the log; a cursor from before it is then out of range.
+    assert_eq!(r.cleanup().await.unwrap(), 1);
+    assert_eq!(log(&backend).await.len(), 1);
+    let stale = Cursor { seq: 0, ..first_cursor.clone() };
+    let e = r.feed().watch(WatchRequest { after: Some(stale), ..Default::default() }).await.err().unwrap();
+    assert!(matches!(e, session_authority::Error::OutOfRange(_)), "{e:?}");
+    // The first cursor itself (after the purged event) is still a valid resume point.
+    assert!(r.feed().watch(WatchRequest { after: Some(first_cursor), ..Default::default() }).await.is_ok());
+    clock.advance(24 * 60 * MINUTE);
+    assert_eq!(r.cleanup().await.unwrap(), 1);
+    assert!(r.list(None, 10, None).await.unwrap().entries.is_empty());
+    assert!(r.is_revoked(&id(&newer)).await.unwrap().is_none());
+}
+
+pub async fn list_pages_share_the_snapshot_cursor(backend: Backend) {
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 10, &clock);
+    let r = revocations(&m);
+    for user in ["ann", "ben", "ann", "ben", "ann"] {
+        let created = m.create(new_session(user)).await.unwrap();
+        r.revoke_session(&SessionRef::Token(token(&created)), "user_logout", None).await.unwrap();
+    }
+    let first = r.list(None, 2, None).await.unwrap();
+    assert_eq!(first.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(first.cursor.seq, 5);
+    // A revocation after the snapshot is not in its later pages: it comes through the watch.
+    let late = m.create(new_session("ann")).await.unwrap();
+    r.revoke_session(&SessionRef::Token(token(&late)), "user_logout", None).await.unwrap();
+    let second = r.list(None, 2, first.next_page_token.as_deref()).await.unwrap();
+    assert_eq!(second.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4]);
+    let third = r.list(None, 2, second.next_page_token.as_deref()).await.unwrap();
+    assert_eq!(third.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5]);
+    assert!(third.next_page_token.is_none());
+    assert!([&second.cursor, &third.cursor].iter().all(|c| **c == first.cursor));
+
+    let ann = r.list(Some("ann"), 10, None).await.unwrap();
+    assert_eq!(ann.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 3, 5, 6]);
+    assert!(r.list(Some("nobody"), 10, None).await.unwrap().entries.is_empty());
+    let bad = r.list(None, 2, Some("garbage")).await.unwrap_err();
+    assert!(matches!(bad, session_authority::Error::InvalidArgument { .. }), "{bad:?}");
+}
+
+async fn next_event<S>(stream: &mut S) -> RevocationEvent
+where
+    S: futures_util::Stream<Item = session_authority::Result<WatchItem>> + Unpin,
+{
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(10), futures_util::StreamExt::next(stream))
+            .await
+            .expect("an event within 10 s")
+            .expect("the stream is open")
+            .expect("no error");
+        if let WatchItem::Event(cursor, event) = item {
+            assert_eq!(cursor.seq, event.seq);
+            return (*event).clone();
+        }
+    }
+}
+
+pub async fn watch_resumes_without_gap_or_duplicate(backend: Backend) {
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 10, &clock);
+    let r = revocations(&m);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tailer = tokio::spawn(r.feed().clone().run(stop.clone()));
+    let before = m.create(new_session("cid")).await.unwrap();
+    r.revoke_session(&SessionRef::Token(token(&before)), "before", None).await.unwrap();
+
+    // From now: the first message is a heartbeat at the head, and the earlier event is not sent.
+    let mut watch = Box::pin(r.feed().watch(WatchRequest::default()).await.unwrap());
+    match futures_util::StreamExt::next(&mut watch).await.unwrap().unwrap() {
+        WatchItem::Heartbeat(cursor, _) => assert_eq!(cursor.seq, 1),
+        other => panic!("expected the opening heartbeat, got {other:?}"),
+    }
+    let mut filtered =
+        Box::pin(r.feed().watch(WatchRequest { user_id: Some("dan".into()), ..Default::default() }).await.unwrap());
+    let mut ids = Vec::new();
+    for user in ["cid", "dan", "cid"] {
+        let created = m.create(new_session(user)).await.unwrap();
+        ids.push(id(&created));
+        r.revoke_session(&SessionRef::Token(token(&created)), "live", None).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next_event(&mut watch).await);
+    }
+    assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3, 4]);
+    assert_eq!(got.iter().map(|e| e.session_id.clone()).collect::<Vec<_>>(), ids);
+    let dan = next_event(&mut filtered).await;
+    assert_eq!((dan.seq, dan.user_id.as_str()), (3, "dan"));
+    let last = r.cursor(got[1].seq);
+    drop(watch);
+
+    // Resume after event 3 while more happen: exactly 4, 5, 6, then live 7.
+    for user in ["cid", "cid"] {
+        let created = m.create(new_session(user)).await.unwrap();
+        r.revoke_session(&SessionRef::Token(token(&created)), "while away", None).await.unwrap();
+    }
+    let mut resumed = Box::pin(r.feed().watch(WatchRequest { after: Some(last), ..Default::default() }).await.unwrap());
+    let mut seqs = Vec::new();
+    for _ in 0..3 {
+        seqs.push(next_event(&mut resumed).await.seq);
+    }
+    let created = m.create(new_session("dan")).await.unwrap();
+    r.revoke_session(&SessionRef::Token(token(&created)), "live again", None).await.unwrap();
+    seqs.push(next_event(&mut resumed).await.seq);
+    assert_eq!(seqs, vec![4, 5, 6, 7]);
+    assert_eq!(next_event(&mut filtered).await.seq, 7, "the filtered stream skips other users' events");
+
+    // Cursors of another log, or ahead of this one, are out of range.
+    for cursor in [Cursor { log_id: "0000000000000000".into(), seq: 1 }, r.cursor(99)] {
+        let e = r.feed().watch(WatchRequest { after: Some(cursor), ..Default::default() }).await.err().unwrap();
+        assert!(matches!(e, session_authority::Error::OutOfRange(_)), "{e:?}");
+    }
+    stop.cancel();
+    tailer.await.unwrap();
+}
+
+fn per_minute(limit: u32) -> Rule {
+    Rule { name: "per_minute".into(), limit, period: MINUTE, burst: limit, backoff: None }
+}
+
+/// `n` concurrent checks of one key at `now`; returns how many were allowed.
+async fn concurrent_checks(limits: &DynRateLimitStore, rule: &Rule, key: &str, n: usize, now: i64) -> usize {
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let (limits, rule, key) = (limits.clone(), rule.clone(), key.to_owned());
+            tokio::spawn(async move { limits.check(&rule, &key, 1, now).await.unwrap().allowed })
+        })
+        .collect();
+    let mut allowed = 0;
+    for call in calls {
+        allowed += usize::from(call.await.unwrap());
+    }
+    allowed
+}
+
+pub async fn limiter_is_exact_under_concurrency(backend: Backend) {
+    let rule = per_minute(10);
+    // 100 concurrent checks of one key against 10 per minute: exactly 10 pass.
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "alice", 100, START).await, 10);
+    // Another key and another rule have their own allowance.
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "bob", 100, START).await, 10);
+    let other = Rule { name: "other".into(), ..per_minute(3) };
+    assert_eq!(concurrent_checks(&backend.limits, &other, "alice", 20, START).await, 3);
+    // The allowance returns as the period passes: one unit per 6 s, all ten after a minute.
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "alice", 20, START + 5_999).await, 0);
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "alice", 20, START + 6_000).await, 1);
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "alice", 100, START + 6_000 + 60_000).await, 10);
+    let d = backend.limits.check(&rule, "alice", 1, START + 66_000).await.unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.remaining, 0);
+    assert_eq!(d.retry_after, Duration::from_secs(6));
+}
+
+pub async fn limiter_state_is_purged_when_it_no_longer_matters(backend: Backend) {
+    let rule = per_minute(10);
+    for key in ["a", "b", "c"] {
+        backend.limits.check(&rule, key, 1, START).await.unwrap();
+    }
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "d", 10, START).await, 10);
+    // "a".."c" are forgettable after one interval; "d" only after the whole minute.
+    assert_eq!(backend.limits.purge_limits(START, 100).await.unwrap(), 0);
+    assert_eq!(backend.limits.purge_limits(START + 7_000, 100).await.unwrap(), 3);
+    assert_eq!(backend.limits.purge_limits(START + 7_000, 100).await.unwrap(), 0);
+    assert_eq!(backend.limits.purge_limits(START + 61_000, 100).await.unwrap(), 1);
+    // A purged key starts afresh.
+    assert_eq!(concurrent_checks(&backend.limits, &rule, "d", 20, START + 61_000).await, 10);
+}
+
+fn event(id: &str, event_type: EventType, user: Option<&str>, at: i64) -> SecurityEvent {
+    SecurityEvent {
+        event_id: id.into(),
+        event_type,
+        user_id: user.map(str::to_owned),
+        session_id: Some(format!("ses_{id}")),
+        ip_address: Some("192.0.2.1".into()),
+        severity: Severity::Info,
+        details: format!("event {id}"),
+        risk_score: 0.25,
+        metadata: BTreeMap::from([("k".to_string(), id.to_string())]),
+        occurred_at: at,
+    }
+}
+
+fn ids(events: &[SecurityEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.event_id.as_str()).collect()
+}
+
+pub async fn events_are_listed_per_user_by_time_and_purged(backend: Backend) {
+    let log = &backend.events;
+    let t = |s: i64| START + s * 1000;
+    for (id, kind, user, at) in [
+        ("e1", EventType::SessionCreated, Some("alice"), t(1)),
+        ("e2", EventType::LoginSuccess, Some("alice"), t(2)),
+        ("e3", EventType::SessionCreated, Some("bob"), t(3)),
+        ("e4", EventType::RateLimitExceeded, None, t(4)),
+        ("e5", EventType::Logout, Some("alice"), t(5)),
+        ("e6a", EventType::LoginFailure, Some("alice"), t(6)),
+        ("e6b", EventType::LoginFailure, Some("alice"), t(6)),
+    ] {
+        log.append(&event(id, kind, user, at)).await.unwrap();
+    }
+    let query = |from: i64, until: i64| EventQuery {
+        user_id: "alice".into(),
+        from,
+        until,
+        limit: 100,
+        ..EventQuery::default()
+    };
+    let all = log.user_events(&query(0, t(100))).await.unwrap();
+    assert_eq!(ids(&all), ["e6b", "e6a", "e5", "e2", "e1"]);
+    assert_eq!(all[4], event("e1", EventType::SessionCreated, Some("alice"), t(1)), "stored whole");
+    // The range is [from, until).
+    assert_eq!(ids(&log.user_events(&query(t(2), t(5))).await.unwrap()), ["e2"]);
+    // Types filter; limit; resuming after a position (ties at one millisecond by id).
+    let mut q = query(0, t(100));
+    q.types = vec![EventType::LoginFailure, EventType::SessionCreated];
+    assert_eq!(ids(&log.user_events(&q).await.unwrap()), ["e6b", "e6a", "e1"]);
+    q.limit = 1;
+    q.after = Some((t(6), "e6b".into()));
+    assert_eq!(ids(&log.user_events(&q).await.unwrap()), ["e6a"]);
+    q.after = Some((t(6), "e6a".into()));
+    assert_eq!(ids(&log.user_events(&q).await.unwrap()), ["e1"]);
+    // A resume position before the range selects nothing (and does not panic).
+    let mut q = query(t(3), t(100));
+    q.after = Some((t(1), "e1".into()));
+    assert!(log.user_events(&q).await.unwrap().is_empty());
+    q.after = Some((-5, String::new()));
+    assert!(log.user_events(&q).await.unwrap().is_empty());
+    // Other users and user-less events stay apart.
+    let bob = log.user_events(&EventQuery { user_id: "bob".into(), ..query(0, t(100)) }).await.unwrap();
+    assert_eq!(ids(&bob), ["e3"]);
+    assert!(log.user_events(&EventQuery { user_id: "carol".into(), ..query(0, t(100)) }).await.unwrap().is_empty());
+    // Purging removes events strictly before the cutoff, with their index entries.
+    assert_eq!(log.purge_events(t(3), 100).await.unwrap(), 2);
+    assert_eq!(log.purge_events(t(3), 100).await.unwrap(), 0);
+    assert_eq!(ids(&log.user_events(&query(0, t(100))).await.unwrap()), ["e6b", "e6a", "e5"]);
+    assert_eq!(log.purge_events(t(100), 2).await.unwrap(), 2);
+    assert_eq!(log.purge_events(t(100), 100).await.unwrap(), 3);
+    assert!(log.user_events(&query(0, t(100))).await.unwrap().is_empty());
+}
+
 /// Instantiates the suite for a backend.
 #[macro_export]
 macro_rules! conformance {
@@ -444,22 +877,95 @@ macro_rules! conformance {
             async fn cleanup_purges_only_what_expired() {
                 suite::cleanup_purges_only_what_expired($make).await
             }
+            #[tokio::test]
+            async fn revoke_by_token_and_by_id() {
+                suite::revoke_by_token_and_by_id($make).await
+            }
+            #[tokio::test]
+            async fn revoke_all_but_the_current_session() {
+                suite::revoke_all_but_the_current_session($make).await
+            }
+            #[tokio::test]
+            async fn revoking_a_user_revokes_each_active_session_once() {
+                suite::revoking_a_user_revokes_each_active_session_once($make).await
+            }
+            #[tokio::test]
+            async fn every_end_but_time_expiry_appends_exactly_one_event() {
+                suite::every_end_but_time_expiry_appends_exactly_one_event($make).await
+            }
+            #[tokio::test]
+            async fn list_entries_expire_after_the_ttl() {
+                suite::list_entries_expire_after_the_ttl($make).await
+            }
+            #[tokio::test]
+            async fn list_pages_share_the_snapshot_cursor() {
+                suite::list_pages_share_the_snapshot_cursor($make).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn watch_resumes_without_gap_or_duplicate() {
+                suite::watch_resumes_without_gap_or_duplicate($make).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn limiter_is_exact_under_concurrency() {
+                suite::limiter_is_exact_under_concurrency($make).await
+            }
+            #[tokio::test]
+            async fn limiter_state_is_purged_when_it_no_longer_matters() {
+                suite::limiter_state_is_purged_when_it_no_longer_matters($make).await
+            }
+            #[tokio::test]
+            async fn events_are_listed_per_user_by_time_and_purged() {
+                suite::events_are_listed_per_user_by_time_and_purged($make).await
+            }
         }
     };
 }
 
 pub fn memory() -> Backend {
-    Backend { store: Arc::new(session_authority::store::memory::MemoryStore::new()), _keep: Box::new(()) }
+    Backend::new(Stores::of(session_authority::store::memory::MemoryStore::new()), ())
 }
 
 pub fn embedded() -> Backend {
     let dir = tempfile::tempdir().unwrap();
     let store = session_authority::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
-    Backend { store: Arc::new(store), _keep: Box::new(dir) }
+    Backend::new(Stores::of(store), dir)
 }
 
 conformance!(memory_backend, crate::conformance::memory());
 conformance!(embedded_backend, crate::conformance::embedded());
+
+#[tokio::test]
+async fn the_embedded_log_survives_a_reopen_with_its_cursors() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START);
+    let (log_id, ids) = {
+        let store = session_authority::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let backend = Backend::new(Stores::of(store), ());
+        let m = manager(&backend, 5, &clock);
+        let r = revocations(&m);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let created = m.create(new_session("eve")).await.unwrap();
+            r.revoke_session(&SessionRef::Token(token(&created)), "user_logout", None).await.unwrap();
+            ids.push(id(&created));
+        }
+        (backend.store.log_id().to_owned(), ids)
+    };
+    let store = session_authority::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+    let backend = Backend::new(Stores::of(store), ());
+    assert_eq!(backend.store.log_id(), log_id, "cursors stay valid across restarts");
+    let events = log(&backend).await;
+    assert_eq!(events.iter().map(|e| e.session_id.clone()).collect::<Vec<_>>(), ids);
+    // Sequence numbers continue after the restart.
+    let m = manager(&backend, 5, &clock);
+    let created = m.create(new_session("eve")).await.unwrap();
+    let event = revocations(&m).revoke_session(&SessionRef::Token(token(&created)), "x", None).await.unwrap();
+    assert_eq!(event.event.unwrap().seq, 4);
+    // A fresh database is another log: the old cursors are foreign to it.
+    let other = tempfile::tempdir().unwrap();
+    let fresh = session_authority::store::embedded::EmbeddedStore::open(other.path()).unwrap();
+    assert_ne!(session_authority::store::SessionStore::log_id(&fresh), log_id);
+}
 
 /// How long a shared-storage operation may take in the suite: generous, since the tests of
 /// one binary share two cores and these servers.
@@ -469,14 +975,14 @@ pub fn redis() -> Backend {
     let server = crate::servers::shared_redis();
     let prefix = crate::servers::unique_prefix("redis");
     let store = session_authority::store::redis::open(&server.url(), &prefix, SHARED_TIMEOUT).unwrap();
-    Backend { store: Arc::new(store), _keep: Box::new(()) }
+    Backend::new(Stores::of(store), ())
 }
 
 pub fn redis_cluster() -> Backend {
     let cluster = crate::servers::shared_cluster();
     let prefix = crate::servers::unique_prefix("cluster");
     let store = session_authority::store::redis::open(&cluster.url(), &prefix, SHARED_TIMEOUT).unwrap();
-    Backend { store: Arc::new(store), _keep: Box::new(()) }
+    Backend::new(Stores::of(store), ())
 }
 
 pub fn kv_rest() -> Backend {
@@ -484,7 +990,7 @@ pub fn kv_rest() -> Backend {
     let prefix = crate::servers::unique_prefix("kv");
     let token = SecretString::from(shim.token.clone());
     let store = session_authority::store::kv_rest::open(&shim.url, &token, &prefix, SHARED_TIMEOUT).unwrap();
-    Backend { store: Arc::new(store), _keep: Box::new(()) }
+    Backend::new(Stores::of(store), ())
 }
 
 conformance!(redis_backend, crate::conformance::redis());

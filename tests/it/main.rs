@@ -2,7 +2,11 @@
 
 mod conformance;
 mod foundation;
+mod loadgen;
+mod revocations;
+mod security;
 mod servers;
 mod sessions;
 mod shared_storage;
 mod support;
+mod tls;

@@ -45,20 +45,29 @@ async fn fifty_concurrent_creates_leave_the_cap(server: Process) {
 
 #[tokio::test]
 async fn fifty_concurrent_creates_leave_exactly_the_cap_on_memory() {
-    fifty_concurrent_creates_leave_the_cap(Spawn::default().arg("--storage").arg("memory").start()).await;
+    fifty_concurrent_creates_leave_the_cap(
+        Spawn::default().arg("--storage").arg("memory").without_create_limit().start(),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn fifty_concurrent_creates_leave_exactly_the_cap_on_embedded() {
-    fifty_concurrent_creates_leave_the_cap(Spawn::default().arg("--storage").arg("embedded").start()).await;
+    fifty_concurrent_creates_leave_the_cap(
+        Spawn::default().arg("--storage").arg("embedded").without_create_limit().start(),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn acknowledged_sessions_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let server =
-        Spawn::default().data_dir(&data).env("SESSION_AUTHORITY_SESSION_MAX_SESSIONS_PER_USER", "1000").start();
+    let server = Spawn::default()
+        .data_dir(&data)
+        .env("SESSION_AUTHORITY_SESSION_MAX_SESSIONS_PER_USER", "1000")
+        .without_create_limit()
+        .start();
     let client = server.sessions(Some(SERVICE_KEY)).await;
     let mut tokens = Vec::new();
     for batch in 0..20 {
@@ -109,7 +118,7 @@ async fn acknowledged_sessions_survive_sigkill() {
 async fn the_data_directory_holds_no_token_in_the_clear() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let server = Spawn::default().data_dir(&data).start();
+    let server = Spawn::default().data_dir(&data).without_create_limit().start();
     let mut client = server.sessions(Some(SERVICE_KEY)).await;
     let mut secrets = Vec::new();
     for i in 0..20 {

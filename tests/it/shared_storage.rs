@@ -28,6 +28,8 @@ fn on_redis(url: &str, prefix: &str) -> Spawn {
         .env("REDIS_URL", url)
         .env("SESSION_AUTHORITY_REDIS_KEY_PREFIX", prefix)
         .env("SESSION_AUTHORITY_ENCRYPTION_KEY", encryption_key())
+        // These tests measure the cap and outages, not the session_create rate limit.
+        .without_create_limit()
 }
 
 fn create(user: &str) -> pb::CreateSessionRequest {
@@ -52,11 +54,6 @@ async fn active_sessions(server: &Process, user: &str) -> usize {
         .into_inner();
     assert!(response.sessions.iter().all(|s| s.state == pb::SessionState::Active as i32));
     response.sessions.len()
-}
-
-async fn health(server: &Process) -> Option<i32> {
-    let mut client = HealthClient::new(server.channel().await);
-    client.check(HealthCheckRequest { service: String::new() }).await.ok().map(|r| r.into_inner().status)
 }
 
 /// Waits up to `limit` for the overall and SessionService health to be `wanted`.
@@ -95,7 +92,7 @@ async fn two_replicas_on_one_redis_share_the_cap_and_every_session() {
         .collect();
     let mut evicted = 0;
     for call in calls {
-        evicted += call.await.unwrap().unwrap().into_inner().evicted_session_ids.len();
+        evicted += call.await.unwrap().expect("every create succeeds").into_inner().evicted_session_ids.len();
     }
     assert_eq!(evicted, 45);
     assert_eq!(active_sessions(&a, "racer").await, 5);
@@ -248,10 +245,12 @@ async fn validate_session_is_one_redis_command() {
     let mut client = server.sessions(Some(SERVICE_KEY)).await;
     let token = client.create_session(create("dora")).await.unwrap().into_inner().session_token;
     redis.cli(&["CONFIG", "RESETSTAT"]);
+    let started = Instant::now();
     for _ in 0..100 {
         assert!(client.validate_session(validate(&token)).await.unwrap().into_inner().valid);
     }
     let stats = redis.cli(&["INFO", "commandstats"]);
+    let polls = started.elapsed().as_secs() + 2;
     let calls: BTreeMap<String, u64> = stats
         .lines()
         .filter_map(|line| {
@@ -261,7 +260,16 @@ async fn validate_session_is_one_redis_command() {
         // The health check's PING and this test's own INFO / CONFIG are not validations.
         .filter(|(name, _)| !(name == "ping" || name == "info" || name.starts_with("config")))
         .collect();
-    assert_eq!(calls, BTreeMap::from([("hgetall".to_owned(), 100)]), "{stats}");
+    let (mut validations, mut feed) = (calls.clone(), BTreeMap::new());
+    // The replica's revocation-feed tailer polls the log once a second: one script (EVALSHA)
+    // running HSETNX, HMGET and XRANGE. Nothing else may run besides the validations' HGETALLs.
+    for name in ["evalsha", "hsetnx", "hmget", "xrange"] {
+        if let Some(n) = validations.remove(name) {
+            feed.insert(name, n);
+        }
+    }
+    assert_eq!(validations, BTreeMap::from([("hgetall".to_owned(), 100)]), "{stats}");
+    assert!(feed.values().all(|n| *n <= polls), "more than the feed's polls: {feed:?} in {polls} s; {stats}");
 }
 
 #[tokio::test]
@@ -305,7 +313,8 @@ async fn kv_rest_endpoint_failures_answer_unavailable_then_recover() {
     shim.reset().await;
     assert_eq!(active_sessions(&server, "erin").await, 1);
     assert!(client.validate_session(validate(&token)).await.unwrap().into_inner().valid);
-    assert_eq!(health(&server).await, Some(ServingStatus::Serving as i32));
+    // A health ping may have met the 429 window too; health follows storage back.
+    wait_health(&server, ServingStatus::Serving, Duration::from_secs(4)).await;
 }
 
 #[tokio::test]

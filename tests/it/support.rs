@@ -46,11 +46,12 @@ pub struct Spawn {
     pub data_dir: Option<PathBuf>,
     pub cwd: Option<PathBuf>,
     pub with_keys: bool,
+    pub listen: Option<String>,
 }
 
 impl Default for Spawn {
     fn default() -> Self {
-        Spawn { args: Vec::new(), env: Vec::new(), data_dir: None, cwd: None, with_keys: true }
+        Spawn { args: Vec::new(), env: Vec::new(), data_dir: None, cwd: None, with_keys: true, listen: None }
     }
 }
 
@@ -66,6 +67,16 @@ impl Spawn {
     pub fn data_dir(mut self, dir: &Path) -> Self {
         self.data_dir = Some(dir.to_path_buf());
         self
+    }
+    /// Listens on this address instead of a free port (a restart on the same address).
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.listen = Some(addr.into());
+        self
+    }
+
+    /// Lifts the `session_create` rate limit (5 per 300 s per user) for tests about something else.
+    pub fn without_create_limit(self) -> Self {
+        self.env("SESSION_AUTHORITY_SECURITY_RULES_SESSION_CREATE_LIMIT", "1000000")
     }
     pub fn without_keys(mut self) -> Self {
         self.with_keys = false;
@@ -86,7 +97,7 @@ impl Spawn {
         command
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(self.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--log-format")
             .arg("json")
             .arg("--data-dir")

@@ -1,0 +1,422 @@
+//! Revocation: ending sessions everywhere at once, the revocation list, and the feed watchers
+//! subscribe to.
+//!
+//! Every end of a session except plain time expiry is recorded as one [`RevocationEvent`] in
+//! the store's revocation log, in the same atomic step as the state change (see `store.rs`).
+//! The log is the list: an event is a live list entry until its `expires_at` (the configured
+//! `revocation.list_ttl` after the end), and [`Revocations::cleanup`] purges what expired,
+//! walking an expiry index.
+//!
+//! A [`Cursor`] names a position in one log: `<log id>.<sequence number>`. Sequence numbers are
+//! assigned in commit order without gaps, so "every event after cursor c" is exact, and the log
+//! id makes a cursor from another log (an earlier memory store, another database) out of range
+//! rather than silently misread.
+//!
+//! Cascade (`revocation.cascade`): revoking a session also asks its provider to revoke the
+//! upstream tokens through [`UpstreamRevoker`]. Until the token work supplies an RFC 7009 client,
+//! the installed revoker is [`NoUpstreamRevoker`], which makes no call and says so
+//! ([`UpstreamOutcome::NotConfigured`]). Revoking a user always ends each of their active
+//! sessions with its own event, whatever the cascade setting: a user-wide marker would make
+//! every watcher and `IsRevoked` do a second lookup, and one event per ended session keeps one
+//! meaning for the feed.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Millis;
+use crate::error::{Error, Result};
+use crate::session::{SessionManager, SessionRecord, SessionRef, SessionState};
+use crate::store::EndOutcome;
+
+pub mod feed;
+
+pub use feed::{RevocationFeed, WatchItem, WatchRequest};
+
+/// What ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationKind {
+    /// RevokeSession or RevokeUserSessions.
+    Revoked,
+    /// TerminateSession (logout or admin termination).
+    Terminated,
+    /// The per-user cap evicted the session.
+    Evicted,
+    /// Hijack detection ended the session.
+    Hijack,
+    /// The provider refused the session's refresh token.
+    RefreshFailed,
+}
+
+impl RevocationKind {
+    /// The terminal state a session ends in for this kind: only revocations are `Revoked`.
+    pub fn state(self) -> SessionState {
+        match self {
+            RevocationKind::Revoked => SessionState::Revoked,
+            _ => SessionState::Terminated,
+        }
+    }
+
+    /// A stable lower-case name (JSON output of the `watch` command).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationKind::Revoked => "revoked",
+            RevocationKind::Terminated => "terminated",
+            RevocationKind::Evicted => "evicted",
+            RevocationKind::Hijack => "hijack",
+            RevocationKind::RefreshFailed => "refresh_failed",
+        }
+    }
+}
+
+/// One end of a session in the revocation log; while `expires_at` is in the future it is also
+/// an entry of the revocation list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationEvent {
+    /// Sequence number in the log (from 1, gap-free, in commit order).
+    pub seq: u64,
+    /// The session that ended.
+    pub session_id: String,
+    /// Its owner.
+    pub user_id: String,
+    /// What ended it.
+    pub kind: RevocationKind,
+    /// Why.
+    pub reason: String,
+    /// Who asked, when known.
+    pub revoked_by: Option<String>,
+    /// When.
+    pub revoked_at: Millis,
+    /// When the entry leaves the revocation list (and the event may be purged from the log).
+    pub expires_at: Millis,
+}
+
+/// A fresh random log id (16 hex digits).
+pub fn new_log_id() -> String {
+    let mut id = uuid::Uuid::new_v4().simple().to_string();
+    id.truncate(16);
+    id
+}
+
+/// A position in a revocation log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// The log.
+    pub log_id: String,
+    /// The last sequence number seen (0: before the first event).
+    pub seq: u64,
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.log_id, self.seq)
+    }
+}
+
+impl Cursor {
+    /// Parses what [`Cursor`]'s `Display` wrote; `field` names the request field on error.
+    pub fn parse(field: &str, text: &str) -> Result<Cursor> {
+        let bad = || Error::invalid(field, "not a cursor returned by this service");
+        let (log_id, seq) = text.rsplit_once('.').ok_or_else(bad)?;
+        if log_id.is_empty() || !log_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(bad());
+        }
+        let seq = seq.parse::<u64>().map_err(|_| bad())?;
+        Ok(Cursor { log_id: log_id.to_owned(), seq })
+    }
+}
+
+/// What asking the provider to revoke a session's upstream tokens did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamOutcome {
+    /// Cascade is off: no call was made.
+    Skipped,
+    /// No provider revocation client is installed yet: no call was made.
+    NotConfigured,
+    /// The provider revoked the tokens.
+    Revoked,
+    /// The call failed; the session is revoked locally all the same (best effort).
+    Failed(String),
+}
+
+/// Revokes a session's upstream tokens at its provider (RFC 7009), best effort: the session is
+/// already ended locally when this is called. The token work implements it; until then
+/// [`NoUpstreamRevoker`] is installed.
+#[async_trait::async_trait]
+pub trait UpstreamRevoker: Send + Sync + fmt::Debug + 'static {
+    /// Revokes the upstream tokens of the (already ended) `session`.
+    async fn revoke(&self, session: &SessionRecord) -> UpstreamOutcome;
+}
+
+/// The [`UpstreamRevoker`] in place until a provider client exists: it makes no call and
+/// reports [`UpstreamOutcome::NotConfigured`], so nobody mistakes it for a revocation.
+#[derive(Debug, Default)]
+pub struct NoUpstreamRevoker;
+
+#[async_trait::async_trait]
+impl UpstreamRevoker for NoUpstreamRevoker {
+    async fn revoke(&self, _session: &SessionRecord) -> UpstreamOutcome {
+        UpstreamOutcome::NotConfigured
+    }
+}
+
+/// Settings of revocation (from `revocation.*`).
+#[derive(Debug, Clone)]
+pub struct RevocationSettings {
+    /// Revoke upstream tokens when a session is revoked.
+    pub cascade: bool,
+    /// Capacity of the per-replica live broadcast; a watcher further behind is ended.
+    pub watch_buffer: usize,
+    /// Heartbeat interval when the watcher asks for none.
+    pub default_heartbeat: Duration,
+}
+
+impl RevocationSettings {
+    /// The settings a configuration describes.
+    pub fn from_config(config: &crate::Config) -> RevocationSettings {
+        RevocationSettings {
+            cascade: config.revocation.cascade,
+            watch_buffer: config.revocation.watch_buffer,
+            default_heartbeat: DEFAULT_HEARTBEAT,
+        }
+    }
+}
+
+impl Default for RevocationSettings {
+    fn default() -> Self {
+        RevocationSettings { cascade: true, watch_buffer: 4096, default_heartbeat: DEFAULT_HEARTBEAT }
+    }
+}
+
+/// Heartbeat interval of a watch stream that asks for none.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+/// Shortest heartbeat interval a watcher may ask for.
+pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Longest heartbeat interval a watcher may ask for.
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(300);
+
+/// The default reason of RevokeSession.
+pub const DEFAULT_REVOKE_REASON: &str = "user_logout";
+/// The default reason of RevokeUserSessions.
+pub const DEFAULT_REVOKE_ALL_REASON: &str = "user_logout_all";
+
+/// What revoking one session did.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    /// The session as it is now.
+    pub session: SessionRecord,
+    /// Its event: the new one, or the earlier end's when it had already ended (none when it
+    /// ended by time expiry, which is not on the list).
+    pub event: Option<RevocationEvent>,
+    /// Whether the session had already ended.
+    pub already_ended: bool,
+    /// What the upstream cascade did.
+    pub upstream: UpstreamOutcome,
+}
+
+/// A page of the revocation list.
+#[derive(Debug, Clone)]
+pub struct RevocationList {
+    /// Live entries, in cursor order.
+    pub entries: Vec<RevocationEvent>,
+    /// Watch from here to see every revocation after this snapshot (the same on every page).
+    pub cursor: Cursor,
+    /// Token of the next page.
+    pub next_page_token: Option<String>,
+}
+
+/// Revocation over a [`SessionManager`] and its store, with the replica's live feed.
+#[derive(Debug, Clone)]
+pub struct Revocations {
+    sessions: SessionManager,
+    feed: RevocationFeed,
+    settings: RevocationSettings,
+    upstream: Arc<dyn UpstreamRevoker>,
+}
+
+impl Revocations {
+    /// Revocation for `sessions`, with a feed (not yet running: see [`RevocationFeed::run`]).
+    pub fn new(sessions: SessionManager, settings: RevocationSettings) -> Revocations {
+        let feed = RevocationFeed::new(&sessions, &settings);
+        Revocations { sessions, feed, settings, upstream: Arc::new(NoUpstreamRevoker) }
+    }
+
+    /// Uses `upstream` for the cascade to the provider.
+    pub fn with_upstream_revoker(mut self, upstream: Arc<dyn UpstreamRevoker>) -> Revocations {
+        self.upstream = upstream;
+        self
+    }
+
+    /// The replica's live feed.
+    pub fn feed(&self) -> &RevocationFeed {
+        &self.feed
+    }
+
+    /// The cursor of sequence number `seq` in this store's log.
+    pub fn cursor(&self, seq: u64) -> Cursor {
+        Cursor { log_id: self.sessions.store().log_id(), seq }
+    }
+
+    async fn cascade(&self, session: &SessionRecord) -> UpstreamOutcome {
+        if !self.settings.cascade {
+            return UpstreamOutcome::Skipped;
+        }
+        let outcome = self.upstream.revoke(session).await;
+        if let UpstreamOutcome::Failed(cause) = &outcome {
+            tracing::warn!(session_id = %session.session_id, %cause, "upstream token revocation failed; the session is revoked locally");
+        }
+        outcome
+    }
+
+    /// Revokes one session. An active session past a timeout is recorded as expired and reported
+    /// as already ended, like TerminateSession does; an ended one is reported with its end.
+    pub async fn revoke_session(&self, by: &SessionRef, reason: &str, revoked_by: Option<&str>) -> Result<Revoked> {
+        let session = self.sessions.find(by).await?;
+        let now = self.sessions.now();
+        let (state, expiry_reason) = session.effective_state(now);
+        let outcome = if session.state == SessionState::Active && state == SessionState::Expired {
+            let reason = expiry_reason.unwrap_or("expired").to_owned();
+            self.sessions.end_session(&session, SessionState::Expired, &reason).await?
+        } else {
+            self.sessions.end_as(&session, RevocationKind::Revoked, reason, revoked_by).await?
+        };
+        match outcome {
+            EndOutcome::Ended(record) if record.state == SessionState::Revoked => {
+                let event = self.sessions.store().revocation_entry(&record.session_id, now).await?;
+                let upstream = self.cascade(&record).await;
+                Ok(Revoked { session: record, event, already_ended: false, upstream })
+            }
+            EndOutcome::Ended(record) | EndOutcome::AlreadyEnded(record) => {
+                let event = self.sessions.store().revocation_entry(&record.session_id, now).await?;
+                Ok(Revoked { session: record, event, already_ended: true, upstream: UpstreamOutcome::Skipped })
+            }
+            EndOutcome::NotFound => Err(Error::NotFound("no such session".into())),
+        }
+    }
+
+    /// Revokes every active session of a user except `except_session_id`, one event each;
+    /// returns the ids revoked. Sessions that had already ended are left as they are.
+    pub async fn revoke_user(
+        &self,
+        user_id: &str,
+        except_session_id: Option<&str>,
+        reason: &str,
+        revoked_by: Option<&str>,
+    ) -> Result<Vec<String>> {
+        let now = self.sessions.now();
+        let mut targets: Vec<SessionRecord> = self
+            .sessions
+            .store()
+            .list_user(user_id)
+            .await?
+            .into_iter()
+            .filter(|s| s.is_active_at(now) && Some(s.session_id.as_str()) != except_session_id)
+            .collect();
+        targets.sort_by(|a, b| (a.created_at, &a.session_id).cmp(&(b.created_at, &b.session_id)));
+        let mut revoked = Vec::with_capacity(targets.len());
+        for session in targets {
+            // A session that ended meanwhile (another revocation, a logout) is not counted.
+            if let EndOutcome::Ended(record) =
+                self.sessions.end_as(&session, RevocationKind::Revoked, reason, revoked_by).await?
+            {
+                self.cascade(&record).await;
+                revoked.push(record.session_id);
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// The live revocation-list entry of a session, if it is on the list.
+    pub async fn is_revoked(&self, session_id: &str) -> Result<Option<RevocationEvent>> {
+        self.sessions.store().revocation_entry(session_id, self.sessions.now()).await
+    }
+
+    /// A page of the live revocation list (of one user when `user_id` is set), in cursor order,
+    /// with the snapshot's cursor: watching from it sees every revocation after the snapshot.
+    pub async fn list(
+        &self,
+        user_id: Option<&str>,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<RevocationList> {
+        let (after, through) = match page_token {
+            Some(token) => {
+                let (after, through) = decode_page_token(token)?;
+                (after, Some(through))
+            }
+            None => (0, None),
+        };
+        let page_size = page_size.max(1);
+        let now = self.sessions.now();
+        let page = self.sessions.store().list_revocations(user_id, after, through, page_size + 1, now).await?;
+        let snapshot = through.unwrap_or(page.position.head);
+        let mut entries = page.entries;
+        let next_page_token =
+            (entries.len() > page_size).then(|| encode_page_token(entries[page_size - 1].seq, snapshot));
+        entries.truncate(page_size);
+        Ok(RevocationList { entries, cursor: self.cursor(snapshot), next_page_token })
+    }
+
+    /// Purges list entries (and their log events) whose TTL passed, in batches; returns how
+    /// many were removed.
+    pub async fn cleanup(&self) -> Result<usize> {
+        let now = self.sessions.now();
+        let mut total = 0;
+        loop {
+            let removed = self.sessions.store().purge_revocations(now, 1000).await?;
+            total += removed;
+            if removed < 1000 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+fn encode_page_token(after: u64, through: u64) -> String {
+    format!("{after}.{through}")
+}
+
+fn decode_page_token(token: &str) -> Result<(u64, u64)> {
+    let bad = || Error::invalid("page_token", "not a token returned by a previous call");
+    let (after, through) = token.split_once('.').ok_or_else(bad)?;
+    let (after, through) = (after.parse().map_err(|_| bad())?, through.parse().map_err(|_| bad())?);
+    if after > through {
+        return Err(bad());
+    }
+    Ok((after, through))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = Cursor { log_id: "0123abcd0123abcd".into(), seq: 42 };
+        assert_eq!(Cursor::parse("after_cursor", &c.to_string()).unwrap(), c);
+        for bad in ["", "42", ".42", "abc.", "abc.-1", "abc.x", "a b.1", "abc.18446744073709551616"] {
+            let e = Cursor::parse("after_cursor", bad).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument { ref field, .. } if field == "after_cursor"), "{bad}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn page_tokens_round_trip() {
+        assert_eq!(decode_page_token(&encode_page_token(5, 9)).unwrap(), (5, 9));
+        assert!(decode_page_token("9.5").is_err());
+        assert!(decode_page_token("x").is_err());
+    }
+
+    #[test]
+    fn only_revocations_end_in_the_revoked_state() {
+        assert_eq!(RevocationKind::Revoked.state(), SessionState::Revoked);
+        for kind in
+            [RevocationKind::Terminated, RevocationKind::Evicted, RevocationKind::Hijack, RevocationKind::RefreshFailed]
+        {
+            assert_eq!(kind.state(), SessionState::Terminated);
+        }
+    }
+}

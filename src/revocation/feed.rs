@@ -1,0 +1,307 @@
+//! The live revocation feed of one replica, and the watch streams it serves.
+//!
+//! One reader per replica tails the store's revocation log ([`RevocationFeed::run`]) and
+//! publishes each event once into a bounded tokio broadcast; every watcher of the replica reads
+//! from that broadcast, not from the store. The tailer is woken by the session manager after
+//! each write that may append (so memory and embedded deliver at once) and polls as a fallback
+//! (which is how writes made by another replica on shared storage arrive).
+//!
+//! A watch stream ([`RevocationFeed::watch`]) first subscribes to the broadcast, then reads the
+//! history after its cursor from the log in batches, then switches to live events, skipping
+//! any with a sequence number it has already delivered. Subscribing before reading the history
+//! is what closes the race: an event committed after the history read is necessarily still
+//! ahead of the tailer or in the broadcast. A live event that does not follow the last one
+//! delivered (a gap, for example after the tailer restarted) sends the stream back to the log,
+//! so delivery never depends on the broadcast being complete.
+//!
+//! A watcher whose client reads too slowly falls behind the broadcast's capacity; it is then
+//! ended with `Aborted` and a message giving its resume cursor, instead of stalling the others
+//! or buffering without bound. It resumes from that cursor and catches up from the durable log.
+//! Lag while still catching up from the log is not the client's fault and is absorbed: the
+//! stream re-subscribes and keeps reading the log.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Millis;
+use crate::error::{Error, Result};
+use crate::revocation::{Cursor, RevocationEvent, RevocationSettings};
+use crate::session::SessionManager;
+
+/// Events read from the log per store call, by the tailer and by catching-up watchers.
+const BATCH: usize = 512;
+/// How often the tailer looks at the log when nobody woke it.
+const POLL: Duration = Duration::from_secs(1);
+
+/// What a watcher asks for.
+#[derive(Debug, Clone, Default)]
+pub struct WatchRequest {
+    /// Resume after this cursor; `None` means from now.
+    pub after: Option<Cursor>,
+    /// Only this user's events.
+    pub user_id: Option<String>,
+    /// Heartbeat interval (already bounded by the caller); `None` for the default.
+    pub heartbeat: Option<Duration>,
+}
+
+/// One message of a watch stream.
+#[derive(Debug, Clone)]
+pub enum WatchItem {
+    /// A revocation, with its cursor.
+    Event(Cursor, Arc<RevocationEvent>),
+    /// A keep-alive carrying the stream's resume point: every event up to it was delivered or
+    /// filtered out. The first message of every stream is one, so a watcher that started "from
+    /// now" has a cursor before it has seen any event.
+    Heartbeat(Cursor, Millis),
+}
+
+/// The replica's fan-out of the revocation log.
+#[derive(Debug, Clone)]
+pub struct RevocationFeed {
+    sessions: SessionManager,
+    live: broadcast::Sender<Arc<RevocationEvent>>,
+    wake: Arc<Notify>,
+    default_heartbeat: Duration,
+}
+
+impl RevocationFeed {
+    /// A feed over the manager's store, woken by the manager's log signal.
+    pub fn new(sessions: &SessionManager, settings: &RevocationSettings) -> RevocationFeed {
+        let (live, _) = broadcast::channel(settings.watch_buffer.max(1));
+        RevocationFeed {
+            sessions: sessions.clone(),
+            live,
+            wake: sessions.log_signal(),
+            default_heartbeat: settings.default_heartbeat,
+        }
+    }
+
+    fn cursor(&self, seq: u64) -> Cursor {
+        Cursor { log_id: self.sessions.store().log_id(), seq }
+    }
+
+    /// Tails the log and publishes every new event once, until `shutdown`. Store errors are
+    /// logged and retried at the next wake-up or poll.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let store = self.sessions.store().clone();
+        let mut last: Option<u64> = None;
+        loop {
+            if last.is_none() {
+                // Start at the head: history is for watchers to read from the log themselves.
+                match store.read_revocations(0, 0).await {
+                    Ok(read) => last = Some(read.position.head),
+                    Err(e) => tracing::warn!(error = %e, "revocation feed cannot read the log; will retry"),
+                }
+            }
+            if let Some(mut seq) = last {
+                loop {
+                    match store.read_revocations(seq, BATCH).await {
+                        Ok(read) => {
+                            if seq < read.position.trimmed_through {
+                                // Behind what the log retains: jump to the head; watchers see the
+                                // gap and read the log themselves (or get OUT_OF_RANGE).
+                                tracing::warn!(seq, "revocation feed fell behind the log's retention");
+                                seq = read.position.head;
+                                break;
+                            }
+                            let full = read.events.len() == BATCH;
+                            for event in read.events {
+                                seq = event.seq;
+                                // No receiver is not an error: nobody is watching.
+                                let _ = self.live.send(Arc::new(event));
+                            }
+                            if !full {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "revocation feed cannot read the log; will retry");
+                            break;
+                        }
+                    }
+                }
+                last = Some(seq);
+            }
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(POLL) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Opens a watch stream. Fails with `OutOfRange` when the cursor belongs to another log,
+    /// is ahead of this one, or is older than what the log retains.
+    pub async fn watch(&self, request: WatchRequest) -> Result<impl Stream<Item = Result<WatchItem>> + Send + 'static> {
+        // Subscribe before reading anything: see the module comment.
+        let live = self.live.subscribe();
+        let position = self.sessions.store().read_revocations(0, 0).await?.position;
+        let start = match &request.after {
+            None => position.head,
+            Some(cursor) => {
+                let resnapshot = "re-snapshot with ListRevocations and watch from its cursor";
+                if cursor.log_id != self.sessions.store().log_id() {
+                    return Err(Error::OutOfRange(format!(
+                        "after_cursor {cursor} is from another revocation log (the store was replaced or reset); {resnapshot}"
+                    )));
+                }
+                if cursor.seq > position.head {
+                    return Err(Error::OutOfRange(format!(
+                        "after_cursor {cursor} is ahead of the revocation log (head {}); {resnapshot}",
+                        self.cursor(position.head)
+                    )));
+                }
+                if cursor.seq < position.trimmed_through {
+                    return Err(out_of_retention(cursor));
+                }
+                cursor.seq
+            }
+        };
+        let heartbeat = request.heartbeat.unwrap_or(self.default_heartbeat);
+        let watch = Watch {
+            feed: self.clone(),
+            live,
+            last: start,
+            user_id: request.user_id,
+            heartbeat,
+            next_heartbeat: Instant::now() + heartbeat,
+            pending: VecDeque::new(),
+            catching_up: true,
+            started: false,
+            done: false,
+        };
+        Ok(futures_util::stream::unfold(watch, |mut watch| async move {
+            let item = watch.next().await?;
+            Some((item, watch))
+        }))
+    }
+}
+
+fn out_of_retention(cursor: &Cursor) -> Error {
+    Error::OutOfRange(format!(
+        "after_cursor {cursor} is older than what the revocation log retains; re-snapshot with ListRevocations and watch from its cursor"
+    ))
+}
+
+/// The state of one watch stream.
+struct Watch {
+    feed: RevocationFeed,
+    live: broadcast::Receiver<Arc<RevocationEvent>>,
+    /// Every event up to this sequence number was delivered or filtered out.
+    last: u64,
+    user_id: Option<String>,
+    heartbeat: Duration,
+    next_heartbeat: Instant,
+    /// Events in order, starting at `last + 1`, not yet delivered.
+    pending: VecDeque<Arc<RevocationEvent>>,
+    /// Reading from the log rather than the broadcast.
+    catching_up: bool,
+    started: bool,
+    done: bool,
+}
+
+impl Watch {
+    fn heartbeat(&mut self) -> WatchItem {
+        self.next_heartbeat = Instant::now() + self.heartbeat;
+        WatchItem::Heartbeat(self.feed.cursor(self.last), self.feed.sessions.now())
+    }
+
+    fn wanted(&self, event: &RevocationEvent) -> bool {
+        self.user_id.as_deref().is_none_or(|user| user == event.user_id)
+    }
+
+    /// Takes a live event: already delivered ones are skipped, the next one is queued, and one
+    /// beyond it means a gap, which the log fills.
+    fn accept_live(&mut self, event: Arc<RevocationEvent>) {
+        let expected = self.last + 1 + self.pending.len() as u64;
+        if event.seq < expected {
+            return;
+        }
+        if event.seq == expected && !self.catching_up {
+            self.pending.push_back(event);
+        } else {
+            self.catching_up = true;
+        }
+    }
+
+    fn end(&mut self, error: Error) -> Option<Result<WatchItem>> {
+        self.done = true;
+        Some(Err(error))
+    }
+
+    async fn next(&mut self) -> Option<Result<WatchItem>> {
+        if self.done {
+            return None;
+        }
+        if !self.started {
+            self.started = true;
+            return Some(Ok(self.heartbeat()));
+        }
+        loop {
+            while let Some(event) = self.pending.pop_front() {
+                self.last = event.seq;
+                if self.wanted(&event) {
+                    self.next_heartbeat = Instant::now() + self.heartbeat;
+                    return Some(Ok(WatchItem::Event(self.feed.cursor(event.seq), event)));
+                }
+            }
+            if self.catching_up {
+                let read = match self.feed.sessions.store().read_revocations(self.last, BATCH).await {
+                    Ok(read) => read,
+                    Err(e) => return self.end(e),
+                };
+                if self.last < read.position.trimmed_through {
+                    let cursor = self.feed.cursor(self.last);
+                    return self.end(out_of_retention(&cursor));
+                }
+                if !read.events.is_empty() {
+                    self.pending.extend(read.events.into_iter().map(Arc::new));
+                    continue;
+                }
+                // Caught up with the log: take what the broadcast holds, then go live.
+                self.catching_up = false;
+                loop {
+                    match self.live.try_recv() {
+                        Ok(event) => self.accept_live(event),
+                        Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                            // Lag while reading the log is absorbed: start over at the live
+                            // tail and read the log once more.
+                            self.live = self.live.resubscribe();
+                            self.catching_up = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                    if self.catching_up {
+                        break;
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                received = self.live.recv() => match received {
+                    Ok(event) => self.accept_live(event),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        let cursor = self.feed.cursor(self.last);
+                        return self.end(Error::Aborted(format!(
+                            "this watcher fell {missed} events behind the live feed; resume with after_cursor \"{cursor}\""
+                        )));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let cursor = self.feed.cursor(self.last);
+                        return self.end(Error::unavailable(format!(
+                            "the revocation feed stopped; reconnect and resume with after_cursor \"{cursor}\""
+                        )));
+                    }
+                },
+                () = tokio::time::sleep_until(self.next_heartbeat) => return Some(Ok(self.heartbeat())),
+            }
+        }
+    }
+}

@@ -1,0 +1,561 @@
+//! Security: named rate limits, hijack detection, the security event log, summaries and the
+//! user-level suspicious-activity signals. No tonic, no proto: `grpc::security` adapts this.
+//!
+//! Pieces, each usable alone:
+//! - [`limiter`]: the pure GCRA-with-backoff function, and [`Limiter`], which applies a named
+//!   rule through a [`RateLimitStore`](crate::store::RateLimitStore) and records denials. It is
+//!   the session manager's [`CreateGuard`] (`session_create`, keyed by user id).
+//! - [`hijack`]: the rule table and [`hijack::HijackDetector`], the session manager's
+//!   [`HijackScorer`](crate::session::HijackScorer).
+//! - [`events`]: event types, the [`events::Recorder`], and the pure summary and
+//!   suspicious-activity computations. [`EventObserver`] turns the session lifecycle's
+//!   exceptional events into security events (the common, valid validation records nothing).
+//! - [`Security`]: what the SecurityService RPCs call.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::clock::{Clock, Millis};
+use crate::error::{Error, Result};
+use crate::session::{
+    CreateGuard, HIJACK_REASON, RequestContext, SessionEvent, SessionManager, SessionObserver, SessionRef, SessionState,
+};
+use crate::store::{DynRateLimitStore, EndOutcome, EventQuery, Stores};
+
+pub mod events;
+pub mod hijack;
+pub mod limiter;
+
+use events::{EventDraft, EventType, Recorder, SecurityEvent, Severity, Summary, SummaryBuilder};
+use hijack::{HijackDetector, HijackRules};
+use limiter::{Decision, Rule};
+
+/// The rule checked per client IP when ValidateSession answers "not valid".
+pub const VALIDATE_FAILURE_RULE: &str = "validate_failure";
+
+/// Settings of the security work (from `security.*`).
+#[derive(Debug, Clone)]
+pub struct SecuritySettings {
+    /// Enforce rate limits.
+    pub rate_limiting: bool,
+    /// Score every ValidateSession.
+    pub hijack_detection: bool,
+    /// Rules by name.
+    pub rules: BTreeMap<String, Rule>,
+    /// The hijack rule table.
+    pub hijack: HijackRules,
+    /// How long events are kept.
+    pub event_retention: Duration,
+}
+
+impl SecuritySettings {
+    /// The settings a configuration describes.
+    pub fn from_config(config: &crate::Config) -> SecuritySettings {
+        let s = &config.security;
+        let rules = s
+            .rules
+            .iter()
+            .map(|(name, r)| {
+                let rule = Rule {
+                    name: name.clone(),
+                    limit: r.limit,
+                    period: r.period,
+                    burst: r.burst,
+                    backoff: r
+                        .backoff
+                        .then_some(limiter::Backoff { multiplier: r.backoff_multiplier, max: r.max_backoff }),
+                };
+                (name.clone(), rule)
+            })
+            .collect();
+        let h = &s.hijack;
+        SecuritySettings {
+            rate_limiting: s.rate_limiting,
+            hijack_detection: s.hijack_detection,
+            rules,
+            hijack: HijackRules {
+                ip_same_network: h.ip_same_network,
+                ip_new_network: h.ip_new_network,
+                user_agent: h.user_agent,
+                fingerprint_mismatch: h.fingerprint_mismatch,
+                fingerprint_changed: h.fingerprint_changed,
+                accept_language: h.accept_language,
+                ip_velocity: h.ip_velocity,
+                velocity_window: h.velocity_window,
+                velocity_max_ips: h.velocity_max_ips,
+                device_match_threshold: config.session.device_match_threshold,
+                threshold: s.hijack_threshold,
+            },
+            event_retention: s.event_retention,
+        }
+    }
+}
+
+/// Named rate-limit rules over a [`RateLimitStore`](crate::store::RateLimitStore).
+#[derive(Debug, Clone)]
+pub struct Limiter {
+    enabled: bool,
+    rules: Arc<BTreeMap<String, Rule>>,
+    store: DynRateLimitStore,
+    recorder: Recorder,
+    clock: Arc<dyn Clock>,
+}
+
+impl Limiter {
+    /// A limiter; with `enabled` false every check is allowed and nothing is stored.
+    pub fn new(
+        enabled: bool,
+        rules: BTreeMap<String, Rule>,
+        store: DynRateLimitStore,
+        recorder: Recorder,
+        clock: Arc<dyn Clock>,
+    ) -> Limiter {
+        Limiter { enabled, rules: Arc::new(rules), store, recorder, clock }
+    }
+
+    /// The rule named `name`, or `INVALID_ARGUMENT` naming `rule_name`.
+    pub fn rule(&self, name: &str) -> Result<&Rule> {
+        self.rules.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.rules.keys().map(String::as_str).collect();
+            Error::invalid("rule_name", format!("no rule named {name:?}; configured rules: {}", known.join(", ")))
+        })
+    }
+
+    /// Consumes `cost` units of rule `rule_name` for `key`. A denial is recorded as a
+    /// `rate_limit_exceeded` event (with the key as user id, or as IP address when it is one).
+    pub async fn check(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
+        let rule = self.rule(rule_name)?;
+        let cost = cost.max(1);
+        if cost > rule.burst {
+            return Err(Error::invalid(
+                "cost",
+                format!("{cost} is more than rule {rule_name:?} can ever grant at once ({})", rule.burst),
+            ));
+        }
+        if !self.enabled {
+            return Ok(Decision {
+                allowed: true,
+                limit: rule.limit,
+                remaining: rule.burst,
+                retry_after: Duration::ZERO,
+                reset_after: Duration::ZERO,
+                blocked: false,
+                violations: 0,
+            });
+        }
+        let decision = self.store.check(rule, key, cost, self.clock.now()).await?;
+        if !decision.allowed {
+            let mut draft = EventDraft::new(EventType::RateLimitExceeded)
+                .details(format!("Rate limit {rule_name:?} exceeded"))
+                .risk((0.2 * f64::from(decision.violations)).min(1.0))
+                .meta("rule", rule_name)
+                .meta("violations", decision.violations)
+                .meta("blocked", decision.blocked)
+                .meta("retry_after_ms", decision.retry_after.as_millis());
+            draft = match key.parse::<IpAddr>() {
+                Ok(ip) => draft.ip(Some(ip.to_string())),
+                Err(_) => draft.user(key),
+            };
+            self.recorder.record_or_log(draft).await;
+        }
+        Ok(decision)
+    }
+
+    /// [`Limiter::check`] with one unit, as an error when denied (`RESOURCE_EXHAUSTED` with
+    /// `RetryInfo` on the wire). A rule that is not configured allows.
+    pub async fn enforce(&self, rule_name: &str, key: &str) -> Result<()> {
+        if !self.rules.contains_key(rule_name) {
+            return Ok(());
+        }
+        let decision = self.check(rule_name, key, 1).await?;
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(Error::RateLimited { rule: rule_name.to_owned(), retry_after: decision.retry_after })
+        }
+    }
+
+    /// Deletes rate-limit state that no longer matters.
+    pub async fn cleanup(&self) -> Result<usize> {
+        let now = self.clock.now();
+        let mut total = 0;
+        loop {
+            let removed = self.store.purge_limits(now, 1000).await?;
+            total += removed;
+            if removed < 1000 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl CreateGuard for Limiter {
+    async fn check(&self, rule: &str, key: &str) -> Result<()> {
+        self.enforce(rule, key).await
+    }
+}
+
+/// Records the session lifecycle's exceptional events as security events.
+#[derive(Debug, Clone)]
+pub struct EventObserver {
+    recorder: Recorder,
+}
+
+impl EventObserver {
+    /// An observer writing through `recorder`.
+    pub fn new(recorder: Recorder) -> EventObserver {
+        EventObserver { recorder }
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionObserver for EventObserver {
+    async fn observe(&self, event: SessionEvent<'_>) {
+        let draft = match event {
+            SessionEvent::Created(s) => EventDraft::new(EventType::SessionCreated)
+                .user(&s.user_id)
+                .session(&s.session_id)
+                .ip(s.ip_address.clone())
+                .details("Session created")
+                .meta("provider", &s.provider),
+            SessionEvent::Ended(s) => {
+                let event_type = match s.state {
+                    SessionState::Expired => EventType::SessionExpired,
+                    SessionState::Revoked => EventType::SessionRevoked,
+                    SessionState::Active | SessionState::Terminated => EventType::SessionTerminated,
+                };
+                let reason = s.end_reason.clone().unwrap_or_default();
+                let mut draft = EventDraft::new(event_type)
+                    .user(&s.user_id)
+                    .session(&s.session_id)
+                    .ip(s.ip_address.clone())
+                    .details(format!("Session ended: {reason}"))
+                    .meta("reason", &reason);
+                if reason == HIJACK_REASON {
+                    draft = draft.severity(Severity::Critical);
+                }
+                draft
+            }
+            SessionEvent::DeviceMismatch { session, ip } => EventDraft::new(EventType::InvalidDevice)
+                .user(&session.user_id)
+                .session(&session.session_id)
+                .ip(ip.map(|ip| ip.to_string()))
+                .details("The presented device does not match the session's device"),
+            SessionEvent::HijackScored { session, ip, risk_score, reasons, ended } => {
+                let current = ip.map(|ip| ip.to_string());
+                let ip_changed = current.is_some() && current != session.ip_address;
+                let event_type = if ended || risk_score > events::SUSPICIOUS_RISK {
+                    EventType::SessionHijackAttempt
+                } else if ip_changed {
+                    EventType::IpChangeDetected
+                } else {
+                    // A weak signal without an IP change (a new user agent alone, a slightly
+                    // changed fingerprint) is answered in the response but not recorded: it
+                    // would repeat on every request until the session is updated.
+                    return;
+                };
+                let mut draft = EventDraft::new(event_type)
+                    .user(&session.user_id)
+                    .session(&session.session_id)
+                    .ip(current)
+                    .risk(risk_score)
+                    .details(reasons.join("; "))
+                    .meta("session_terminated", ended);
+                if let Some(stored) = &session.ip_address {
+                    draft = draft.meta("previous_ip", stored);
+                }
+                draft
+            }
+            SessionEvent::RefreshFailed { session, error } => EventDraft::new(EventType::TokenRefreshed)
+                .user(&session.user_id)
+                .session(&session.session_id)
+                .severity(Severity::Warning)
+                .details(format!("Token refresh failed: {error}"))
+                .meta("success", false),
+        };
+        self.recorder.record_or_log(draft).await;
+    }
+}
+
+/// The answer of [`Security::detect_hijacking`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct HijackAnswer {
+    /// Any signal fired.
+    pub is_suspicious: bool,
+    /// Risk in [0, 1].
+    pub risk_score: f64,
+    /// Reasons.
+    pub reasons: Vec<String>,
+    /// The score passed the threshold and this call ended the session.
+    pub session_terminated: bool,
+}
+
+/// The answer of [`Security::detect_suspicious_activity`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActivityAnswer {
+    /// Any signal fired.
+    pub is_suspicious: bool,
+    /// Risk in [0, 1].
+    pub risk_score: f64,
+    /// Reasons.
+    pub reasons: Vec<String>,
+}
+
+/// A query of ListSecurityEvents.
+#[derive(Debug, Clone, Default)]
+pub struct ListEvents {
+    /// The user.
+    pub user_id: String,
+    /// At or after (default: the start of retention).
+    pub start: Option<Millis>,
+    /// Before (default: now, inclusive of this millisecond).
+    pub end: Option<Millis>,
+    /// Only these types.
+    pub types: Vec<EventType>,
+    /// Page size.
+    pub page_size: usize,
+    /// A token from a previous page.
+    pub page_token: Option<String>,
+}
+
+/// A page of events.
+#[derive(Debug, Clone)]
+pub struct EventPage {
+    /// Newest first.
+    pub events: Vec<SecurityEvent>,
+    /// Token of the next page.
+    pub next_page_token: Option<String>,
+}
+
+/// What the SecurityService RPCs call.
+#[derive(Debug, Clone)]
+pub struct Security {
+    settings: Arc<SecuritySettings>,
+    limiter: Limiter,
+    recorder: Recorder,
+    detector: Arc<HijackDetector>,
+    sessions: SessionManager,
+    clock: Arc<dyn Clock>,
+}
+
+impl Security {
+    /// Builds the security work over `stores` and installs its hooks in `sessions`: the
+    /// `session_create` guard, the event observer, and (with `hijack_detection`) the scorer.
+    /// Returns the session manager to use and the security facade.
+    pub fn install(
+        settings: SecuritySettings,
+        stores: &Stores,
+        clock: Arc<dyn Clock>,
+        sessions: SessionManager,
+    ) -> (SessionManager, Security) {
+        let recorder = Recorder::new(stores.events.clone(), clock.clone());
+        let limiter = Limiter::new(
+            settings.rate_limiting,
+            settings.rules.clone(),
+            stores.limits.clone(),
+            recorder.clone(),
+            clock.clone(),
+        );
+        let detector = Arc::new(HijackDetector::new(settings.hijack.clone(), clock.clone()));
+        let mut sessions = sessions
+            .with_create_guard(Arc::new(limiter.clone()))
+            .with_observer(Arc::new(EventObserver::new(recorder.clone())));
+        if settings.hijack_detection {
+            sessions = sessions.with_hijack_scorer(detector.clone());
+        }
+        let security =
+            Security { settings: Arc::new(settings), limiter, recorder, detector, sessions: sessions.clone(), clock };
+        (sessions, security)
+    }
+
+    /// The limiter.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    /// The recorder.
+    pub fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
+    /// CheckRateLimit.
+    pub async fn check_rate_limit(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
+        self.limiter.check(rule_name, key, cost).await
+    }
+
+    /// Counts a "not valid" ValidateSession answer against the client IP; beyond the
+    /// `validate_failure` rule the caller gets `RESOURCE_EXHAUSTED`.
+    pub async fn validation_refused(&self, ip: Option<IpAddr>) -> Result<()> {
+        match ip {
+            Some(ip) => self.limiter.enforce(VALIDATE_FAILURE_RULE, &ip.to_string()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// DetectHijacking: scores `request` against the stored session (with the same rule table as
+    /// ValidateSession, whether or not that runs it) and ends the session above the threshold.
+    pub async fn detect_hijacking(&self, by: &SessionRef, request: &RequestContext) -> Result<HijackAnswer> {
+        use crate::session::HijackScorer as _;
+        let session = self.sessions.find(by).await?;
+        if !session.is_active_at(self.clock.now()) {
+            return Err(Error::FailedPrecondition("the session has already ended".into()));
+        }
+        let (risk_score, reasons) = self.detector.score(&session, request);
+        let over = risk_score > self.detector.threshold();
+        if risk_score > 0.0 {
+            let scored = SessionEvent::HijackScored {
+                session: &session,
+                ip: request.ip_address,
+                risk_score,
+                reasons: &reasons,
+                ended: over,
+            };
+            self.sessions.report(scored).await;
+        }
+        let mut session_terminated = false;
+        if over {
+            let outcome = self.sessions.end_session(&session, SessionState::Terminated, HIJACK_REASON).await?;
+            session_terminated = matches!(outcome, EndOutcome::Ended(_));
+        }
+        Ok(HijackAnswer { is_suspicious: !reasons.is_empty(), risk_score, reasons, session_terminated })
+    }
+
+    /// DetectSuspiciousActivity: the user-level signals over the user's 50 newest events; when
+    /// any fires, a `suspicious_activity` event is recorded.
+    pub async fn detect_suspicious_activity(
+        &self,
+        user_id: &str,
+        activity_type: &str,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<ActivityAnswer> {
+        let now = self.clock.now();
+        let query = EventQuery {
+            user_id: user_id.to_owned(),
+            from: 0,
+            until: now.saturating_add(1),
+            limit: events::ACTIVITY_LOOKBACK,
+            ..EventQuery::default()
+        };
+        let recent = self.recorder.store().user_events(&query).await?;
+        let (risk_score, reasons) = events::suspicious_activity(&recent, now);
+        let is_suspicious = !reasons.is_empty();
+        if is_suspicious {
+            let mut draft = EventDraft::new(EventType::SuspiciousActivity)
+                .user(user_id)
+                .risk(risk_score)
+                .details(reasons.join("; "));
+            // The caller's context first; the service's own keys win on a clash.
+            draft.metadata = metadata;
+            draft = draft.meta("activity_type", activity_type);
+            self.recorder.record(draft).await?;
+        }
+        Ok(ActivityAnswer { is_suspicious, risk_score, reasons })
+    }
+
+    /// LogSecurityEvent.
+    pub async fn log_event(&self, draft: EventDraft) -> Result<SecurityEvent> {
+        self.recorder.record(draft).await
+    }
+
+    /// ListSecurityEvents: one user's events in a time range, newest first, paged.
+    pub async fn list_events(&self, list: &ListEvents) -> Result<EventPage> {
+        let now = self.clock.now();
+        let page_size = list.page_size.max(1);
+        let after = list.page_token.as_deref().map(decode_page_token).transpose()?;
+        let query = EventQuery {
+            user_id: list.user_id.clone(),
+            from: list.start.unwrap_or(0),
+            until: list.end.unwrap_or(now.saturating_add(1)),
+            types: list.types.clone(),
+            after,
+            limit: page_size + 1,
+        };
+        let mut events = self.recorder.store().user_events(&query).await?;
+        let next_page_token = (events.len() > page_size).then(|| {
+            let last = &events[page_size - 1];
+            encode_page_token(last.occurred_at, &last.event_id)
+        });
+        events.truncate(page_size);
+        Ok(EventPage { events, next_page_token })
+    }
+
+    /// GetSecuritySummary over the last `hours` (0 means 24). Reads only this user's events in
+    /// the window (through the per-user time index, a page at a time), the user's sessions, and
+    /// the newest login in retention.
+    pub async fn summary(&self, user_id: &str, hours: u32) -> Result<Summary> {
+        let hours = if hours == 0 { 24 } else { hours };
+        let now = self.clock.now();
+        let store = self.recorder.store();
+        let mut builder = SummaryBuilder::new(user_id, hours);
+        let mut query = EventQuery {
+            user_id: user_id.to_owned(),
+            from: now.saturating_sub(i64::from(hours) * 3_600_000),
+            until: now.saturating_add(1),
+            limit: 1000,
+            ..EventQuery::default()
+        };
+        loop {
+            let page = store.user_events(&query).await?;
+            page.iter().for_each(|e| builder.add(e));
+            match page.last() {
+                Some(last) if page.len() == query.limit => {
+                    query.after = Some((last.occurred_at, last.event_id.clone()))
+                }
+                _ => break,
+            }
+        }
+        let active: Vec<String> = self
+            .sessions
+            .store()
+            .list_user(user_id)
+            .await?
+            .into_iter()
+            .filter(|s| s.is_active_at(now))
+            .map(|s| s.session_id)
+            .collect();
+        let login = EventQuery {
+            user_id: user_id.to_owned(),
+            from: 0,
+            until: now.saturating_add(1),
+            types: vec![EventType::LoginSuccess, EventType::SessionCreated],
+            limit: 1,
+            ..EventQuery::default()
+        };
+        let last_login_at = store.user_events(&login).await?.first().map(|e| e.occurred_at);
+        Ok(builder.finish(&active, last_login_at))
+    }
+
+    /// Deletes events past retention and rate-limit state that no longer matters.
+    pub async fn cleanup(&self) -> Result<usize> {
+        let cutoff = self.clock.now().saturating_sub(crate::clock::millis(self.settings.event_retention));
+        let mut total = 0;
+        loop {
+            let removed = self.recorder.store().purge_events(cutoff, 1000).await?;
+            total += removed;
+            if removed < 1000 {
+                break;
+            }
+        }
+        Ok(total + self.limiter.cleanup().await?)
+    }
+}
+
+fn encode_page_token(occurred_at: Millis, event_id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{occurred_at}:{event_id}"))
+}
+
+fn decode_page_token(token: &str) -> Result<(Millis, String)> {
+    let bad = || Error::invalid("page_token", "not a token returned by a previous call");
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
+    let (at, id) = text.split_once(':').ok_or_else(bad)?;
+    Ok((at.parse().map_err(|_| bad())?, id.to_owned()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,90 @@
+//! The load generator measures what it claims: its request counts equal the server's own
+//! `grpc_server_handled_total` counters for the same calls.
+
+use std::io::{Read as _, Write as _};
+use std::process::Command;
+
+use crate::support::{SERVICE_KEY, Spawn};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GET /metrics over plain HTTP/1.1.
+pub fn scrape(port: u16) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The value of the sample whose line starts with `prefix`, or 0 when there is none.
+pub fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+        .sum()
+}
+
+fn loadgen(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("result.json");
+    let status = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(args)
+        .args(["--json", out.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn its_counts_match_the_servers_counters() {
+    let metrics_port = free_port();
+    let server = Spawn::default()
+        .arg("--storage")
+        .arg("memory")
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .start();
+    let target = server.url();
+    let pid = server.child.id().to_string();
+    let shape = ["--connections", "2", "--in-flight", "4", "--duration", "2s", "--warmup", "0s"];
+
+    let health = tokio::task::spawn_blocking(move || {
+        let mut args = vec!["run", "--workload", "health"];
+        args.extend(["--target", target.as_str(), "--key", SERVICE_KEY, "--server-pid", pid.as_str()]);
+        args.extend(shape);
+        loadgen(&args)
+    });
+    let health = health.await.unwrap();
+    let metrics = scrape(metrics_port);
+    let served = sample(&metrics, "grpc_server_handled_total", &[("grpc_method", "Check")]);
+    assert!(health["requests"].as_u64().unwrap() > 100, "{health}");
+    assert_eq!(health["requests"].as_u64().unwrap(), served);
+    assert_eq!(health["errors"].as_object().unwrap().len(), 0);
+    assert!(health["server_cpu_us_per_request"].as_f64().unwrap() > 0.0);
+
+    let target = server.url();
+    let pid = server.child.id().to_string();
+    let validate = tokio::task::spawn_blocking(move || {
+        let mut args = vec!["run", "--workload", "validate", "--sessions", "300", "--invalid-share", "0.25"];
+        args.extend(["--target", target.as_str(), "--key", SERVICE_KEY, "--server-pid", pid.as_str()]);
+        args.extend(shape);
+        loadgen(&args)
+    })
+    .await
+    .unwrap();
+    let metrics = scrape(metrics_port);
+    let validated = sample(&metrics, "grpc_server_handled_total", &[("grpc_method", "ValidateSession")]);
+    assert_eq!(validate["requests"].as_u64().unwrap(), validated);
+    assert_eq!(sample(&metrics, "grpc_server_handled_total", &[("grpc_method", "CreateSession")]), 300);
+    assert_eq!(sample(&metrics, "session_created_total", &[]), 300);
+    let p50 = validate["latency_us"]["p50"].as_u64().unwrap();
+    let p99 = validate["latency_us"]["p99"].as_u64().unwrap();
+    assert!(p50 > 0 && p50 <= p99, "{validate}");
+}

@@ -810,7 +810,13 @@ pub struct KeyspaceStore<T: Transport> {
     log_id: std::sync::RwLock<String>,
     /// When this replica last drained stale outboxes (Redis Cluster).
     last_drain: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Rate-limit checks of one key take turns within this replica (striped by key), so the
+    /// compare-and-set only ever races the other replicas' checks, not this one's.
+    limit_turns: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// Stripes of [`KeyspaceStore::limit_turns`].
+const LIMIT_STRIPES: usize = 64;
 
 /// Placeholder log id until the first log read: alphanumeric (so a cursor made with it parses),
 /// never equal to a real id (16 hex digits), so such a cursor is out of range, never misread.
@@ -836,6 +842,7 @@ impl<T: Transport> KeyspaceStore<T> {
             timeout,
             log_id: std::sync::RwLock::new(UNKNOWN_LOG_ID.to_owned()),
             last_drain: std::sync::Mutex::new(None),
+            limit_turns: (0..LIMIT_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
 
@@ -1302,10 +1309,14 @@ impl<T: Transport> RateLimitStore for KeyspaceStore<T> {
     /// A conflict means another check of the key committed first; the script returns the state
     /// it found and this check runs again on it, so checks of one key are serialised exactly
     /// (lock-free: every retry follows another check's success), bounded by the storage timeout.
+    /// Within one replica, checks of a key take turns first, so that N concurrent checks cost
+    /// about N round trips rather than N²/2 conflicts.
     async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+        let field = limit_field(&rule.name, key);
+        let stripe = crate::crypto::sha256(field.as_bytes())[0] as usize % LIMIT_STRIPES;
         self.bounded("rate_limit_check", async {
+            let _turn = self.limit_turns[stripe].lock().await;
             let states = self.layout.limits("states");
-            let field = limit_field(&rule.name, key);
             let get = vec!["HGET".into(), states.clone(), field.clone()];
             let mut current = match self.transport.command(get, true).await? {
                 Reply::Nil => String::new(),

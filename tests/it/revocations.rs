@@ -26,7 +26,7 @@ fn create(user: &str) -> pb::CreateSessionRequest {
 }
 
 /// Creates `per_user` sessions for each of `users` users named `<prefix>-<n>`, 16 at a time.
-async fn create_sessions(
+pub(crate) async fn create_sessions(
     server: &Process,
     prefix: &str,
     users: usize,
@@ -58,7 +58,7 @@ async fn create_sessions(
 
 /// Revokes every session of each user with RevokeUserSessions, 4 users at a time; returns the
 /// revoked ids.
-async fn revoke_users(server: &Process, prefix: &str, users: usize) -> Vec<String> {
+pub(crate) async fn revoke_users(server: &Process, prefix: &str, users: usize) -> Vec<String> {
     let client = server.revocations(Some(SERVICE_KEY)).await;
     let tasks: Vec<_> = (0..4)
         .map(|lane| {
@@ -89,12 +89,12 @@ async fn revoke_users(server: &Process, prefix: &str, users: usize) -> Vec<Strin
 
 /// What one watcher saw.
 #[derive(Debug, Default)]
-struct Watched {
-    events: Vec<(u64, String)>,
+pub(crate) struct Watched {
+    pub(crate) events: Vec<(u64, String)>,
     /// Times the stream was ended with ABORTED (fell behind) and resumed.
-    aborted: usize,
+    pub(crate) aborted: usize,
     /// The cursor the first heartbeat gave (where a "from now" watch starts).
-    start: Option<String>,
+    pub(crate) start: Option<String>,
 }
 
 /// Watches until `want` events arrived, reconnecting after each end with the last cursor seen
@@ -107,11 +107,23 @@ async fn watch_until(
     kill_after: Option<usize>,
     ready: Option<mpsc::Sender<()>>,
 ) -> Watched {
+    watch_until_on(vec![url], after, want, kill_after, ready).await
+}
+
+/// [`watch_until`] over several replicas: each reconnection goes to the next of `urls`, so a
+/// resumed stream continues on another replica from the cursor the first one gave.
+pub(crate) async fn watch_until_on(
+    urls: Vec<String>,
+    after: Option<String>,
+    want: usize,
+    kill_after: Option<usize>,
+    ready: Option<mpsc::Sender<()>>,
+) -> Watched {
     let mut watched = Watched::default();
     let mut cursor = after;
     let mut ready = ready;
     let mut killed = false;
-    loop {
+    for url in urls.iter().cycle() {
         let channel = Channel::from_shared(url.clone()).unwrap().connect().await.unwrap();
         let mut client = RevocationServiceClient::with_interceptor(channel, Auth::new(Some(WATCHER_KEY)));
         let request =
@@ -147,10 +159,11 @@ async fn watch_until(
             }
         }
     }
+    panic!("watch_until_on needs at least one url")
 }
 
 /// Every event exactly once, in cursor order, without a gap after the start.
-fn assert_complete(watched: &Watched, expected: &HashSet<String>) {
+pub(crate) fn assert_complete(watched: &Watched, expected: &HashSet<String>) {
     let start = seq(watched.start.as_deref().expect("an opening heartbeat"));
     let seqs: Vec<u64> = watched.events.iter().map(|(s, _)| *s).collect();
     let wanted: Vec<u64> = (start + 1..=start + expected.len() as u64).collect();

@@ -290,7 +290,7 @@ async fn the_login_flow_end_to_end_on_embedded() {
     login_flow(Spawn::default().arg("--storage").arg("embedded").start()).await;
 }
 
-async fn concurrent_checks(
+pub(crate) async fn concurrent_checks(
     server: &Process,
     rule: &str,
     key: &str,

@@ -1,5 +1,5 @@
 //! The Redis key space shared by the `redis` and `kv-rest` backends: the key layout, the Lua
-//! scripts, and [`KeyspaceStore`], which implements [`SessionStore`] once over a [`Transport`]
+//! scripts, and [`KeyspaceStore`], which implements the storage traits once over a [`Transport`]
 //! (a Redis connection or the Upstash REST protocol). Both backends therefore run the same
 //! commands and the same scripts, and give the same guarantees.
 //!
@@ -12,6 +12,14 @@
 //! | `P{T}:id:<session id>` | string | the token hash hex |
 //! | `P{T}:u:<user id>` | sorted set | the user's token hashes, scored by creation time |
 //! | `P{expiry}:due` | sorted set | `T:<token hash hex>` scored by a time at or before `retain_until` |
+//! | `P{log}:meta`, `:stream`, `:sess`, `:exp`, `:u:<user>` | hash, stream, hash, sorted sets | the revocation log: id and counters, events (`<seq>-0`), session → seq, expiry and per-user indexes |
+//! | `P{T}:outbox`, `P{log}:dirty` | stream, sorted set | Redis Cluster: events waiting for the log, and the tags that may have some |
+//! | `P{limits}:states`, `:forget` | hash, sorted set | rate-limit states and the time each can be forgotten |
+//! | `P{T}:ev:<user>`, `P{T}:evi:<user>`, `P{events}:time`, `:nouser` | hash, sorted sets, hash | security events, per-user and global time indexes |
+//!
+//! The revocation log, the limiter and the security events implement [`RateLimitStore`] and
+//! [`SecurityEventStore`] here too; ARCHITECTURE.md ("How Redis maps it", "Redis Cluster: the
+//! outbox", and the Security storage table) explains each script and why.
 //!
 //! Every key of one user shares the hash tag `{T}`, so each per-user script touches one Redis
 //! Cluster slot. No key has a Redis TTL: the service's clock decides what is expired (and tests

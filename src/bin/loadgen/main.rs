@@ -9,6 +9,8 @@
 //! reference (`grpc.health.v1.Health/Check` on the same server, same shape) in the same run and
 //! reports ratios.
 
+mod fanout;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +45,9 @@ enum Command {
     Run(RunArgs),
     /// Seed sessions and run the reference and the session workloads; print ratios.
     Suite(SuiteArgs),
+    /// Revocation fan-out: revoke-to-delivery latency for K watch streams, beside a bare
+    /// tokio-broadcast reference served from this process.
+    Fanout(FanoutArgs),
     /// Merge suite outputs into one report.
     Merge {
         /// The merged report to write.
@@ -139,6 +144,30 @@ struct RunArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct FanoutArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Stream counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 100, 1000])]
+    watchers: Vec<usize>,
+    /// HTTP/2 connections the streams are spread over.
+    #[arg(long, default_value_t = 10)]
+    connections: usize,
+    /// Revocations per measurement.
+    #[arg(long, default_value_t = 300)]
+    revocations: usize,
+    /// Revocations per second.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Name of this run in the report.
+    #[arg(long, default_value = "server")]
+    label: String,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
 struct SuiteArgs {
     #[command(flatten)]
     target: Target,
@@ -152,6 +181,9 @@ struct SuiteArgs {
     /// Also run CreateSession.
     #[arg(long)]
     with_create: bool,
+    /// Also run CheckRateLimit.
+    #[arg(long)]
+    with_rate_limit: bool,
     /// Write the suite result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -637,6 +669,12 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<Value> {
         ratios["create_over_check_throughput"] = ratio(create.throughput(), closed_health.throughput());
         runs.push(create.to_json());
     }
+    if args.with_rate_limit {
+        let limit = env.run(Workload::CheckRateLimit, &args.shape, &args.tokens, None).await?;
+        println!("{}", limit.line());
+        ratios["check_rate_limit_over_check_throughput"] = ratio(limit.throughput(), closed_health.throughput());
+        runs.push(limit.to_json());
+    }
     println!("ratios: {ratios}");
     Ok(json!({
         "label": args.label,
@@ -684,6 +722,42 @@ async fn main() -> anyhow::Result<()> {
             let json_path = args.json.clone();
             let value = suite(args).await?;
             write_json(&json_path, &value)?;
+        }
+        Command::Fanout(args) => {
+            let auth: Option<MetadataValue<Ascii>> = match &args.target.key {
+                Some(key) => Some(format!("Bearer {key}").parse().context("the API key is not a valid header value")?),
+                None => None,
+            };
+            let reference = fanout::Reference::new().serve().await?;
+            let mut runs = Vec::new();
+            let mut ratios = serde_json::Map::new();
+            for &k in &args.watchers {
+                let server =
+                    fanout::run(&args.target.target, &auth, k, args.connections, args.revocations, args.rate, true)
+                        .await?;
+                println!("{}", server.line(&format!("{}-{k}-watchers", args.label)));
+                let bare =
+                    fanout::run(&reference, &None, k, args.connections, args.revocations, args.rate, false).await?;
+                println!("{}", bare.line(&format!("broadcast-{k}-watchers")));
+                ratios.insert(
+                    format!("to_last_p99_over_broadcast_{k}_watchers"),
+                    ratio(
+                        server.to_last_us.value_at_quantile(0.99) as f64,
+                        bare.to_last_us.value_at_quantile(0.99) as f64,
+                    ),
+                );
+                runs.push(server.to_json(&args.label, k, args.connections));
+                runs.push(bare.to_json("broadcast-reference", k, args.connections));
+            }
+            let value = json!({
+                "label": format!("{}-fanout", args.label),
+                "machine": machine(),
+                "config": { "connections": args.connections, "revocations": args.revocations, "rate": args.rate },
+                "fanout": runs,
+                "ratios": ratios,
+            });
+            println!("ratios: {}", value["ratios"]);
+            write_json(&args.json, &value)?;
         }
         Command::Merge { out, inputs } => {
             let mut suites = Vec::new();

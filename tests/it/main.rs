@@ -1,5 +1,6 @@
 //! Integration tests: one test binary; `support` starts the real server as a process.
 
+mod authz;
 mod conformance;
 mod foundation;
 mod loadgen;

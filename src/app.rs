@@ -121,6 +121,11 @@ impl App {
         &self.revocations
     }
 
+    /// The live set of accepted API keys (replace its contents to rotate keys).
+    pub fn api_keys(&self) -> crate::grpc::auth::ApiKeys {
+        self.secrets.api_keys.clone()
+    }
+
     /// The address the server listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

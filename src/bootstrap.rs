@@ -47,6 +47,23 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// Re-reads the accepted API keys from a freshly loaded configuration (SIGHUP) into the live
+/// set. With no key configured, an embedded or shared store keeps accepting its generated admin
+/// key (read back from the data directory, never regenerated); the memory store keeps the keys
+/// it has. Returns how many keys are accepted now.
+pub fn reload_api_keys(config: &Config, live: &ApiKeys) -> Result<usize, ConfigError> {
+    let fresh = ApiKeys::from_config(&config.auth);
+    if fresh.is_empty() {
+        if config.storage.kind == StorageKind::Memory {
+            return Ok(live.len());
+        }
+        let digest = first_run_admin_key(&config.storage.data_dir)?;
+        fresh.add("generated-admin", Role::Admin, digest);
+    }
+    live.replace_with(&fresh);
+    Ok(live.len())
+}
+
 /// Resolves API keys and the key ring for `config`, generating first-run keys as described in
 /// the module documentation.
 pub fn prepare(config: &Config) -> Result<Secrets, ConfigError> {

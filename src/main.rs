@@ -139,11 +139,34 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args.flags(), &|name| std::env::var(name).ok())?;
+    let flags = args.flags();
+    let config = Config::load(&flags, &|name| std::env::var(name).ok())?;
     init_logging(config.log_format);
     let app = App::build(config).await?;
+    tokio::spawn(reload_keys_on_sighup(flags, app.api_keys()));
     app.run_until(shutdown_signal()).await?;
     Ok(())
+}
+
+/// Rotates API keys without a restart: on SIGHUP the configuration (its file, above all) is read
+/// again and its keys replace the accepted ones. A configuration that no longer loads is
+/// reported and the current keys stay.
+async fn reload_keys_on_sighup(flags: Flags, keys: session_authority::grpc::auth::ApiKeys) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; API keys can only change with a restart");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let reloaded = Config::load(&flags, &|name| std::env::var(name).ok())
+            .and_then(|config| session_authority::bootstrap::reload_api_keys(&config, &keys));
+        match reloaded {
+            Ok(count) => tracing::info!(keys = count, "API keys reloaded"),
+            Err(e) => tracing::warn!(error = %e, "configuration reload failed; keeping the current API keys"),
+        }
+    }
 }
 
 async fn health(target: String, service: String) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 mod authz;
 mod conformance;
 mod foundation;
+mod keys;
 mod loadgen;
 mod revocations;
 mod security;

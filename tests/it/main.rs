@@ -3,6 +3,7 @@
 mod authz;
 mod conformance;
 mod foundation;
+mod fuzz;
 mod keys;
 mod loadgen;
 mod revocations;

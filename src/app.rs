@@ -148,6 +148,9 @@ impl App {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                // google.rpc error details, so reflection clients (grpcurl) can decode the
+                // ErrorInfo, BadRequest and RetryInfo every error status carries.
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
         let reflection_v1 = reflection().build_v1().map_err(|e| ConfigError(format!("reflection descriptors: {e}")))?;
         let reflection_v1alpha =

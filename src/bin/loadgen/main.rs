@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use session_authority::grpc::pb;
 use session_authority::grpc::pb::security_service_client::SecurityServiceClient;
 use session_authority::grpc::pb::session_service_client::SessionServiceClient;
+use session_authority::grpc::pb::token_service_client::TokenServiceClient;
 use tokio::sync::Mutex;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -97,6 +98,9 @@ enum Workload {
     Create,
     /// SecurityService/CheckRateLimit on a spread of keys.
     CheckRateLimit,
+    /// TokenService/GetAccessToken over the seeded sessions (their tokens are not due for a
+    /// refresh, so this measures reading and unsealing the stored token).
+    GetAccessToken,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
@@ -184,6 +188,9 @@ struct SuiteArgs {
     /// Also run CheckRateLimit.
     #[arg(long)]
     with_rate_limit: bool,
+    /// Also run GetAccessToken.
+    #[arg(long)]
+    with_access_token: bool,
     /// Write the suite result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -307,6 +314,7 @@ struct Caller {
     health: HealthClient<Channel>,
     sessions: SessionServiceClient<Channel>,
     security: SecurityServiceClient<Channel>,
+    upstream: TokenServiceClient<Channel>,
     auth: Option<MetadataValue<Ascii>>,
     tokens: Arc<Vec<String>>,
     pick: Pick,
@@ -351,6 +359,12 @@ impl Caller {
                 let n = self.counter.fetch_add(1, Ordering::Relaxed);
                 let request = self.authed(create_request(&format!("load-{}-{n}", std::process::id())));
                 self.sessions.create_session(request).await.map(|_| ())
+            }
+            Workload::GetAccessToken => {
+                let request = self.authed(pb::GetAccessTokenRequest {
+                    selector: Some(pb::get_access_token_request::Selector::SessionToken(self.pick_token())),
+                });
+                self.upstream.get_access_token(request).await.map(|_| ())
             }
             Workload::CheckRateLimit => {
                 let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -433,7 +447,8 @@ impl Env {
             workload,
             health: HealthClient::new(channel.clone()),
             sessions: SessionServiceClient::new(channel.clone()),
-            security: SecurityServiceClient::new(channel),
+            security: SecurityServiceClient::new(channel.clone()),
+            upstream: TokenServiceClient::new(channel),
             auth: self.auth.clone(),
             tokens: self.tokens.clone(),
             pick: tokens.pick,
@@ -675,6 +690,12 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<Value> {
         ratios["check_rate_limit_over_check_throughput"] = ratio(limit.throughput(), closed_health.throughput());
         runs.push(limit.to_json());
     }
+    if args.with_access_token {
+        let access = env.run(Workload::GetAccessToken, &args.shape, &args.tokens, None).await?;
+        println!("{}", access.line());
+        ratios["get_access_token_over_check_throughput"] = ratio(access.throughput(), closed_health.throughput());
+        runs.push(access.to_json());
+    }
     println!("ratios: {ratios}");
     Ok(json!({
         "label": args.label,
@@ -709,7 +730,7 @@ fn write_json(path: &Option<PathBuf>, value: &Value) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => {
-            let need_tokens = args.workload == Workload::Validate;
+            let need_tokens = matches!(args.workload, Workload::Validate | Workload::GetAccessToken);
             let env = env(&args.target, &args.tokens, need_tokens).await?;
             let outcome = env.run(args.workload, &args.shape, &args.tokens, args.rate).await?;
             println!("{}", outcome.line());

@@ -3,6 +3,7 @@
 mod conformance;
 mod foundation;
 mod loadgen;
+mod operability;
 mod revocations;
 mod security;
 mod sessions;

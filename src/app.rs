@@ -3,8 +3,10 @@
 //!
 //! One tonic server hosts the four services of the contract, `grpc.health.v1` (overall and per
 //! service) and reflection v1 and v1alpha. Every call passes, outermost first: the tracing span
-//! (`trace_fn`), the stream-shutdown wrapper, authentication, the global concurrency limit, and
-//! the per-call timeout.
+//! (`trace_fn`: [`crate::telemetry::grpc_span`], the child of the caller's `traceparent`), the
+//! stream-shutdown wrapper, authentication, the global concurrency limit, the RPC metrics (with
+//! `metrics_listen`), and the per-call timeout. The stores of [`App::build`] are wrapped once in
+//! [`crate::store::instrumented`], so every backend's calls are timed and traced alike.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -162,7 +164,7 @@ impl App {
         let mut builder = Server::builder()
             .timeout(server_config.request_timeout)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()));
+            .trace_fn(crate::telemetry::grpc_span);
         if let Some(tls) = &server_config.tls {
             let mut tls_config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
             if let Some(ca) = &tls.client_ca_pem {
@@ -200,6 +202,14 @@ impl App {
                     .max_encoding_message_size(max_message),
             );
 
+        let sampler = config.metrics_listen.map(|_| {
+            let clock = sessions.clone();
+            tokio::spawn(crate::metrics::sample_active_sessions(
+                sessions.store().clone(),
+                move || clock.now(),
+                shutdown.clone(),
+            ))
+        });
         let cleanup = tokio::spawn(cleanup_loop(sessions, security, config.session.cleanup_interval, shutdown.clone()));
         let feed = tokio::spawn(revocations.feed().clone().run(shutdown.clone()));
         let revocation_cleanup =
@@ -226,6 +236,9 @@ impl App {
             }
         }
         cleanup.abort();
+        if let Some(sampler) = sampler {
+            sampler.abort();
+        }
         feed.abort();
         revocation_cleanup.abort();
         tracing::info!("stopped");
@@ -245,9 +258,9 @@ async fn bind(config: &Config) -> Result<tokio::net::TcpListener, ConfigError> {
 /// Opens the configured stores (one backend serves sessions, rate limits and events).
 fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
     match config.storage.kind {
-        StorageKind::Memory => Ok(Stores::of(MemoryStore::new())),
+        StorageKind::Memory => Ok(Stores::of(MemoryStore::new()).instrumented(config.storage.kind.as_str())),
         StorageKind::Embedded => EmbeddedStore::open(&config.storage.data_dir)
-            .map(Stores::of)
+            .map(|store| Stores::of(store).instrumented(config.storage.kind.as_str()))
             .map_err(|e| ConfigError(format!("setting `data_dir`: {e}"))),
         kind @ (StorageKind::Redis | StorageKind::KvRest) => Err(ConfigError(format!(
             "setting `storage`: the {} backend is not available in this build yet (it arrives with the shared-storage work); use embedded or memory",

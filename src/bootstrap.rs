@@ -106,8 +106,10 @@ fn first_run_admin_key(dir: &Path) -> Result<[u8; 32], ConfigError> {
         .map_err(|e| problem("api_keys", format!("cannot write {}: {e}", key_path.display())))?;
     write_private(&digest_path, &format!("{}\n", crypto::api_key_hash_string(&key)))
         .map_err(|e| problem("api_keys", format!("cannot write {}: {e}", digest_path.display())))?;
-    eprintln!(
-        "session-authority: no API keys configured; generated an admin key into {} (mode 0600). \
+    // Through the log (so JSON logs stay one object per line); the key itself is only in the file.
+    tracing::warn!(
+        path = %key_path.display(),
+        "no API keys configured; generated an admin key into {} (mode 0600). \
          Move it to your secret store and delete the file: the server keeps only its hash.",
         key_path.display()
     );
@@ -153,8 +155,9 @@ fn generated_encryption_key(dir: &Path) -> Result<[u8; 32], ConfigError> {
             let key = crypto::random_bytes();
             write_private(&path, &format!("{}\n", crypto::encode_key(&key)))
                 .map_err(|e| problem("encryption_key", format!("cannot write {}: {e}", path.display())))?;
-            eprintln!(
-                "session-authority: warning: no encryption key configured; generated one into {}. \
+            tracing::warn!(
+                path = %path.display(),
+                "no encryption key configured; generated one into {}. \
                  Production should supply its own in SESSION_AUTHORITY_ENCRYPTION_KEY (base64, 32 bytes).",
                 path.display()
             );

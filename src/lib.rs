@@ -12,7 +12,8 @@
 //! - [`revocation`]: the revocation log and list, cascading revocation, the live feed;
 //! - [`bootstrap`]: the keys a first run generates;
 //! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
-//! - [`metrics`]: the Prometheus exporter and the per-RPC counters;
+//! - [`metrics`]: the Prometheus exporter, the per-RPC counters and every metric name;
+//! - [`telemetry`]: logs (text or JSON), OTLP trace export, the per-call span and its parent;
 //! - [`app`]: assembly of the server and its graceful shutdown.
 //!
 //! `ARCHITECTURE.md` at the repository root has the bird's-eye view and the invariants.
@@ -33,6 +34,7 @@ pub mod revocation;
 pub mod security;
 pub mod session;
 pub mod store;
+pub mod telemetry;
 
 pub use app::App;
 pub use config::Config;

@@ -29,6 +29,7 @@ use crate::security::limiter::{Decision, Rule};
 use crate::session::{SessionRecord, SessionState};
 
 pub mod embedded;
+pub mod instrumented;
 pub mod memory;
 
 /// SHA-256 of a session token: the key sessions are stored under.
@@ -204,6 +205,14 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// Number of stored sessions (all states), for metrics and benchmarks.
     async fn count(&self) -> Result<u64>;
 
+    /// Number of sessions active at `now`, for the `sessions_active` gauge, which samples it
+    /// periodically off the request path. `None` means the backend cannot count without a cost
+    /// it is not willing to pay, and the gauge is then not exported.
+    async fn count_active(&self, now: Millis) -> Result<Option<u64>> {
+        let _ = now;
+        Ok(None)
+    }
+
     /// Whether the backend is reachable (health).
     async fn ping(&self) -> Result<()>;
 }
@@ -284,6 +293,12 @@ impl Stores {
     pub fn of<S: SessionStore + RateLimitStore + SecurityEventStore>(store: S) -> Stores {
         let store = Arc::new(store);
         Stores { sessions: store.clone(), limits: store.clone(), events: store }
+    }
+
+    /// The same stores, each call timed, counted on failure and run inside a `storage` span,
+    /// labelled with `backend` (see [`instrumented`]).
+    pub fn instrumented(self, backend: &'static str) -> Stores {
+        instrumented::wrap(self, backend)
     }
 }
 

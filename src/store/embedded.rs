@@ -551,6 +551,27 @@ impl SessionStore for EmbeddedStore {
         sessions.len().map_err(unavailable)
     }
 
+    /// Reads every record in one read transaction on a blocking thread: the cost grows with
+    /// all stored sessions, which is why only the periodic gauge sampler calls it. Readers
+    /// never block the writer in redb.
+    async fn count_active(&self, now: Millis) -> Result<Option<u64>> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
+            let mut active = 0;
+            for entry in sessions.iter().map_err(unavailable)? {
+                let (_, bytes) = entry.map_err(unavailable)?;
+                if SessionRecord::from_bytes(bytes.value())?.is_active_at(now) {
+                    active += 1;
+                }
+            }
+            Ok(Some(active))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("embedded store task failed: {e}")))?
+    }
+
     async fn ping(&self) -> Result<()> {
         let tx = self.db.begin_read().map_err(unavailable)?;
         tx.open_table(SESSIONS).map_err(unavailable)?;

@@ -301,6 +301,10 @@ impl SessionStore for MemoryStore {
         Ok(self.read().sessions.len() as u64)
     }
 
+    async fn count_active(&self, now: Millis) -> Result<Option<u64>> {
+        Ok(Some(self.read().sessions.values().filter(|s| s.is_active_at(now)).count() as u64))
+    }
+
     async fn ping(&self) -> Result<()> {
         Ok(())
     }

@@ -6,6 +6,7 @@ mod foundation;
 mod fuzz;
 mod keys;
 mod loadgen;
+mod operability;
 mod revocations;
 mod security;
 mod sessions;

@@ -10,6 +10,7 @@
 //! - [`security`]: rate limits, hijack detection, the security event log and summaries;
 //! - [`store`]: the storage traits and the memory and embedded backends;
 //! - [`revocation`]: the revocation log and list, cascading revocation, the live feed;
+//! - [`token`]: upstream OAuth2 tokens: access, refresh (single flight, retries), introspection;
 //! - [`bootstrap`]: the keys a first run generates;
 //! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
 //! - [`metrics`]: the Prometheus exporter and the per-RPC counters;
@@ -33,6 +34,7 @@ pub mod revocation;
 pub mod security;
 pub mod session;
 pub mod store;
+pub mod token;
 
 pub use app::App;
 pub use config::Config;

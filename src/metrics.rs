@@ -25,6 +25,10 @@ pub const RPC_HANDLED: &str = "grpc_server_handled_total";
 /// RPC latency to the end of the response, by `grpc_service` and `grpc_method`.
 pub const RPC_SECONDS: &str = "grpc_server_handling_seconds";
 
+/// Upstream OAuth2 call latency (one HTTP request), by `operation` (refresh, introspection,
+/// revocation, discovery) and `outcome` (ok, error).
+pub const TOKEN_UPSTREAM_SECONDS: &str = "token_upstream_seconds";
+
 /// The guide's counters, pre-registered at zero so dashboards and alerts see them at once.
 pub const GUIDE_COUNTERS: [(&str, &str); 5] = [
     ("session_created_total", "Sessions created"),
@@ -53,6 +57,15 @@ pub fn install(addr: SocketAddr) -> Result<(), ConfigError> {
     });
     metrics::describe_counter!(RPC_HANDLED, "RPCs completed, by service, method and gRPC status code");
     metrics::describe_histogram!(RPC_SECONDS, metrics::Unit::Seconds, "RPC handling time to the end of the response");
+    metrics::describe_histogram!(
+        TOKEN_UPSTREAM_SECONDS,
+        metrics::Unit::Seconds,
+        "Upstream OAuth2 request latency, by operation and outcome"
+    );
+    metrics::describe_counter!(
+        "token_refresh_failed_total",
+        "Upstream token refreshes that failed, by cause (timeout, network, server_error, rate_limited, invalid_grant, rejected, malformed, not_configured, superseded)"
+    );
     for (name, help) in GUIDE_COUNTERS {
         metrics::describe_counter!(name, help);
         metrics::counter!(name).absolute(0);

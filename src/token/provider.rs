@@ -196,11 +196,6 @@ impl HasCode for BasicErrorResponse {
     }
 }
 
-impl HasCode for BasicRevocationErrorResponse {
-    fn code(&self) -> &str {
-        self.error().as_ref()
-    }
-}
 
 /// The fields of a token response beyond RFC 6749's: the OpenID Connect `id_token`.
 #[derive(Clone, Default, Serialize, Deserialize)]
@@ -295,12 +290,19 @@ struct Discovery {
     revocation_endpoint: Option<String>,
 }
 
+/// The `oauth2` client and the revocation endpoint, once the endpoints are known.
+#[derive(Debug)]
+struct Resolved {
+    client: OAuthClient,
+    revocation: Option<String>,
+}
+
 /// One provider: settings, its HTTP client, and the `oauth2` client once endpoints are known.
 #[derive(Debug)]
 pub struct Provider {
     settings: ProviderSettings,
     http: reqwest::Client,
-    client: tokio::sync::OnceCell<OAuthClient>,
+    resolved: tokio::sync::OnceCell<Resolved>,
 }
 
 /// Installs ring as rustls's process-wide crypto provider (reqwest is built with
@@ -385,7 +387,7 @@ fn url_error(setting: &str, e: impl std::fmt::Display) -> UpstreamError {
 impl Provider {
     /// A provider with `settings`, using `http` for every call.
     pub fn new(settings: ProviderSettings, http: reqwest::Client) -> Provider {
-        Provider { settings, http, client: tokio::sync::OnceCell::new() }
+        Provider { settings, http, resolved: tokio::sync::OnceCell::new() }
     }
 
     /// The provider's name.
@@ -408,10 +410,14 @@ impl Provider {
     /// issuer is configured and an endpoint is missing. A failed discovery is retried on the
     /// next call.
     async fn client(&self) -> Result<&OAuthClient, UpstreamError> {
-        self.client.get_or_try_init(|| self.build_client()).await
+        Ok(&self.resolved().await?.client)
     }
 
-    async fn build_client(&self) -> Result<OAuthClient, UpstreamError> {
+    async fn resolved(&self) -> Result<&Resolved, UpstreamError> {
+        self.resolved.get_or_try_init(|| self.build_client()).await
+    }
+
+    async fn build_client(&self) -> Result<Resolved, UpstreamError> {
         let s = &self.settings;
         let client_id = s
             .client_id
@@ -422,10 +428,16 @@ impl Provider {
         let mut revocation = s.revocation_endpoint.clone();
         let complete = token.is_some() && introspection.is_some() && revocation.is_some();
         if let (Some(issuer), false) = (&s.issuer, complete) {
+            check_endpoint("issuer", issuer)?;
             let found = self.discover(issuer).await?;
             token = token.or(found.token_endpoint);
             introspection = introspection.or(found.introspection_endpoint);
             revocation = revocation.or(found.revocation_endpoint);
+        }
+        for (setting, url) in [("token_endpoint", &token), ("introspection_endpoint", &introspection), ("revocation_endpoint", &revocation)] {
+            if let Some(url) = url {
+                check_endpoint(setting, url)?;
+            }
         }
         let mut client = Client::<
             BasicErrorResponse,
@@ -443,12 +455,12 @@ impl Provider {
                 introspection.map(IntrospectionUrl::new).transpose().map_err(|e| url_error("introspection_endpoint", e))?,
             )
             .set_revocation_url_option(
-                revocation.map(RevocationUrl::new).transpose().map_err(|e| url_error("revocation_endpoint", e))?,
+                revocation.clone().map(RevocationUrl::new).transpose().map_err(|e| url_error("revocation_endpoint", e))?,
             );
         if let Some(secret) = &s.client_secret {
             client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
         }
-        Ok(client)
+        Ok(Resolved { client, revocation })
     }
 
     async fn discover(&self, issuer: &str) -> Result<Discovery, UpstreamError> {
@@ -541,21 +553,83 @@ impl Provider {
     }
 
     /// One RFC 7009 revocation (no retry). `refresh` says which kind of token it is.
+    ///
+    /// Sent by hand rather than through `oauth2`'s `revoke_token`, which refuses any URL that is
+    /// not `https` (RFC 7009 §2); our endpoint rule (https, or http on a loopback host only) is
+    /// applied to every endpoint when the client is built, so the loopback test provider works
+    /// and remote providers still need TLS.
     pub async fn revoke_once(&self, token: &SecretString, refresh: bool) -> Result<(), UpstreamError> {
-        let client = self.client().await?;
-        let secret = token.expose_secret().to_owned();
-        let token = if refresh {
-            StandardRevocableToken::RefreshToken(RefreshToken::new(secret))
-        } else {
-            StandardRevocableToken::AccessToken(AccessToken::new(secret))
-        };
-        let request =
-            client.revoke_token(token).map_err(|_| UpstreamError::NotConfigured("no revocation endpoint".into()))?;
-        let http = self.http_fn();
+        let resolved = self.resolved().await?;
+        let url = resolved
+            .revocation
+            .as_deref()
+            .ok_or_else(|| UpstreamError::NotConfigured("no revocation endpoint".into()))?;
+        let s = &self.settings;
+        let mut form: Vec<(&str, &str)> = vec![
+            ("token", token.expose_secret()),
+            ("token_type_hint", if refresh { "refresh_token" } else { "access_token" }),
+        ];
+        let mut request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(url)
+            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(http::header::ACCEPT, "application/json");
+        let client_id = s.client_id.as_deref().unwrap_or_default();
+        match (s.client_auth, &s.client_secret) {
+            (ClientAuth::Basic, Some(secret)) => {
+                // RFC 6749 §2.3.1: form-encode both before Basic, as oauth2 does.
+                let encode = |v: &str| oauth2::url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+                let pair = format!("{}:{}", encode(client_id), encode(secret.expose_secret()));
+                let value = format!("Basic {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pair));
+                let mut value = http::HeaderValue::from_str(&value)
+                    .map_err(|_| UpstreamError::NotConfigured("client credentials are not valid header text".into()))?;
+                value.set_sensitive(true);
+                request = request.header(http::header::AUTHORIZATION, value);
+            }
+            (_, secret) => {
+                form.push(("client_id", client_id));
+                if let Some(secret) = secret {
+                    form.push(("client_secret", secret.expose_secret()));
+                }
+            }
+        }
+        let body = form_body(&form);
+        let request = request
+            .body(body)
+            .map_err(|_| UpstreamError::NotConfigured("the revocation endpoint is not a valid URI".into()))?;
         let started = Instant::now();
-        let answer = request.request_async(&http).await;
-        record_latency("revocation", started, answer.is_ok());
-        answer.map_err(classify)
+        let response = send(self.http.clone(), s.request_timeout, request).await;
+        let result = match response {
+            Err(e) => Err(UpstreamError::from(e)),
+            Ok(r) if r.status() == http::StatusCode::OK => Ok(()),
+            Ok(r) => match serde_json::from_slice::<serde_json::Value>(r.body()) {
+                Ok(body) => Err(UpstreamError::Rejected(sanitised_code(body["error"].as_str().unwrap_or_default()))),
+                Err(_) => Err(UpstreamError::Malformed(format!("HTTP status {} without an OAuth2 error", r.status().as_u16()))),
+            },
+        };
+        record_latency("revocation", started, result.is_ok());
+        result
+    }
+}
+
+fn form_body(pairs: &[(&str, &str)]) -> Vec<u8> {
+    oauth2::url::form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish().into_bytes()
+}
+
+/// Endpoints must be `https`, except on a loopback host (tests, a sidecar provider): the client
+/// secret and tokens never cross a network in the clear.
+fn check_endpoint(setting: &str, url: &str) -> Result<(), UpstreamError> {
+    let parsed = oauth2::url::Url::parse(url).map_err(|e| url_error(setting, e))?;
+    let loopback = match parsed.host() {
+        Some(oauth2::url::Host::Domain(d)) => d == "localhost",
+        Some(oauth2::url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(oauth2::url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(UpstreamError::NotConfigured(format!("{setting} must be an https URL (http only on a loopback host)"))),
     }
 }
 

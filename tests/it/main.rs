@@ -3,8 +3,10 @@
 mod conformance;
 mod foundation;
 mod loadgen;
+mod oidc;
 mod revocations;
 mod security;
 mod sessions;
 mod support;
 mod tls;
+mod tokens;

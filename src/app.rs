@@ -196,8 +196,8 @@ impl App {
                         .with_security(security.clone())
                         .with_providers(tokens.providers().names().map(str::to_owned).collect()),
                 )
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
             )
             .add_service(
                 TokenServiceServer::new(TokenAdapter::new(tokens.clone()))

@@ -647,7 +647,13 @@ fn resolve_rules(r: &Resolver<'_>) -> Result<BTreeMap<String, RateRuleConfig>, C
 }
 
 fn client_auth(r: &Resolver<'_>, key: &str) -> Result<crate::token::ClientAuth, ConfigError> {
-    r.parsed(key, &[], crate::token::ClientAuth::Basic, "client_secret_basic or client_secret_post", crate::token::ClientAuth::parse)
+    r.parsed(
+        key,
+        &[],
+        crate::token::ClientAuth::Basic,
+        "client_secret_basic or client_secret_post",
+        crate::token::ClientAuth::parse,
+    )
 }
 
 fn check_url(key: &str, value: &Option<String>) -> Result<(), ConfigError> {
@@ -666,7 +672,8 @@ fn resolve_providers(r: &Resolver<'_>, flat: &TokenConfig) -> Result<Vec<crate::
     use crate::token::{DEFAULT_PROVIDER, ProviderSettings};
     let mut providers = Vec::new();
     if flat.token_endpoint.is_some() || flat.issuer.is_some() {
-        for key in ["token.token_endpoint", "token.introspection_endpoint", "token.revocation_endpoint", "token.issuer"] {
+        for key in ["token.token_endpoint", "token.introspection_endpoint", "token.revocation_endpoint", "token.issuer"]
+        {
             check_url(key, &r.string(key, &[]))?;
         }
         providers.push(ProviderSettings {
@@ -681,12 +688,16 @@ fn resolve_providers(r: &Resolver<'_>, flat: &TokenConfig) -> Result<Vec<crate::
             request_timeout: flat.request_timeout,
         });
     } else if flat.introspection_endpoint.is_some() || flat.revocation_endpoint.is_some() {
-        return Err(err("setting `token.token_endpoint`: required (or `token.issuer`) when other token endpoints are set"));
+        return Err(err(
+            "setting `token.token_endpoint`: required (or `token.issuer`) when other token endpoints are set",
+        ));
     }
     let names: BTreeSet<String> = r.file.keys().filter_map(|k| provider_key(k)).map(str::to_owned).collect();
     for name in names {
         if name == DEFAULT_PROVIDER && !providers.is_empty() {
-            return Err(err("setting `token.providers.default`: the default provider is the flat token.* settings; choose another name"));
+            return Err(err(
+                "setting `token.providers.default`: the default provider is the flat token.* settings; choose another name",
+            ));
         }
         let key = |field: &str| format!("token.providers.{name}.{field}");
         let settings = ProviderSettings {
@@ -736,7 +747,9 @@ impl Config {
             }
             flatten("", table, &mut file)?;
             let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
-            if let Some(unknown) = file.keys().find(|k| !known.contains(k.as_str()) && rule_key(k).is_none() && provider_key(k).is_none()) {
+            if let Some(unknown) =
+                file.keys().find(|k| !known.contains(k.as_str()) && rule_key(k).is_none() && provider_key(k).is_none())
+            {
                 return Err(err(format!("setting `{unknown}` in {path:?} is not a known setting")));
             }
             file_name = format!("config file {path:?}");

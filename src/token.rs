@@ -169,7 +169,10 @@ pub struct AccessToken {
 
 impl std::fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccessToken").field("expires_at", &self.expires_at).field("refreshed", &self.refreshed).finish_non_exhaustive()
+        f.debug_struct("AccessToken")
+            .field("expires_at", &self.expires_at)
+            .field("refreshed", &self.refreshed)
+            .finish_non_exhaustive()
     }
 }
 
@@ -295,15 +298,7 @@ impl TokenManager {
         settings: TokenSettings,
         clock: Arc<dyn Clock>,
     ) -> TokenManager {
-        TokenManager {
-            sessions,
-            store,
-            providers,
-            settings,
-            clock,
-            local: Arc::default(),
-            cache: Arc::default(),
-        }
+        TokenManager { sessions, store, providers, settings, clock, local: Arc::default(), cache: Arc::default() }
     }
 
     /// Now, by the manager's clock.
@@ -374,7 +369,7 @@ impl TokenManager {
     pub async fn refresh(&self, by: &SessionRef, force: bool, reason: &str) -> Result<Refreshed> {
         let session = self.sessions.find(by).await?;
         self.active(&session)?;
-        let reason = if reason.is_empty() { if force { "forced" } else { "user_requested" } } else { reason };
+        let reason = if reason.is_empty() { "user_requested" } else { reason };
         self.refresh_session(&session, Want { force, reason }).await
     }
 
@@ -432,10 +427,14 @@ impl TokenManager {
                 // Another caller's refresh completed while this one waited: its result is ours.
                 return self.completed(current, true).await;
             }
-            if let Some(failed) = self.newest_record(&current.session_id).await?.filter(|r| !r.success && r.refreshed_at >= started_at) {
+            if let Some(failed) =
+                self.newest_record(&current.session_id).await?.filter(|r| !r.success && r.refreshed_at >= started_at)
+            {
                 // A concurrent refresh failed after this call started: answer with its failure
                 // instead of calling the provider a second time.
-                return Err(self.failure_error(failed.cause.as_deref(), failed.error.as_deref().unwrap_or("refresh failed")));
+                return Err(
+                    self.failure_error(failed.cause.as_deref(), failed.error.as_deref().unwrap_or("refresh failed"))
+                );
             }
             let now = self.clock.now();
             let lease = RefreshLease {
@@ -446,11 +445,20 @@ impl TokenManager {
             };
             match self.store.acquire_lease(&lease, now).await? {
                 LeaseOutcome::Acquired => {
-                    let result = self.refresh_holding(current, &lease, want).await;
-                    if let Err(e) = self.store.release_lease(&lease.session_id, &lease.holder).await {
-                        tracing::warn!(session_id = %lease.session_id, error = %e, "releasing the refresh lease failed; it will expire");
-                    }
-                    return result;
+                    // The holder's work runs in its own task: a caller that gives up (its
+                    // deadline, a cancelled RPC) must not drop a refresh between the provider's
+                    // answer and the write, which would lose a rotated refresh token. Later
+                    // callers find the result through the grace period.
+                    let this = self.clone();
+                    let (force, reason) = (want.force, want.reason.to_owned());
+                    let holder = tokio::spawn(async move {
+                        let result = this.refresh_holding(current, &lease, Want { force, reason: &reason }).await;
+                        if let Err(e) = this.store.release_lease(&lease.session_id, &lease.holder).await {
+                            tracing::warn!(session_id = %lease.session_id, error = %e, "releasing the refresh lease failed; it will expire");
+                        }
+                        result
+                    });
+                    return holder.await.map_err(|e| Error::internal(format!("refresh task failed: {e}")))?;
                 }
                 LeaseOutcome::Held(_) => {
                     if tokio::time::Instant::now() >= deadline {
@@ -472,7 +480,9 @@ impl TokenManager {
                 "the provider refused the session's refresh token (invalid_grant); the session has ended with reason {REFRESH_FAILED_REASON}"
             )),
             Some("timeout" | "network" | "server_error" | "rate_limited") => Error::Unavailable {
-                message: format!("the OAuth2 provider is unavailable: {message}; the session is unchanged, retry later"),
+                message: format!(
+                    "the OAuth2 provider is unavailable: {message}; the session is unchanged, retry later"
+                ),
                 retry_after: None,
             },
             _ => Error::FailedPrecondition(format!("the refresh failed: {message}")),
@@ -549,7 +559,9 @@ impl TokenManager {
             next.version = base.version + 1;
             match self.sessions.store().compare_and_swap(&next, base.version).await? {
                 CasOutcome::Swapped => break next,
-                CasOutcome::Conflict(fresh) if fresh.refresh_count == current.refresh_count && !fresh.state.is_terminal() => {
+                CasOutcome::Conflict(fresh)
+                    if fresh.refresh_count == current.refresh_count && !fresh.state.is_terminal() =>
+                {
                     // An unrelated write (metadata) moved the version: re-apply on top of it.
                     base = *fresh;
                 }
@@ -600,8 +612,12 @@ impl TokenManager {
         self.sessions.report(SessionEvent::RefreshFailed { session: &session, error: &message }).await;
         if error == UpstreamError::InvalidGrant {
             match self.sessions.end_as(&session, RevocationKind::RefreshFailed, REFRESH_FAILED_REASON, None).await {
-                Ok(_) => tracing::warn!(session_id = %session.session_id, "session ended: the provider refused its refresh token"),
-                Err(e) => tracing::error!(session_id = %session.session_id, error = %e, "ending the session after invalid_grant failed"),
+                Ok(_) => {
+                    tracing::warn!(session_id = %session.session_id, "session ended: the provider refused its refresh token")
+                }
+                Err(e) => {
+                    tracing::error!(session_id = %session.session_id, error = %e, "ending the session after invalid_grant failed")
+                }
             }
         }
         match error {
@@ -612,7 +628,9 @@ impl TokenManager {
                 ),
                 retry_after,
             },
-            UpstreamError::NotConfigured(what) => Error::FailedPrecondition(format!("the OAuth2 provider is not configured: {what}")),
+            UpstreamError::NotConfigured(what) => {
+                Error::FailedPrecondition(format!("the OAuth2 provider is not configured: {what}"))
+            }
             other => self.failure_error(Some(other.cause()), &other.to_string()),
         }
     }
@@ -629,7 +647,13 @@ impl TokenManager {
     /// answers (never past the token's `exp`).
     pub async fn introspect(&self, token: &SecretString, hint: &str, provider: &str) -> Result<IntrospectionAnswer> {
         let provider = self.providers.get(provider).ok_or_else(|| {
-            Error::invalid("provider", format!("no OAuth2 provider named {:?} is configured", if provider.is_empty() { DEFAULT_PROVIDER } else { provider }))
+            Error::invalid(
+                "provider",
+                format!(
+                    "no OAuth2 provider named {:?} is configured",
+                    if provider.is_empty() { DEFAULT_PROVIDER } else { provider }
+                ),
+            )
         })?;
         let hint = if hint.is_empty() { "access_token" } else { hint };
         let key = cache_key(provider.name(), hint, token);
@@ -644,10 +668,9 @@ impl TokenManager {
         }
         let (answer, _) = self.settings.retry.run(|| provider.introspect_once(token, hint)).await;
         let introspection = answer.map_err(|e| match e {
-            UpstreamError::Transient { retry_after, .. } => Error::Unavailable {
-                message: format!("the OAuth2 provider is unavailable: {e}"),
-                retry_after,
-            },
+            UpstreamError::Transient { retry_after, .. } => {
+                Error::Unavailable { message: format!("the OAuth2 provider is unavailable: {e}"), retry_after }
+            }
             other => Error::FailedPrecondition(format!("introspection failed: {other}")),
         })?;
         let mut cache_ttl = None;

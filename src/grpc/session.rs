@@ -141,7 +141,11 @@ impl SessionService for SessionAdapter {
             let names = known.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
             return Err(Error::invalid(
                 "provider",
-                format!("no provider named {:?} is configured (configured: {})", r.provider, if names.is_empty() { "none" } else { &names }),
+                format!(
+                    "no provider named {:?} is configured (configured: {})",
+                    r.provider,
+                    if names.is_empty() { "none" } else { &names }
+                ),
             )
             .into());
         }

@@ -44,8 +44,8 @@ use crate::security::events::SecurityEvent;
 use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::SessionRecord;
 use crate::store::{
-    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore,
-    RevocationPage, SecurityEventStore, SessionStore, TokenHash, TokenStore, Touch, type_matches,
+    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
+    SecurityEventStore, SessionStore, TokenHash, TokenStore, Touch, type_matches,
 };
 use crate::token::{RefreshLease, RefreshRecord};
 
@@ -665,7 +665,8 @@ impl TokenStore for EmbeddedStore {
             let records = tx.open_table(REFRESH_RECORDS).map_err(unavailable)?;
             let mut out = Vec::new();
             let session = session_id.as_str();
-            for entry in records.range((session, "")..=(session, "\u{10ffff}")).map_err(unavailable)?.rev().take(limit) {
+            for entry in records.range((session, "")..=(session, "\u{10ffff}")).map_err(unavailable)?.rev().take(limit)
+            {
                 let (_, value) = entry.map_err(unavailable)?;
                 out.push(parse_record(value.value())?);
             }

@@ -16,8 +16,8 @@ use crate::security::events::SecurityEvent;
 use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::SessionRecord;
 use crate::store::{
-    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore,
-    RevocationPage, SecurityEventStore, SessionStore, TokenHash, TokenStore, Touch, type_matches,
+    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
+    SecurityEventStore, SessionStore, TokenHash, TokenStore, Touch, type_matches,
 };
 use crate::token::{RefreshLease, RefreshRecord};
 
@@ -210,7 +210,14 @@ impl TokenStore for MemoryStore {
 
     async fn refresh_history(&self, session_id: &str, limit: usize) -> Result<Vec<RefreshRecord>> {
         let tokens = self.tokens();
-        Ok(tokens.records.get(session_id).into_iter().flat_map(|list| list.values().rev()).take(limit).cloned().collect())
+        Ok(tokens
+            .records
+            .get(session_id)
+            .into_iter()
+            .flat_map(|list| list.values().rev())
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     async fn purge_refresh_records(&self, now: Millis, limit: usize) -> Result<usize> {

@@ -196,7 +196,6 @@ impl HasCode for BasicErrorResponse {
     }
 }
 
-
 /// The fields of a token response beyond RFC 6749's: the OpenID Connect `id_token`.
 #[derive(Clone, Default, Serialize, Deserialize)]
 pub struct IdTokenField {
@@ -355,9 +354,10 @@ async fn send(http: reqwest::Client, timeout: Duration, request: HttpRequest) ->
         return Err(HttpError::Status { status: status.as_u16(), retry_after });
     }
     let headers = response.headers().clone();
-    let bytes = response.bytes().await.map_err(|e| {
-        if e.is_timeout() { HttpError::Timeout } else { HttpError::Network(network_message(&e)) }
-    })?;
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| if e.is_timeout() { HttpError::Timeout } else { HttpError::Network(network_message(&e)) })?;
     let mut builder = http::Response::builder().status(status);
     for (name, value) in &headers {
         builder = builder.header(name, value);
@@ -400,7 +400,9 @@ impl Provider {
         &self.settings
     }
 
-    fn http_fn(&self) -> impl Fn(HttpRequest) -> std::pin::Pin<Box<dyn Future<Output = Result<HttpResponse, HttpError>> + Send>> {
+    fn http_fn(
+        &self,
+    ) -> impl Fn(HttpRequest) -> std::pin::Pin<Box<dyn Future<Output = Result<HttpResponse, HttpError>> + Send>> {
         let http = self.http.clone();
         let timeout = self.settings.request_timeout;
         move |request| Box::pin(send(http.clone(), timeout, request))
@@ -434,7 +436,11 @@ impl Provider {
             introspection = introspection.or(found.introspection_endpoint);
             revocation = revocation.or(found.revocation_endpoint);
         }
-        for (setting, url) in [("token_endpoint", &token), ("introspection_endpoint", &introspection), ("revocation_endpoint", &revocation)] {
+        for (setting, url) in [
+            ("token_endpoint", &token),
+            ("introspection_endpoint", &introspection),
+            ("revocation_endpoint", &revocation),
+        ] {
             if let Some(url) = url {
                 check_endpoint(setting, url)?;
             }
@@ -446,17 +452,17 @@ impl Provider {
             StandardRevocableToken,
             BasicRevocationErrorResponse,
         >::new(ClientId::new(client_id))
-            .set_auth_type(match s.client_auth {
-                ClientAuth::Basic => AuthType::BasicAuth,
-                ClientAuth::Post => AuthType::RequestBody,
-            })
-            .set_token_uri_option(token.map(TokenUrl::new).transpose().map_err(|e| url_error("token_endpoint", e))?)
-            .set_introspection_url_option(
-                introspection.map(IntrospectionUrl::new).transpose().map_err(|e| url_error("introspection_endpoint", e))?,
-            )
-            .set_revocation_url_option(
-                revocation.clone().map(RevocationUrl::new).transpose().map_err(|e| url_error("revocation_endpoint", e))?,
-            );
+        .set_auth_type(match s.client_auth {
+            ClientAuth::Basic => AuthType::BasicAuth,
+            ClientAuth::Post => AuthType::RequestBody,
+        })
+        .set_token_uri_option(token.map(TokenUrl::new).transpose().map_err(|e| url_error("token_endpoint", e))?)
+        .set_introspection_url_option(
+            introspection.map(IntrospectionUrl::new).transpose().map_err(|e| url_error("introspection_endpoint", e))?,
+        )
+        .set_revocation_url_option(
+            revocation.clone().map(RevocationUrl::new).transpose().map_err(|e| url_error("revocation_endpoint", e))?,
+        );
         if let Some(secret) = &s.client_secret {
             client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
         }
@@ -468,13 +474,13 @@ impl Provider {
         let url = format!("{issuer}/.well-known/openid-configuration");
         let started = Instant::now();
         let result = async {
-            let response = self
-                .http
-                .get(&url)
-                .timeout(self.settings.request_timeout)
-                .send()
-                .await
-                .map_err(|e| UpstreamError::from(if e.is_timeout() { HttpError::Timeout } else { HttpError::Network(network_message(&e)) }))?;
+            let response = self.http.get(&url).timeout(self.settings.request_timeout).send().await.map_err(|e| {
+                UpstreamError::from(if e.is_timeout() {
+                    HttpError::Timeout
+                } else {
+                    HttpError::Network(network_message(&e))
+                })
+            })?;
             let status = response.status();
             if !status.is_success() {
                 return Err(UpstreamError::from(HttpError::Status { status: status.as_u16(), retry_after: None }));
@@ -503,8 +509,9 @@ impl Provider {
     pub async fn refresh_once(&self, refresh_token: &SecretString) -> Result<TokenSet, UpstreamError> {
         let client = self.client().await?;
         let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
-        let request =
-            client.exchange_refresh_token(&token).map_err(|_| UpstreamError::NotConfigured("no token endpoint".into()))?;
+        let request = client
+            .exchange_refresh_token(&token)
+            .map_err(|_| UpstreamError::NotConfigured("no token endpoint".into()))?;
         let http = self.http_fn();
         let started = Instant::now();
         let answer = request.request_async(&http).await;
@@ -538,7 +545,10 @@ impl Provider {
         let answer = answer.map_err(classify)?;
         Ok(Introspection {
             active: answer.active(),
-            scope: answer.scopes().map(|s| s.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ")).unwrap_or_default(),
+            scope: answer
+                .scopes()
+                .map(|s| s.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default(),
             client_id: answer.client_id().map(|c| c.to_string()).unwrap_or_default(),
             username: answer.username().unwrap_or_default().to_owned(),
             token_type: answer.token_type().map(|t| t.as_ref().to_owned()).unwrap_or_default(),
@@ -580,7 +590,8 @@ impl Provider {
                 // RFC 6749 §2.3.1: form-encode both before Basic, as oauth2 does.
                 let encode = |v: &str| oauth2::url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
                 let pair = format!("{}:{}", encode(client_id), encode(secret.expose_secret()));
-                let value = format!("Basic {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pair));
+                let value =
+                    format!("Basic {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pair));
                 let mut value = http::HeaderValue::from_str(&value)
                     .map_err(|_| UpstreamError::NotConfigured("client credentials are not valid header text".into()))?;
                 value.set_sensitive(true);
@@ -604,7 +615,10 @@ impl Provider {
             Ok(r) if r.status() == http::StatusCode::OK => Ok(()),
             Ok(r) => match serde_json::from_slice::<serde_json::Value>(r.body()) {
                 Ok(body) => Err(UpstreamError::Rejected(sanitised_code(body["error"].as_str().unwrap_or_default()))),
-                Err(_) => Err(UpstreamError::Malformed(format!("HTTP status {} without an OAuth2 error", r.status().as_u16()))),
+                Err(_) => Err(UpstreamError::Malformed(format!(
+                    "HTTP status {} without an OAuth2 error",
+                    r.status().as_u16()
+                ))),
             },
         };
         record_latency("revocation", started, result.is_ok());
@@ -629,7 +643,9 @@ fn check_endpoint(setting: &str, url: &str) -> Result<(), UpstreamError> {
     match parsed.scheme() {
         "https" => Ok(()),
         "http" if loopback => Ok(()),
-        _ => Err(UpstreamError::NotConfigured(format!("{setting} must be an https URL (http only on a loopback host)"))),
+        _ => {
+            Err(UpstreamError::NotConfigured(format!("{setting} must be an https URL (http only on a loopback host)")))
+        }
     }
 }
 

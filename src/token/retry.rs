@@ -66,7 +66,12 @@ impl RetryPolicy {
                     let unit: f64 = rand::random();
                     match self.next_delay(attempts - 1, &error, unit) {
                         Some(delay) => {
-                            tracing::info!(attempt = attempts, cause = error.cause(), delay_ms = delay.as_millis() as u64, "upstream call failed; retrying");
+                            tracing::info!(
+                                attempt = attempts,
+                                cause = error.cause(),
+                                delay_ms = delay.as_millis() as u64,
+                                "upstream call failed; retrying"
+                            );
                             tokio::time::sleep(delay).await;
                         }
                         None => return (Err(error), attempts),
@@ -116,7 +121,11 @@ mod tests {
 
     #[tokio::test]
     async fn run_counts_attempts() {
-        let p = RetryPolicy { max_retries: 2, initial_delay: Duration::from_millis(1), max_delay: Duration::from_millis(2) };
+        let p = RetryPolicy {
+            max_retries: 2,
+            initial_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+        };
         let mut calls = 0;
         let (result, attempts) = p
             .run(|| {

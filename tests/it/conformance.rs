@@ -855,15 +855,24 @@ pub async fn refresh_leases_are_exclusive_and_expire(backend: Backend) {
     // Only the holder renews; a renewal never shortens.
     assert!(!tokens.renew_lease("s1", "b", now + 5000, now + 10).await.unwrap());
     assert!(tokens.renew_lease("s1", "a", now + 2000, now + 10).await.unwrap());
-    assert!(matches!(tokens.acquire_lease(&lease("s1", "b", now + 3000), now + 1500).await.unwrap(), LeaseOutcome::Held(_)));
+    assert!(matches!(
+        tokens.acquire_lease(&lease("s1", "b", now + 3000), now + 1500).await.unwrap(),
+        LeaseOutcome::Held(_)
+    ));
     // Releasing someone else's lease does nothing.
     tokens.release_lease("s1", "b").await.unwrap();
-    assert!(matches!(tokens.acquire_lease(&lease("s1", "b", now + 3000), now + 1500).await.unwrap(), LeaseOutcome::Held(_)));
+    assert!(matches!(
+        tokens.acquire_lease(&lease("s1", "b", now + 3000), now + 1500).await.unwrap(),
+        LeaseOutcome::Held(_)
+    ));
     // Expired: another holder takes it, and the old holder can neither renew nor release it.
     assert_eq!(tokens.acquire_lease(&lease("s1", "b", now + 5000), now + 2000).await.unwrap(), LeaseOutcome::Acquired);
     assert!(!tokens.renew_lease("s1", "a", now + 9000, now + 2001).await.unwrap());
     tokens.release_lease("s1", "a").await.unwrap();
-    assert!(matches!(tokens.acquire_lease(&lease("s1", "c", now + 6000), now + 2002).await.unwrap(), LeaseOutcome::Held(_)));
+    assert!(matches!(
+        tokens.acquire_lease(&lease("s1", "c", now + 6000), now + 2002).await.unwrap(),
+        LeaseOutcome::Held(_)
+    ));
     tokens.release_lease("s1", "b").await.unwrap();
     assert_eq!(tokens.acquire_lease(&lease("s1", "c", now + 6000), now + 2003).await.unwrap(), LeaseOutcome::Acquired);
 
@@ -871,7 +880,9 @@ pub async fn refresh_leases_are_exclusive_and_expire(backend: Backend) {
     let tasks: Vec<_> = (0..16)
         .map(|i| {
             let tokens = tokens.clone();
-            tokio::spawn(async move { tokens.acquire_lease(&lease("s3", &format!("h{i}"), now + 1000), now).await.unwrap() })
+            tokio::spawn(
+                async move { tokens.acquire_lease(&lease("s3", &format!("h{i}"), now + 1000), now).await.unwrap() },
+            )
         })
         .collect();
     let mut acquired = 0;

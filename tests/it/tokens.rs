@@ -58,7 +58,11 @@ fn by_token(token: &str) -> pb::GetAccessTokenRequest {
 }
 
 fn force(token: &str) -> pb::RefreshSessionRequest {
-    pb::RefreshSessionRequest { selector: Some(RefreshSelector::SessionToken(token.into())), force: true, reason: String::new() }
+    pb::RefreshSessionRequest {
+        selector: Some(RefreshSelector::SessionToken(token.into())),
+        force: true,
+        reason: String::new(),
+    }
 }
 
 async fn valid(server: &Process, token: &str) -> pb::ValidateSessionResponse {
@@ -165,7 +169,7 @@ async fn forced_refresh_rotates_and_never_reuses_the_old_refresh_token() {
     assert_eq!(oldest.old_access_token_hash, sha256_hex(&login.access_token));
     assert_eq!(newest.old_refresh_token_hash, oldest.new_refresh_token_hash);
     assert_ne!(newest.old_refresh_token_hash, sha256_hex(&login.refresh_token));
-    assert_eq!(oldest.reason, "forced");
+    assert_eq!(oldest.reason, "user_requested");
     assert!(newest.grace_period_ends_at.is_some());
     assert_eq!(two.record.as_ref().unwrap().record_id, newest.record_id);
 
@@ -203,23 +207,31 @@ async fn one_hundred_concurrent_calls_on_two_replicas_make_one_refresh() {
     let stop = CancellationToken::new();
     let mut urls = Vec::new();
     for _ in 0..2 {
-        let app = session_authority::App::build_with(replica_config(&oidc), Stores::shared(store.clone()), Arc::new(SystemClock))
-            .await
-            .unwrap();
+        let app = session_authority::App::build_with(
+            replica_config(&oidc),
+            Stores::shared(store.clone()),
+            Arc::new(SystemClock),
+        )
+        .await
+        .unwrap();
         urls.push(format!("http://{}", app.local_addr()));
         let stop = stop.clone();
         tokio::spawn(app.run_until(async move { stop.cancelled().await }));
     }
     let channel = |url: &str| Channel::from_shared(url.to_owned()).unwrap().connect_lazy();
-    let mut sessions =
-        pb::session_service_client::SessionServiceClient::with_interceptor(channel(&urls[0]), Auth::new(Some(SERVICE_KEY)));
+    let mut sessions = pb::session_service_client::SessionServiceClient::with_interceptor(
+        channel(&urls[0]),
+        Auth::new(Some(SERVICE_KEY)),
+    );
     let login = oidc.tokens("erin").await;
     let created = sessions.create_session(create("erin", &login, "")).await.unwrap().into_inner();
     oidc.reset().await;
 
     let clients: Vec<_> = urls
         .iter()
-        .map(|url| pb::token_service_client::TokenServiceClient::with_interceptor(channel(url), Auth::new(Some(SERVICE_KEY))))
+        .map(|url| {
+            pb::token_service_client::TokenServiceClient::with_interceptor(channel(url), Auth::new(Some(SERVICE_KEY)))
+        })
         .collect();
     let calls: Vec<_> = (0..100)
         .map(|i| {
@@ -284,7 +296,11 @@ async fn introspection_of_an_active_and_a_revoked_token() {
 
     // A provider name nobody configured.
     let e = tokens
-        .introspect_token(pb::IntrospectTokenRequest { token: "x".into(), provider: "nowhere".into(), ..Default::default() })
+        .introspect_token(pb::IntrospectTokenRequest {
+            token: "x".into(),
+            provider: "nowhere".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);

@@ -37,6 +37,7 @@ use crate::session::{SessionManager, SessionSettings};
 use crate::store::Stores;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::memory::MemoryStore;
+use crate::token::{ProviderRevoker, Providers, TokenManager, TokenSettings};
 
 /// The fully qualified names of the four services, as health and reflection report them.
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -53,6 +54,7 @@ pub struct App {
     sessions: SessionManager,
     revocations: Revocations,
     security: Security,
+    tokens: TokenManager,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     shutdown: CancellationToken,
@@ -99,14 +101,26 @@ impl App {
         );
         // Security wraps the manager (create guard, hijack scorer, event observer); revocations
         // are built on the wrapped one so that every end they cause is observed too.
-        let (sessions, security) = Security::install(SecuritySettings::from_config(&config), &stores, clock, sessions);
-        let revocations = Revocations::new(sessions.clone(), RevocationSettings::from_config(&config));
+        let (sessions, security) =
+            Security::install(SecuritySettings::from_config(&config), &stores, clock.clone(), sessions);
+        let http = crate::token::provider::http_client().map_err(ConfigError)?;
+        let providers = Arc::new(Providers::new(config.token.providers.clone(), http));
+        let tokens = TokenManager::new(
+            sessions.clone(),
+            stores.tokens.clone(),
+            providers,
+            TokenSettings::from_config(&config),
+            clock,
+        );
+        let revocations = Revocations::new(sessions.clone(), RevocationSettings::from_config(&config))
+            .with_upstream_revoker(Arc::new(ProviderRevoker(tokens.clone())));
         Ok(App {
             config: Arc::new(config),
             secrets,
             sessions,
             revocations,
             security,
+            tokens,
             listener,
             local_addr,
             shutdown: CancellationToken::new(),
@@ -128,6 +142,11 @@ impl App {
         self.secrets.api_keys.clone()
     }
 
+    /// The token work (for tests that act in process).
+    pub fn tokens(&self) -> &TokenManager {
+        &self.tokens
+    }
+
     /// The address the server listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -136,7 +155,7 @@ impl App {
     /// Serves until `signal` completes, then stops accepting, ends open streams with a
     /// "reconnect" status, and waits up to `server.shutdown_grace` for in-flight calls.
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), ConfigError> {
-        let App { config, secrets, sessions, revocations, security, listener, local_addr, shutdown } = self;
+        let App { config, secrets, sessions, revocations, security, tokens, listener, local_addr, shutdown } = self;
         let server_config = &config.server;
         let max_message = server_config.max_message_bytes;
 
@@ -182,12 +201,16 @@ impl App {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
-                SessionServiceServer::new(SessionAdapter::new(sessions.clone()).with_security(security.clone()))
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
+                SessionServiceServer::new(
+                    SessionAdapter::new(sessions.clone())
+                        .with_security(security.clone())
+                        .with_providers(tokens.providers().names().map(str::to_owned).collect()),
+                )
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
             )
             .add_service(
-                TokenServiceServer::new(TokenAdapter)
+                TokenServiceServer::new(TokenAdapter::new(tokens.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
@@ -210,7 +233,8 @@ impl App {
                 shutdown.clone(),
             ))
         });
-        let cleanup = tokio::spawn(cleanup_loop(sessions, security, config.session.cleanup_interval, shutdown.clone()));
+        let cleanup =
+            tokio::spawn(cleanup_loop(sessions, security, tokens, config.session.cleanup_interval, shutdown.clone()));
         let feed = tokio::spawn(revocations.feed().clone().run(shutdown.clone()));
         let revocation_cleanup =
             tokio::spawn(revocation_cleanup_loop(revocations, config.revocation.cleanup_interval, shutdown.clone()));
@@ -275,6 +299,7 @@ fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
 async fn cleanup_loop(
     sessions: SessionManager,
     security: Security,
+    tokens: TokenManager,
     interval: std::time::Duration,
     shutdown: CancellationToken,
 ) {
@@ -295,6 +320,11 @@ async fn cleanup_loop(
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "old security events and rate-limit state purged"),
             Err(e) => tracing::warn!(error = %e, "security cleanup failed; will retry"),
+        }
+        match tokens.cleanup().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "old refresh records purged"),
+            Err(e) => tracing::warn!(error = %e, "refresh-record cleanup failed; will retry"),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`security`]: rate limits, hijack detection, the security event log and summaries;
 //! - [`store`]: the storage traits and the memory and embedded backends;
 //! - [`revocation`]: the revocation log and list, cascading revocation, the live feed;
+//! - [`token`]: upstream OAuth2 tokens: access, refresh (single flight, retries), introspection;
 //! - [`bootstrap`]: the keys a first run generates;
 //! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
 //! - [`metrics`]: the Prometheus exporter, the per-RPC counters and every metric name;
@@ -35,6 +36,7 @@ pub mod security;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod token;
 
 pub use app::App;
 pub use config::Config;

@@ -88,6 +88,10 @@ pub fn install(addr: SocketAddr) -> Result<(), ConfigError> {
     });
     metrics::describe_counter!(RPC_HANDLED, "RPCs completed, by service, method and gRPC status code");
     metrics::describe_histogram!(RPC_SECONDS, metrics::Unit::Seconds, "RPC handling time to the end of the response");
+    metrics::describe_counter!(
+        "token_refresh_failed_total",
+        "Upstream token refreshes that failed, by cause (timeout, network, server_error, rate_limited, invalid_grant, rejected, malformed, not_configured, superseded)"
+    );
     for (name, help) in GUIDE_COUNTERS {
         metrics::describe_counter!(name, help);
         metrics::counter!(name).absolute(0);

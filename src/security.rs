@@ -282,6 +282,12 @@ impl SessionObserver for EventObserver {
                 .severity(Severity::Warning)
                 .details(format!("Token refresh failed: {error}"))
                 .meta("success", false),
+            SessionEvent::UpstreamRevocationFailed { session, error } => EventDraft::new(EventType::TokenRevoked)
+                .user(&session.user_id)
+                .session(&session.session_id)
+                .severity(Severity::Warning)
+                .details(format!("Upstream token revocation failed: {error}"))
+                .meta("success", false),
         };
         self.recorder.record_or_log(draft).await;
     }

@@ -396,6 +396,14 @@ pub enum SessionEvent<'a> {
         /// What failed, without secrets.
         error: &'a str,
     },
+    /// Revoking a revoked session's tokens at its provider failed (best effort; reported by the
+    /// token work).
+    UpstreamRevocationFailed {
+        /// The session (already ended).
+        session: &'a SessionRecord,
+        /// What failed, without secrets.
+        error: &'a str,
+    },
 }
 
 /// Told about lifecycle events that are not the common case; the security work records them.
@@ -496,6 +504,12 @@ impl SessionManager {
 
     fn seal(&self, secret: &SecretString, session_id: &str) -> String {
         STANDARD.encode(self.keys.seal(secret.expose_secret().as_bytes(), session_id.as_bytes()))
+    }
+
+    /// Seals an upstream token of session `session_id` for its record (the token work stores
+    /// refreshed tokens with it).
+    pub fn seal_token(&self, secret: &SecretString, session_id: &str) -> String {
+        self.seal(secret, session_id)
     }
 
     /// Opens one sealed upstream token of `session`.

@@ -1,4 +1,4 @@
-//! One wrapper that instruments every backend alike: each call to the three storage traits runs
+//! One wrapper that instruments every backend alike: each call to the storage traits runs
 //! inside a `storage` tracing span (exported to OpenTelemetry as `storage <operation>`, a child of
 //! the RPC's span), and records its latency in `storage_operation_seconds` and its failures in
 //! `storage_operation_errors_total`, labelled by `backend` and `operation` (the trait method).
@@ -22,16 +22,19 @@ use crate::security::events::SecurityEvent;
 use crate::security::limiter::{Decision, Rule};
 use crate::session::SessionRecord;
 use crate::store::{
-    CasOutcome, DynRateLimitStore, DynSecurityEventStore, DynSessionStore, EndOutcome, EndSession, EventQuery, LogRead,
-    RateLimitStore, RevocationPage, SecurityEventStore, SessionStore, Stores, TokenHash, Touch,
+    CasOutcome, DynRateLimitStore, DynSecurityEventStore, DynSessionStore, DynTokenStore, EndOutcome, EndSession,
+    EventQuery, LeaseOutcome, LogRead, RateLimitStore, RevocationPage, SecurityEventStore, SessionStore, Stores,
+    TokenHash, TokenStore, Touch,
 };
+use crate::token::{RefreshLease, RefreshRecord};
 
-/// Wraps the three stores of `stores`, labelling everything with `backend`.
+/// Wraps the stores of `stores`, labelling everything with `backend`.
 pub(crate) fn wrap(stores: Stores, backend: &'static str) -> Stores {
     Stores {
         sessions: std::sync::Arc::new(Instrumented { inner: stores.sessions, backend }),
         limits: std::sync::Arc::new(Instrumented { inner: stores.limits, backend }),
         events: std::sync::Arc::new(Instrumented { inner: stores.events, backend }),
+        tokens: std::sync::Arc::new(Instrumented { inner: stores.tokens, backend }),
     }
 }
 
@@ -165,6 +168,33 @@ impl SecurityEventStore for Instrumented<DynSecurityEventStore> {
 
     async fn purge_events(&self, cutoff: Millis, limit: usize) -> Result<usize> {
         self.observe("purge_events", self.inner.purge_events(cutoff, limit)).await
+    }
+}
+
+#[async_trait]
+impl TokenStore for Instrumented<DynTokenStore> {
+    async fn acquire_lease(&self, lease: &RefreshLease, now: Millis) -> Result<LeaseOutcome> {
+        self.observe("acquire_lease", self.inner.acquire_lease(lease, now)).await
+    }
+
+    async fn renew_lease(&self, session_id: &str, holder: &str, expires_at: Millis, now: Millis) -> Result<bool> {
+        self.observe("renew_lease", self.inner.renew_lease(session_id, holder, expires_at, now)).await
+    }
+
+    async fn release_lease(&self, session_id: &str, holder: &str) -> Result<()> {
+        self.observe("release_lease", self.inner.release_lease(session_id, holder)).await
+    }
+
+    async fn append_refresh_record(&self, record: &RefreshRecord, keep: usize) -> Result<()> {
+        self.observe("append_refresh_record", self.inner.append_refresh_record(record, keep)).await
+    }
+
+    async fn refresh_history(&self, session_id: &str, limit: usize) -> Result<Vec<RefreshRecord>> {
+        self.observe("refresh_history", self.inner.refresh_history(session_id, limit)).await
+    }
+
+    async fn purge_refresh_records(&self, now: Millis, limit: usize) -> Result<usize> {
+        self.observe("purge_refresh_records", self.inner.purge_refresh_records(now, limit)).await
     }
 }
 

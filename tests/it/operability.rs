@@ -65,7 +65,7 @@ fn login(user: &str, access: &str, refresh: &str, id: &str) -> pb::CreateSession
         device_fingerprint: Some(laptop()),
         ip_address: HOME_IP.into(),
         user_agent: "UA/1".into(),
-        provider: "local".into(),
+        provider: String::new(),
         ..Default::default()
     }
 }
@@ -347,7 +347,7 @@ async fn flow_with_every_secret(server: &Process, keys: (&str, &str, &str), flow
         })
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), Code::Unimplemented);
+    assert_eq!(refused.code(), Code::FailedPrecondition, "no refresh token to use: {refused:?}");
     let _ = tokens
         .get_access_token(pb::GetAccessTokenRequest {
             selector: Some(pb::get_access_token_request::Selector::SessionToken(token.clone())),

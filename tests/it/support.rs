@@ -173,11 +173,13 @@ fn serving_addr(line: &str) -> Option<SocketAddr> {
     if line.contains("\"serving\"") {
         return serde_json::from_str::<serde_json::Value>(line)
             .ok()
-            .and_then(|v| v["local_addr"].as_str().and_then(|a| a.parse().ok()));
+            .and_then(|v| v["local_addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()));
     }
-    // Text: `... INFO session_authority::app: serving local_addr=127.0.0.1:PORT storage="..."`
-    let rest = line.split(" serving ").nth(1)?;
-    rest.split_whitespace().find_map(|kv| kv.strip_prefix("local_addr=")).and_then(|a| a.parse().ok())
+    if line.contains(" serving ") || line.ends_with(" serving") || line.contains("serving local_addr=") {
+        let rest = line.split("local_addr=").nth(1)?;
+        return rest.split_whitespace().next()?.parse().ok();
+    }
+    None
 }
 
 impl Process {

@@ -3,8 +3,10 @@
 //!
 //! One tonic server hosts the four services of the contract, `grpc.health.v1` (overall and per
 //! service) and reflection v1 and v1alpha. Every call passes, outermost first: the tracing span
-//! (`trace_fn`), the stream-shutdown wrapper, authentication, the global concurrency limit, and
-//! the per-call timeout.
+//! (`trace_fn`: [`crate::telemetry::grpc_span`], the child of the caller's `traceparent`), the
+//! stream-shutdown wrapper, authentication, the global concurrency limit, the RPC metrics (with
+//! `metrics_listen`), and the per-call timeout. The stores of [`App::build`] are wrapped once in
+//! [`crate::store::instrumented`], so every backend's calls are timed and traced alike.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,6 +37,7 @@ use crate::session::{SessionManager, SessionSettings};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::memory::MemoryStore;
 use crate::store::{DynSessionStore, Stores};
+use crate::token::{ProviderRevoker, Providers, TokenManager, TokenSettings};
 
 /// The fully qualified names of the four services, as health and reflection report them.
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -51,6 +54,7 @@ pub struct App {
     sessions: SessionManager,
     revocations: Revocations,
     security: Security,
+    tokens: TokenManager,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     shutdown: CancellationToken,
@@ -97,14 +101,26 @@ impl App {
         );
         // Security wraps the manager (create guard, hijack scorer, event observer); revocations
         // are built on the wrapped one so that every end they cause is observed too.
-        let (sessions, security) = Security::install(SecuritySettings::from_config(&config), &stores, clock, sessions);
-        let revocations = Revocations::new(sessions.clone(), RevocationSettings::from_config(&config));
+        let (sessions, security) =
+            Security::install(SecuritySettings::from_config(&config), &stores, clock.clone(), sessions);
+        let http = crate::token::provider::http_client().map_err(ConfigError)?;
+        let providers = Arc::new(Providers::new(config.token.providers.clone(), http));
+        let tokens = TokenManager::new(
+            sessions.clone(),
+            stores.tokens.clone(),
+            providers,
+            TokenSettings::from_config(&config),
+            clock,
+        );
+        let revocations = Revocations::new(sessions.clone(), RevocationSettings::from_config(&config))
+            .with_upstream_revoker(Arc::new(ProviderRevoker(tokens.clone())));
         Ok(App {
             config: Arc::new(config),
             secrets,
             sessions,
             revocations,
             security,
+            tokens,
             listener,
             local_addr,
             shutdown: CancellationToken::new(),
@@ -121,6 +137,16 @@ impl App {
         &self.revocations
     }
 
+    /// The live set of accepted API keys (replace its contents to rotate keys).
+    pub fn api_keys(&self) -> crate::grpc::auth::ApiKeys {
+        self.secrets.api_keys.clone()
+    }
+
+    /// The token work (for tests that act in process).
+    pub fn tokens(&self) -> &TokenManager {
+        &self.tokens
+    }
+
     /// The address the server listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -129,7 +155,7 @@ impl App {
     /// Serves until `signal` completes, then stops accepting, ends open streams with a
     /// "reconnect" status, and waits up to `server.shutdown_grace` for in-flight calls.
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), ConfigError> {
-        let App { config, secrets, sessions, revocations, security, listener, local_addr, shutdown } = self;
+        let App { config, secrets, sessions, revocations, security, tokens, listener, local_addr, shutdown } = self;
         let server_config = &config.server;
         let max_message = server_config.max_message_bytes;
 
@@ -155,6 +181,9 @@ impl App {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                // google.rpc error details, so reflection clients (grpcurl) can decode the
+                // ErrorInfo, BadRequest and RetryInfo every error status carries.
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
         let reflection_v1 = reflection().build_v1().map_err(|e| ConfigError(format!("reflection descriptors: {e}")))?;
         let reflection_v1alpha =
@@ -166,7 +195,7 @@ impl App {
         let mut builder = Server::builder()
             .timeout(server_config.request_timeout)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()));
+            .trace_fn(crate::telemetry::grpc_span);
         if let Some(tls) = &server_config.tls {
             let mut tls_config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
             if let Some(ca) = &tls.client_ca_pem {
@@ -184,12 +213,16 @@ impl App {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
-                SessionServiceServer::new(SessionAdapter::new(sessions.clone()).with_security(security.clone()))
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
+                SessionServiceServer::new(
+                    SessionAdapter::new(sessions.clone())
+                        .with_security(security.clone())
+                        .with_providers(tokens.providers().names().map(str::to_owned).collect()),
+                )
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
             )
             .add_service(
-                TokenServiceServer::new(TokenAdapter)
+                TokenServiceServer::new(TokenAdapter::new(tokens.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
@@ -204,7 +237,16 @@ impl App {
                     .max_encoding_message_size(max_message),
             );
 
-        let cleanup = tokio::spawn(cleanup_loop(sessions, security, config.session.cleanup_interval, shutdown.clone()));
+        let sampler = config.metrics_listen.map(|_| {
+            let clock = sessions.clone();
+            tokio::spawn(crate::metrics::sample_active_sessions(
+                sessions.store().clone(),
+                move || clock.now(),
+                shutdown.clone(),
+            ))
+        });
+        let cleanup =
+            tokio::spawn(cleanup_loop(sessions, security, tokens, config.session.cleanup_interval, shutdown.clone()));
         let feed = tokio::spawn(revocations.feed().clone().run(shutdown.clone()));
         let revocation_cleanup =
             tokio::spawn(revocation_cleanup_loop(revocations, config.revocation.cleanup_interval, shutdown.clone()));
@@ -229,6 +271,9 @@ impl App {
             }
         }
         cleanup.abort();
+        if let Some(sampler) = sampler {
+            sampler.abort();
+        }
         feed.abort();
         revocation_cleanup.abort();
         storage_health.abort();
@@ -249,13 +294,14 @@ async fn bind(config: &Config) -> Result<tokio::net::TcpListener, ConfigError> {
 /// Opens the configured stores (one backend serves sessions, rate limits and events).
 fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
     match config.storage.kind {
-        StorageKind::Memory => Ok(Stores::of(MemoryStore::new())),
+        StorageKind::Memory => Ok(Stores::of(MemoryStore::new()).instrumented(config.storage.kind.as_str())),
         StorageKind::Embedded => EmbeddedStore::open(&config.storage.data_dir)
-            .map(Stores::of)
+            .map(|store| Stores::of(store).instrumented(config.storage.kind.as_str()))
             .map_err(|e| ConfigError(format!("setting `data_dir`: {e}"))),
         StorageKind::Redis => {
             let url = config.storage.redis_url.as_deref().unwrap_or_default();
-            crate::store::redis::open(url, &config.storage.key_prefix, config.storage.operation_timeout).map(Stores::of)
+            crate::store::redis::open(url, &config.storage.key_prefix, config.storage.operation_timeout)
+                .map(|store| Stores::of(store).instrumented(config.storage.kind.as_str()))
         }
         StorageKind::KvRest => {
             let (Some(url), Some(token)) = (&config.storage.kv_rest_url, &config.storage.kv_rest_token) else {
@@ -264,7 +310,7 @@ fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
                 ));
             };
             crate::store::kv_rest::open(url, token, &config.storage.key_prefix, config.storage.operation_timeout)
-                .map(Stores::of)
+                .map(|store| Stores::of(store).instrumented(config.storage.kind.as_str()))
         }
     }
 }
@@ -322,6 +368,7 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
 async fn cleanup_loop(
     sessions: SessionManager,
     security: Security,
+    tokens: TokenManager,
     interval: std::time::Duration,
     shutdown: CancellationToken,
 ) {
@@ -342,6 +389,11 @@ async fn cleanup_loop(
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "old security events and rate-limit state purged"),
             Err(e) => tracing::warn!(error = %e, "security cleanup failed; will retry"),
+        }
+        match tokens.cleanup().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "old refresh records purged"),
+            Err(e) => tracing::warn!(error = %e, "refresh-record cleanup failed; will retry"),
         }
     }
 }

@@ -47,6 +47,23 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// Re-reads the accepted API keys from a freshly loaded configuration (SIGHUP) into the live
+/// set. With no key configured, an embedded or shared store keeps accepting its generated admin
+/// key (read back from the data directory, never regenerated); the memory store keeps the keys
+/// it has. Returns how many keys are accepted now.
+pub fn reload_api_keys(config: &Config, live: &ApiKeys) -> Result<usize, ConfigError> {
+    let fresh = ApiKeys::from_config(&config.auth);
+    if fresh.is_empty() {
+        if config.storage.kind == StorageKind::Memory {
+            return Ok(live.len());
+        }
+        let digest = first_run_admin_key(&config.storage.data_dir)?;
+        fresh.add("generated-admin", Role::Admin, digest);
+    }
+    live.replace_with(&fresh);
+    Ok(live.len())
+}
+
 /// Resolves API keys and the key ring for `config`, generating first-run keys as described in
 /// the module documentation.
 pub fn prepare(config: &Config) -> Result<Secrets, ConfigError> {
@@ -89,8 +106,10 @@ fn first_run_admin_key(dir: &Path) -> Result<[u8; 32], ConfigError> {
         .map_err(|e| problem("api_keys", format!("cannot write {}: {e}", key_path.display())))?;
     write_private(&digest_path, &format!("{}\n", crypto::api_key_hash_string(&key)))
         .map_err(|e| problem("api_keys", format!("cannot write {}: {e}", digest_path.display())))?;
-    eprintln!(
-        "session-authority: no API keys configured; generated an admin key into {} (mode 0600). \
+    // Through the log (so JSON logs stay one object per line); the key itself is only in the file.
+    tracing::warn!(
+        path = %key_path.display(),
+        "no API keys configured; generated an admin key into {} (mode 0600). \
          Move it to your secret store and delete the file: the server keeps only its hash.",
         key_path.display()
     );
@@ -136,8 +155,9 @@ fn generated_encryption_key(dir: &Path) -> Result<[u8; 32], ConfigError> {
             let key = crypto::random_bytes();
             write_private(&path, &format!("{}\n", crypto::encode_key(&key)))
                 .map_err(|e| problem("encryption_key", format!("cannot write {}: {e}", path.display())))?;
-            eprintln!(
-                "session-authority: warning: no encryption key configured; generated one into {}. \
+            tracing::warn!(
+                path = %path.display(),
+                "no encryption key configured; generated one into {}. \
                  Production should supply its own in SESSION_AUTHORITY_ENCRYPTION_KEY (base64, 32 bytes).",
                 path.display()
             );

@@ -196,6 +196,36 @@ pub struct TokenConfig {
     pub revocation_endpoint: Option<String>,
     /// Issuer URL, resolved through OpenID discovery.
     pub issuer: Option<String>,
+    /// Client authentication of the default provider.
+    pub client_auth: crate::token::ClientAuth,
+    /// Timeout of one HTTP request to a provider.
+    pub request_timeout: Duration,
+    /// Lifetime of the refresh lease (renewed while the provider call runs).
+    pub lease_ttl: Duration,
+    /// Longest time an active introspection answer is cached (never past the token's `exp`).
+    pub introspection_cache_ttl: Duration,
+    /// Every configured provider: `default` from the flat settings (when it has a token
+    /// endpoint or an issuer), then each `[token.providers.NAME]`.
+    pub providers: Vec<crate::token::ProviderSettings>,
+}
+
+/// The fields of a `[token.providers.NAME]` table.
+const PROVIDER_FIELDS: &[&str] = &[
+    "client_id",
+    "client_secret",
+    "token_endpoint",
+    "introspection_endpoint",
+    "revocation_endpoint",
+    "issuer",
+    "client_auth",
+];
+
+/// The provider name of a `token.providers.NAME.FIELD` key whose field is known.
+fn provider_key(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("token.providers.")?;
+    let (name, field) = rest.rsplit_once('.')?;
+    let valid_name = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    (valid_name && PROVIDER_FIELDS.contains(&field)).then_some(name)
 }
 
 /// Revocation list and feed.
@@ -368,6 +398,10 @@ const KNOWN_KEYS: &[&str] = &[
     "token.introspection_endpoint",
     "token.revocation_endpoint",
     "token.issuer",
+    "token.client_auth",
+    "token.request_timeout",
+    "token.lease_ttl",
+    "token.introspection_cache_ttl",
     "revocation.cascade",
     "revocation.list_ttl",
     "revocation.cleanup_interval",
@@ -612,6 +646,85 @@ fn resolve_rules(r: &Resolver<'_>) -> Result<BTreeMap<String, RateRuleConfig>, C
     Ok(rules)
 }
 
+fn client_auth(r: &Resolver<'_>, key: &str) -> Result<crate::token::ClientAuth, ConfigError> {
+    r.parsed(
+        key,
+        &[],
+        crate::token::ClientAuth::Basic,
+        "client_secret_basic or client_secret_post",
+        crate::token::ClientAuth::parse,
+    )
+}
+
+fn check_url(key: &str, value: &Option<String>) -> Result<(), ConfigError> {
+    if let Some(url) = value
+        && !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        return Err(err(format!("setting `{key}`: expected an http(s) URL, got {url:?}")));
+    }
+    Ok(())
+}
+
+/// The providers: `default` from the flat `token.*` settings when they name an endpoint or an
+/// issuer, then every `[token.providers.NAME]` of the file (whose fields also resolve from flags
+/// and the environment, e.g. `SESSION_AUTHORITY_TOKEN_PROVIDERS_NAME_CLIENT_SECRET`).
+fn resolve_providers(r: &Resolver<'_>, flat: &TokenConfig) -> Result<Vec<crate::token::ProviderSettings>, ConfigError> {
+    use crate::token::{DEFAULT_PROVIDER, ProviderSettings};
+    let mut providers = Vec::new();
+    if flat.token_endpoint.is_some() || flat.issuer.is_some() {
+        for key in ["token.token_endpoint", "token.introspection_endpoint", "token.revocation_endpoint", "token.issuer"]
+        {
+            check_url(key, &r.string(key, &[]))?;
+        }
+        providers.push(ProviderSettings {
+            name: DEFAULT_PROVIDER.into(),
+            client_id: flat.client_id.clone(),
+            client_secret: flat.client_secret.clone(),
+            token_endpoint: flat.token_endpoint.clone(),
+            introspection_endpoint: flat.introspection_endpoint.clone(),
+            revocation_endpoint: flat.revocation_endpoint.clone(),
+            issuer: flat.issuer.clone(),
+            client_auth: flat.client_auth,
+            request_timeout: flat.request_timeout,
+        });
+    } else if flat.introspection_endpoint.is_some() || flat.revocation_endpoint.is_some() {
+        return Err(err(
+            "setting `token.token_endpoint`: required (or `token.issuer`) when other token endpoints are set",
+        ));
+    }
+    let names: BTreeSet<String> = r.file.keys().filter_map(|k| provider_key(k)).map(str::to_owned).collect();
+    for name in names {
+        if name == DEFAULT_PROVIDER && !providers.is_empty() {
+            return Err(err(
+                "setting `token.providers.default`: the default provider is the flat token.* settings; choose another name",
+            ));
+        }
+        let key = |field: &str| format!("token.providers.{name}.{field}");
+        let settings = ProviderSettings {
+            name: name.clone(),
+            client_id: r.string(&key("client_id"), &[]),
+            client_secret: r.string(&key("client_secret"), &[]).map(SecretString::from),
+            token_endpoint: r.string(&key("token_endpoint"), &[]),
+            introspection_endpoint: r.string(&key("introspection_endpoint"), &[]),
+            revocation_endpoint: r.string(&key("revocation_endpoint"), &[]),
+            issuer: r.string(&key("issuer"), &[]),
+            client_auth: client_auth(r, &key("client_auth"))?,
+            request_timeout: flat.request_timeout,
+        };
+        if settings.token_endpoint.is_none() && settings.issuer.is_none() {
+            return Err(err(format!("setting `{}`: required (or `{}`)", key("token_endpoint"), key("issuer"))));
+        }
+        if settings.client_id.is_none() {
+            return Err(err(format!("setting `{}`: required", key("client_id"))));
+        }
+        for field in ["token_endpoint", "introspection_endpoint", "revocation_endpoint", "issuer"] {
+            check_url(&key(field), &r.string(&key(field), &[]))?;
+        }
+        providers.push(settings);
+    }
+    Ok(providers)
+}
+
 impl Config {
     /// Resolves the configuration from command-line `flags`, the environment seen through
     /// `env`, and the TOML file named by the `config` flag or `SESSION_AUTHORITY_CONFIG`.
@@ -634,7 +747,9 @@ impl Config {
             }
             flatten("", table, &mut file)?;
             let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
-            if let Some(unknown) = file.keys().find(|k| !known.contains(k.as_str()) && rule_key(k).is_none()) {
+            if let Some(unknown) =
+                file.keys().find(|k| !known.contains(k.as_str()) && rule_key(k).is_none() && provider_key(k).is_none())
+            {
                 return Err(err(format!("setting `{unknown}` in {path:?} is not a known setting")));
             }
             file_name = format!("config file {path:?}");
@@ -750,7 +865,13 @@ impl Config {
             introspection_endpoint: r.string("token.introspection_endpoint", &[]),
             revocation_endpoint: r.string("token.revocation_endpoint", &[]),
             issuer: r.string("token.issuer", &[]),
+            client_auth: client_auth(r, "token.client_auth")?,
+            request_timeout: r.positive_duration("token.request_timeout", Duration::from_secs(10))?,
+            lease_ttl: r.positive_duration("token.lease_ttl", Duration::from_secs(15))?,
+            introspection_cache_ttl: r.duration("token.introspection_cache_ttl", Duration::from_secs(30))?,
+            providers: Vec::new(),
         };
+        let token = TokenConfig { providers: resolve_providers(r, &token)?, ..token };
 
         let revocation = RevocationConfig {
             cascade: r.bool("revocation.cascade", true)?,

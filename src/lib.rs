@@ -10,9 +10,11 @@
 //! - [`security`]: rate limits, hijack detection, the security event log and summaries;
 //! - [`store`]: the storage traits and the memory, embedded, redis and kv-rest backends;
 //! - [`revocation`]: the revocation log and list, cascading revocation, the live feed;
+//! - [`token`]: upstream OAuth2 tokens: access, refresh (single flight, retries), introspection;
 //! - [`bootstrap`]: the keys a first run generates;
 //! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
-//! - [`metrics`]: the Prometheus exporter and the per-RPC counters;
+//! - [`metrics`]: the Prometheus exporter, the per-RPC counters and every metric name;
+//! - [`telemetry`]: logs (text or JSON), OTLP trace export, the per-call span and its parent;
 //! - [`app`]: assembly of the server and its graceful shutdown.
 //!
 //! `ARCHITECTURE.md` at the repository root has the bird's-eye view and the invariants.
@@ -33,6 +35,8 @@ pub mod revocation;
 pub mod security;
 pub mod session;
 pub mod store;
+pub mod telemetry;
+pub mod token;
 
 pub use app::App;
 pub use config::Config;

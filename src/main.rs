@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use session_authority::config::{Flags, LogFormat};
+use session_authority::config::Flags;
 use session_authority::grpc::pb;
 use session_authority::{App, Config, crypto};
 
@@ -109,17 +109,6 @@ impl ServeArgs {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
-    }
-}
-
 async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -139,11 +128,39 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args.flags(), &|name| std::env::var(name).ok())?;
-    init_logging(config.log_format);
-    let app = App::build(config).await?;
-    app.run_until(shutdown_signal()).await?;
-    Ok(())
+    let flags = args.flags();
+    let config = Config::load(&flags, &|name| std::env::var(name).ok())?;
+    let telemetry = session_authority::telemetry::init(config.log_format, &|name| std::env::var(name).ok())?;
+    let result = async {
+        let app = App::build(config).await?;
+        tokio::spawn(reload_keys_on_sighup(flags, app.api_keys()));
+        app.run_until(shutdown_signal()).await
+    }
+    .await;
+    // Flush the spans still buffered (the exports run on this runtime, so not on its threads).
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    Ok(result?)
+}
+
+/// Rotates API keys without a restart: on SIGHUP the configuration (its file, above all) is read
+/// again and its keys replace the accepted ones. A configuration that no longer loads is
+/// reported and the current keys stay.
+async fn reload_keys_on_sighup(flags: Flags, keys: session_authority::grpc::auth::ApiKeys) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; API keys can only change with a restart");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let reloaded = Config::load(&flags, &|name| std::env::var(name).ok())
+            .and_then(|config| session_authority::bootstrap::reload_api_keys(&config, &keys));
+        match reloaded {
+            Ok(count) => tracing::info!(keys = count, "API keys reloaded"),
+            Err(e) => tracing::warn!(error = %e, "configuration reload failed; keeping the current API keys"),
+        }
+    }
 }
 
 async fn health(target: String, service: String) -> anyhow::Result<()> {
@@ -173,6 +190,8 @@ fn seed(data_dir: String, count: usize, tokens_out: std::path::PathBuf) -> anyho
     use std::io::Write as _;
     use std::sync::Arc;
 
+    // Key generation warns through the log.
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
     let flags: Flags =
         [("data_dir".to_string(), data_dir.clone()), ("storage".to_string(), "embedded".to_string())].into();
     let config = Config::load(&flags, &|name| std::env::var(name).ok())?;

@@ -13,9 +13,9 @@
 //! rather than silently misread.
 //!
 //! Cascade (`revocation.cascade`): revoking a session also asks its provider to revoke the
-//! upstream tokens through [`UpstreamRevoker`]. Until the token work supplies an RFC 7009 client,
-//! the installed revoker is [`NoUpstreamRevoker`], which makes no call and says so
-//! ([`UpstreamOutcome::NotConfigured`]). Revoking a user always ends each of their active
+//! upstream tokens through [`UpstreamRevoker`]: `App` installs the token work's RFC 7009 client
+//! (`token::ProviderRevoker`); [`NoUpstreamRevoker`], the default of a bare [`Revocations`],
+//! makes no call and says so ([`UpstreamOutcome::NotConfigured`]). Revoking a user always ends each of their active
 //! sessions with its own event, whatever the cascade setting: a user-wide marker would make
 //! every watcher and `IsRevoked` do a second lookup, and one event per ended session keeps one
 //! meaning for the feed.
@@ -134,7 +134,7 @@ impl Cursor {
 pub enum UpstreamOutcome {
     /// Cascade is off: no call was made.
     Skipped,
-    /// No provider revocation client is installed yet: no call was made.
+    /// No provider (or no revocation endpoint) is configured for the session: no call was made.
     NotConfigured,
     /// The provider revoked the tokens.
     Revoked,
@@ -143,16 +143,15 @@ pub enum UpstreamOutcome {
 }
 
 /// Revokes a session's upstream tokens at its provider (RFC 7009), best effort: the session is
-/// already ended locally when this is called. The token work implements it; until then
-/// [`NoUpstreamRevoker`] is installed.
+/// already ended locally when this is called. `token::ProviderRevoker` implements it.
 #[async_trait::async_trait]
 pub trait UpstreamRevoker: Send + Sync + fmt::Debug + 'static {
     /// Revokes the upstream tokens of the (already ended) `session`.
     async fn revoke(&self, session: &SessionRecord) -> UpstreamOutcome;
 }
 
-/// The [`UpstreamRevoker`] in place until a provider client exists: it makes no call and
-/// reports [`UpstreamOutcome::NotConfigured`], so nobody mistakes it for a revocation.
+/// The [`UpstreamRevoker`] of a [`Revocations`] built without a provider client: it makes no
+/// call and reports [`UpstreamOutcome::NotConfigured`], so nobody mistakes it for a revocation.
 #[derive(Debug, Default)]
 pub struct NoUpstreamRevoker;
 

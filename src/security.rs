@@ -22,6 +22,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::clock::{Clock, Millis};
 use crate::error::{Error, Result};
+use crate::revocation::RevocationKind;
 use crate::session::{
     CreateGuard, HIJACK_REASON, RequestContext, SessionEvent, SessionManager, SessionObserver, SessionRef, SessionState,
 };
@@ -150,6 +151,9 @@ impl Limiter {
         }
         let decision = self.store.check(rule, key, cost, self.clock.now()).await?;
         if !decision.allowed {
+            // Rule names come from the configuration (an unknown name was refused above), so the
+            // label is bounded; the key (a user id or an address) is never a label.
+            metrics::counter!(crate::metrics::RATE_LIMIT_DENIED, "rule" => rule.name.clone()).increment(1);
             let mut draft = EventDraft::new(EventType::RateLimitExceeded)
                 .details(format!("Rate limit {rule_name:?} exceeded"))
                 .risk((0.2 * f64::from(decision.violations)).min(1.0))
@@ -277,6 +281,12 @@ impl SessionObserver for EventObserver {
                 .session(&session.session_id)
                 .severity(Severity::Warning)
                 .details(format!("Token refresh failed: {error}"))
+                .meta("success", false),
+            SessionEvent::UpstreamRevocationFailed { session, error } => EventDraft::new(EventType::TokenRevoked)
+                .user(&session.user_id)
+                .session(&session.session_id)
+                .severity(Severity::Warning)
+                .details(format!("Upstream token revocation failed: {error}"))
                 .meta("success", false),
         };
         self.recorder.record_or_log(draft).await;
@@ -420,7 +430,8 @@ impl Security {
         }
         let mut session_terminated = false;
         if over {
-            let outcome = self.sessions.end_session(&session, SessionState::Terminated, HIJACK_REASON).await?;
+            // The same end as ValidateSession's: a `hijack` revocation event, and the hijack counter.
+            let outcome = self.sessions.end_as(&session, RevocationKind::Hijack, HIJACK_REASON, None).await?;
             session_terminated = matches!(outcome, EndOutcome::Ended(_));
         }
         Ok(HijackAnswer { is_suspicious: !reasons.is_empty(), risk_score, reasons, session_terminated })

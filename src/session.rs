@@ -396,6 +396,14 @@ pub enum SessionEvent<'a> {
         /// What failed, without secrets.
         error: &'a str,
     },
+    /// Revoking a revoked session's tokens at its provider failed (best effort; reported by the
+    /// token work).
+    UpstreamRevocationFailed {
+        /// The session (already ended).
+        session: &'a SessionRecord,
+        /// What failed, without secrets.
+        error: &'a str,
+    },
 }
 
 /// Told about lifecycle events that are not the common case; the security work records them.
@@ -498,6 +506,12 @@ impl SessionManager {
         STANDARD.encode(self.keys.seal(secret.expose_secret().as_bytes(), session_id.as_bytes()))
     }
 
+    /// Seals an upstream token of session `session_id` for its record (the token work stores
+    /// refreshed tokens with it).
+    pub fn seal_token(&self, secret: &SecretString, session_id: &str) -> String {
+        self.seal(secret, session_id)
+    }
+
     /// Opens one sealed upstream token of `session`.
     pub fn open(&self, sealed: &str, session: &SessionRecord) -> Result<SecretString> {
         let bytes = STANDARD.decode(sealed).map_err(|_| Error::internal("stored sealed token is not base64"))?;
@@ -525,8 +539,10 @@ impl SessionManager {
         let evicted = self.store.create(record.clone(), self.settings.max_sessions_per_user, eviction).await?;
         if !evicted.is_empty() {
             self.log_signal.notify_one();
+            metrics::counter!(crate::metrics::REVOCATIONS_ISSUED, "kind" => RevocationKind::Evicted.as_str())
+                .increment(evicted.len() as u64);
         }
-        metrics::counter!("session_created_total").increment(1);
+        metrics::counter!(crate::metrics::SESSION_CREATED).increment(1);
         self.observer.observe(SessionEvent::Created(&record)).await;
         for ended in &evicted {
             self.observer.observe(SessionEvent::Ended(ended)).await;
@@ -596,9 +612,7 @@ impl SessionManager {
             (SessionState::Expired, reason) if session.state == SessionState::Active => {
                 // Record the expiry once, so the state is visible everywhere and final.
                 let reason = reason.unwrap_or("expired").to_owned();
-                if let EndOutcome::Ended(_) = self.end_session(&session, SessionState::Expired, &reason).await? {
-                    metrics::counter!("session_expired_total").increment(1);
-                }
+                self.end_session(&session, SessionState::Expired, &reason).await?;
                 return Ok(invalid(InvalidReason::Expired, Some(&reason)));
             }
             (state, reason) => return Ok(invalid(reason_for(state), reason)),
@@ -726,8 +740,17 @@ impl SessionManager {
         };
         let outcome = self.store.end(&session.token_hash, end).await?;
         if let EndOutcome::Ended(ended) = &outcome {
-            if kind.is_some() {
+            // Counted here, on the one path every end takes, and only for the call that made
+            // the change: a concurrent second end finds `AlreadyEnded` and counts nothing.
+            if state == SessionState::Expired {
+                metrics::counter!(crate::metrics::SESSION_EXPIRED).increment(1);
+            }
+            if let Some(kind) = kind {
                 self.log_signal.notify_one();
+                metrics::counter!(crate::metrics::REVOCATIONS_ISSUED, "kind" => kind.as_str()).increment(1);
+                if kind == RevocationKind::Hijack {
+                    metrics::counter!(crate::metrics::SESSION_HIJACK_DETECTED).increment(1);
+                }
             }
             self.observer.observe(SessionEvent::Ended(ended)).await;
         }

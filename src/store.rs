@@ -27,8 +27,10 @@ use crate::revocation::{RevocationEvent, RevocationKind};
 use crate::security::events::{EventType, SecurityEvent};
 use crate::security::limiter::{Decision, Rule};
 use crate::session::{SessionRecord, SessionState};
+use crate::token::{RefreshLease, RefreshRecord};
 
 pub mod embedded;
+pub mod instrumented;
 pub mod keyspace;
 pub mod kv_rest;
 pub mod memory;
@@ -209,6 +211,14 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// Number of stored sessions (all states), for metrics and benchmarks.
     async fn count(&self) -> Result<u64>;
 
+    /// Number of sessions active at `now`, for the `sessions_active` gauge, which samples it
+    /// periodically off the request path. `None` means the backend cannot count without a cost
+    /// it is not willing to pay, and the gauge is then not exported.
+    async fn count_active(&self, now: Millis) -> Result<Option<u64>> {
+        let _ = now;
+        Ok(None)
+    }
+
     /// Whether the backend is reachable (health).
     async fn ping(&self) -> Result<()>;
 }
@@ -273,7 +283,55 @@ pub trait SecurityEventStore: Send + Sync + std::fmt::Debug + 'static {
 /// A shared handle to a security event store.
 pub type DynSecurityEventStore = Arc<dyn SecurityEventStore>;
 
-/// The three stores of one backend, usually one object behind three handles.
+/// What [`TokenStore::acquire_lease`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// The caller holds the lease now.
+    Acquired,
+    /// Another holder's unexpired lease; the caller must wait for its result.
+    Held(RefreshLease),
+}
+
+/// What the token work stores besides the session record: the refresh lease that makes one
+/// replica the only one calling the provider for a session, and the refresh records
+/// (GetRefreshHistory). Every method is one atomic step.
+///
+/// The lease is a mutual-exclusion hint with an expiry, not the guard of correctness: the
+/// holder writes its result with [`SessionStore::compare_and_swap`] on the session version it
+/// read after acquiring, so a holder whose lease expired (and who was overtaken) can never
+/// overwrite a newer result. The lease only keeps the second replica from redeeming the same
+/// refresh token, which with a rotating provider would revoke the whole grant.
+#[async_trait]
+pub trait TokenStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Atomically: if the session has no lease, or its lease expired at or before `now`, stores
+    /// `lease` and returns `Acquired`; otherwise returns the current lease untouched.
+    async fn acquire_lease(&self, lease: &RefreshLease, now: Millis) -> Result<LeaseOutcome>;
+
+    /// Moves the expiry of the session's lease to `expires_at` if `holder` still holds it and it
+    /// has not expired at `now`; returns whether it did.
+    async fn renew_lease(&self, session_id: &str, holder: &str, expires_at: Millis, now: Millis) -> Result<bool>;
+
+    /// Deletes the session's lease if `holder` holds it (expired or not); another holder's lease
+    /// is left alone.
+    async fn release_lease(&self, session_id: &str, holder: &str) -> Result<()>;
+
+    /// Appends a refresh record and, in the same step, deletes the session's oldest records
+    /// beyond the newest `keep`. Records hold token hashes only.
+    async fn append_refresh_record(&self, record: &RefreshRecord, keep: usize) -> Result<()>;
+
+    /// Up to `limit` records of one session, newest first (by `record_id`, which sorts by time).
+    async fn refresh_history(&self, session_id: &str, limit: usize) -> Result<Vec<RefreshRecord>>;
+
+    /// Deletes up to `limit` records whose `expires_at` is at or before `now`; returns how many.
+    /// Walks an expiry index, so cost grows with what expired. Expired leases are deleted too
+    /// (not counted).
+    async fn purge_refresh_records(&self, now: Millis, limit: usize) -> Result<usize>;
+}
+
+/// A shared handle to a token store.
+pub type DynTokenStore = Arc<dyn TokenStore>;
+
+/// The four stores of one backend, usually one object behind four handles.
 #[derive(Debug, Clone)]
 pub struct Stores {
     /// Sessions.
@@ -282,13 +340,25 @@ pub struct Stores {
     pub limits: DynRateLimitStore,
     /// Security events.
     pub events: DynSecurityEventStore,
+    /// Refresh leases and refresh records.
+    pub tokens: DynTokenStore,
 }
 
 impl Stores {
-    /// One backend object serving all three traits.
-    pub fn of<S: SessionStore + RateLimitStore + SecurityEventStore>(store: S) -> Stores {
-        let store = Arc::new(store);
-        Stores { sessions: store.clone(), limits: store.clone(), events: store }
+    /// One backend object serving all four traits.
+    pub fn of<S: SessionStore + RateLimitStore + SecurityEventStore + TokenStore>(store: S) -> Stores {
+        Stores::shared(Arc::new(store))
+    }
+
+    /// Handles onto one backend object that is already shared (two replicas over one store).
+    pub fn shared<S: SessionStore + RateLimitStore + SecurityEventStore + TokenStore>(store: Arc<S>) -> Stores {
+        Stores { sessions: store.clone(), limits: store.clone(), events: store.clone(), tokens: store }
+    }
+
+    /// The same stores, each call timed, counted on failure and run inside a `storage` span,
+    /// labelled with `backend` (see [`instrumented`]).
+    pub fn instrumented(self, backend: &'static str) -> Stores {
+        instrumented::wrap(self, backend)
     }
 }
 

@@ -80,6 +80,13 @@ impl ApiKeys {
         *self.inner.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(entries);
     }
 
+    /// Takes over the keys of `other` (a reload built them); calls already authenticated are
+    /// unaffected.
+    pub fn replace_with(&self, other: &ApiKeys) {
+        let entries = other.inner.read().unwrap_or_else(|p| p.into_inner()).clone();
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = entries;
+    }
+
     /// Adds one key by digest (the generated first-run admin key).
     pub fn add(&self, name: &str, role: Role, digest: [u8; 32]) {
         let mut guard = self.inner.write().unwrap_or_else(|p| p.into_inner());

@@ -19,12 +19,19 @@ use crate::session::{InvalidReason, NewSession, RequestContext, SessionManager, 
 pub struct SessionAdapter {
     sessions: SessionManager,
     security: Option<Security>,
+    providers: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
 }
 
 impl SessionAdapter {
     /// An adapter over `sessions`.
     pub fn new(sessions: SessionManager) -> SessionAdapter {
-        SessionAdapter { sessions, security: None }
+        SessionAdapter { sessions, security: None, providers: None }
+    }
+
+    /// Accepts only these provider names in CreateSession (besides the empty default).
+    pub fn with_providers(mut self, names: std::collections::BTreeSet<String>) -> SessionAdapter {
+        self.providers = Some(std::sync::Arc::new(names));
+        self
     }
 
     /// Counts suspicious "not valid" answers per client IP against the `validate_failure` rule.
@@ -127,6 +134,21 @@ impl SessionService for SessionAdapter {
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
         let r = request.into_inner();
         validate_create(&r)?;
+        if let Some(known) = &self.providers
+            && !r.provider.is_empty()
+            && !known.contains(&r.provider)
+        {
+            let names = known.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
+            return Err(Error::invalid(
+                "provider",
+                format!(
+                    "no provider named {:?} is configured (configured: {})",
+                    r.provider,
+                    if names.is_empty() { "none" } else { &names }
+                ),
+            )
+            .into());
+        }
         let new = NewSession {
             user_id: r.user_id,
             access_token: SecretString::from(r.access_token),

@@ -175,6 +175,7 @@ impl RevocationFeed {
             catching_up: true,
             started: false,
             done: false,
+            _connected: Connected::new(),
         };
         Ok(futures_util::stream::unfold(watch, |mut watch| async move {
             let item = watch.next().await?;
@@ -204,6 +205,23 @@ struct Watch {
     catching_up: bool,
     started: bool,
     done: bool,
+    _connected: Connected,
+}
+
+/// Holds one unit of the `revocation_watchers_connected` gauge for as long as a stream lives.
+struct Connected;
+
+impl Connected {
+    fn new() -> Connected {
+        metrics::gauge!(crate::metrics::WATCHERS_CONNECTED).increment(1.0);
+        Connected
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::WATCHERS_CONNECTED).decrement(1.0);
+    }
 }
 
 impl Watch {
@@ -248,6 +266,7 @@ impl Watch {
                 self.last = event.seq;
                 if self.wanted(&event) {
                     self.next_heartbeat = Instant::now() + self.heartbeat;
+                    metrics::counter!(crate::metrics::REVOCATIONS_DELIVERED).increment(1);
                     return Some(Ok(WatchItem::Event(self.feed.cursor(event.seq), event)));
                 }
             }

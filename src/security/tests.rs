@@ -60,8 +60,12 @@ struct World {
 fn world_with(settings: SecuritySettings, events: Option<DynSecurityEventStore>) -> World {
     let clock = ManualClock::new(START);
     let memory = Arc::new(MemoryStore::new());
-    let stores =
-        Stores { sessions: memory.clone(), limits: memory.clone(), events: events.unwrap_or_else(|| memory.clone()) };
+    let stores = Stores {
+        sessions: memory.clone(),
+        limits: memory.clone(),
+        events: events.unwrap_or_else(|| memory.clone()),
+        tokens: memory.clone(),
+    };
     let session_settings = SessionSettings {
         idle_timeout: Duration::from_secs(1800),
         absolute_timeout: Duration::from_secs(8 * 3600),

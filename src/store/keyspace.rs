@@ -16,15 +16,24 @@
 //! | `P{T}:outbox`, `P{log}:dirty` | stream, sorted set | Redis Cluster: events waiting for the log, and the tags that may have some |
 //! | `P{limits}:states`, `:forget` | hash, sorted set | rate-limit states and the time each can be forgotten |
 //! | `P{T}:ev:<user>`, `P{T}:evi:<user>`, `P{events}:time`, `:nouser` | hash, sorted sets, hash | security events, per-user and global time indexes |
+//! | `P{S}:lease:<session id>` | hash | the session's refresh lease: `holder`, `version`, `expires_at` |
+//! | `P{S}:rr:<session id>`, `P{S}:rri:<session id>` | hash, sorted set | refresh records (id → `<expires_at>\n<json>`) and their ids (score 0: by id, so by time) |
+//! | `P{tokens}:due`, `:leases` | sorted sets | refresh records by `expires_at`, leases by a time at or before theirs |
 //!
-//! The revocation log, the limiter and the security events implement [`RateLimitStore`] and
-//! [`SecurityEventStore`] here too; ARCHITECTURE.md ("How Redis maps it", "Redis Cluster: the
-//! outbox", and the Security storage table) explains each script and why.
+//! `S` is a session's tag: the `T` its `ses_<T>_...` id carries (`shard_tag` of the id for any
+//! other shape), so its lease and records share the slot of its record.
+//!
+//! The revocation log, the limiter, the security events and the token work implement
+//! [`RateLimitStore`], [`SecurityEventStore`] and [`TokenStore`] here too; ARCHITECTURE.md ("How
+//! Redis maps it", "Redis Cluster: the outbox", the Security storage table and the Tokens
+//! storage table) explains each script and why.
 //!
 //! Every key of one user shares the hash tag `{T}`, so each per-user script touches one Redis
 //! Cluster slot. No key has a Redis TTL: the service's clock decides what is expired (and tests
 //! move that clock), and an index TTL could drop live entries (the seed library's flaw). Records
-//! are deleted only by [`SessionStore::purge_expired`], which walks `P{expiry}:due`.
+//! are deleted only by [`SessionStore::purge_expired`], which walks `P{expiry}:due`; refresh
+//! records and expired leases only by [`TokenStore::purge_refresh_records`], which walks
+//! `P{tokens}:due` and `P{tokens}:leases` the same way.
 //!
 //! The record is a hash rather than a JSON string so that scripts change fields without
 //! re-encoding JSON in Lua (cjson turns `[]` into `{}` and rounds numbers to 14 digits): `doc`
@@ -52,9 +61,10 @@ use crate::security::events::SecurityEvent;
 use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::{SessionRecord, SessionState, shard_tag};
 use crate::store::{
-    CasOutcome, EndOutcome, EndSession, EventQuery, LogPosition, LogRead, RateLimitStore, RevocationPage,
-    SecurityEventStore, SessionStore, TokenHash, Touch,
+    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
+    SecurityEventStore, SessionStore, TokenHash, TokenStore, Touch,
 };
+use crate::token::{RefreshLease, RefreshRecord};
 
 /// A reply, as both transports decode it (RESP2 shapes; status replies become `Data`).
 #[derive(Debug, Clone, PartialEq)]
@@ -474,6 +484,81 @@ end
 return out
 "#;
 
+/// Takes a session's refresh lease if it has none or it expired at now. KEYS: lease. ARGV:
+/// holder, version, expires-at, now. Returns {1} acquired or {0, holder, version, expires-at}.
+const ACQUIRE_LEASE: &str = r#"
+local f = redis.call('HMGET', KEYS[1], 'holder', 'version', 'expires_at')
+if f[1] and tonumber(f[3]) > tonumber(ARGV[4]) then return {0, f[1], f[2], f[3]} end
+redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'version', ARGV[2], 'expires_at', ARGV[3])
+return {1}
+"#;
+
+/// Moves a lease's expiry forward (never back) if the holder holds it unexpired at now. KEYS:
+/// lease. ARGV: holder, expires-at, now. Returns 1 if renewed.
+const RENEW_LEASE: &str = r#"
+local f = redis.call('HMGET', KEYS[1], 'holder', 'expires_at')
+if f[1] ~= ARGV[1] or tonumber(f[2]) <= tonumber(ARGV[3]) then return 0 end
+if tonumber(ARGV[2]) > tonumber(f[2]) then redis.call('HSET', KEYS[1], 'expires_at', ARGV[2]) end
+return 1
+"#;
+
+/// Deletes a lease if the holder holds it (expired or not). KEYS: lease. ARGV: holder.
+const RELEASE_LEASE: &str = r#"
+if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// Deletes a lease that expired at now. KEYS: lease. ARGV: now. Returns {0} missing, {1}
+/// deleted, {2, expires-at} still live.
+const PURGE_LEASE: &str = r#"
+local e = redis.call('HGET', KEYS[1], 'expires_at')
+if not e then return {0} end
+if tonumber(e) > tonumber(ARGV[1]) then return {2, e} end
+redis.call('DEL', KEYS[1])
+return {1}
+"#;
+
+/// Appends a refresh record and trims the session's records to the newest `keep` (record ids
+/// sort by time; all scores are 0, so the set orders by id). KEYS: records hash, id index.
+/// ARGV: record id, value (`<expires-at>\n<json>`), keep. Returns the trimmed ids.
+const APPEND_RECORD: &str = r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+if excess <= 0 then return {} end
+local old = redis.call('ZRANGE', KEYS[2], 0, excess - 1)
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, excess - 1)
+redis.call('HDEL', KEYS[1], unpack(old))
+return old
+"#;
+
+/// A session's newest records. KEYS: records hash, id index. ARGV: limit (at least 1). Returns
+/// the stored values, newest first.
+const RECORD_HISTORY: &str = r#"
+local out = {}
+for _, id in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[1]) - 1)) do
+  local v = redis.call('HGET', KEYS[1], id)
+  if v then out[#out + 1] = v end
+end
+return out
+"#;
+
+/// Deletes one refresh record whose expiry passed. KEYS: records hash, id index. ARGV: record
+/// id, now. Returns {0} missing, {1} deleted, {2, expires-at} still retained.
+const PURGE_RECORD: &str = r#"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {0}
+end
+local cut = string.find(v, '\n', 1, true)
+local at = string.sub(v, 1, cut - 1)
+if tonumber(at) > tonumber(ARGV[2]) then return {2, at} end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return {1}
+"#;
+
 /// The scripts, each with its SHA-1.
 #[derive(Debug)]
 pub struct Scripts {
@@ -513,6 +598,20 @@ pub struct Scripts {
     pub event_delete: Lua,
     /// [`SecurityEventStore::user_events`].
     pub user_events: Lua,
+    /// [`TokenStore::acquire_lease`].
+    pub acquire_lease: Lua,
+    /// [`TokenStore::renew_lease`].
+    pub renew_lease: Lua,
+    /// [`TokenStore::release_lease`].
+    pub release_lease: Lua,
+    /// Expired leases, in [`TokenStore::purge_refresh_records`], one per call.
+    pub purge_lease: Lua,
+    /// [`TokenStore::append_refresh_record`].
+    pub append_record: Lua,
+    /// [`TokenStore::refresh_history`].
+    pub record_history: Lua,
+    /// [`TokenStore::purge_refresh_records`], one record per call.
+    pub purge_record: Lua,
 }
 
 /// The scripts every keyspace backend runs.
@@ -535,6 +634,13 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     event_append: Lua::new("event_append", EVENT_APPEND),
     event_delete: Lua::new("event_delete", EVENT_DELETE),
     user_events: Lua::new("user_events", USER_EVENTS),
+    acquire_lease: Lua::new("acquire_lease", ACQUIRE_LEASE),
+    renew_lease: Lua::new("renew_lease", RENEW_LEASE),
+    release_lease: Lua::new("release_lease", RELEASE_LEASE),
+    purge_lease: Lua::new("purge_lease", PURGE_LEASE),
+    append_record: Lua::new("append_record", APPEND_RECORD),
+    record_history: Lua::new("record_history", RECORD_HISTORY),
+    purge_record: Lua::new("purge_record", PURGE_RECORD),
 });
 
 /// Key names under a prefix.
@@ -606,6 +712,35 @@ impl Layout {
     fn events(&self, what: &str) -> String {
         format!("{}{{events}}:{what}", self.prefix)
     }
+
+    /// A session's refresh lease, in its slot.
+    fn lease(&self, session_id: &str) -> String {
+        format!("{}lease:{session_id}", self.tagged(&session_tag(session_id)))
+    }
+
+    /// A session's refresh records (`rr`: record id → value) or their id index (`rri`), in its
+    /// slot.
+    fn refresh(&self, what: &str, session_id: &str) -> String {
+        format!("{}{what}:{session_id}", self.tagged(&session_tag(session_id)))
+    }
+
+    /// The purge indexes of the token work, in the `{tokens}` slot: `due` (refresh records by
+    /// `expires_at`) and `leases` (leases by a time at or before their expiry).
+    fn tokens(&self, what: &str) -> String {
+        format!("{}{{tokens}}:{what}", self.prefix)
+    }
+}
+
+/// The shard tag of a session's token-work keys: the tag its `ses_<tag>_...` id carries, or, for
+/// an id of another shape, the tag of the id itself (still one slot per session).
+fn session_tag(session_id: &str) -> String {
+    id_tag(session_id).map_or_else(|| shard_tag(session_id), str::to_owned)
+}
+
+/// The `{tokens}:due` member of a refresh record: `<session id>|<record id>` (record ids have
+/// no `|`; the session id is split off at the last one).
+fn record_member(session_id: &str, record_id: &str) -> String {
+    format!("{session_id}|{record_id}")
 }
 
 /// The shard tag a token hash carries (see [`crate::crypto::token_hash`]).
@@ -1463,6 +1598,200 @@ impl<T: Transport> SecurityEventStore for KeyspaceStore<T> {
     }
 }
 
+impl<T: Transport> KeyspaceStore<T> {
+    /// Purges one indexed refresh record; `true` if this call deleted it.
+    async fn purge_record(&self, member: String, now: Millis) -> Result<bool> {
+        let due = self.layout.tokens("due");
+        let Some((session_id, record_id)) = member.rsplit_once('|') else {
+            self.transport.command(vec!["ZREM".into(), due, member], false).await?;
+            return Ok(false);
+        };
+        let keys = vec![self.layout.refresh("rr", session_id), self.layout.refresh("rri", session_id)];
+        let args = vec![record_id.to_owned(), now.to_string()];
+        let (code, rest) = coded(self.transport.eval(&SCRIPTS.purge_record, keys, args, false).await?)?;
+        if code == 2 {
+            let at = integer(rest.first().ok_or_else(|| malformed("purge reply"))?)?;
+            self.transport.command(vec!["ZADD".into(), due, at.to_string(), member], false).await?;
+            return Ok(false);
+        }
+        self.transport.command(vec!["ZREM".into(), due, member], false).await?;
+        Ok(code == 1)
+    }
+
+    /// Deletes up to `limit` leases that expired at `now` (left by holders that stopped before
+    /// releasing them). An index entry is dropped only if no acquisition re-marked it meanwhile.
+    async fn purge_leases(&self, now: Millis, limit: usize) -> Result<()> {
+        let index = self.layout.tokens("leases");
+        let args = vec![
+            "ZRANGEBYSCORE".into(),
+            index.clone(),
+            "-inf".into(),
+            now.to_string(),
+            "WITHSCORES".into(),
+            "LIMIT".into(),
+            "0".into(),
+            limit.to_string(),
+        ];
+        let entries = items(self.transport.command(args, true).await?)?;
+        for pair in entries.chunks(2) {
+            let [session_id, score] = pair else { return Err(malformed("odd ZRANGEBYSCORE reply")) };
+            let session_id = text(session_id)?.to_owned();
+            let keys = vec![self.layout.lease(&session_id)];
+            let (code, rest) =
+                coded(self.transport.eval(&SCRIPTS.purge_lease, keys, vec![now.to_string()], false).await?)?;
+            if code == 2 {
+                let at = integer(rest.first().ok_or_else(|| malformed("purge reply"))?)?;
+                let args = vec!["ZADD".into(), index.clone(), at.to_string(), session_id];
+                self.transport.command(args, false).await?;
+            } else {
+                let args = vec![session_id, text(score)?.to_owned()];
+                self.transport.eval(&SCRIPTS.forget_dirty, vec![index.clone()], args, false).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<T: Transport> TokenStore for KeyspaceStore<T> {
+    async fn acquire_lease(&self, lease: &RefreshLease, now: Millis) -> Result<LeaseOutcome> {
+        self.bounded("acquire_lease", async {
+            // The purge-index entry first (a lease never exists without one); `LT` keeps it at
+            // or before the expiry of a lease already held.
+            let index = vec![
+                "ZADD".into(),
+                self.layout.tokens("leases"),
+                "LT".into(),
+                lease.expires_at.to_string(),
+                lease.session_id.clone(),
+            ];
+            self.transport.command(index, false).await?;
+            let keys = vec![self.layout.lease(&lease.session_id)];
+            let args =
+                vec![lease.holder.clone(), lease.version.to_string(), lease.expires_at.to_string(), now.to_string()];
+            let (code, rest) = coded(self.transport.eval(&SCRIPTS.acquire_lease, keys, args, false).await?)?;
+            if code == 1 {
+                return Ok(LeaseOutcome::Acquired);
+            }
+            let [holder, version, expires_at] = rest.as_slice() else { return Err(malformed("lease reply")) };
+            Ok(LeaseOutcome::Held(RefreshLease {
+                session_id: lease.session_id.clone(),
+                holder: text(holder)?.to_owned(),
+                version: unsigned(version)?,
+                expires_at: integer(expires_at)?,
+            }))
+        })
+        .await
+    }
+
+    async fn renew_lease(&self, session_id: &str, holder: &str, expires_at: Millis, now: Millis) -> Result<bool> {
+        self.bounded("renew_lease", async {
+            // The index entry stays where it is: at or before the expiry, which is all the purge
+            // needs (it re-checks the lease and moves the entry to the real time).
+            let keys = vec![self.layout.lease(session_id)];
+            let args = vec![holder.to_owned(), expires_at.to_string(), now.to_string()];
+            Ok(integer(&self.transport.eval(&SCRIPTS.renew_lease, keys, args, false).await?)? == 1)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, session_id: &str, holder: &str) -> Result<()> {
+        self.bounded("release_lease", async {
+            let keys = vec![self.layout.lease(session_id)];
+            self.transport.eval(&SCRIPTS.release_lease, keys, vec![holder.to_owned()], false).await.map(drop)
+        })
+        .await
+    }
+
+    async fn append_refresh_record(&self, record: &RefreshRecord, keep: usize) -> Result<()> {
+        self.bounded("append_refresh_record", async {
+            let json = serde_json::to_string(record).map_err(Error::internal)?;
+            let due = self.layout.tokens("due");
+            // The purge-index entry first (its own slot): a record never exists without one.
+            let member = record_member(&record.session_id, &record.record_id);
+            let index = vec!["ZADD".into(), due.clone(), record.expires_at.to_string(), member];
+            self.transport.command(index, false).await?;
+            let keys =
+                vec![self.layout.refresh("rr", &record.session_id), self.layout.refresh("rri", &record.session_id)];
+            let args =
+                vec![record.record_id.clone(), format!("{}\n{json}", record.expires_at), keep.max(1).to_string()];
+            let trimmed = items(self.transport.eval(&SCRIPTS.append_record, keys, args, false).await?)?;
+            if !trimmed.is_empty() {
+                // Only tidiness: the purge drops entries whose record is gone without counting them.
+                let mut zrem = vec!["ZREM".to_owned(), due];
+                for id in &trimmed {
+                    zrem.push(record_member(&record.session_id, text(id)?));
+                }
+                if let Err(e) = self.transport.command(zrem, false).await {
+                    tracing::warn!(error = %e, "could not drop trimmed refresh records from the purge index");
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn refresh_history(&self, session_id: &str, limit: usize) -> Result<Vec<RefreshRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.bounded("refresh_history", async {
+            let keys = vec![self.layout.refresh("rr", session_id), self.layout.refresh("rri", session_id)];
+            let reply = self.transport.eval(&SCRIPTS.record_history, keys, vec![limit.to_string()], true).await?;
+            items(reply)?
+                .iter()
+                .map(|value| {
+                    let value = text(value)?;
+                    let json = value.split_once('\n').map_or(value, |(_, json)| json);
+                    serde_json::from_str(json).map_err(|e| malformed(&format!("refresh record: {e}")))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Walks `{tokens}:due` up to `now` until `limit` records are deleted or nothing is due:
+    /// entries whose record was trimmed are dropped without counting, so the count is exact.
+    /// Expired leases go too (not counted).
+    async fn purge_refresh_records(&self, now: Millis, limit: usize) -> Result<usize> {
+        self.bounded("purge_refresh_records", async {
+            let due = self.layout.tokens("due");
+            let mut deleted = 0;
+            while deleted < limit {
+                let args = vec![
+                    "ZRANGEBYSCORE".into(),
+                    due.clone(),
+                    "-inf".into(),
+                    now.to_string(),
+                    "LIMIT".into(),
+                    "0".into(),
+                    (limit - deleted).to_string(),
+                ];
+                let members = items(self.transport.command(args, true).await?)?
+                    .iter()
+                    .map(|m| text(m).map(str::to_owned))
+                    .collect::<Result<Vec<_>>>()?;
+                if members.is_empty() {
+                    break;
+                }
+                let results: Vec<Result<bool>> = futures_util::stream::iter(members)
+                    .map(|member| self.purge_record(member, now))
+                    .buffer_unordered(PURGE_CONCURRENCY)
+                    .collect()
+                    .await;
+                for result in results {
+                    if result? {
+                        deleted += 1;
+                    }
+                }
+            }
+            self.purge_leases(now, limit.max(1)).await?;
+            Ok(deleted)
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1478,6 +1807,11 @@ mod tests {
         assert!(layout.user(&tag, "alice").starts_with(&format!("atoms:session:{{{tag}}}:u:")));
         assert_eq!(id_tag(&format!("ses_{tag}_0123")), Some(tag.as_str()));
         assert_eq!(id_tag("ses_XYZW_0123"), None);
+        // A session's lease and refresh records live in its user's slot.
+        let session_id = format!("ses_{tag}_0123");
+        assert!(layout.lease(&session_id).starts_with(&format!("atoms:session:{{{tag}}}:lease:")));
+        assert!(layout.refresh("rr", &session_id).starts_with(&format!("atoms:session:{{{tag}}}:rr:")));
+        assert_eq!(session_tag("s1"), shard_tag("s1"));
         assert!(Layout::new("app:{x}:").is_err());
     }
 

@@ -16,9 +16,10 @@ use crate::security::events::SecurityEvent;
 use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::SessionRecord;
 use crate::store::{
-    CasOutcome, EndOutcome, EndSession, EventQuery, LogPosition, LogRead, RateLimitStore, RevocationPage,
-    SecurityEventStore, SessionStore, TokenHash, Touch, type_matches,
+    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
+    SecurityEventStore, SessionStore, TokenHash, TokenStore, Touch, type_matches,
 };
+use crate::token::{RefreshLease, RefreshRecord};
 
 /// Sessions, the revocation log, rate-limit state and security events in memory.
 #[derive(Debug)]
@@ -29,6 +30,16 @@ pub struct MemoryStore {
     log_id: String,
     limits: Mutex<Limits>,
     events: RwLock<Events>,
+    tokens: Mutex<Tokens>,
+}
+
+/// Refresh leases by session id, and refresh records per session by record id with an expiry
+/// index.
+#[derive(Debug, Default)]
+struct Tokens {
+    leases: HashMap<String, RefreshLease>,
+    records: HashMap<String, BTreeMap<String, RefreshRecord>>,
+    expiry: BTreeSet<(Millis, String, String)>,
 }
 
 impl Default for MemoryStore {
@@ -38,6 +49,7 @@ impl Default for MemoryStore {
             log_id: crate::revocation::new_log_id(),
             limits: Mutex::default(),
             events: RwLock::default(),
+            tokens: Mutex::default(),
         }
     }
 }
@@ -144,6 +156,87 @@ impl MemoryStore {
 
     fn limits(&self) -> std::sync::MutexGuard<'_, Limits> {
         self.limits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tokens(&self) -> std::sync::MutexGuard<'_, Tokens> {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl TokenStore for MemoryStore {
+    async fn acquire_lease(&self, lease: &RefreshLease, now: Millis) -> Result<LeaseOutcome> {
+        let mut tokens = self.tokens();
+        match tokens.leases.get(&lease.session_id) {
+            Some(current) if current.expires_at > now => Ok(LeaseOutcome::Held(current.clone())),
+            _ => {
+                tokens.leases.insert(lease.session_id.clone(), lease.clone());
+                Ok(LeaseOutcome::Acquired)
+            }
+        }
+    }
+
+    async fn renew_lease(&self, session_id: &str, holder: &str, expires_at: Millis, now: Millis) -> Result<bool> {
+        let mut tokens = self.tokens();
+        match tokens.leases.get_mut(session_id) {
+            Some(lease) if lease.holder == holder && lease.expires_at > now => {
+                lease.expires_at = lease.expires_at.max(expires_at);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release_lease(&self, session_id: &str, holder: &str) -> Result<()> {
+        let mut tokens = self.tokens();
+        if tokens.leases.get(session_id).is_some_and(|lease| lease.holder == holder) {
+            tokens.leases.remove(session_id);
+        }
+        Ok(())
+    }
+
+    async fn append_refresh_record(&self, record: &RefreshRecord, keep: usize) -> Result<()> {
+        let mut tokens = self.tokens();
+        let Tokens { records, expiry, .. } = &mut *tokens;
+        let list = records.entry(record.session_id.clone()).or_default();
+        list.insert(record.record_id.clone(), record.clone());
+        expiry.insert((record.expires_at, record.session_id.clone(), record.record_id.clone()));
+        while list.len() > keep.max(1) {
+            let Some((_, oldest)) = list.pop_first() else { break };
+            expiry.remove(&(oldest.expires_at, oldest.session_id, oldest.record_id));
+        }
+        Ok(())
+    }
+
+    async fn refresh_history(&self, session_id: &str, limit: usize) -> Result<Vec<RefreshRecord>> {
+        let tokens = self.tokens();
+        Ok(tokens
+            .records
+            .get(session_id)
+            .into_iter()
+            .flat_map(|list| list.values().rev())
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn purge_refresh_records(&self, now: Millis, limit: usize) -> Result<usize> {
+        let mut tokens = self.tokens();
+        let due: Vec<(Millis, String, String)> =
+            tokens.expiry.iter().take_while(|(at, ..)| *at <= now).take(limit).cloned().collect();
+        for key in &due {
+            tokens.expiry.remove(key);
+            let (_, session_id, record_id) = key;
+            if let Some(list) = tokens.records.get_mut(session_id) {
+                list.remove(record_id);
+                if list.is_empty() {
+                    tokens.records.remove(session_id);
+                }
+            }
+        }
+        // Leases left behind by a crashed holder expire by themselves; forget them here too.
+        tokens.leases.retain(|_, lease| lease.expires_at > now);
+        Ok(due.len())
     }
 }
 
@@ -299,6 +392,10 @@ impl SessionStore for MemoryStore {
 
     async fn count(&self) -> Result<u64> {
         Ok(self.read().sessions.len() as u64)
+    }
+
+    async fn count_active(&self, now: Millis) -> Result<Option<u64>> {
+        Ok(Some(self.read().sessions.values().filter(|s| s.is_active_at(now)).count() as u64))
     }
 
     async fn ping(&self) -> Result<()> {

@@ -17,7 +17,10 @@ use session_authority::session::{
     Fingerprint, InvalidReason, NewSession, RequestContext, SessionManager, SessionRef, SessionSettings, SessionState,
     Validation,
 };
-use session_authority::store::{DynRateLimitStore, DynSecurityEventStore, DynSessionStore, EventQuery, Stores};
+use session_authority::store::{
+    DynRateLimitStore, DynSecurityEventStore, DynSessionStore, DynTokenStore, EventQuery, LeaseOutcome, Stores,
+};
+use session_authority::token::{RefreshLease, RefreshRecord};
 
 pub const START: i64 = 1_800_000_000_000;
 const MINUTE: Duration = Duration::from_secs(60);
@@ -40,12 +43,19 @@ pub struct Backend {
     pub store: DynSessionStore,
     pub limits: DynRateLimitStore,
     pub events: DynSecurityEventStore,
+    pub tokens: DynTokenStore,
     pub _keep: Box<dyn std::any::Any + Send + Sync>,
 }
 
 impl Backend {
     pub fn new(stores: Stores, keep: impl std::any::Any + Send + Sync) -> Backend {
-        Backend { store: stores.sessions, limits: stores.limits, events: stores.events, _keep: Box::new(keep) }
+        Backend {
+            store: stores.sessions,
+            limits: stores.limits,
+            events: stores.events,
+            tokens: stores.tokens,
+            _keep: Box::new(keep),
+        }
     }
 }
 
@@ -828,6 +838,103 @@ pub async fn events_are_listed_per_user_by_time_and_purged(backend: Backend) {
     assert!(log.user_events(&query(0, t(100))).await.unwrap().is_empty());
 }
 
+fn lease(session: &str, holder: &str, expires_at: i64) -> RefreshLease {
+    RefreshLease { session_id: session.into(), holder: holder.into(), version: 1, expires_at }
+}
+
+pub async fn refresh_leases_are_exclusive_and_expire(backend: Backend) {
+    let tokens = &backend.tokens;
+    let now = START;
+    assert_eq!(tokens.acquire_lease(&lease("s1", "a", now + 1000), now).await.unwrap(), LeaseOutcome::Acquired);
+    match tokens.acquire_lease(&lease("s1", "b", now + 1000), now).await.unwrap() {
+        LeaseOutcome::Held(held) => assert_eq!(held.holder, "a"),
+        other => panic!("{other:?}"),
+    }
+    // Another session is independent.
+    assert_eq!(tokens.acquire_lease(&lease("s2", "b", now + 1000), now).await.unwrap(), LeaseOutcome::Acquired);
+    // Only the holder renews; a renewal never shortens.
+    assert!(!tokens.renew_lease("s1", "b", now + 5000, now + 10).await.unwrap());
+    assert!(tokens.renew_lease("s1", "a", now + 2000, now + 10).await.unwrap());
+    assert!(matches!(
+        tokens.acquire_lease(&lease("s1", "b", now + 3000), now + 1500).await.unwrap(),
+        LeaseOutcome::Held(_)
+    ));
+    // Releasing someone else's lease does nothing.
+    tokens.release_lease("s1", "b").await.unwrap();
+    assert!(matches!(
+        tokens.acquire_lease(&lease("s1", "b", now + 3000), now + 1500).await.unwrap(),
+        LeaseOutcome::Held(_)
+    ));
+    // Expired: another holder takes it, and the old holder can neither renew nor release it.
+    assert_eq!(tokens.acquire_lease(&lease("s1", "b", now + 5000), now + 2000).await.unwrap(), LeaseOutcome::Acquired);
+    assert!(!tokens.renew_lease("s1", "a", now + 9000, now + 2001).await.unwrap());
+    tokens.release_lease("s1", "a").await.unwrap();
+    assert!(matches!(
+        tokens.acquire_lease(&lease("s1", "c", now + 6000), now + 2002).await.unwrap(),
+        LeaseOutcome::Held(_)
+    ));
+    tokens.release_lease("s1", "b").await.unwrap();
+    assert_eq!(tokens.acquire_lease(&lease("s1", "c", now + 6000), now + 2003).await.unwrap(), LeaseOutcome::Acquired);
+
+    // Concurrent acquisitions of a free lease: exactly one wins.
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let tokens = tokens.clone();
+            tokio::spawn(
+                async move { tokens.acquire_lease(&lease("s3", &format!("h{i}"), now + 1000), now).await.unwrap() },
+            )
+        })
+        .collect();
+    let mut acquired = 0;
+    for task in tasks {
+        acquired += usize::from(task.await.unwrap() == LeaseOutcome::Acquired);
+    }
+    assert_eq!(acquired, 1);
+}
+
+fn refresh_record(session: &str, at: i64, expires_at: i64) -> RefreshRecord {
+    RefreshRecord {
+        record_id: format!("rr_{at:013}_{session}"),
+        session_id: session.into(),
+        user_id: "u".into(),
+        refreshed_at: at,
+        reason: "proactive".into(),
+        success: true,
+        error: None,
+        cause: None,
+        rotated: true,
+        old_access_token_hash: "a".repeat(64),
+        new_access_token_hash: Some("b".repeat(64)),
+        old_refresh_token_hash: Some("c".repeat(64)),
+        new_refresh_token_hash: Some("d".repeat(64)),
+        old_expires_at: Some(at),
+        new_expires_at: Some(at + 60_000),
+        attempts: 1,
+        grace_period_ends_at: Some(at + 300_000),
+        expires_at,
+    }
+}
+
+pub async fn refresh_records_are_newest_first_trimmed_and_purged(backend: Backend) {
+    let tokens = &backend.tokens;
+    for i in 0..5 {
+        tokens.append_refresh_record(&refresh_record("s1", START + i, START + 10_000), 3).await.unwrap();
+    }
+    tokens.append_refresh_record(&refresh_record("s2", START, START + 20_000), 3).await.unwrap();
+    let history = tokens.refresh_history("s1", 10).await.unwrap();
+    let times: Vec<i64> = history.iter().map(|r| r.refreshed_at - START).collect();
+    assert_eq!(times, vec![4, 3, 2], "newest first, trimmed to the newest 3");
+    assert_eq!(history[0], refresh_record("s1", START + 4, START + 10_000), "stored as written");
+    assert_eq!(tokens.refresh_history("s1", 1).await.unwrap().len(), 1);
+    assert!(tokens.refresh_history("nobody", 10).await.unwrap().is_empty());
+    // Purging walks the expiry index: s1's records go at their expiry, s2's later.
+    assert_eq!(tokens.purge_refresh_records(START + 9_999, 100).await.unwrap(), 0);
+    assert_eq!(tokens.purge_refresh_records(START + 10_000, 100).await.unwrap(), 3);
+    assert!(tokens.refresh_history("s1", 10).await.unwrap().is_empty());
+    assert_eq!(tokens.refresh_history("s2", 10).await.unwrap().len(), 1);
+    assert_eq!(tokens.purge_refresh_records(START + 20_000, 100).await.unwrap(), 1);
+}
+
 /// Instantiates the suite for a backend.
 #[macro_export]
 macro_rules! conformance {
@@ -916,6 +1023,14 @@ macro_rules! conformance {
             #[tokio::test]
             async fn events_are_listed_per_user_by_time_and_purged() {
                 suite::events_are_listed_per_user_by_time_and_purged($make).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn refresh_leases_are_exclusive_and_expire() {
+                suite::refresh_leases_are_exclusive_and_expire($make).await
+            }
+            #[tokio::test]
+            async fn refresh_records_are_newest_first_trimmed_and_purged() {
+                suite::refresh_records_are_newest_first_trimmed_and_purged($make).await
             }
         }
     };

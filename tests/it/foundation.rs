@@ -66,6 +66,16 @@ async fn grpcurl_lists_services_through_reflection_v1alpha() {
     for name in SERVICES.iter().chain(&["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]) {
         assert!(listed.lines().any(|l| l.trim() == *name), "{name} missing from:\n{listed}");
     }
+
+    // Reflection also serves the google.rpc error details, so grpcurl decodes them.
+    let output = std::process::Command::new("grpcurl")
+        .args(["-plaintext", "-H", &format!("authorization: Bearer {SERVICE_KEY}"), "-d", r#"{"user_id":""}"#])
+        .args([&server.addr.to_string(), "atoms.session.v1.SessionService/CreateSession"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&output.stderr);
+    assert!(shown.contains("InvalidArgument") && shown.contains(r#""field":"user_id""#), "{shown}");
+    assert!(!shown.contains("is not recognized"), "{shown}");
 }
 
 #[tokio::test]

@@ -1,8 +1,13 @@
 //! Integration tests: one test binary; `support` starts the real server as a process.
 
+mod authz;
 mod conformance;
 mod foundation;
+mod fuzz;
+mod keys;
 mod loadgen;
+mod oidc;
+mod operability;
 mod revocations;
 mod security;
 mod servers;
@@ -10,3 +15,4 @@ mod sessions;
 mod shared_storage;
 mod support;
 mod tls;
+mod tokens;

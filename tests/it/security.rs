@@ -46,7 +46,8 @@ fn login(user: &str) -> pb::CreateSessionRequest {
         device_fingerprint: Some(laptop("UA/1")),
         ip_address: HOME_IP.into(),
         user_agent: "UA/1".into(),
-        provider: "local".into(),
+        // The default provider: a named one must be configured (unknown names are INVALID_ARGUMENT).
+        provider: String::new(),
         ..Default::default()
     }
 }

@@ -17,6 +17,9 @@ use session_authority::grpc::pb::token_service_client::TokenServiceClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+pub mod otlp;
+pub mod prometheus;
+
 /// Development keys every spawned server accepts.
 pub const SERVICE_KEY: &str = "test-service-key-0000000000000001";
 pub const ADMIN_KEY: &str = "test-admin-key-00000000000000002";
@@ -47,11 +50,20 @@ pub struct Spawn {
     pub cwd: Option<PathBuf>,
     pub with_keys: bool,
     pub listen: Option<String>,
+    pub log_format: &'static str,
 }
 
 impl Default for Spawn {
     fn default() -> Self {
-        Spawn { args: Vec::new(), env: Vec::new(), data_dir: None, cwd: None, with_keys: true, listen: None }
+        Spawn {
+            args: Vec::new(),
+            env: Vec::new(),
+            data_dir: None,
+            cwd: None,
+            with_keys: true,
+            listen: None,
+            log_format: "json",
+        }
     }
 }
 
@@ -78,12 +90,18 @@ impl Spawn {
     pub fn without_create_limit(self) -> Self {
         self.env("SESSION_AUTHORITY_SECURITY_RULES_SESSION_CREATE_LIMIT", "1000000")
     }
+    /// Logs in `format` (`text` or `json`) instead of JSON.
+    pub fn log_format(mut self, format: &'static str) -> Self {
+        self.log_format = format;
+        self
+    }
     pub fn without_keys(mut self) -> Self {
         self.with_keys = false;
         self
     }
 
-    /// Starts `serve` on 127.0.0.1:0 with JSON logs and waits for its "serving" line.
+    /// Starts `serve` on 127.0.0.1:0 (JSON logs unless told otherwise) and waits for its
+    /// "serving" line.
     pub fn start(self) -> Process {
         let (temp, data_dir) = match self.data_dir {
             Some(dir) => (None, dir),
@@ -99,7 +117,7 @@ impl Spawn {
             .arg("--listen")
             .arg(self.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--log-format")
-            .arg("json")
+            .arg(self.log_format)
             .arg("--data-dir")
             .arg(&data_dir)
             .args(&self.args)
@@ -139,10 +157,7 @@ fn watch_stderr(child: &mut Child, logs: Arc<Mutex<Vec<String>>>) -> Option<Sock
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(sender) = &tx
-                && line.contains("\"serving\"")
-                && let Some(addr) = serde_json::from_str::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| v["local_addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()))
+                && let Some(addr) = serving_addr(&line)
             {
                 let _ = sender.send(addr);
                 tx = None;
@@ -151,6 +166,20 @@ fn watch_stderr(child: &mut Child, logs: Arc<Mutex<Vec<String>>>) -> Option<Sock
         }
     });
     rx.recv_timeout(Duration::from_secs(30)).ok()
+}
+
+/// The address of a "serving" line, in either log format.
+fn serving_addr(line: &str) -> Option<SocketAddr> {
+    if line.contains("\"serving\"") {
+        return serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["local_addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()));
+    }
+    if line.contains(" serving ") || line.ends_with(" serving") || line.contains("serving local_addr=") {
+        let rest = line.split("local_addr=").nth(1)?;
+        return rest.split_whitespace().next()?.parse().ok();
+    }
+    None
 }
 
 impl Process {

@@ -9,6 +9,8 @@
 //! reference (`grpc.health.v1.Health/Check` on the same server, same shape) in the same run and
 //! reports ratios.
 
+mod fanout;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use serde_json::{Value, json};
 use session_authority::grpc::pb;
 use session_authority::grpc::pb::security_service_client::SecurityServiceClient;
 use session_authority::grpc::pb::session_service_client::SessionServiceClient;
+use session_authority::grpc::pb::token_service_client::TokenServiceClient;
 use tokio::sync::Mutex;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -43,6 +46,9 @@ enum Command {
     Run(RunArgs),
     /// Seed sessions and run the reference and the session workloads; print ratios.
     Suite(SuiteArgs),
+    /// Revocation fan-out: revoke-to-delivery latency for K watch streams, beside a bare
+    /// tokio-broadcast reference served from this process.
+    Fanout(FanoutArgs),
     /// Merge suite outputs into one report.
     Merge {
         /// The merged report to write.
@@ -92,6 +98,9 @@ enum Workload {
     Create,
     /// SecurityService/CheckRateLimit on a spread of keys.
     CheckRateLimit,
+    /// TokenService/GetAccessToken over the seeded sessions (their tokens are not due for a
+    /// refresh, so this measures reading and unsealing the stored token).
+    GetAccessToken,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
@@ -139,6 +148,30 @@ struct RunArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct FanoutArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Stream counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 100, 1000])]
+    watchers: Vec<usize>,
+    /// HTTP/2 connections the streams are spread over.
+    #[arg(long, default_value_t = 10)]
+    connections: usize,
+    /// Revocations per measurement.
+    #[arg(long, default_value_t = 300)]
+    revocations: usize,
+    /// Revocations per second.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Name of this run in the report.
+    #[arg(long, default_value = "server")]
+    label: String,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
 struct SuiteArgs {
     #[command(flatten)]
     target: Target,
@@ -152,6 +185,12 @@ struct SuiteArgs {
     /// Also run CreateSession.
     #[arg(long)]
     with_create: bool,
+    /// Also run CheckRateLimit.
+    #[arg(long)]
+    with_rate_limit: bool,
+    /// Also run GetAccessToken.
+    #[arg(long)]
+    with_access_token: bool,
     /// Write the suite result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -275,6 +314,7 @@ struct Caller {
     health: HealthClient<Channel>,
     sessions: SessionServiceClient<Channel>,
     security: SecurityServiceClient<Channel>,
+    upstream: TokenServiceClient<Channel>,
     auth: Option<MetadataValue<Ascii>>,
     tokens: Arc<Vec<String>>,
     pick: Pick,
@@ -319,6 +359,12 @@ impl Caller {
                 let n = self.counter.fetch_add(1, Ordering::Relaxed);
                 let request = self.authed(create_request(&format!("load-{}-{n}", std::process::id())));
                 self.sessions.create_session(request).await.map(|_| ())
+            }
+            Workload::GetAccessToken => {
+                let request = self.authed(pb::GetAccessTokenRequest {
+                    selector: Some(pb::get_access_token_request::Selector::SessionToken(self.pick_token())),
+                });
+                self.upstream.get_access_token(request).await.map(|_| ())
             }
             Workload::CheckRateLimit => {
                 let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -401,7 +447,8 @@ impl Env {
             workload,
             health: HealthClient::new(channel.clone()),
             sessions: SessionServiceClient::new(channel.clone()),
-            security: SecurityServiceClient::new(channel),
+            security: SecurityServiceClient::new(channel.clone()),
+            upstream: TokenServiceClient::new(channel),
             auth: self.auth.clone(),
             tokens: self.tokens.clone(),
             pick: tokens.pick,
@@ -637,6 +684,18 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<Value> {
         ratios["create_over_check_throughput"] = ratio(create.throughput(), closed_health.throughput());
         runs.push(create.to_json());
     }
+    if args.with_rate_limit {
+        let limit = env.run(Workload::CheckRateLimit, &args.shape, &args.tokens, None).await?;
+        println!("{}", limit.line());
+        ratios["check_rate_limit_over_check_throughput"] = ratio(limit.throughput(), closed_health.throughput());
+        runs.push(limit.to_json());
+    }
+    if args.with_access_token {
+        let access = env.run(Workload::GetAccessToken, &args.shape, &args.tokens, None).await?;
+        println!("{}", access.line());
+        ratios["get_access_token_over_check_throughput"] = ratio(access.throughput(), closed_health.throughput());
+        runs.push(access.to_json());
+    }
     println!("ratios: {ratios}");
     Ok(json!({
         "label": args.label,
@@ -671,7 +730,7 @@ fn write_json(path: &Option<PathBuf>, value: &Value) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => {
-            let need_tokens = args.workload == Workload::Validate;
+            let need_tokens = matches!(args.workload, Workload::Validate | Workload::GetAccessToken);
             let env = env(&args.target, &args.tokens, need_tokens).await?;
             let outcome = env.run(args.workload, &args.shape, &args.tokens, args.rate).await?;
             println!("{}", outcome.line());
@@ -684,6 +743,42 @@ async fn main() -> anyhow::Result<()> {
             let json_path = args.json.clone();
             let value = suite(args).await?;
             write_json(&json_path, &value)?;
+        }
+        Command::Fanout(args) => {
+            let auth: Option<MetadataValue<Ascii>> = match &args.target.key {
+                Some(key) => Some(format!("Bearer {key}").parse().context("the API key is not a valid header value")?),
+                None => None,
+            };
+            let reference = fanout::Reference::new().serve().await?;
+            let mut runs = Vec::new();
+            let mut ratios = serde_json::Map::new();
+            for &k in &args.watchers {
+                let server =
+                    fanout::run(&args.target.target, &auth, k, args.connections, args.revocations, args.rate, true)
+                        .await?;
+                println!("{}", server.line(&format!("{}-{k}-watchers", args.label)));
+                let bare =
+                    fanout::run(&reference, &None, k, args.connections, args.revocations, args.rate, false).await?;
+                println!("{}", bare.line(&format!("broadcast-{k}-watchers")));
+                ratios.insert(
+                    format!("to_last_p99_over_broadcast_{k}_watchers"),
+                    ratio(
+                        server.to_last_us.value_at_quantile(0.99) as f64,
+                        bare.to_last_us.value_at_quantile(0.99) as f64,
+                    ),
+                );
+                runs.push(server.to_json(&args.label, k, args.connections));
+                runs.push(bare.to_json("broadcast-reference", k, args.connections));
+            }
+            let value = json!({
+                "label": format!("{}-fanout", args.label),
+                "machine": machine(),
+                "config": { "connections": args.connections, "revocations": args.revocations, "rate": args.rate },
+                "fanout": runs,
+                "ratios": ratios,
+            });
+            println!("ratios: {}", value["ratios"]);
+            write_json(&args.json, &value)?;
         }
         Command::Merge { out, inputs } => {
             let mut suites = Vec::new();

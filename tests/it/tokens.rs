@@ -1,0 +1,433 @@
+//! TokenService against a real OpenID Connect provider (`tests/peers/oidc`, npm `oidc-provider`
+//! with refresh-token rotation, introspection and revocation) on loopback: the real binary for
+//! most tests; two `App`s in one process over one shared `MemoryStore` for the cross-replica
+//! single-flight test (two processes cannot share the embedded store).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use session_authority::clock::SystemClock;
+use session_authority::config::{Config, Flags};
+use session_authority::grpc::pb;
+use session_authority::grpc::pb::get_access_token_request::Selector as AccessSelector;
+use session_authority::grpc::pb::refresh_session_request::Selector as RefreshSelector;
+use session_authority::store::Stores;
+use session_authority::store::memory::MemoryStore;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::oidc::{Oidc, Tokens};
+use crate::support::{ADMIN_KEY, Auth, Process, SERVICE_KEY, Spawn, WATCHER_KEY, api_keys_env};
+
+fn sha256_hex(text: &str) -> String {
+    session_authority::crypto::sha256_hex(text)
+}
+
+/// The binary configured for `oidc` as its default provider (through OpenID discovery), with
+/// quick retries.
+fn spawn_for(oidc: &Oidc) -> Spawn {
+    Spawn::default()
+        .without_create_limit()
+        .env("SESSION_AUTHORITY_TOKEN_ISSUER", &oidc.issuer)
+        .env("OAUTH_CLIENT_ID", &oidc.client_id)
+        .env("OAUTH_CLIENT_SECRET", &oidc.client_secret)
+        .env("SESSION_AUTHORITY_TOKEN_PROACTIVE_REFRESH", "5m")
+        .env("SESSION_AUTHORITY_TOKEN_RETRY_INITIAL_DELAY", "20ms")
+        .env("SESSION_AUTHORITY_TOKEN_RETRY_MAX_DELAY", "100ms")
+        .env("SESSION_AUTHORITY_TOKEN_REQUEST_TIMEOUT", "700ms")
+}
+
+fn create(user: &str, tokens: &Tokens, provider: &str) -> pb::CreateSessionRequest {
+    pb::CreateSessionRequest {
+        user_id: user.into(),
+        access_token: tokens.access_token.clone(),
+        refresh_token: tokens.refresh_token.clone(),
+        id_token: tokens.id_token.clone(),
+        token_type: "Bearer".into(),
+        expires_in: Some(prost_types::Duration { seconds: tokens.expires_in, nanos: 0 }),
+        scopes: tokens.scope.split(' ').map(str::to_owned).collect(),
+        provider: provider.into(),
+        ..Default::default()
+    }
+}
+
+fn by_token(token: &str) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest { selector: Some(AccessSelector::SessionToken(token.into())) }
+}
+
+fn force(token: &str) -> pb::RefreshSessionRequest {
+    pb::RefreshSessionRequest {
+        selector: Some(RefreshSelector::SessionToken(token.into())),
+        force: true,
+        reason: String::new(),
+    }
+}
+
+async fn valid(server: &Process, token: &str) -> pb::ValidateSessionResponse {
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    sessions
+        .validate_session(pb::ValidateSessionRequest { session_token: token.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proactive_refresh_and_named_providers() {
+    let oidc = Oidc::start(60);
+    // A second provider over the same issuer, authenticating with client_secret_post.
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[token.providers.second]\nissuer = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nclient_auth = \"client_secret_post\"\n",
+            oidc.issuer, oidc.client_id, oidc.client_secret
+        ),
+    )
+    .unwrap();
+    let server = spawn_for(&oidc).env("SESSION_AUTHORITY_CONFIG", config.to_str().unwrap()).start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut tokens = server.tokens(Some(SERVICE_KEY)).await;
+
+    // The access token lives 60 s, the proactive window is 5 min: the first call refreshes.
+    let login = oidc.tokens("alice").await;
+    let created = sessions.create_session(create("alice", &login, "")).await.unwrap().into_inner();
+    let first = tokens.get_access_token(by_token(&created.session_token)).await.unwrap().into_inner();
+    assert!(first.refreshed);
+    assert_ne!(first.access_token, login.access_token);
+    assert_eq!(first.token_type, "Bearer");
+    assert_eq!(oidc.refresh_requests().await, 1);
+    assert_eq!(oidc.introspect(&first.access_token).await["active"], true);
+
+    // Within the grace period the result just obtained is returned, without a provider call.
+    let second = tokens.get_access_token(by_token(&created.session_token)).await.unwrap().into_inner();
+    assert!(!second.refreshed);
+    assert_eq!(second.access_token, first.access_token);
+    assert_eq!(oidc.refresh_requests().await, 1);
+
+    // By session_id for a service caller.
+    let by_id = pb::GetAccessTokenRequest {
+        selector: Some(AccessSelector::SessionId(created.session.as_ref().unwrap().session_id.clone())),
+    };
+    assert_eq!(tokens.get_access_token(by_id).await.unwrap().into_inner().access_token, first.access_token);
+
+    // A session of the named provider refreshes there, with client_secret_post.
+    let before = oidc.stats().await["token"]["by_auth_method"]["client_secret_post"].as_i64().unwrap_or(0);
+    let login = oidc.tokens("bob").await;
+    let created = sessions.create_session(create("bob", &login, "second")).await.unwrap().into_inner();
+    assert_eq!(created.session.as_ref().unwrap().provider, "second");
+    let answer = tokens.get_access_token(by_token(&created.session_token)).await.unwrap().into_inner();
+    assert!(answer.refreshed);
+    let after = oidc.stats().await["token"]["by_auth_method"]["client_secret_post"].as_i64().unwrap_or(0);
+    assert_eq!(after - before, 1);
+
+    // An unknown provider name is refused at creation.
+    let e = sessions.create_session(create("carol", &login, "nowhere")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("provider"), "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_refresh_rotates_and_never_reuses_the_old_refresh_token() {
+    let oidc = Oidc::start(3600);
+    let server = spawn_for(&oidc).start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut tokens = server.tokens(Some(SERVICE_KEY)).await;
+    let login = oidc.tokens("dana").await;
+    let created = sessions.create_session(create("dana", &login, "")).await.unwrap().into_inner();
+    let session_id = created.session.as_ref().unwrap().session_id.clone();
+
+    // Not forced and not due (1 h left): within no grace period yet, so it still refreshes.
+    let one = tokens.refresh_session(force(&created.session_token)).await.unwrap().into_inner();
+    assert!(one.refreshed && one.rotated);
+    // Forced again: a second upstream call, which succeeds only with the rotated refresh token
+    // (presenting the old one would be invalid_grant and revoke the grant).
+    let two = tokens.refresh_session(force(&created.session_token)).await.unwrap().into_inner();
+    assert!(two.refreshed && two.rotated);
+    // Not forced, inside the grace period: the result just obtained, no upstream call.
+    let mut grace = force(&created.session_token);
+    grace.force = false;
+    let three = tokens.refresh_session(grace).await.unwrap().into_inner();
+    assert!(!three.refreshed);
+    assert_eq!(oidc.refresh_requests().await, 2);
+
+    // The records chain the hashes: never a token, and the old refresh token was sent once.
+    let mut admin = server.tokens(Some(ADMIN_KEY)).await;
+    let history = admin
+        .get_refresh_history(pb::GetRefreshHistoryRequest { session_id: session_id.clone(), limit: 10 })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(history.len(), 2);
+    let (newest, oldest) = (&history[0], &history[1]);
+    assert!(newest.success && oldest.success && newest.rotated && oldest.rotated);
+    assert_eq!(oldest.old_refresh_token_hash, sha256_hex(&login.refresh_token));
+    assert_eq!(oldest.old_access_token_hash, sha256_hex(&login.access_token));
+    assert_eq!(newest.old_refresh_token_hash, oldest.new_refresh_token_hash);
+    assert_ne!(newest.old_refresh_token_hash, sha256_hex(&login.refresh_token));
+    assert_eq!(oldest.reason, "user_requested");
+    assert!(newest.grace_period_ends_at.is_some());
+    assert_eq!(two.record.as_ref().unwrap().record_id, newest.record_id);
+
+    // The provider rejects the original refresh token now.
+    let (status, body) = oidc.redeem(&login.refresh_token).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_grant");
+}
+
+/// Config for an in-process replica over a shared store.
+fn replica_config(oidc: &Oidc) -> Config {
+    let mut flags = Flags::new();
+    for (k, v) in [
+        ("listen", "127.0.0.1:0".to_owned()),
+        ("storage", "memory".to_owned()),
+        ("token.issuer", oidc.issuer.clone()),
+        ("token.client_id", oidc.client_id.clone()),
+        ("token.client_secret", oidc.client_secret.clone()),
+        ("token.proactive_refresh", "5m".to_owned()),
+        ("encryption_key", session_authority::crypto::encode_key(&[7u8; 32])),
+        ("api_keys", api_keys_env()),
+        ("security.rules.session_create.limit", "1000".to_owned()),
+    ] {
+        flags.insert(k.to_owned(), v);
+    }
+    Config::from_flags(&flags).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_hundred_concurrent_calls_on_two_replicas_make_one_refresh() {
+    let oidc = Oidc::start(60);
+    // Two replicas: two Apps (each with its own TokenManager, in-process single flight and
+    // lease holder ids) over one MemoryStore, as two processes would share Redis.
+    let store = Arc::new(MemoryStore::new());
+    let stop = CancellationToken::new();
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        let app = session_authority::App::build_with(
+            replica_config(&oidc),
+            Stores::shared(store.clone()),
+            Arc::new(SystemClock),
+        )
+        .await
+        .unwrap();
+        urls.push(format!("http://{}", app.local_addr()));
+        let stop = stop.clone();
+        tokio::spawn(app.run_until(async move { stop.cancelled().await }));
+    }
+    let channel = |url: &str| Channel::from_shared(url.to_owned()).unwrap().connect_lazy();
+    let mut sessions = pb::session_service_client::SessionServiceClient::with_interceptor(
+        channel(&urls[0]),
+        Auth::new(Some(SERVICE_KEY)),
+    );
+    let login = oidc.tokens("erin").await;
+    let created = sessions.create_session(create("erin", &login, "")).await.unwrap().into_inner();
+    oidc.reset().await;
+
+    let clients: Vec<_> = urls
+        .iter()
+        .map(|url| {
+            pb::token_service_client::TokenServiceClient::with_interceptor(channel(url), Auth::new(Some(SERVICE_KEY)))
+        })
+        .collect();
+    let calls: Vec<_> = (0..100)
+        .map(|i| {
+            let mut client = clients[i % 2].clone();
+            let token = created.session_token.clone();
+            tokio::spawn(async move { client.get_access_token(by_token(&token)).await.map(|r| r.into_inner()) })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let mut refreshed = 0;
+    for call in calls {
+        let answer = call.await.unwrap().unwrap();
+        refreshed += usize::from(answer.refreshed);
+        seen.insert(answer.access_token);
+    }
+    assert_eq!(oidc.refresh_requests().await, 1, "exactly one token request at the provider");
+    assert_eq!(seen.len(), 1, "every caller got the one refreshed token");
+    assert!(!seen.contains(&login.access_token));
+    assert!(refreshed >= 1);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_of_an_active_and_a_revoked_token() {
+    let oidc = Oidc::start(3600);
+    let server = spawn_for(&oidc).start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut tokens = server.tokens(Some(SERVICE_KEY)).await;
+    let login = oidc.tokens("frank").await;
+    let created = sessions.create_session(create("frank", &login, "")).await.unwrap().into_inner();
+
+    let ask = |token: &str| pb::IntrospectTokenRequest { token: token.into(), ..Default::default() };
+    let active = tokens.introspect_token(ask(&login.access_token)).await.unwrap().into_inner();
+    assert!(active.active && !active.cached);
+    assert_eq!(active.sub, "frank");
+    assert_eq!(active.client_id, oidc.client_id);
+    assert!(active.exp.is_some() && active.cache_ttl.is_some());
+    let again = tokens.introspect_token(ask(&login.access_token)).await.unwrap().into_inner();
+    assert!(again.active && again.cached);
+    let cache_ttl = again.cache_ttl.unwrap();
+    assert!(cache_ttl.seconds <= 30, "the cache is short: {cache_ttl:?}");
+
+    // RevokeSession cascades to the provider (RFC 7009), which revokes the grant.
+    let mut revocations = server.revocations(Some(SERVICE_KEY)).await;
+    revocations
+        .revoke_session(pb::RevokeSessionRequest {
+            selector: Some(pb::revoke_session_request::Selector::SessionToken(created.session_token.clone())),
+            reason: "user_logout".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(oidc.stats().await["revocation"].as_i64().unwrap() >= 1);
+    let revoked = tokens.introspect_token(ask(&login.access_token)).await.unwrap().into_inner();
+    assert!(!revoked.active && !revoked.cached && revoked.cache_ttl.is_none());
+    let refresh = pb::IntrospectTokenRequest {
+        token: login.refresh_token.clone(),
+        token_type_hint: "refresh_token".into(),
+        ..Default::default()
+    };
+    assert!(!tokens.introspect_token(refresh).await.unwrap().into_inner().active);
+
+    // A provider name nobody configured.
+    let e = tokens
+        .introspect_token(pb::IntrospectTokenRequest {
+            token: "x".into(),
+            provider: "nowhere".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_are_retried_then_unavailable_and_invalid_grant_ends_the_session() {
+    let oidc = Oidc::start(3600);
+    let server = spawn_for(&oidc).start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut tokens = server.tokens(Some(SERVICE_KEY)).await;
+    let login = oidc.tokens("gina").await;
+    let created = sessions.create_session(create("gina", &login, "")).await.unwrap().into_inner();
+
+    // 503s: 1 attempt + 3 retries, then UNAVAILABLE; the session is intact.
+    oidc.fail("503", 4).await;
+    let e = tokens.refresh_session(force(&created.session_token)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    let stats = oidc.stats().await;
+    assert_eq!(stats["token"]["injected"]["503"], 4);
+    assert_eq!(stats["token"]["by_grant_type"]["refresh_token"], 4);
+    assert!(valid(&server, &created.session_token).await.valid);
+
+    // Timeouts (700 ms per request): retried the same way.
+    oidc.fail("timeout", 4).await;
+    let started = std::time::Instant::now();
+    let e = tokens.refresh_session(force(&created.session_token)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(started.elapsed() >= Duration::from_millis(4 * 700));
+    assert_eq!(oidc.stats().await["token"]["injected"]["timeout"], 4);
+    assert!(valid(&server, &created.session_token).await.valid);
+
+    // The provider is back: the untouched refresh token still works.
+    oidc.reset().await;
+    let ok = tokens.refresh_session(force(&created.session_token)).await.unwrap().into_inner();
+    assert!(ok.refreshed && ok.rotated);
+
+    let mut admin = server.tokens(Some(ADMIN_KEY)).await;
+    let session_id = created.session.as_ref().unwrap().session_id.clone();
+    let history = admin
+        .get_refresh_history(pb::GetRefreshHistoryRequest { session_id, limit: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(history.len(), 3);
+    assert!(history[0].success);
+    for failed in &history[1..] {
+        assert!(!failed.success && failed.attempts == 4 && !failed.error.is_empty(), "{failed:?}");
+    }
+
+    // invalid_grant: someone else redeemed the refresh token first (rotation consumed it); the
+    // service's refresh with it is refused, which ends the session as REFRESH_FAILED.
+    let login = oidc.tokens("hugo").await;
+    let doomed = sessions.create_session(create("hugo", &login, "")).await.unwrap().into_inner();
+    let (status, _) = oidc.redeem(&login.refresh_token).await;
+    assert_eq!(status, 200);
+    let before = oidc.refresh_requests().await;
+    let e = tokens.refresh_session(force(&doomed.session_token)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert_eq!(oidc.refresh_requests().await, before + 1, "invalid_grant is never retried");
+    let answer = valid(&server, &doomed.session_token).await;
+    assert!(!answer.valid);
+    assert_eq!(answer.end_reason, "refresh_failed");
+    let mut watcher = server.revocations(Some(WATCHER_KEY)).await;
+    let list = watcher
+        .list_revocations(pb::ListRevocationsRequest { user_id: "hugo".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.entries.len(), 1);
+    assert_eq!(list.entries[0].kind, pb::RevocationKind::RefreshFailed as i32);
+    assert_eq!(list.entries[0].session_id, doomed.session.as_ref().unwrap().session_id);
+    // Asking again does not call the provider: the session has ended.
+    let e = tokens.get_access_token(by_token(&doomed.session_token)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(oidc.refresh_requests().await, before + 1);
+}
+
+/// A full flow whose logs (stderr of the real binary) must not contain a secret.
+async fn full_flow(server: &Process, oidc: &Oidc) -> Vec<String> {
+    let mut secrets = vec![oidc.client_secret.clone()];
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut tokens = server.tokens(Some(SERVICE_KEY)).await;
+    let login = oidc.tokens("ivan").await;
+    secrets.extend([login.access_token.clone(), login.refresh_token.clone(), login.id_token.clone()]);
+    let created = sessions.create_session(create("ivan", &login, "")).await.unwrap().into_inner();
+    let refreshed = tokens.refresh_session(force(&created.session_token)).await.unwrap().into_inner();
+    assert!(refreshed.rotated);
+    secrets.push(tokens.get_access_token(by_token(&created.session_token)).await.unwrap().into_inner().access_token);
+    let ask = pb::IntrospectTokenRequest { token: login.access_token.clone(), ..Default::default() };
+    tokens.introspect_token(ask).await.unwrap();
+    oidc.fail("503", 4).await;
+    tokens.refresh_session(force(&created.session_token)).await.unwrap_err();
+    oidc.reset().await;
+    // invalid_grant, then a revocation with the upstream cascade.
+    let login2 = oidc.tokens("ivan").await;
+    secrets.extend([login2.access_token.clone(), login2.refresh_token.clone(), login2.id_token.clone()]);
+    let second = sessions.create_session(create("ivan", &login2, "")).await.unwrap().into_inner();
+    oidc.redeem(&login2.refresh_token).await;
+    tokens.refresh_session(force(&second.session_token)).await.unwrap_err();
+    let mut revocations = server.revocations(Some(SERVICE_KEY)).await;
+    revocations
+        .revoke_session(pb::RevokeSessionRequest {
+            selector: Some(pb::revoke_session_request::Selector::SessionToken(created.session_token.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    secrets.push(created.session_token);
+    secrets.push(second.session_token);
+    secrets
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_or_client_secret_appears_in_the_logs() {
+    let oidc = Oidc::start(3600);
+    for format in ["json", "text"] {
+        let server = spawn_for(&oidc).log_format(format).env("RUST_LOG", "debug").start();
+        let secrets = full_flow(&server, &oidc).await;
+        let (_, server) = server.terminate().await;
+        let logs = server.logs();
+        assert!(logs.contains("refresh"), "the flow was logged ({format}):\n{logs}");
+        for secret in &secrets {
+            assert!(!logs.contains(secret.as_str()), "a secret appears in the {format} logs");
+        }
+        // Every id token is a JWT ("eyJ..."): none in any form.
+        assert!(!logs.contains("eyJ"), "a JWT appears in the {format} logs");
+    }
+}

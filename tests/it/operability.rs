@@ -202,8 +202,8 @@ async fn metrics_after_a_scripted_flow_have_exact_values_and_parse() {
 
     let m = scrape(port);
     let value = |name: &str, labels: &[(&str, &str)]| m.value(name, labels);
-    // The guide's counters. Refresh is not built in this branch (TokenService answers
-    // UNIMPLEMENTED), so its two counters stay at their pre-registered zero.
+    // The guide's counters. This flow refreshes nothing, so the refresh counters stay at their
+    // pre-registered zero; `refresh_counters_count_real_refreshes_and_failures` covers them.
     assert_eq!(value("session_created_total", &[]), Some(4.0));
     assert_eq!(value("session_expired_total", &[]), Some(1.0));
     assert_eq!(value("session_hijack_detected_total", &[]), Some(2.0));
@@ -428,4 +428,62 @@ async fn a_generated_admin_key_is_written_to_its_file_not_to_the_log() {
     sessions.create_session(login("fay", "upstream-access-fay-Gg4Tt7", "", "")).await.unwrap();
     let (_, server) = server.terminate().await;
     assert_no_secret(&server.logs(), &[key], "json");
+}
+
+/// The refresh counters and the upstream timings, against the real OpenID Connect provider: two
+/// forced refreshes count two, and a provider answering 503 until the retries run out counts one
+/// failure with its cause.
+#[tokio::test]
+async fn refresh_counters_count_real_refreshes_and_failures() {
+    let oidc = crate::oidc::Oidc::start(3600);
+    let port = free_port();
+    let server = Spawn::default()
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("SESSION_AUTHORITY_TOKEN_ISSUER", &oidc.issuer)
+        .env("OAUTH_CLIENT_ID", &oidc.client_id)
+        .env("OAUTH_CLIENT_SECRET", &oidc.client_secret)
+        .env("SESSION_AUTHORITY_TOKEN_RETRY_INITIAL_DELAY", "20ms")
+        .env("SESSION_AUTHORITY_TOKEN_RETRY_MAX_DELAY", "100ms")
+        .start();
+    let upstream = oidc.tokens("rita").await;
+    let created = server
+        .sessions(Some(SERVICE_KEY))
+        .await
+        .create_session(pb::CreateSessionRequest {
+            user_id: "rita".into(),
+            access_token: upstream.access_token.clone(),
+            refresh_token: upstream.refresh_token.clone(),
+            expires_in: Some(prost_types::Duration { seconds: upstream.expires_in, nanos: 0 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let force = || pb::RefreshSessionRequest {
+        selector: Some(pb::refresh_session_request::Selector::SessionToken(created.session_token.clone())),
+        force: true,
+        reason: "forced".into(),
+    };
+    let mut tokens = server.tokens(Some(SERVICE_KEY)).await;
+    for _ in 0..2 {
+        assert!(tokens.refresh_session(force()).await.unwrap().into_inner().refreshed);
+    }
+    oidc.fail("503", 10).await;
+    let failed = tokens.refresh_session(force()).await.unwrap_err();
+    assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+
+    let m = scrape(port);
+    assert_eq!(m.value("token_refreshed_total", &[]), Some(2.0));
+    assert_eq!(m.value("token_refresh_failed_total", &[("cause", "server_error")]), Some(1.0));
+    let timed = |outcome: &str| {
+        m.value(
+            "upstream_request_seconds_count",
+            &[("provider", "default"), ("endpoint", "refresh"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(timed("ok"), Some(2.0), "each successful refresh request is timed once");
+    assert!(timed("error").unwrap_or(0.0) >= 2.0, "every failed attempt (retries included) is timed");
+    // Labels stay bounded: the provider's configured name, never a token or a user.
+    assert_eq!(m.label_values("upstream_request_seconds_count", "provider"), ["default".to_string()].into());
 }

@@ -321,18 +321,29 @@ async fn check_rate_limit_in_real_time() {
     std::fs::write(&config, "[security.rules.burst_test]\nlimit = 10\nperiod = \"6s\"\nbackoff = false\n").unwrap();
     let server = Spawn::default().arg("--storage").arg("memory").arg("--config").arg(config.to_str().unwrap()).start();
 
-    let (allowed, answers) = concurrent_checks(&server, "burst_test", "user-rt", 100).await;
-    assert_eq!(allowed, 10);
+    // Real time passes during a burst: one unit returns every 0.6 s (10 per 6 s), so a burst that
+    // takes longer than that on a busy machine may rightly get one more. Exactness under
+    // concurrency is shown with a manual clock in the conformance suite; here the bound is the
+    // measured time.
+    let burst = |elapsed: Duration| 10..=10 + (elapsed.as_secs_f64() / 0.6).floor() as usize;
+    let started = std::time::Instant::now();
+    let (first, answers) = concurrent_checks(&server, "burst_test", "user-rt", 100).await;
+    assert!(burst(started.elapsed()).contains(&first), "{first} allowed in {:?}", started.elapsed());
     for denied in answers.iter().filter(|a| !a.allowed) {
         assert_eq!(denied.limit, 10);
         let retry = denied.retry_after.unwrap();
         assert!(retry.seconds > 0 || retry.nanos > 0, "{denied:?}");
     }
     // Another key is independent.
-    assert_eq!(concurrent_checks(&server, "burst_test", "user-other", 20).await.0, 10);
+    let started = std::time::Instant::now();
+    let other = concurrent_checks(&server, "burst_test", "user-other", 20).await.0;
+    assert!(burst(started.elapsed()).contains(&other), "{other} allowed in {:?}", started.elapsed());
 
+    // After a whole period the full allowance is back.
     tokio::time::sleep(Duration::from_millis(6_500)).await;
-    assert_eq!(concurrent_checks(&server, "burst_test", "user-rt", 100).await.0, 10);
+    let started = std::time::Instant::now();
+    let again = concurrent_checks(&server, "burst_test", "user-rt", 100).await.0;
+    assert!(burst(started.elapsed()).contains(&again), "{again} allowed in {:?}", started.elapsed());
 
     // Each denial is a security event of the user named by the key.
     let events = server
@@ -347,7 +358,7 @@ async fn check_rate_limit_in_real_time() {
         .unwrap()
         .into_inner()
         .events;
-    assert_eq!(count(&events, pb::SecurityEventType::RateLimitExceeded), 180);
+    assert_eq!(count(&events, pb::SecurityEventType::RateLimitExceeded), (100 - first) + (100 - again));
 
     // An unknown rule is named, not silently allowed.
     let e = server

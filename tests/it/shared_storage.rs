@@ -221,7 +221,14 @@ async fn a_redis_outage_under_load_fails_closed_and_recovers_without_a_restart()
     assert!(during.len() >= 20, "the load kept calling during the outage ({} calls)", during.len());
     let wrong: Vec<&&Call> = during.iter().filter(|c| c.outcome != Outcome::Unavailable).collect();
     assert!(wrong.is_empty(), "calls during the outage must answer UNAVAILABLE: {wrong:?}");
-    assert!(calls.iter().all(|c| c.outcome != Outcome::Valid || c.ended < stopped || c.started >= restarting));
+    // No call that started while Redis was down said valid. (A call that started before the stop
+    // may answer valid after it: its read reached Redis while Redis was up, so that answer was
+    // checked, not guessed.)
+    let false_valid: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.outcome == Outcome::Valid && c.started >= stopped && c.started < restarting)
+        .collect();
+    assert!(false_valid.is_empty(), "calls started during the outage answered valid: {false_valid:?}");
     let after: Vec<&Call> = calls.iter().filter(|c| c.started >= recovered).collect();
     assert!(!after.is_empty());
     assert!(after.iter().all(|c| c.outcome == Outcome::Valid), "after recovery: {after:?}");

@@ -94,14 +94,26 @@ pub fn metadata(field: &str, map: &HashMap<String, String>) -> Result<()> {
         if key.is_empty() {
             return Err(Error::invalid(field, "has an empty key"));
         }
-        check_text(&format!("{field}[{key}]"), key, MAX_ID_BYTES)?;
-        check_text(&format!("{field}[{key}]"), value, MAX_TEXT_BYTES)?;
+        let path = format!("{field}[{}]", shown(key));
+        check_text(&path, key, MAX_ID_BYTES)?;
+        check_text(&path, value, MAX_TEXT_BYTES)?;
         total += key.len() + value.len();
     }
     if total > MAX_METADATA_BYTES {
         return Err(Error::invalid(field, format!("{total} bytes; at most {MAX_METADATA_BYTES}")));
     }
     Ok(())
+}
+
+/// A caller's value as it may appear in an error: at most 32 characters, control characters
+/// escaped. Errors travel in HTTP/2 headers, so echoing unbounded input would turn a precise
+/// INVALID_ARGUMENT into a protocol error (found by the property test).
+fn shown(value: &str) -> String {
+    let mut shown: String = value.chars().take(32).flat_map(char::escape_default).collect();
+    if value.chars().count() > 32 {
+        shown.push('…');
+    }
+    shown
 }
 
 /// A list of short strings.
@@ -186,6 +198,15 @@ mod tests {
         );
         assert_eq!(page_size("page_size", 0, 50, 500).unwrap(), 50);
         assert!(page_size("page_size", 501, 50, 500).is_err());
+    }
+
+    #[test]
+    fn errors_never_echo_long_or_control_input() {
+        let key = format!("{}\u{1}", "k".repeat(5000));
+        let map = HashMap::from([(key, String::new())]);
+        let e = metadata("metadata", &map).unwrap_err().to_string();
+        assert!(e.len() < 400, "{} bytes: {e}", e.len());
+        assert!(!e.contains('\u{1}'));
     }
 
     #[test]

@@ -362,9 +362,33 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
     }
 }
 
-/// Sweeps expired sessions, security events past retention and stale rate-limit state every
-/// `interval` until shutdown. Errors are logged and the loop goes on; each sweep's cost grows
-/// with what expired.
+/// A ticker for a periodic sweep whose first tick is one `interval` from now.
+async fn sweep_ticker(interval: std::time::Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    ticker
+}
+
+/// Waits for the next sweep; `false` once shutdown begins.
+async fn next_sweep(ticker: &mut tokio::time::Interval, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = ticker.tick() => true,
+        () = shutdown.cancelled() => false,
+    }
+}
+
+/// Logs one sweep's outcome. A failed sweep is retried at the next tick: the loop goes on.
+fn log_sweep(what: &'static str, result: crate::Result<usize>) {
+    match result {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, what, "purged"),
+        Err(e) => tracing::warn!(error = %e, what, "cleanup failed; will retry at the next sweep"),
+    }
+}
+
+/// Sweeps expired sessions, security events past retention, stale rate-limit state and old
+/// refresh records every `interval` until shutdown; each sweep's cost grows with what expired.
 async fn cleanup_loop(
     sessions: SessionManager,
     security: Security,
@@ -372,47 +396,19 @@ async fn cleanup_loop(
     interval: std::time::Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        match sessions.cleanup().await {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "expired sessions purged"),
-            Err(e) => tracing::warn!(error = %e, "session cleanup failed; will retry"),
-        }
-        match security.cleanup().await {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "old security events and rate-limit state purged"),
-            Err(e) => tracing::warn!(error = %e, "security cleanup failed; will retry"),
-        }
-        match tokens.cleanup().await {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "old refresh records purged"),
-            Err(e) => tracing::warn!(error = %e, "refresh-record cleanup failed; will retry"),
-        }
+    let mut ticker = sweep_ticker(interval).await;
+    while next_sweep(&mut ticker, &shutdown).await {
+        log_sweep("expired sessions", sessions.cleanup().await);
+        log_sweep("old security events and rate-limit state", security.cleanup().await);
+        log_sweep("old refresh records", tokens.cleanup().await);
     }
 }
 
 /// Purges revocation-list entries whose TTL passed, every `interval` until shutdown. The sweep
 /// walks the list's expiry index, so its cost grows with what expired.
 async fn revocation_cleanup_loop(revocations: Revocations, interval: std::time::Duration, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        match revocations.cleanup().await {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "expired revocation-list entries purged"),
-            Err(e) => tracing::warn!(error = %e, "revocation cleanup failed; will retry"),
-        }
+    let mut ticker = sweep_ticker(interval).await;
+    while next_sweep(&mut ticker, &shutdown).await {
+        log_sweep("expired revocation-list entries", revocations.cleanup().await);
     }
 }

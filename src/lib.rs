@@ -31,6 +31,7 @@ pub mod error;
 pub mod grpc;
 pub mod limits;
 pub mod metrics;
+pub mod paging;
 pub mod revocation;
 pub mod security;
 pub mod session;

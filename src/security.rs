@@ -17,8 +17,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::clock::{Clock, Millis};
 use crate::error::{Error, Result};
@@ -478,7 +476,7 @@ impl Security {
     pub async fn list_events(&self, list: &ListEvents) -> Result<EventPage> {
         let now = self.clock.now();
         let page_size = list.page_size.max(1);
-        let after = list.page_token.as_deref().map(decode_page_token).transpose()?;
+        let after = list.page_token.as_deref().map(crate::paging::decode).transpose()?;
         let query = EventQuery {
             user_id: list.user_id.clone(),
             from: list.start.unwrap_or(0),
@@ -490,7 +488,7 @@ impl Security {
         let mut events = self.recorder.store().user_events(&query).await?;
         let next_page_token = (events.len() > page_size).then(|| {
             let last = &events[page_size - 1];
-            encode_page_token(last.occurred_at, &last.event_id)
+            crate::paging::encode(last.occurred_at, &last.event_id)
         });
         events.truncate(page_size);
         Ok(EventPage { events, next_page_token })
@@ -555,17 +553,6 @@ impl Security {
         }
         Ok(total + self.limiter.cleanup().await?)
     }
-}
-
-fn encode_page_token(occurred_at: Millis, event_id: &str) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{occurred_at}:{event_id}"))
-}
-
-fn decode_page_token(token: &str) -> Result<(Millis, String)> {
-    let bad = || Error::invalid("page_token", "not a token returned by a previous call");
-    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
-    let (at, id) = text.split_once(':').ok_or_else(bad)?;
-    Ok((at.parse().map_err(|_| bad())?, id.to_owned()))
 }
 
 #[cfg(test)]

@@ -790,7 +790,7 @@ impl SessionManager {
         let wanted = |state: SessionState| {
             if states.is_empty() { state == SessionState::Active } else { states.contains(&state) }
         };
-        let after = page_token.map(decode_page_token).transpose()?;
+        let after = page_token.map(crate::paging::decode).transpose()?;
         let mut sessions: Vec<SessionRecord> =
             self.store.list_user(user_id).await?.into_iter().filter(|s| wanted(s.effective_state(now).0)).collect();
         sessions.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.session_id.cmp(&a.session_id)));
@@ -799,7 +799,7 @@ impl SessionManager {
         }
         let next_page_token = (sessions.len() > page_size).then(|| {
             let last = &sessions[page_size - 1];
-            encode_page_token(last.created_at, &last.session_id)
+            crate::paging::encode(last.created_at, &last.session_id)
         });
         sessions.truncate(page_size);
         Ok(Page { sessions, next_page_token })
@@ -880,17 +880,6 @@ fn reason_for(state: SessionState) -> InvalidReason {
         SessionState::Revoked => InvalidReason::Revoked,
         SessionState::Terminated => InvalidReason::Terminated,
     }
-}
-
-fn encode_page_token(created_at: Millis, session_id: &str) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{created_at}:{session_id}"))
-}
-
-fn decode_page_token(token: &str) -> Result<(Millis, String)> {
-    let bad = || Error::invalid("page_token", "not a token returned by a previous call");
-    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
-    let (created, id) = text.split_once(':').ok_or_else(bad)?;
-    Ok((created.parse().map_err(|_| bad())?, id.to_owned()))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use tonic::Code;
 
 use crate::support::otlp::Collector;
 use crate::support::prometheus::{self, Exposition};
-use crate::support::{ADMIN_KEY, Process, SERVICE_KEY, Spawn, WATCHER_KEY};
+use crate::support::{ADMIN_KEY, Process, SERVICE_KEY, Spawn, WATCHER_KEY, laptop, thief_device};
 
 const HOME_IP: &str = "192.0.2.10";
 const THIEF_IP: &str = "203.0.113.5";
@@ -31,30 +31,6 @@ fn scrape(port: u16) -> Exposition {
     prometheus::parse(body).unwrap_or_else(|e| panic!("the exposition does not parse: {e}\n{body}"))
 }
 
-fn laptop() -> pb::DeviceFingerprint {
-    pb::DeviceFingerprint {
-        user_agent: "UA/1".into(),
-        accept_language: "fr-FR".into(),
-        platform: "Linux x86_64".into(),
-        timezone: "Europe/Paris".into(),
-        screen_resolution: "1920x1080".into(),
-        color_depth: Some(24),
-        ..Default::default()
-    }
-}
-
-fn thief_device() -> pb::DeviceFingerprint {
-    pb::DeviceFingerprint {
-        user_agent: "Evil/9".into(),
-        accept_language: "en-US".into(),
-        platform: "Windows".into(),
-        timezone: "UTC".into(),
-        screen_resolution: "800x600".into(),
-        color_depth: Some(16),
-        ..Default::default()
-    }
-}
-
 fn login(user: &str, access: &str, refresh: &str, id: &str) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
         user_id: user.into(),
@@ -62,7 +38,7 @@ fn login(user: &str, access: &str, refresh: &str, id: &str) -> pb::CreateSession
         refresh_token: refresh.into(),
         id_token: id.into(),
         expires_in: Some(prost_types::Duration { seconds: 3600, nanos: 0 }),
-        device_fingerprint: Some(laptop()),
+        device_fingerprint: Some(laptop("UA/1")),
         ip_address: HOME_IP.into(),
         user_agent: "UA/1".into(),
         provider: String::new(),
@@ -73,7 +49,7 @@ fn login(user: &str, access: &str, refresh: &str, id: &str) -> pb::CreateSession
 fn validate(token: &str, thief: bool) -> pb::ValidateSessionRequest {
     pb::ValidateSessionRequest {
         session_token: token.into(),
-        device_fingerprint: Some(if thief { thief_device() } else { laptop() }),
+        device_fingerprint: Some(if thief { thief_device() } else { laptop("UA/1") }),
         ip_address: if thief { THIEF_IP } else { HOME_IP }.into(),
         user_agent: if thief { "Evil/9" } else { "UA/1" }.into(),
     }

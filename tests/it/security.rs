@@ -9,34 +9,10 @@ use session_authority::grpc::pb;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::support::{ADMIN_KEY, Process, SERVICE_KEY, Spawn};
+use crate::support::{ADMIN_KEY, Process, SERVICE_KEY, Spawn, laptop, thief_device};
 
 const HOME_IP: &str = "192.0.2.10";
 const THIEF_IP: &str = "203.0.113.5";
-
-fn laptop(user_agent: &str) -> pb::DeviceFingerprint {
-    pb::DeviceFingerprint {
-        user_agent: user_agent.into(),
-        accept_language: "fr-FR".into(),
-        platform: "Linux x86_64".into(),
-        timezone: "Europe/Paris".into(),
-        screen_resolution: "1920x1080".into(),
-        color_depth: Some(24),
-        ..Default::default()
-    }
-}
-
-fn thief_device() -> pb::DeviceFingerprint {
-    pb::DeviceFingerprint {
-        user_agent: "Evil/9".into(),
-        accept_language: "en-US".into(),
-        platform: "Windows".into(),
-        timezone: "UTC".into(),
-        screen_resolution: "800x600".into(),
-        color_depth: Some(16),
-        ..Default::default()
-    }
-}
 
 fn login(user: &str) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
+use session_authority::grpc::pb;
 use session_authority::grpc::pb::revocation_service_client::RevocationServiceClient;
 use session_authority::grpc::pb::security_service_client::SecurityServiceClient;
 use session_authority::grpc::pb::session_service_client::SessionServiceClient;
@@ -302,4 +303,30 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (Option<i
         std::thread::sleep(Duration::from_millis(20));
     };
     (code, reader.join().unwrap())
+}
+
+/// The device the tests' users log in from.
+pub fn laptop(user_agent: &str) -> pb::DeviceFingerprint {
+    pb::DeviceFingerprint {
+        user_agent: user_agent.into(),
+        accept_language: "fr-FR".into(),
+        platform: "Linux x86_64".into(),
+        timezone: "Europe/Paris".into(),
+        screen_resolution: "1920x1080".into(),
+        color_depth: Some(24),
+        ..Default::default()
+    }
+}
+
+/// A different device on every field: with a new network it scores above the hijack threshold.
+pub fn thief_device() -> pb::DeviceFingerprint {
+    pb::DeviceFingerprint {
+        user_agent: "Evil/9".into(),
+        accept_language: "en-US".into(),
+        platform: "Windows".into(),
+        timezone: "UTC".into(),
+        screen_resolution: "800x600".into(),
+        color_depth: Some(16),
+        ..Default::default()
+    }
 }

@@ -17,7 +17,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-
 use crate::clock::{Clock, Millis};
 use crate::error::{Error, Result};
 use crate::revocation::RevocationKind;

@@ -11,6 +11,12 @@ use session_authority::config::Flags;
 use session_authority::grpc::pb;
 use session_authority::{App, Config, crypto};
 
+/// mimalloc instead of the system allocator: every call allocates many small, short-lived
+/// buffers (HTTP/2 frames, decoded messages, session copies), where glibc's malloc cost a tenth
+/// of the server's CPU and fragmented the heap of a large memory store (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "session-authority", version, about = "gRPC session authority for polyglot backends")]
 struct Cli {
@@ -91,20 +97,27 @@ struct ServeArgs {
     /// text or json [env: SESSION_AUTHORITY_LOG_FORMAT] [default: text]
     #[arg(long)]
     log_format: Option<String>,
+    /// Benchmarks only, memory storage only: store N sessions (one user each) in process before
+    /// serving and write their tokens to --seed-tokens-out. That file holds bearer secrets.
+    #[arg(long, hide = true, requires = "seed_tokens_out")]
+    seed_sessions: Option<usize>,
+    /// Where --seed-sessions writes the tokens, one per line.
+    #[arg(long, hide = true, requires = "seed_sessions")]
+    seed_tokens_out: Option<std::path::PathBuf>,
 }
 
 impl ServeArgs {
-    fn flags(self) -> Flags {
+    fn flags(&self) -> Flags {
         [
-            ("listen", self.listen),
-            ("storage", self.storage),
-            ("data_dir", self.data_dir),
-            ("config", self.config),
-            ("metrics_listen", self.metrics_listen),
-            ("log_format", self.log_format),
+            ("listen", &self.listen),
+            ("storage", &self.storage),
+            ("data_dir", &self.data_dir),
+            ("config", &self.config),
+            ("metrics_listen", &self.metrics_listen),
+            ("log_format", &self.log_format),
         ]
         .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
         .collect()
     }
 }
@@ -130,9 +143,19 @@ async fn shutdown_signal() {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let flags = args.flags();
     let config = Config::load(&flags, &|name| std::env::var(name).ok())?;
+    if args.seed_sessions.is_some() && config.storage.kind != session_authority::config::StorageKind::Memory {
+        anyhow::bail!(
+            "--seed-sessions works only with memory storage; seed the embedded store with `session-authority seed`"
+        );
+    }
     let telemetry = session_authority::telemetry::init(config.log_format, &|name| std::env::var(name).ok())?;
     let result = async {
         let app = App::build(config).await?;
+        if let (Some(count), Some(out)) = (args.seed_sessions, &args.seed_tokens_out) {
+            seed_in_process(app.sessions(), count, out)
+                .await
+                .map_err(|e| session_authority::config::ConfigError(format!("--seed-sessions: {e:#}")))?;
+        }
         tokio::spawn(reload_keys_on_sighup(flags, app.api_keys()));
         app.run_until(shutdown_signal()).await
     }
@@ -140,6 +163,86 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Flush the spans still buffered (the exports run on this runtime, so not on its threads).
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     Ok(result?)
+}
+
+/// Stores `count` sessions through the running app's manager and writes their tokens to `out`.
+async fn seed_in_process(
+    sessions: &session_authority::session::SessionManager,
+    count: usize,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use secrecy::{ExposeSecret as _, SecretString};
+    let started = std::time::Instant::now();
+    let rss_before = rss_bytes();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(out)?);
+    let run = std::process::id();
+    // One worker per core takes chunks of indexes; the tokens file is in no particular order.
+    const CHUNK: usize = 10_000;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<String>>(4);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    for _ in 0..workers {
+        let (sessions, next, tx) = (sessions.clone(), next.clone(), tx.clone());
+        tokio::spawn(async move {
+            loop {
+                let start = next.fetch_add(CHUNK, std::sync::atomic::Ordering::Relaxed);
+                if start >= count {
+                    return;
+                }
+                let mut lines = String::with_capacity(CHUNK * 48);
+                for n in start..(start + CHUNK).min(count) {
+                    let seeded = sessions
+                        .seed(session_authority::session::NewSession {
+                            user_id: format!("seed-{run}-{n}"),
+                            access_token: SecretString::from("bench-access-token".to_string()),
+                            refresh_token: Some(SecretString::from("bench-refresh-token".to_string())),
+                            expires_in: Some(Duration::from_secs(3600)),
+                            ip_address: Some(std::net::IpAddr::from([203, 0, 113, 9])),
+                            user_agent: Some("loadgen".into()),
+                            ..Default::default()
+                        })
+                        .await;
+                    match seeded {
+                        Ok(token) => {
+                            lines.push_str(token.expose_secret());
+                            lines.push('\n');
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
+                }
+                if tx.send(Ok(lines)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    while let Some(lines) = rx.recv().await {
+        file.write_all(lines?.as_bytes())?;
+    }
+    file.flush()?;
+    let rss_after = rss_bytes();
+    let bytes_per_session = rss_before.zip(rss_after).map(|(b, a)| a.saturating_sub(b) / count.max(1) as u64);
+    tracing::info!(
+        sessions = count,
+        seconds = started.elapsed().as_secs_f64(),
+        rss_before,
+        rss_after,
+        bytes_per_session,
+        "seeded sessions in process"
+    );
+    Ok(())
+}
+
+/// This process's resident set size (VmRSS), when /proc has it.
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+    Some(kb * 1024)
 }
 
 /// Rotates API keys without a restart: on SIGHUP the configuration (its file, above all) is read

@@ -108,8 +108,9 @@ pub struct SessionRecord {
     pub ended_at: Option<Millis>,
     /// When the record may be purged.
     pub retain_until: Millis,
-    /// Device fingerprint presented at creation (or set by UpdateSession).
-    pub fingerprint: Option<Fingerprint>,
+    /// Device fingerprint presented at creation (or set by UpdateSession). Boxed: most
+    /// sessions have none, and inline it would triple the size of every record in memory.
+    pub fingerprint: Option<Box<Fingerprint>>,
     /// Sealed upstream tokens.
     pub tokens: SealedTokens,
     /// Incremented by every compare-and-swap and state change.
@@ -550,6 +551,24 @@ impl SessionManager {
         Ok(Created { session: record, token, evicted })
     }
 
+    /// Stores a new session directly, without the create rate limit, the security log or
+    /// metrics, and with no per-user cap (so it never evicts): for seeding a benchmark's memory
+    /// store in process.
+    pub async fn seed(&self, new: NewSession) -> Result<SecretString> {
+        let (record, token) = self.prepare(new);
+        let at = record.created_at;
+        let unused = EndSession {
+            state: SessionState::Terminated,
+            reason: EVICTION_REASON.into(),
+            at,
+            retain_until: self.tombstone_until(at),
+            kind: Some(RevocationKind::Evicted),
+            revoked_by: None,
+        };
+        self.store.create(record, u32::MAX, unused).await?;
+        Ok(token)
+    }
+
     /// Builds the record of a new session and its token, without storing anything (the
     /// offline seeding tool stores such records in bulk).
     pub fn prepare(&self, new: NewSession) -> (SessionRecord, SecretString) {
@@ -586,7 +605,7 @@ impl SessionManager {
             end_reason: None,
             ended_at: None,
             retain_until: self.tombstone_until(absolute_expires_at),
-            fingerprint: new.fingerprint.filter(|f| !f.is_empty()),
+            fingerprint: new.fingerprint.filter(|f| !f.is_empty()).map(Box::new),
             tokens,
             version: 1,
             refresh_count: 0,
@@ -829,7 +848,7 @@ impl SessionManager {
                 return Err(Error::invalid("metadata", "the merged metadata would exceed the size limits"));
             }
             if let Some(fp) = &fingerprint {
-                next.fingerprint = Some(fp.clone()).filter(|f| !f.is_empty());
+                next.fingerprint = Some(fp.clone()).filter(|f| !f.is_empty()).map(Box::new);
             }
             next.version = expected + 1;
             match self.store.compare_and_swap(&next, expected).await? {

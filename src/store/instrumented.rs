@@ -45,6 +45,9 @@ pub struct Instrumented<T> {
     backend: &'static str,
 }
 
+/// The target of the storage spans (log output leaves them out; traces keep them).
+pub const SPAN_TARGET: &str = module_path!();
+
 impl<T> Instrumented<T> {
     /// Wraps `inner`, labelling its calls with `backend`.
     pub fn new(inner: T, backend: &'static str) -> Instrumented<T> {

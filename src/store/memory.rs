@@ -71,7 +71,9 @@ struct Events {
 
 #[derive(Debug, Default)]
 struct Inner {
-    sessions: HashMap<TokenHash, SessionRecord>,
+    // Boxed: the table then holds a pointer per slot instead of a whole record, which matters at
+    // millions of sessions (the table keeps spare slots, and grows by doubling).
+    sessions: HashMap<TokenHash, Box<SessionRecord>>,
     ids: HashMap<String, TokenHash>,
     users: HashMap<String, HashSet<TokenHash>>,
     expiry: BTreeSet<(Millis, TokenHash)>,
@@ -110,7 +112,7 @@ impl Inner {
     fn end(&mut self, hash: &TokenHash, end: &EndSession) -> EndOutcome {
         let Some(record) = self.sessions.get_mut(hash) else { return EndOutcome::NotFound };
         if record.state.is_terminal() {
-            return EndOutcome::AlreadyEnded(record.clone());
+            return EndOutcome::AlreadyEnded((**record).clone());
         }
         self.expiry.remove(&(record.retain_until, *hash));
         record.state = end.state;
@@ -119,7 +121,7 @@ impl Inner {
         record.retain_until = end.retain_until;
         record.version += 1;
         self.expiry.insert((record.retain_until, *hash));
-        let ended = record.clone();
+        let ended = (**record).clone();
         self.log.append(end, &ended);
         EndOutcome::Ended(ended)
     }
@@ -265,22 +267,28 @@ impl SessionStore for MemoryStore {
         inner.ids.insert(record.session_id.clone(), hash);
         inner.users.entry(record.user_id.clone()).or_default().insert(hash);
         inner.expiry.insert((record.retain_until, hash));
-        inner.sessions.insert(hash, record);
+        inner.sessions.insert(hash, Box::new(record));
         Ok(evicted)
     }
 
     async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>> {
-        Ok(self.read().sessions.get(token_hash).cloned())
+        Ok(self.read().sessions.get(token_hash).map(|r| (**r).clone()))
     }
 
     async fn get_by_id(&self, session_id: &str) -> Result<Option<SessionRecord>> {
         let inner = self.read();
-        Ok(inner.ids.get(session_id).and_then(|h| inner.sessions.get(h)).cloned())
+        Ok(inner.ids.get(session_id).and_then(|h| inner.sessions.get(h)).map(|r| (**r).clone()))
     }
 
     async fn list_user(&self, user_id: &str) -> Result<Vec<SessionRecord>> {
         let inner = self.read();
-        Ok(inner.users.get(user_id).into_iter().flatten().filter_map(|h| inner.sessions.get(h).cloned()).collect())
+        Ok(inner
+            .users
+            .get(user_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|h| inner.sessions.get(h).map(|r| (**r).clone()))
+            .collect())
     }
 
     async fn touch(&self, token_hash: &TokenHash, touch: Touch) -> Result<()> {
@@ -301,7 +309,7 @@ impl SessionStore for MemoryStore {
         let mut inner = self.write();
         let Some(current) = inner.sessions.get_mut(&record.token_hash) else { return Ok(CasOutcome::NotFound) };
         if current.version != expected_version || current.state.is_terminal() {
-            return Ok(CasOutcome::Conflict(Box::new(current.clone())));
+            return Ok(CasOutcome::Conflict(current.clone()));
         }
         let mut next = record.clone();
         next.version = expected_version + 1;
@@ -310,7 +318,7 @@ impl SessionStore for MemoryStore {
         next.user_id = current.user_id.clone();
         next.state = current.state;
         next.retain_until = current.retain_until;
-        *current = next;
+        **current = next;
         Ok(CasOutcome::Swapped)
     }
 

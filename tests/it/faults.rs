@@ -1,5 +1,6 @@
 //! Faults through the real binary (issue 11): SIGKILL in the middle of a write burst on the
-//! embedded store. (A Redis outage under load is `shared_storage::a_redis_outage_under_load_...`;
+//! embedded store, and one replica cut off from Redis by a network partition while another
+//! keeps serving. (A Redis outage under load is `shared_storage::a_redis_outage_under_load_...`;
 //! a kill after the writes completed is `sessions::acknowledged_sessions_survive_sigkill`;
 //! provider faults are in `tokens`.)
 
@@ -10,7 +11,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use session_authority::grpc::pb;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
+use crate::servers::{RedisServer, unique_prefix};
+use crate::shared_storage::on_redis;
+use crate::support::proxy::{Mode, Proxy};
 use crate::support::{ADMIN_KEY, Process, SERVICE_KEY, Spawn, WATCHER_KEY};
 
 const IP: &str = "198.51.100.7";
@@ -469,4 +477,293 @@ async fn sigkill_during_a_write_burst_loses_no_acknowledged_write_on_embedded() 
     assert_eq!((answer.valid, answer.reason), (false, pb::InvalidReason::Terminated as i32));
     let (code, _server) = server.terminate().await;
     assert_eq!(code, Some(0), "a clean shutdown after the kills");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A network partition between one replica and Redis
+// ---------------------------------------------------------------------------------------------
+
+/// The overall status and every service's.
+async fn health(server: &Process) -> Vec<Option<i32>> {
+    let mut client = HealthClient::new(server.channel().await);
+    let mut statuses = Vec::new();
+    for service in [""].into_iter().chain(session_authority::app::SERVICE_NAMES) {
+        let status =
+            client.check(HealthCheckRequest { service: service.into() }).await.ok().map(|r| r.into_inner().status);
+        statuses.push(status);
+    }
+    statuses
+}
+
+/// Polls until every status is `wanted`, up to `limit`; returns how long it took.
+async fn wait_health(server: &Process, wanted: ServingStatus, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let statuses = health(server).await;
+        if statuses.iter().all(|s| *s == Some(wanted as i32)) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "health did not become {wanted:?} within {limit:?}: {statuses:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Valid,
+    Revoked,
+    Unavailable,
+    Other(Code, i32),
+}
+
+#[derive(Debug)]
+struct Call {
+    token: usize,
+    started: Instant,
+    ended: Instant,
+    outcome: Outcome,
+}
+
+/// Validates `tokens` round robin on `server` until `stop`, recording every call.
+fn validators(
+    server: &Process,
+    lanes: usize,
+    tokens: Arc<Vec<String>>,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<Call>>> {
+    let url = server.url();
+    (0..lanes)
+        .map(|lane| {
+            let (tokens, stop, url) = (tokens.clone(), stop.clone(), url.clone());
+            tokio::spawn(async move {
+                let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
+                let mut client = pb::session_service_client::SessionServiceClient::with_interceptor(
+                    channel,
+                    crate::support::Auth::new(Some(SERVICE_KEY)),
+                );
+                let mut calls = Vec::new();
+                let mut n = lane;
+                while !stop.load(Ordering::SeqCst) {
+                    let token = n % tokens.len();
+                    n += lanes;
+                    let started = Instant::now();
+                    let outcome = match client.validate_session(validate(&tokens[token])).await {
+                        Ok(r) if r.get_ref().valid => Outcome::Valid,
+                        Ok(r) if r.get_ref().reason == pb::InvalidReason::Revoked as i32 => Outcome::Revoked,
+                        Ok(r) => Outcome::Other(Code::Ok, r.get_ref().reason),
+                        Err(s) if s.code() == Code::Unavailable => Outcome::Unavailable,
+                        Err(s) => Outcome::Other(s.code(), 0),
+                    };
+                    calls.push(Call { token, started, ended: Instant::now(), outcome });
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                calls
+            })
+        })
+        .collect()
+}
+
+async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<Call>>>) -> Vec<Call> {
+    let mut calls = Vec::new();
+    for task in tasks {
+        calls.extend(task.await.unwrap());
+    }
+    calls
+}
+
+fn tally(calls: &[&Call]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for call in calls {
+        *counts.entry(format!("{:?}", call.outcome)).or_default() += 1;
+    }
+    counts
+}
+
+/// Two replicas on one redis-server, A through `proxy`: A is cut off (the proxy goes through
+/// `cut`, 300 ms per step) while B keeps serving and revokes some sessions; A must fail closed
+/// and come back by itself.
+async fn partition_one_replica(cut_modes: &[Mode]) {
+    const SESSIONS: usize = 24;
+    const REVOKED: usize = 6;
+    const PARTITION_AFTER_NOT_SERVING: Duration = Duration::from_secs(4);
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let prefix = unique_prefix("partition");
+    // The default storage timeout (2 s): the partition is met with the shipped settings.
+    let a = on_redis(&proxy.redis_url(), &prefix).start();
+    let b = on_redis(&redis.url(), &prefix).start();
+    let pid = a.child.id();
+
+    let mut on_b = b.sessions(Some(SERVICE_KEY)).await;
+    let mut tokens = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..SESSIONS {
+        let created = on_b.create_session(create(&format!("part-{}", i % 6))).await.unwrap().into_inner();
+        tokens.push(created.session_token);
+        ids.push(created.session.unwrap().session_id);
+    }
+    let mut on_a = a.sessions(Some(SERVICE_KEY)).await;
+    for token in &tokens {
+        assert!(on_a.validate_session(validate(token)).await.unwrap().into_inner().valid);
+    }
+    wait_health(&a, ServingStatus::Serving, Duration::from_secs(5)).await;
+    wait_health(&b, ServingStatus::Serving, Duration::from_secs(5)).await;
+
+    // Load on both replicas over the same sessions, and a watch on B's health.
+    let tokens = Arc::new(tokens);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load_a = validators(&a, 8, tokens.clone(), stop.clone());
+    let load_b = validators(&b, 2, tokens.clone(), stop.clone());
+    let b_health = {
+        let (stop, url) = (stop.clone(), b.url());
+        tokio::spawn(async move {
+            let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
+            let mut client = HealthClient::new(channel);
+            let (mut checks, mut not_serving) = (0usize, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                for service in [""].into_iter().chain(session_authority::app::SERVICE_NAMES) {
+                    let status = client.check(HealthCheckRequest { service: service.into() }).await;
+                    checks += 1;
+                    match status {
+                        Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => {}
+                        other => not_serving.push(format!("{service}: {other:?}")),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (checks, not_serving)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Partition.
+    let accepted_before = proxy.accepted();
+    let cut = Instant::now();
+    for (i, mode) in cut_modes.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        proxy.set(*mode);
+    }
+    wait_health(&a, ServingStatus::NotServing, Duration::from_secs(15)).await;
+    let to_not_serving = cut.elapsed();
+
+    // While A is cut off, B revokes some sessions: A cannot know, so it must not say valid.
+    let mut revoke_on_b = b.revocations(Some(SERVICE_KEY)).await;
+    for id in &ids[..REVOKED] {
+        let request = pb::RevokeSessionRequest {
+            selector: Some(pb::revoke_session_request::Selector::SessionId(id.clone())),
+            reason: "partition".into(),
+            revoked_by: "faults".into(),
+        };
+        revoke_on_b.revoke_session(request).await.expect("B revokes during the partition");
+    }
+    let revoked_at = Instant::now();
+    let e = on_a.validate_session(validate(&tokens[0])).await.expect_err("A cannot check a revoked session");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    tokio::time::sleep_until((cut + to_not_serving + PARTITION_AFTER_NOT_SERVING).into()).await;
+    let statuses = health(&a).await;
+    assert!(
+        statuses.iter().all(|s| *s == Some(ServingStatus::NotServing as i32)),
+        "A's health came back while still cut off: {statuses:?}"
+    );
+
+    // Heal.
+    proxy.set(Mode::Forward);
+    let healed = Instant::now();
+    // Both measured from the heal: the first valid answer to a probe, then health (the server
+    // pings storage once a second, so health may follow up to a second later).
+    let to_first_valid = loop {
+        if let Ok(r) = on_a.validate_session(validate(&tokens[REVOKED])).await {
+            assert!(r.get_ref().valid, "{r:?}");
+            break healed.elapsed();
+        }
+        assert!(healed.elapsed() < Duration::from_secs(15), "A did not validate within 15 s of the heal");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    wait_health(&a, ServingStatus::Serving, Duration::from_secs(15)).await;
+    let to_serving = healed.elapsed();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (calls_a, calls_b) = (collect(load_a).await, collect(load_b).await);
+    let (b_checks, b_not_serving) = b_health.await.unwrap();
+    let settled = Instant::now();
+
+    // A, during the partition: every call that started after the cut and ended before the heal
+    // answered UNAVAILABLE (it could not read Redis), none valid, none "not valid".
+    let during_a: Vec<&Call> = calls_a.iter().filter(|c| c.started >= cut && c.ended <= healed).collect();
+    assert!(during_a.len() >= 6, "the load kept calling A during the partition ({} calls)", during_a.len());
+    let wrong: Vec<&&Call> = during_a.iter().filter(|c| c.outcome != Outcome::Unavailable).collect();
+    assert!(wrong.is_empty(), "A answered during the partition: {wrong:?}");
+    // A revoked session never validated on A after its revocation.
+    let stale: Vec<&Call> = calls_a
+        .iter()
+        .filter(|c| c.token < REVOKED && c.started >= revoked_at && c.outcome == Outcome::Valid)
+        .collect();
+    assert!(stale.is_empty(), "A said valid for a session B had revoked: {stale:?}");
+
+    // B, during the partition: served every call and stayed SERVING.
+    let during_b: Vec<&Call> = calls_b.iter().filter(|c| c.started >= cut && c.ended <= healed).collect();
+    assert!(during_b.len() >= 10, "the load kept calling B ({} calls)", during_b.len());
+    for call in &during_b {
+        let fine = match call.outcome {
+            Outcome::Valid => call.token >= REVOKED || call.started < revoked_at,
+            // Revoked from the moment B's revocation committed (at the latest when it answered).
+            Outcome::Revoked => call.token < REVOKED,
+            _ => false,
+        };
+        assert!(fine, "B answered {call:?} during A's partition");
+    }
+    assert!(b_not_serving.is_empty(), "B's health left SERVING: {b_not_serving:?}");
+
+    // A after the heal: same process, every session in its real state, every service SERVING.
+    assert_eq!(a.child.id(), pid);
+    let after_a: Vec<&Call> =
+        calls_a.iter().filter(|c| c.started >= healed + to_first_valid + Duration::from_millis(100)).collect();
+    assert!(!after_a.is_empty());
+    for call in &after_a {
+        let wanted = if call.token < REVOKED { Outcome::Revoked } else { Outcome::Valid };
+        assert_eq!(call.outcome, wanted, "A after the heal: {call:?}");
+    }
+    for (i, token) in tokens.iter().enumerate() {
+        let answer = on_a.validate_session(validate(token)).await.unwrap().into_inner();
+        if i < REVOKED {
+            assert_eq!((answer.valid, answer.reason), (false, pb::InvalidReason::Revoked as i32), "{answer:?}");
+        } else {
+            assert!(answer.valid, "{answer:?}");
+        }
+    }
+    let created = on_a.create_session(create("after-the-heal")).await.expect("A writes after the heal").into_inner();
+    assert!(on_b.validate_session(validate(&created.session_token)).await.unwrap().into_inner().valid);
+    wait_health(&a, ServingStatus::Serving, Duration::from_secs(1)).await;
+
+    let straddling = calls_a.iter().filter(|c| c.started < healed && c.ended > healed).count();
+    eprintln!(
+        "partition ({cut_modes:?}): A NOT_SERVING after {to_not_serving:?}; SERVING {to_serving:?} after the heal, first \
+         valid answer after {to_first_valid:?}; A during the partition: {:?} ({} calls straddled the heal); B \
+         during the partition: {:?}, {b_checks} health checks all SERVING; {} proxy connections accepted \
+         during and after the partition; load ran {:?}",
+        tally(&during_a),
+        straddling,
+        tally(&during_b),
+        proxy.accepted() - accepted_before,
+        settled - cut,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_black_holed_from_redis_fails_closed_and_heals_while_another_serves() {
+    partition_one_replica(&[Mode::BlackHole]).await;
+}
+
+/// The path drops the replica's connection, then swallows everything: every reconnect is
+/// accepted and then silent, so only the connection timeout ends each attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_reconnecting_into_a_black_hole_fails_closed_and_heals_while_another_serves() {
+    partition_one_replica(&[Mode::Reset, Mode::BlackHole]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_whose_redis_connections_are_reset_fails_closed_and_heals_while_another_serves() {
+    partition_one_replica(&[Mode::Reset]).await;
 }

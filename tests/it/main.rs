@@ -2,6 +2,7 @@
 
 mod authz;
 mod conformance;
+mod faults;
 mod foundation;
 mod fuzz;
 mod keys;

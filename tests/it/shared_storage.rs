@@ -21,7 +21,7 @@ fn encryption_key() -> String {
 }
 
 /// A server on Redis at `url`, its keys under `prefix`.
-fn on_redis(url: &str, prefix: &str) -> Spawn {
+pub(crate) fn on_redis(url: &str, prefix: &str) -> Spawn {
     Spawn::default()
         .arg("--storage")
         .arg("redis")

@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 
 pub mod otlp;
 pub mod prometheus;
+pub mod proxy;
 
 /// Development keys every spawned server accepts.
 pub const SERVICE_KEY: &str = "test-service-key-0000000000000001";

@@ -192,8 +192,14 @@ impl App {
         let client_cert_role =
             server_config.tls.as_ref().filter(|tls| tls.client_ca_pem.is_some()).map(|tls| tls.client_cert_role);
 
+        // No per-connection stream limit (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS unset), stated
+        // here rather than left to a default: sidecars multiplex many watch streams over few
+        // connections, and a client over a per-connection limit queues its calls locally
+        // instead of getting a quick RESOURCE_EXHAUSTED. The global ceilings are the load-shed
+        // permits (`server.concurrency_limit`) and `revocation.max_watchers`.
         let mut builder = Server::builder()
             .timeout(server_config.request_timeout)
+            .max_concurrent_streams(None)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .trace_fn(crate::telemetry::grpc_span);
         if let Some(tls) = &server_config.tls {

@@ -240,6 +240,9 @@ pub struct RevocationConfig {
     /// Events the per-replica live feed buffers; a watcher further behind is ended with
     /// ABORTED and resumes from its cursor.
     pub watch_buffer: usize,
+    /// WatchRevocations streams this replica serves at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    pub max_watchers: usize,
 }
 
 /// Rate limits and hijack detection.
@@ -406,6 +409,7 @@ const KNOWN_KEYS: &[&str] = &[
     "revocation.list_ttl",
     "revocation.cleanup_interval",
     "revocation.watch_buffer",
+    "revocation.max_watchers",
     "security.rate_limiting",
     "security.hijack_detection",
     "security.hijack_threshold",
@@ -878,9 +882,13 @@ impl Config {
             list_ttl: r.positive_duration("revocation.list_ttl", Duration::from_secs(24 * 3600))?,
             cleanup_interval: r.positive_duration("revocation.cleanup_interval", Duration::from_secs(3600))?,
             watch_buffer: r.number("revocation.watch_buffer", 4096usize)?,
+            max_watchers: r.number("revocation.max_watchers", crate::revocation::DEFAULT_MAX_WATCHERS)?,
         };
         if revocation.watch_buffer < 16 {
             return Err(err("setting `revocation.watch_buffer`: must be at least 16"));
+        }
+        if revocation.max_watchers == 0 {
+            return Err(err("setting `revocation.max_watchers`: must be at least 1"));
         }
 
         let security = SecurityConfig {
@@ -970,6 +978,9 @@ mod tests {
         assert_eq!(c.token.retry_max_delay, Duration::from_secs(30));
         assert_eq!(c.revocation.list_ttl, Duration::from_secs(24 * 3600));
         assert!(c.revocation.cascade);
+        assert_eq!(c.revocation.watch_buffer, 4096);
+        assert_eq!(c.revocation.max_watchers, 20_000);
+        assert_eq!(c.server.concurrency_limit, 1024);
         assert_eq!(c.security.hijack_threshold, 0.7);
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.metrics_listen.is_none());
@@ -1026,6 +1037,10 @@ mod tests {
         assert!(e.contains("tls.cert") && e.contains("/nonexistent/cert.pem"), "{e}");
         let e = load(&[], &[("SESSION_AUTHORITY_SESSION_DEVICE_MATCH_THRESHOLD", "1.5")]).unwrap_err().to_string();
         assert!(e.contains("device_match_threshold"), "{e}");
+        let e = load(&[], &[("SESSION_AUTHORITY_REVOCATION_MAX_WATCHERS", "0")]).unwrap_err().to_string();
+        assert!(e.contains("revocation.max_watchers"), "{e}");
+        let c = load(&[], &[("SESSION_AUTHORITY_REVOCATION_MAX_WATCHERS", "3")]).unwrap();
+        assert_eq!(c.revocation.max_watchers, 3);
     }
 
     #[test]

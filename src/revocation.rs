@@ -169,6 +169,8 @@ pub struct RevocationSettings {
     pub cascade: bool,
     /// Capacity of the per-replica live broadcast; a watcher further behind is ended.
     pub watch_buffer: usize,
+    /// Watch streams served at once; one more is refused with `ResourceExhausted`.
+    pub max_watchers: usize,
     /// Heartbeat interval when the watcher asks for none.
     pub default_heartbeat: Duration,
 }
@@ -179,6 +181,7 @@ impl RevocationSettings {
         RevocationSettings {
             cascade: config.revocation.cascade,
             watch_buffer: config.revocation.watch_buffer,
+            max_watchers: config.revocation.max_watchers,
             default_heartbeat: DEFAULT_HEARTBEAT,
         }
     }
@@ -186,10 +189,17 @@ impl RevocationSettings {
 
 impl Default for RevocationSettings {
     fn default() -> Self {
-        RevocationSettings { cascade: true, watch_buffer: 4096, default_heartbeat: DEFAULT_HEARTBEAT }
+        RevocationSettings {
+            cascade: true,
+            watch_buffer: 4096,
+            max_watchers: DEFAULT_MAX_WATCHERS,
+            default_heartbeat: DEFAULT_HEARTBEAT,
+        }
     }
 }
 
+/// Watch streams one replica serves at once unless configured (`revocation.max_watchers`).
+pub const DEFAULT_MAX_WATCHERS: usize = 20_000;
 /// Heartbeat interval of a watch stream that asks for none.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 /// Shortest heartbeat interval a watcher may ask for.

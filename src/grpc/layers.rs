@@ -17,25 +17,35 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::body::Body;
 use tower::{Layer, Service};
 
+use crate::error::Error;
+
 /// Limits calls in flight across all connections. A call over the limit is answered
-/// RESOURCE_EXHAUSTED immediately instead of queueing without bound. A server stream holds its
-/// permit only until its response starts, so open watch streams do not starve unary calls.
+/// RESOURCE_EXHAUSTED immediately instead of queueing without bound. The permit lives in the
+/// call's response future: it is given back when the response (or its headers, for a stream)
+/// is ready, or when the future is dropped because the client cancelled or its deadline
+/// passed. A server stream therefore holds its permit only until its response starts, so open
+/// watch streams do not starve unary calls; their own ceiling is `revocation.max_watchers`.
+///
+/// Health is never shed: it answers from memory, and a probe refused under load would get a
+/// busy replica restarted or taken out of rotation, moving its load onto the others.
 #[derive(Clone, Debug)]
 pub struct LoadShedLayer {
     permits: Arc<Semaphore>,
+    limit: usize,
 }
 
 impl LoadShedLayer {
-    /// At most `limit` calls in flight.
+    /// At most `limit` calls in flight (capped at what a semaphore can count).
     pub fn new(limit: usize) -> LoadShedLayer {
-        LoadShedLayer { permits: Arc::new(Semaphore::new(limit)) }
+        let limit = limit.min(Semaphore::MAX_PERMITS);
+        LoadShedLayer { permits: Arc::new(Semaphore::new(limit)), limit }
     }
 }
 
 impl<S> Layer<S> for LoadShedLayer {
     type Service = LoadShed<S>;
     fn layer(&self, inner: S) -> LoadShed<S> {
-        LoadShed { inner, permits: self.permits.clone() }
+        LoadShed { inner, permits: self.permits.clone(), limit: self.limit }
     }
 }
 
@@ -44,6 +54,12 @@ impl<S> Layer<S> for LoadShedLayer {
 pub struct LoadShed<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    limit: usize,
+}
+
+/// Calls that never wait for a permit: health checks.
+fn never_shed(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
 }
 
 impl<S> Service<Request<Body>> for LoadShed<S>
@@ -60,6 +76,9 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        if never_shed(request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let future = self.inner.call(request);
@@ -69,10 +88,14 @@ where
                     response
                 })
             }
-            Err(_) => Box::pin(async {
-                Ok(tonic::Status::resource_exhausted("server overloaded: too many calls in flight; retry with backoff")
-                    .into_http())
-            }),
+            Err(_) => {
+                let status = tonic::Status::from(Error::ResourceExhausted(format!(
+                    "server overloaded: all {} call slots are in use (server.concurrency_limit); \
+                     retry with backoff, or through another replica",
+                    self.limit
+                )));
+                Box::pin(async move { Ok(status.into_http()) })
+            }
         }
     }
 }

@@ -19,9 +19,15 @@
 //! or buffering without bound. It resumes from that cursor and catches up from the durable log.
 //! Lag while still catching up from the log is not the client's fault and is absorbed: the
 //! stream re-subscribes and keeps reading the log.
+//!
+//! A replica serves at most `revocation.max_watchers` streams at once. Each holds a slot for its
+//! whole life (the global concurrency limit lets a stream go once its response starts), and one
+//! more is refused with `ResourceExhausted` before it subscribes or reads anything, so the
+//! number of open streams, and with it the memory they hold, has a configured ceiling.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -68,6 +74,9 @@ pub struct RevocationFeed {
     live: broadcast::Sender<Arc<RevocationEvent>>,
     wake: Arc<Notify>,
     default_heartbeat: Duration,
+    /// Streams open now, and the most allowed.
+    watchers: Arc<AtomicUsize>,
+    max_watchers: usize,
 }
 
 impl RevocationFeed {
@@ -79,6 +88,8 @@ impl RevocationFeed {
             live,
             wake: sessions.log_signal(),
             default_heartbeat: settings.default_heartbeat,
+            watchers: Arc::new(AtomicUsize::new(0)),
+            max_watchers: settings.max_watchers.max(1),
         }
     }
 
@@ -136,9 +147,17 @@ impl RevocationFeed {
         }
     }
 
-    /// Opens a watch stream. Fails with `OutOfRange` when the cursor belongs to another log,
-    /// is ahead of this one, or is older than what the log retains.
+    /// Opens a watch stream. Fails with `ResourceExhausted` when the replica already serves
+    /// `max_watchers` streams, and with `OutOfRange` when the cursor belongs to another log, is
+    /// ahead of this one, or is older than what the log retains.
     pub async fn watch(&self, request: WatchRequest) -> Result<impl Stream<Item = Result<WatchItem>> + Send + 'static> {
+        let slot = Slot::take(&self.watchers, self.max_watchers).ok_or_else(|| {
+            Error::ResourceExhausted(format!(
+                "this replica already serves its maximum of {} revocation watch streams (revocation.max_watchers); \
+                 share one stream per process, close idle ones, or watch through another replica, and retry with backoff",
+                self.max_watchers
+            ))
+        })?;
         // Subscribe before reading anything: see the module comment.
         let live = self.live.subscribe();
         let position = self.sessions.store().read_revocations(0, 0).await?.position;
@@ -175,7 +194,7 @@ impl RevocationFeed {
             catching_up: true,
             started: false,
             done: false,
-            _connected: Connected::new(),
+            _slot: slot,
         };
         Ok(futures_util::stream::unfold(watch, |mut watch| async move {
             let item = watch.next().await?;
@@ -205,21 +224,27 @@ struct Watch {
     catching_up: bool,
     started: bool,
     done: bool,
-    _connected: Connected,
+    _slot: Slot,
 }
 
-/// Holds one unit of the `revocation_watchers_connected` gauge for as long as a stream lives.
-struct Connected;
+/// One of the replica's `max_watchers` places, and one unit of the
+/// `revocation_watchers_connected` gauge, held for as long as a stream lives.
+struct Slot {
+    watchers: Arc<AtomicUsize>,
+}
 
-impl Connected {
-    fn new() -> Connected {
+impl Slot {
+    /// A place if fewer than `max` are taken.
+    fn take(watchers: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        watchers.fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < max).then_some(open + 1)).ok()?;
         metrics::gauge!(crate::metrics::WATCHERS_CONNECTED).increment(1.0);
-        Connected
+        Some(Slot { watchers: watchers.clone() })
     }
 }
 
-impl Drop for Connected {
+impl Drop for Slot {
     fn drop(&mut self) {
+        self.watchers.fetch_sub(1, Ordering::AcqRel);
         metrics::gauge!(crate::metrics::WATCHERS_CONNECTED).decrement(1.0);
     }
 }
@@ -322,5 +347,24 @@ impl Watch {
                 () = tokio::time::sleep_until(self.next_heartbeat) => return Some(Ok(self.heartbeat())),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_bounded_and_given_back_on_drop() {
+        let watchers = Arc::new(AtomicUsize::new(0));
+        let first = Slot::take(&watchers, 2).unwrap();
+        let second = Slot::take(&watchers, 2).unwrap();
+        assert!(Slot::take(&watchers, 2).is_none());
+        assert_eq!(watchers.load(Ordering::Acquire), 2, "a refused take leaves the count alone");
+        drop(first);
+        let third = Slot::take(&watchers, 2).unwrap();
+        assert!(Slot::take(&watchers, 2).is_none());
+        drop((second, third));
+        assert_eq!(watchers.load(Ordering::Acquire), 0);
     }
 }

@@ -9,6 +9,7 @@ mod keys;
 mod loadgen;
 mod oidc;
 mod operability;
+mod overload;
 mod revocations;
 mod security;
 mod servers;

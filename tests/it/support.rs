@@ -216,6 +216,15 @@ impl Process {
         self.logs.lock().unwrap().join("\n")
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's resident set size in bytes; see [`rss_bytes`].
+    pub fn rss_bytes(&self) -> Option<u64> {
+        rss_bytes(self.pid())
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
         assert!(status.success());
@@ -254,6 +263,15 @@ impl Drop for Process {
             eprintln!("--- server log ---\n{}", self.logs());
         }
     }
+}
+
+/// The resident set size in bytes of process `pid` (`VmRSS` of `/proc/<pid>/status`); `None`
+/// once it has exited, or where there is no procfs.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Adds `authorization: Bearer <key>` to every call.

@@ -107,6 +107,11 @@ const hanging = new Set();
 // Listen first so that port 0 resolves to a real port before the issuer
 // (which must contain the port) is configured.
 const server = createServer();
+// Keep idle connections longer than clients do (reqwest drops its idle ones after 90 s). With
+// Node's default of 5 s, a client reusing a pooled connection just as the server closes it gets
+// "connection reset" on a request the provider never saw.
+server.keepAliveTimeout = 120_000;
+server.headersTimeout = 125_000;
 await new Promise((resolve, reject) => {
   server.once('error', reject);
   server.listen(int('port', 0), '127.0.0.1', resolve);

@@ -52,7 +52,8 @@ pub struct RefreshLease {
     pub session_id: String,
     /// Who holds it: random per attempt (never a secret).
     pub holder: String,
-    /// The session version the holder read; its swap expects exactly this version.
+    /// The session version the holder read before asking for the lease (for diagnosis; its
+    /// swap expects the version it reads again once it holds the lease).
     pub version: u64,
     /// When the lease lapses unless renewed.
     pub expires_at: Millis,
@@ -261,6 +262,14 @@ fn ended_error(session: &SessionRecord, now: Millis) -> Error {
     Error::FailedPrecondition(format!("the session has ended ({state}, {})", reason.unwrap_or("no reason recorded")))
 }
 
+/// What [`TokenManager::look_again`] found.
+enum Settled {
+    /// Another caller's refresh completed: its result.
+    Done(Box<Refreshed>),
+    /// Nothing settled the call: refresh from this record.
+    Refresh(Box<SessionRecord>),
+}
+
 /// Aborts a spawned task when dropped (the lease renewer).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -416,26 +425,10 @@ impl TokenManager {
         let deadline = tokio::time::Instant::now() + self.settings.wait_timeout;
         let mut pause = Duration::from_millis(20);
         loop {
-            let current = self
-                .sessions
-                .store()
-                .get_by_token(&start.token_hash)
-                .await?
-                .ok_or_else(|| Error::NotFound("no such session".into()))?;
-            self.active(&current)?;
-            if current.refresh_count > start.refresh_count {
-                // Another caller's refresh completed while this one waited: its result is ours.
-                return self.completed(current, true).await;
-            }
-            if let Some(failed) =
-                self.newest_record(&current.session_id).await?.filter(|r| !r.success && r.refreshed_at >= started_at)
-            {
-                // A concurrent refresh failed after this call started: answer with its failure
-                // instead of calling the provider a second time.
-                return Err(
-                    self.failure_error(failed.cause.as_deref(), failed.error.as_deref().unwrap_or("refresh failed"))
-                );
-            }
+            let current = match self.look_again(start, started_at).await? {
+                Settled::Done(refreshed) => return Ok(*refreshed),
+                Settled::Refresh(current) => *current,
+            };
             let now = self.clock.now();
             let lease = RefreshLease {
                 session_id: current.session_id.clone(),
@@ -451,8 +444,20 @@ impl TokenManager {
                     // callers find the result through the grace period.
                     let this = self.clone();
                     let (force, reason) = (want.force, want.reason.to_owned());
+                    let start = start.clone();
                     let holder = tokio::spawn(async move {
-                        let result = this.refresh_holding(current, &lease, Want { force, reason: &reason }).await;
+                        // Look again with the lease held: between the read above and this
+                        // acquisition, another replica's holder may have written its result and
+                        // released the lease. Refreshing from the older read would present the
+                        // refresh token that holder already redeemed, which a rotating provider
+                        // refuses (invalid_grant) by revoking the whole grant.
+                        let result = match this.look_again(&start, started_at).await {
+                            Ok(Settled::Refresh(current)) => {
+                                this.refresh_holding(*current, &lease, Want { force, reason: &reason }).await
+                            }
+                            Ok(Settled::Done(refreshed)) => Ok(*refreshed),
+                            Err(e) => Err(e),
+                        };
                         if let Err(e) = this.store.release_lease(&lease.session_id, &lease.holder).await {
                             tracing::warn!(session_id = %lease.session_id, error = %e, "releasing the refresh lease failed; it will expire");
                         }
@@ -472,6 +477,33 @@ impl TokenManager {
                 }
             }
         }
+    }
+
+    /// Reads the session again for a caller that started at `started_at` from `start`: its
+    /// answer when the session has ended or another caller's refresh completed or failed since,
+    /// otherwise the record to refresh from.
+    async fn look_again(&self, start: &SessionRecord, started_at: Millis) -> Result<Settled> {
+        let current = self
+            .sessions
+            .store()
+            .get_by_token(&start.token_hash)
+            .await?
+            .ok_or_else(|| Error::NotFound("no such session".into()))?;
+        self.active(&current)?;
+        if current.refresh_count > start.refresh_count {
+            // Another caller's refresh completed while this one waited: its result is ours.
+            return Ok(Settled::Done(Box::new(self.completed(current, true).await?)));
+        }
+        if let Some(failed) =
+            self.newest_record(&current.session_id).await?.filter(|r| !r.success && r.refreshed_at >= started_at)
+        {
+            // A concurrent refresh failed after this call started: answer with its failure
+            // instead of calling the provider a second time.
+            return Err(
+                self.failure_error(failed.cause.as_deref(), failed.error.as_deref().unwrap_or("refresh failed"))
+            );
+        }
+        Ok(Settled::Refresh(Box::new(current)))
     }
 
     fn failure_error(&self, cause: Option<&str>, message: &str) -> Error {

@@ -15,6 +15,7 @@ mod security;
 mod servers;
 mod sessions;
 mod shared_storage;
+mod soak;
 mod support;
 mod tls;
 mod tokens;

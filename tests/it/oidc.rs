@@ -33,10 +33,16 @@ pub struct Tokens {
 impl Oidc {
     /// Starts the provider with access (and id) tokens living `access_ttl` seconds.
     pub fn start(access_ttl: u64) -> Oidc {
+        Oidc::start_with(access_ttl, &[])
+    }
+
+    /// [`Oidc::start`] with more of `provider.mjs`'s options (see its README).
+    pub fn start_with(access_ttl: u64, options: &[&str]) -> Oidc {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/oidc");
         let mut child = Command::new("node")
             .arg("provider.mjs")
             .args(["--port", "0", "--access-ttl", &access_ttl.to_string()])
+            .args(options)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -223,10 +223,7 @@ impl Process {
 
     /// The server's resident set size (`VmRSS` of `/proc/<pid>/status`), in bytes.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc/<pid>/status");
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("a VmRSS line");
-        let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS in kB");
-        kib * 1024
+        rss_bytes(self.pid()).expect("VmRSS of the server in /proc/<pid>/status")
     }
 
     pub fn signal(&self, signal: &str) {
@@ -267,6 +264,15 @@ impl Drop for Process {
             eprintln!("--- server log ---\n{}", self.logs());
         }
     }
+}
+
+/// The resident set size in bytes of process `pid` (`VmRSS` of `/proc/<pid>/status`); `None`
+/// once it has exited, or where there is no procfs.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Adds `authorization: Bearer <key>` to every call.

@@ -7,13 +7,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use session_authority::clock::SystemClock;
+use session_authority::clock::{Millis, SystemClock};
 use session_authority::config::{Config, Flags};
 use session_authority::grpc::pb;
 use session_authority::grpc::pb::get_access_token_request::Selector as AccessSelector;
 use session_authority::grpc::pb::refresh_session_request::Selector as RefreshSelector;
-use session_authority::store::Stores;
 use session_authority::store::memory::MemoryStore;
+use session_authority::store::{LeaseOutcome, Stores, TokenStore};
+use session_authority::token::{RefreshLease, RefreshRecord};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -251,6 +252,106 @@ async fn one_hundred_concurrent_calls_on_two_replicas_make_one_refresh() {
     assert_eq!(seen.len(), 1, "every caller got the one refreshed token");
     assert!(!seen.contains(&login.access_token));
     assert!(refreshed >= 1);
+    stop.cancel();
+}
+
+/// A token store whose first lease request waits, after saying it arrived, until the test lets
+/// it go on: it widens the window between a caller's read of the session and its lease.
+#[derive(Debug)]
+struct HeldLeaseRequest {
+    inner: Arc<MemoryStore>,
+    arrived: Arc<tokio::sync::Notify>,
+    go: Arc<tokio::sync::Notify>,
+    first: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl TokenStore for HeldLeaseRequest {
+    async fn acquire_lease(&self, lease: &RefreshLease, now: Millis) -> session_authority::Result<LeaseOutcome> {
+        if self.first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.arrived.notify_one();
+            self.go.notified().await;
+        }
+        self.inner.acquire_lease(lease, now).await
+    }
+    async fn renew_lease(
+        &self,
+        session: &str,
+        holder: &str,
+        expires_at: Millis,
+        now: Millis,
+    ) -> session_authority::Result<bool> {
+        self.inner.renew_lease(session, holder, expires_at, now).await
+    }
+    async fn release_lease(&self, session: &str, holder: &str) -> session_authority::Result<()> {
+        self.inner.release_lease(session, holder).await
+    }
+    async fn append_refresh_record(&self, record: &RefreshRecord, keep: usize) -> session_authority::Result<()> {
+        self.inner.append_refresh_record(record, keep).await
+    }
+    async fn refresh_history(&self, session: &str, limit: usize) -> session_authority::Result<Vec<RefreshRecord>> {
+        self.inner.refresh_history(session, limit).await
+    }
+    async fn purge_refresh_records(&self, now: Millis, limit: usize) -> session_authority::Result<usize> {
+        self.inner.purge_refresh_records(now, limit).await
+    }
+}
+
+/// Found by the soak: replica B read the session (not yet refreshed), then replica A refreshed
+/// it from start to end (lease taken, provider called, result written, lease released), then B
+/// got the free lease and refreshed from its older read, presenting the refresh token A had
+/// already redeemed: the provider answered invalid_grant, revoked the grant, and the session
+/// ended. With the lease held, B must look again and take A's result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_another_replica_finished_before_the_lease_was_free_is_not_repeated() {
+    let oidc = Oidc::start(60);
+    let store = Arc::new(MemoryStore::new());
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let go = Arc::new(tokio::sync::Notify::new());
+    let stop = CancellationToken::new();
+    let held = HeldLeaseRequest {
+        inner: store.clone(),
+        arrived: arrived.clone(),
+        go: go.clone(),
+        first: std::sync::atomic::AtomicBool::new(true),
+    };
+    let mut urls = Vec::new();
+    for stores in [Stores::shared(store.clone()), Stores { tokens: Arc::new(held), ..Stores::shared(store.clone()) }] {
+        let app =
+            session_authority::App::build_with(replica_config(&oidc), stores, Arc::new(SystemClock)).await.unwrap();
+        urls.push(format!("http://{}", app.local_addr()));
+        let stop = stop.clone();
+        tokio::spawn(app.run_until(async move { stop.cancelled().await }));
+    }
+    let channel = |url: &str| Channel::from_shared(url.to_owned()).unwrap().connect_lazy();
+    let mut sessions = pb::session_service_client::SessionServiceClient::with_interceptor(
+        channel(&urls[0]),
+        Auth::new(Some(SERVICE_KEY)),
+    );
+    let [mut on_a, mut on_b] = [&urls[0], &urls[1]].map(|url| {
+        pb::token_service_client::TokenServiceClient::with_interceptor(channel(url), Auth::new(Some(SERVICE_KEY)))
+    });
+    // The access token lives 60 s, inside the proactive window: the first GetAccessToken refreshes.
+    let login = oidc.tokens("kira").await;
+    let created = sessions.create_session(create("kira", &login, "")).await.unwrap().into_inner();
+    oidc.reset().await;
+
+    // B reads the session and stops at its lease request.
+    let token = created.session_token.clone();
+    let on_b = tokio::spawn(async move { on_b.get_access_token(by_token(&token)).await });
+    tokio::time::timeout(Duration::from_secs(10), arrived.notified()).await.expect("B asked for the lease");
+    // A refreshes meanwhile, start to end.
+    let first = on_a.get_access_token(by_token(&created.session_token)).await.unwrap().into_inner();
+    assert!(first.refreshed);
+    assert_eq!(oidc.refresh_requests().await, 1);
+    // B gets the free lease now: it must take A's result, not redeem the old refresh token.
+    go.notify_one();
+    let second = on_b.await.unwrap().expect("B answers with A's refresh").into_inner();
+    assert_eq!(second.access_token, first.access_token);
+    assert_eq!(oidc.refresh_requests().await, 1, "one token request at the provider");
+    let validate = pb::ValidateSessionRequest { session_token: created.session_token.clone(), ..Default::default() };
+    let answer = sessions.validate_session(validate).await.unwrap().into_inner();
+    assert!(answer.valid, "the session survives: {answer:?}");
     stop.cancel();
 }
 

@@ -13,6 +13,9 @@ import { parseArgs } from 'node:util';
 // for the ready line, so route all console output to stderr before importing.
 console.log = console.info = console.debug = (...args) => console.error(...args);
 const { default: Provider } = await import('oidc-provider');
+// oidc-provider's own in-memory adapter and its LRU (no "exports" map: deep imports resolve).
+const { default: MemoryAdapter } = await import('oidc-provider/lib/adapters/memory_adapter.js');
+const { default: LRU } = await import('oidc-provider/lib/helpers/lru.js');
 
 // ---------------------------------------------------------------- options --
 const env = process.env;
@@ -21,6 +24,7 @@ const { values: opt } = parseArgs({
     port: { type: 'string', default: env.OIDC_PORT ?? '0' },
     'access-ttl': { type: 'string', default: env.OIDC_ACCESS_TTL ?? '60' },
     'refresh-ttl': { type: 'string', default: env.OIDC_REFRESH_TTL ?? '86400' },
+    'store-size': { type: 'string', default: env.OIDC_STORE_SIZE ?? '1000' },
     'client-id': { type: 'string', default: env.OIDC_CLIENT_ID ?? 'session-authority' },
     'client-secret': {
       type: 'string',
@@ -42,6 +46,12 @@ function int(name, min) {
 }
 const accessTtl = int('access-ttl', 1);
 const refreshTtl = int('refresh-ttl', 1);
+// The in-memory adapter keeps every stored object (sessions, interactions, codes, grants, access
+// and refresh tokens) in one LRU of this many entries; oidc-provider's default is 1000. A long
+// run with many logins (the soak) evicts live refresh tokens at that size, which the provider
+// then refuses (invalid_grant) as if they had been replayed.
+const storeSize = int('store-size', 1);
+const store = new LRU({ maxSize: storeSize });
 const clientId = opt['client-id'];
 const clientSecret = opt['client-secret'];
 
@@ -97,6 +107,11 @@ const hanging = new Set();
 // Listen first so that port 0 resolves to a real port before the issuer
 // (which must contain the port) is configured.
 const server = createServer();
+// Keep idle connections longer than clients do (reqwest drops its idle ones after 90 s). With
+// Node's default of 5 s, a client reusing a pooled connection just as the server closes it gets
+// "connection reset" on a request the provider never saw.
+server.keepAliveTimeout = 120_000;
+server.headersTimeout = 125_000;
 await new Promise((resolve, reject) => {
   server.once('error', reject);
   server.listen(int('port', 0), '127.0.0.1', resolve);
@@ -110,6 +125,8 @@ const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
 const signingJwk = { ...privateKey.export({ format: 'jwk' }), use: 'sig', alg: 'RS256', kid: 'test-rs256' };
 
 const provider = new Provider(issuer, {
+  // The default in-memory adapter, over an LRU of --store-size entries.
+  adapter: (model) => new MemoryAdapter(model, store),
   clients: [{
     client_id: clientId,
     client_secret: clientSecret,

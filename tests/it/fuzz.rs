@@ -3,7 +3,7 @@
 //! enum numbers, negative durations, nesting) and arbitrary bytes, sent to every RPC of the real
 //! binary. Nothing may panic, every answer must be a documented status, and a rejected
 //! CreateSession must leave no session behind. `FUZZ_CASES` raises the case count on demand;
-//! proptest keeps any failure's seed in `proptest-regressions/` so it becomes a regression test.
+//! proptest keeps any failure's seed in `tests/it/fuzz.regressions`, replayed first on every run.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

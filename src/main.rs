@@ -173,7 +173,8 @@ async fn seed_in_process(
 ) -> anyhow::Result<()> {
     use secrecy::{ExposeSecret as _, SecretString};
     let started = std::time::Instant::now();
-    let rss_before = rss_bytes();
+    let rss = || session_authority::metrics::rss_bytes(std::process::id());
+    let rss_before = rss();
     let mut file = std::io::BufWriter::new(std::fs::File::create(out)?);
     let run = std::process::id();
     // One worker per core takes chunks of indexes; the tokens file is in no particular order.
@@ -224,7 +225,7 @@ async fn seed_in_process(
         file.write_all(lines?.as_bytes())?;
     }
     file.flush()?;
-    let rss_after = rss_bytes();
+    let rss_after = rss();
     let bytes_per_session = rss_before.zip(rss_after).map(|(b, a)| a.saturating_sub(b) / count.max(1) as u64);
     tracing::info!(
         sessions = count,
@@ -235,14 +236,6 @@ async fn seed_in_process(
         "seeded sessions in process"
     );
     Ok(())
-}
-
-/// This process's resident set size (VmRSS), when /proc has it.
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb =
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
-    Some(kb * 1024)
 }
 
 /// Rotates API keys without a restart: on SIGHUP the configuration (its file, above all) is read

@@ -306,6 +306,15 @@ impl Drop for ObservedBody {
     }
 }
 
+/// The resident set size (`VmRSS` of `/proc/<pid>/status`) of process `pid`, in bytes, when
+/// `/proc` has it. The benchmark seeding, the load generator and the tests measure memory with it.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -528,15 +528,7 @@ impl SessionManager {
     pub async fn create(&self, new: NewSession) -> Result<Created> {
         self.guard.check(SESSION_CREATE_RULE, &new.user_id).await?;
         let (record, token) = self.prepare(new);
-        let now = record.created_at;
-        let eviction = EndSession {
-            state: SessionState::Terminated,
-            reason: EVICTION_REASON.into(),
-            at: now,
-            retain_until: self.tombstone_until(now),
-            kind: Some(RevocationKind::Evicted),
-            revoked_by: None,
-        };
+        let eviction = self.eviction(record.created_at);
         let evicted = self.store.create(record.clone(), self.settings.max_sessions_per_user, eviction).await?;
         if !evicted.is_empty() {
             self.log_signal.notify_one();
@@ -556,17 +548,21 @@ impl SessionManager {
     /// store in process.
     pub async fn seed(&self, new: NewSession) -> Result<SecretString> {
         let (record, token) = self.prepare(new);
-        let at = record.created_at;
-        let unused = EndSession {
+        let eviction = self.eviction(record.created_at);
+        self.store.create(record, u32::MAX, eviction).await?;
+        Ok(token)
+    }
+
+    /// How a create at `at` ends the sessions it evicts over the per-user cap.
+    fn eviction(&self, at: Millis) -> EndSession {
+        EndSession {
             state: SessionState::Terminated,
             reason: EVICTION_REASON.into(),
             at,
             retain_until: self.tombstone_until(at),
             kind: Some(RevocationKind::Evicted),
             revoked_by: None,
-        };
-        self.store.create(record, u32::MAX, unused).await?;
-        Ok(token)
+        }
     }
 
     /// Builds the record of a new session and its token, without storing anything (the

@@ -88,3 +88,57 @@ async fn its_counts_match_the_servers_counters() {
     let p99 = validate["latency_us"]["p99"].as_u64().unwrap();
     assert!(p50 > 0 && p50 <= p99, "{validate}");
 }
+
+/// The benchmark's in-process seeding (`serve --seed-sessions`): every token it writes is a
+/// valid session of the running server, and it is refused on any storage but memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_seeding_writes_tokens_that_validate_and_is_refused_off_memory() {
+    use session_authority::grpc::pb;
+
+    let dir = tempfile::tempdir().unwrap();
+    let tokens_file = dir.path().join("tokens.txt");
+    let server = Spawn::default()
+        .arg("--storage")
+        .arg("memory")
+        .arg("--seed-sessions")
+        .arg("2500")
+        .arg("--seed-tokens-out")
+        .arg(tokens_file.to_str().unwrap())
+        .start();
+    let text = std::fs::read_to_string(&tokens_file).unwrap();
+    let tokens: Vec<&str> = text.lines().collect();
+    assert_eq!(tokens.len(), 2500, "one token per seeded session");
+    assert_eq!(tokens.iter().collect::<std::collections::HashSet<_>>().len(), 2500, "tokens are distinct");
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    for token in tokens.iter().step_by(97) {
+        let answer = sessions
+            .validate_session(pb::ValidateSessionRequest { session_token: (*token).to_owned(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.valid, "a seeded token validates: {answer:?}");
+    }
+    assert!(server.logs().contains("\"bytes_per_session\""), "the seeding reports its memory per session");
+
+    let (code, stderr) = crate::support::run_to_exit(
+        &[
+            "serve",
+            "--storage",
+            "embedded",
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--seed-sessions",
+            "10",
+            "--seed-tokens-out",
+            dir.path().join("other.txt").to_str().unwrap(),
+        ],
+        &[],
+        dir.path(),
+    );
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(code.is_some(), "it exits instead of serving: {stderr}");
+    assert!(stderr.contains("--seed-sessions works only with memory storage"), "{stderr}");
+    assert!(!dir.path().join("other.txt").exists(), "nothing was seeded");
+}

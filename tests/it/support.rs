@@ -266,14 +266,7 @@ impl Drop for Process {
     }
 }
 
-/// The resident set size in bytes of process `pid` (`VmRSS` of `/proc/<pid>/status`); `None`
-/// once it has exited, or where there is no procfs.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
+pub use session_authority::metrics::rss_bytes;
 
 /// Adds `authorization: Bearer <key>` to every call.
 #[derive(Clone)]

@@ -27,6 +27,7 @@ use session_authority::grpc::pb;
 use session_authority::grpc::pb::security_service_client::SecurityServiceClient;
 use session_authority::grpc::pb::session_service_client::SessionServiceClient;
 use session_authority::grpc::pb::token_service_client::TokenServiceClient;
+use session_authority::metrics::rss_bytes;
 use tokio::sync::Mutex;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -426,13 +427,6 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// Resident memory of a process, in bytes.
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 struct Env {
     target: Target,
     auth: Option<MetadataValue<Ascii>>,

@@ -60,15 +60,24 @@ const FAIL_MODES = new Set(['none', '503', 'timeout']);
 const badRequest = (message) => Object.assign(new Error(message), { status: 400 });
 
 // fail.count === null means "every matching request until mode is none".
-let fail = { mode: 'none', count: null, grant_type: null };
-function setFail({ mode = 'none', count = null, grant_type = null } = {}) {
+// retry_after (seconds, or null): a Retry-After header on injected 503s.
+let fail = { mode: 'none', count: null, grant_type: null, retry_after: null };
+function setFail({ mode = 'none', count = null, grant_type = null, retry_after = null } = {}) {
   mode = String(mode);
   if (count === 0) mode = 'none';
   if (!FAIL_MODES.has(mode)) throw badRequest(`mode must be one of ${[...FAIL_MODES].join(', ')}`);
   if (count !== null && !(Number.isInteger(count) && count >= 0)) {
     throw badRequest('count must be a non-negative integer or null');
   }
-  fail = { mode, count: mode === 'none' ? null : count, grant_type: mode === 'none' ? null : grant_type };
+  if (retry_after !== null && !(Number.isInteger(retry_after) && retry_after >= 0)) {
+    throw badRequest('retry_after must be a non-negative integer or null');
+  }
+  fail = {
+    mode,
+    count: mode === 'none' ? null : count,
+    grant_type: mode === 'none' ? null : grant_type,
+    retry_after: mode === 'none' ? null : retry_after,
+  };
 }
 try {
   setFail({
@@ -255,6 +264,7 @@ provider.use(async (ctx, next) => {
       bump(stats.token.by_grant_type, grantType);
       bump(stats.token.by_auth_method, authMethod(ctx, form.get('client_secret')));
       const mode = fail.mode;
+      const retryAfter = fail.retry_after;
       if (fail.count !== null) {
         fail.count -= 1;
         if (fail.count <= 0) setFail({ mode: 'none' });
@@ -262,6 +272,7 @@ provider.use(async (ctx, next) => {
       stats.token.injected[mode] += 1;
       if (mode === '503') {
         bump(stats.token.by_status, 503);
+        if (retryAfter !== null) ctx.set('retry-after', String(retryAfter));
         return json(ctx, 503, { error: 'temporarily_unavailable', error_description: 'injected failure' });
       }
       // "timeout": never answer; the socket stays open until the client gives

@@ -13,14 +13,16 @@
 //!    replica holds it, it sleeps briefly and goes back to 2: the holder's result shows up as a
 //!    moved `refresh_count`. A failed refresh shows up as a newer failed record, which waiters
 //!    return instead of calling the provider a second time.
-//! 4. The holder calls the provider with retries while a task renews the lease, then writes the
-//!    new tokens with a compare-and-swap on the session version it read after taking the lease:
+//! 4. The holder calls the provider (retried only when the request provably was not processed:
+//!    a rotating provider has spent the token of a processed one) while a task renews the lease,
+//!    then writes the new tokens (storage errors retried, the lease still held) with a compare-and-swap on the session version it read after taking the lease:
 //!    a holder that was overtaken (its lease expired and another replica refreshed) fails the
 //!    swap and can never overwrite the newer result. A swap that lost only to an unrelated write
 //!    (UpdateSession's metadata) is re-applied on the fresh record, so a rotated refresh token is
 //!    never dropped.
 //! 5. Every attempt, success or failure, becomes a refresh record (hashes only); `invalid_grant`
-//!    ends the session through the revocation path (`REFRESH_FAILED`).
+//!    ends the session through the revocation path (`REFRESH_FAILED`), except right after an
+//!    attempt with the same token whose outcome is unknown (then `UNAVAILABLE`, session kept).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -174,8 +174,6 @@ pub struct SessionConfig {
 pub struct TokenConfig {
     /// Refresh when the access token expires within this window.
     pub proactive_refresh: Duration,
-    /// Accept refresh-token rotation from the provider.
-    pub rotation: bool,
     /// After a refresh, further refresh requests within this window reuse its result.
     pub grace_period: Duration,
     /// Retries after a failed upstream call.
@@ -390,7 +388,6 @@ const KNOWN_KEYS: &[&str] = &[
     "session.idle_slide_step",
     "session.cleanup_interval",
     "token.proactive_refresh",
-    "token.rotation",
     "token.grace_period",
     "token.max_retries",
     "token.retry_initial_delay",
@@ -750,6 +747,13 @@ impl Config {
                 }
             }
             flatten("", table, &mut file)?;
+            if file.contains_key("token.rotation") {
+                // It never did anything: a rotated refresh token is always stored (dropping it
+                // would leave a spent one), and the old one is kept when the provider sends none.
+                return Err(err(format!(
+                    "setting `token.rotation` in {path:?} was removed: a rotated refresh token is always stored and the old one kept when the provider sends none; delete the setting"
+                )));
+            }
             let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
             if let Some(unknown) =
                 file.keys().find(|k| !known.contains(k.as_str()) && rule_key(k).is_none() && provider_key(k).is_none())
@@ -856,7 +860,6 @@ impl Config {
 
         let token = TokenConfig {
             proactive_refresh: r.duration("token.proactive_refresh", minutes(5))?,
-            rotation: r.bool("token.rotation", true)?,
             grace_period: r.duration("token.grace_period", minutes(5))?,
             max_retries: r.number("token.max_retries", 3u32)?,
             retry_initial_delay: r.positive_duration("token.retry_initial_delay", Duration::from_secs(1))?,
@@ -971,7 +974,6 @@ mod tests {
         assert_eq!(c.session.device_match_threshold, 0.8);
         assert_eq!(c.session.cleanup_interval, Duration::from_secs(15 * 60));
         assert_eq!(c.token.proactive_refresh, Duration::from_secs(300));
-        assert!(c.token.rotation);
         assert_eq!(c.token.grace_period, Duration::from_secs(300));
         assert_eq!(c.token.max_retries, 3);
         assert_eq!(c.token.retry_initial_delay, Duration::from_secs(1));
@@ -1050,6 +1052,10 @@ mod tests {
         std::fs::write(&path, "[session]\nidle_timout = \"10m\"\n").unwrap();
         let e = load(&[("config", path.to_str().unwrap())], &[]).unwrap_err().to_string();
         assert!(e.contains("session.idle_timout"), "{e}");
+
+        std::fs::write(&path, "[token]\nrotation = false\n").unwrap();
+        let e = load(&[("config", path.to_str().unwrap())], &[]).unwrap_err().to_string();
+        assert!(e.contains("`token.rotation`") && e.contains("removed"), "{e}");
 
         std::fs::write(&path, "[[api_keys]]\nname = \"x\"\nrole = \"root\"\nhash = \"sha256:00\"\n").unwrap();
         let e = load(&[("config", path.to_str().unwrap())], &[]).unwrap_err().to_string();

@@ -13,14 +13,16 @@
 //!    replica holds it, it sleeps briefly and goes back to 2: the holder's result shows up as a
 //!    moved `refresh_count`. A failed refresh shows up as a newer failed record, which waiters
 //!    return instead of calling the provider a second time.
-//! 4. The holder calls the provider with retries while a task renews the lease, then writes the
-//!    new tokens with a compare-and-swap on the session version it read after taking the lease:
+//! 4. The holder calls the provider (retried only when the request provably was not processed:
+//!    a rotating provider has spent the token of a processed one) while a task renews the lease,
+//!    then writes the new tokens (storage errors retried, the lease still held) with a compare-and-swap on the session version it read after taking the lease:
 //!    a holder that was overtaken (its lease expired and another replica refreshed) fails the
 //!    swap and can never overwrite the newer result. A swap that lost only to an unrelated write
 //!    (UpdateSession's metadata) is re-applied on the fresh record, so a rotated refresh token is
 //!    never dropped.
 //! 5. Every attempt, success or failure, becomes a refresh record (hashes only); `invalid_grant`
-//!    ends the session through the revocation path (`REFRESH_FAILED`).
+//!    ends the session through the revocation path (`REFRESH_FAILED`), except right after an
+//!    attempt with the same token whose outcome is unknown (then `UNAVAILABLE`, session kept).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,6 +46,16 @@ pub use retry::RetryPolicy;
 
 /// The end reason of a session whose refresh token the provider refused.
 pub const REFRESH_FAILED_REASON: &str = "refresh_failed";
+
+/// The cause recorded for an `invalid_grant` that followed an attempt the provider may have
+/// processed: the session is kept, the outcome is unknown.
+const OUTCOME_UNKNOWN: &str = "outcome_unknown";
+
+/// Whether a failed attempt with this recorded cause may have been processed by the provider.
+/// (A connect error is recorded as `network` too and counts here: cautious, never an end.)
+fn outcome_unknown_cause(cause: &str) -> bool {
+    matches!(cause, "timeout" | "network" | "server_error" | OUTCOME_UNKNOWN)
+}
 
 /// The refresh lease of one session in storage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -511,6 +523,10 @@ impl TokenManager {
             Some("invalid_grant") => Error::FailedPrecondition(format!(
                 "the provider refused the session's refresh token (invalid_grant); the session has ended with reason {REFRESH_FAILED_REASON}"
             )),
+            Some(OUTCOME_UNKNOWN) => Error::Unavailable {
+                message: format!("refresh outcome unknown: {message}; the session is kept, retry later"),
+                retry_after: None,
+            },
             Some("timeout" | "network" | "server_error" | "rate_limited") => Error::Unavailable {
                 message: format!(
                     "the OAuth2 provider is unavailable: {message}; the session is unchanged, retry later"
@@ -530,14 +546,19 @@ impl TokenManager {
         let refresh_token = self.sessions.open(&sealed_refresh, &current)?;
         let old_access = self.sessions.open(&current.tokens.access, &current)?;
 
+        // Renewed until the new tokens are written (or the refresh failed): the write below may
+        // wait for storage, and another holder must not refresh with the spent token meanwhile.
         let renewer = AbortOnDrop(tokio::spawn(renew_lease(
             self.store.clone(),
             self.clock.clone(),
             lease.clone(),
             self.settings.lease_ttl,
         )));
-        let (answer, attempts) = self.settings.retry.run(|| provider.refresh_once(&refresh_token)).await;
-        drop(renewer);
+        // Never repeated once the provider may have processed it: a rotating provider has then
+        // spent the refresh token, and presenting it again is reuse (invalid_grant, and under
+        // RFC 9700 reuse detection the whole grant is revoked).
+        let (answer, attempts) =
+            self.settings.retry.run_unprocessed_only(|| provider.refresh_once(&refresh_token)).await;
 
         let now = self.clock.now();
         let mut record = RefreshRecord {
@@ -563,13 +584,29 @@ impl TokenManager {
 
         let tokens = match answer {
             Ok(tokens) => tokens,
-            Err(error) => return Err(self.refresh_failed(current, record, error).await),
+            Err(error) => {
+                drop(renewer);
+                return Err(self.refresh_failed(current, record, error).await);
+            }
         };
 
         let rotated = tokens.refresh_token.is_some();
         let new_refresh_hash = tokens.refresh_token.as_ref().map(hash_hex).or(record.old_refresh_token_hash.clone());
-        let new_expires_at = tokens.expires_in.map(|d| clock::add(now, d));
+        // No (or a zero) `expires_in`: the new token is taken to live as long as the one it
+        // replaces, so the session still refreshes; never "expires never".
+        let new_expires_at = match tokens.expires_in {
+            Some(d) => Some(clock::add(now, d)),
+            None => current
+                .token_expires_at
+                .map(|exp| exp - current.last_refreshed_at.unwrap_or(current.created_at))
+                .filter(|lifetime| *lifetime > 0)
+                .map(|lifetime| now.saturating_add(lifetime)),
+        };
         let mut base = current.clone();
+        // Storage errors on the write are retried while the lease is held: the provider has
+        // rotated the refresh token, so giving up here would lose the only valid one.
+        let write_deadline = tokio::time::Instant::now() + self.settings.wait_timeout;
+        let mut write_pause = Duration::from_millis(50);
         let written = loop {
             let mut next = base.clone();
             next.tokens.access = self.sessions.seal_token(&tokens.access_token, &next.session_id);
@@ -589,8 +626,25 @@ impl TokenManager {
             next.refresh_count = base.refresh_count + 1;
             next.last_refreshed_at = Some(now);
             next.version = base.version + 1;
-            match self.sessions.store().compare_and_swap(&next, base.version).await? {
+            let outcome = match self.sessions.store().compare_and_swap(&next, base.version).await {
+                Ok(outcome) => outcome,
+                Err(e) if tokio::time::Instant::now() < write_deadline => {
+                    tracing::warn!(session_id = %current.session_id, error = %e, "storing refreshed tokens failed; retrying with the lease held");
+                    tokio::time::sleep(write_pause).await;
+                    write_pause = (write_pause * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(session_id = %current.session_id, error = %e, "storing refreshed tokens failed; the rotated refresh token is lost");
+                    return Err(e);
+                }
+            };
+            match outcome {
                 CasOutcome::Swapped => break next,
+                CasOutcome::Conflict(fresh) if self.holds_access_token(&fresh, &tokens.access_token) => {
+                    // A swap whose answer was lost (the storage error above) had been applied.
+                    break *fresh;
+                }
                 CasOutcome::Conflict(fresh)
                     if fresh.refresh_count == current.refresh_count && !fresh.state.is_terminal() =>
                 {
@@ -611,6 +665,7 @@ impl TokenManager {
                 CasOutcome::NotFound => return Err(Error::NotFound("no such session".into())),
             }
         };
+        drop(renewer);
 
         record.success = true;
         record.rotated = rotated;
@@ -625,6 +680,10 @@ impl TokenManager {
         Ok(Refreshed { session: written, refreshed: true, rotated, record: Some(record) })
     }
 
+    fn holds_access_token(&self, session: &SessionRecord, token: &SecretString) -> bool {
+        self.sessions.open(&session.tokens.access, session).is_ok_and(|t| t.expose_secret() == token.expose_secret())
+    }
+
     async fn append(&self, record: &RefreshRecord) {
         if let Err(e) = self.store.append_refresh_record(record, self.settings.history_keep).await {
             tracing::warn!(session_id = %record.session_id, error = %e, "storing a refresh record failed");
@@ -634,7 +693,16 @@ impl TokenManager {
     /// Records a failed refresh, ends the session on `invalid_grant`, and returns the error for
     /// the caller.
     async fn refresh_failed(&self, session: SessionRecord, mut record: RefreshRecord, error: UpstreamError) -> Error {
-        let cause = error.cause();
+        // invalid_grant for a refresh token whose last attempt may have been processed (it timed
+        // out after being sent, or got a 5xx): the provider may have rotated it then and its
+        // answer was lost. The session is not ended on that; the person deciding is told.
+        let after_unknown = error == UpstreamError::InvalidGrant
+            && self.newest_record(&session.session_id).await.ok().flatten().is_some_and(|r| {
+                !r.success
+                    && r.old_refresh_token_hash == record.old_refresh_token_hash
+                    && r.cause.as_deref().is_some_and(outcome_unknown_cause)
+            });
+        let cause = if after_unknown { OUTCOME_UNKNOWN } else { error.cause() };
         let message = error.to_string();
         record.error = Some(message.clone());
         record.cause = Some(cause.to_owned());
@@ -642,6 +710,15 @@ impl TokenManager {
         metrics::counter!("token_refresh_failed_total", "cause" => cause).increment(1);
         tracing::warn!(session_id = %session.session_id, cause, attempts = record.attempts, error = %message, "upstream refresh failed");
         self.sessions.report(SessionEvent::RefreshFailed { session: &session, error: &message }).await;
+        if after_unknown {
+            return Error::Unavailable {
+                message: format!(
+                    "refresh outcome unknown: the provider refused the session's refresh token (invalid_grant), but an earlier refresh with it got no answer after it was sent (cause {}), so the provider may have rotated it and that answer was lost; the session is kept. If this persists, end the session (EndSession) and sign the user in again",
+                    self.newest_failure_cause(&session.session_id).await
+                ),
+                retry_after: None,
+            };
+        }
         if error == UpstreamError::InvalidGrant {
             match self.sessions.end_as(&session, RevocationKind::RefreshFailed, REFRESH_FAILED_REASON, None).await {
                 Ok(_) => {
@@ -653,6 +730,12 @@ impl TokenManager {
             }
         }
         match error {
+            UpstreamError::Transient { unprocessed: false, .. } => Error::Unavailable {
+                message: format!(
+                    "refresh outcome unknown: the OAuth2 provider did not answer the refresh ({cause}) after the request was sent, so it may have processed it; the request was not repeated (a rotating provider would refuse the spent token) and the session is unchanged; retry later"
+                ),
+                retry_after: None,
+            },
             UpstreamError::Transient { retry_after, .. } => Error::Unavailable {
                 message: format!(
                     "the OAuth2 provider is unavailable ({cause}) after {} attempts; the session is unchanged, retry later",
@@ -665,6 +748,11 @@ impl TokenManager {
             }
             other => self.failure_error(Some(other.cause()), &other.to_string()),
         }
+    }
+
+    async fn newest_failure_cause(&self, session_id: &str) -> String {
+        let history = self.store.refresh_history(session_id, 2).await.unwrap_or_default();
+        history.into_iter().filter_map(|r| r.cause).find(|c| c != OUTCOME_UNKNOWN).unwrap_or_else(|| "unknown".into())
     }
 
     /// GetRefreshHistory: newest first.

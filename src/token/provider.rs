@@ -86,6 +86,10 @@ pub enum UpstreamError {
         message: String,
         /// The provider's `Retry-After`, if it sent one.
         retry_after: Option<Duration>,
+        /// The request provably was not processed: the connection failed before it was sent, or
+        /// the provider answered 429 or 503 with `Retry-After`. Otherwise (a timeout after
+        /// sending, another 5xx, a connection lost mid-request) the provider may have acted on it.
+        unprocessed: bool,
     },
     /// The provider refused the refresh token (`invalid_grant`): the grant is gone.
     InvalidGrant,
@@ -112,6 +116,12 @@ impl UpstreamError {
             UpstreamError::Malformed(_) => "malformed",
             UpstreamError::NotConfigured(_) => "not_configured",
         }
+    }
+
+    /// Whether the provider provably did not process the request, so that sending it again
+    /// cannot redeem anything twice (see [`UpstreamError::Transient`]).
+    pub fn unprocessed(&self) -> bool {
+        matches!(self, UpstreamError::Transient { unprocessed: true, .. })
     }
 
     /// The `Retry-After` hint, if any.
@@ -141,6 +151,8 @@ enum HttpError {
     #[error("request timed out")]
     Timeout,
     #[error("{0}")]
+    Connect(String),
+    #[error("{0}")]
     Network(String),
     #[error("HTTP status {status}")]
     Status { status: u16, retry_after: Option<Duration> },
@@ -149,14 +161,23 @@ enum HttpError {
 impl From<HttpError> for UpstreamError {
     fn from(error: HttpError) -> UpstreamError {
         match error {
-            HttpError::Timeout => {
-                UpstreamError::Transient { cause: "timeout", message: "request timed out".into(), retry_after: None }
+            HttpError::Timeout => UpstreamError::Transient {
+                cause: "timeout",
+                message: "request timed out".into(),
+                retry_after: None,
+                unprocessed: false,
+            },
+            HttpError::Connect(message) => {
+                UpstreamError::Transient { cause: "network", message, retry_after: None, unprocessed: true }
             }
-            HttpError::Network(message) => UpstreamError::Transient { cause: "network", message, retry_after: None },
+            HttpError::Network(message) => {
+                UpstreamError::Transient { cause: "network", message, retry_after: None, unprocessed: false }
+            }
             HttpError::Status { status, retry_after } => UpstreamError::Transient {
                 cause: if status == 429 { "rate_limited" } else { "server_error" },
                 message: format!("HTTP status {status}"),
                 retry_after,
+                unprocessed: matches!(status, 429 | 503) && retry_after.is_some(),
             },
         }
     }
@@ -333,7 +354,16 @@ async fn send(http: reqwest::Client, timeout: Duration, request: HttpRequest) ->
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| if e.is_timeout() { HttpError::Timeout } else { HttpError::Network(network_message(&e)) })?;
+        .map_err(|e| {
+            // A connect error (a connect timeout included) means nothing was sent.
+            if e.is_connect() {
+                HttpError::Connect(network_message(&e))
+            } else if e.is_timeout() {
+                HttpError::Timeout
+            } else {
+                HttpError::Network(network_message(&e))
+            }
+        })?;
     let status = response.status();
     if status.is_server_error() || status.as_u16() == 429 {
         let retry_after = response

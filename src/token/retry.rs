@@ -51,8 +51,33 @@ impl RetryPolicy {
     }
 
     /// Runs `attempt` until it succeeds, fails permanently, or the retries are spent. Returns the
-    /// last result and the number of attempts made.
-    pub async fn run<T, F, Fut>(&self, mut attempt: F) -> (Result<T, UpstreamError>, u32)
+    /// last result and the number of attempts made. For idempotent calls (introspection,
+    /// revocation).
+    pub async fn run<T, F, Fut>(&self, attempt: F) -> (Result<T, UpstreamError>, u32)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>>,
+    {
+        self.run_when(attempt, |_| true).await
+    }
+
+    /// [`RetryPolicy::run`] for a call that must not be repeated once the provider may have
+    /// processed it (the refresh grant: a rotating provider spends the refresh token, and a
+    /// second attempt with it is reuse): retries only failures the provider provably did not
+    /// process ([`UpstreamError::unprocessed`]).
+    pub async fn run_unprocessed_only<T, F, Fut>(&self, attempt: F) -> (Result<T, UpstreamError>, u32)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>>,
+    {
+        self.run_when(attempt, UpstreamError::unprocessed).await
+    }
+
+    async fn run_when<T, F, Fut>(
+        &self,
+        mut attempt: F,
+        may_retry: fn(&UpstreamError) -> bool,
+    ) -> (Result<T, UpstreamError>, u32)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, UpstreamError>>,
@@ -62,6 +87,7 @@ impl RetryPolicy {
             attempts += 1;
             match attempt().await {
                 Ok(value) => return (Ok(value), attempts),
+                Err(error) if !may_retry(&error) => return (Err(error), attempts),
                 Err(error) => {
                     let unit: f64 = rand::random();
                     match self.next_delay(attempts - 1, &error, unit) {
@@ -87,7 +113,12 @@ mod tests {
     use super::*;
 
     fn transient(retry_after: Option<Duration>) -> UpstreamError {
-        UpstreamError::Transient { cause: "server_error", message: "HTTP status 503".into(), retry_after }
+        UpstreamError::Transient {
+            cause: "server_error",
+            message: "HTTP status 503".into(),
+            retry_after,
+            unprocessed: retry_after.is_some(),
+        }
     }
 
     #[test]
@@ -137,5 +168,22 @@ mod tests {
         assert_eq!((attempts, calls), (3, 3));
         let (result, attempts) = p.run(|| async { Err::<(), _>(UpstreamError::InvalidGrant) }).await;
         assert_eq!((result, attempts), (Err(UpstreamError::InvalidGrant), 1));
+    }
+
+    #[tokio::test]
+    async fn run_unprocessed_only_never_repeats_a_call_the_provider_may_have_processed() {
+        let p = RetryPolicy {
+            max_retries: 2,
+            initial_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+        };
+        // A 503 without Retry-After (or a timeout after sending) may have been processed.
+        let (result, attempts) = p.run_unprocessed_only(|| async { Err::<(), _>(transient(None)) }).await;
+        assert!(result.is_err());
+        assert_eq!(attempts, 1);
+        // A 503 with Retry-After was refused unprocessed: retried.
+        let (_, attempts) =
+            p.run_unprocessed_only(|| async { Err::<(), _>(transient(Some(Duration::from_millis(1)))) }).await;
+        assert_eq!(attempts, 3);
     }
 }

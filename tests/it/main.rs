@@ -10,6 +10,7 @@ mod loadgen;
 mod oidc;
 mod operability;
 mod overload;
+mod refresh_faults;
 mod revocations;
 mod security;
 mod servers;

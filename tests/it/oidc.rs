@@ -98,6 +98,18 @@ impl Oidc {
         assert!(r.status().is_success());
     }
 
+    /// Arms failure injection with the peer's full options (`POST /__test/fail`).
+    pub async fn fail_with(&self, body: Value) {
+        let r = self.http.post(format!("{}/__test/fail", self.issuer)).json(&body).send().await.unwrap();
+        assert!(r.status().is_success(), "{:?}", r.text().await);
+    }
+
+    /// Arms the one-shot refresh hook (`POST /__test/refresh_hook`, see the peer's README).
+    pub async fn refresh_hook(&self, body: Value) {
+        let r = self.http.post(format!("{}/__test/refresh_hook", self.issuer)).json(&body).send().await.unwrap();
+        assert!(r.status().is_success(), "{:?}", r.text().await);
+    }
+
     pub async fn stats(&self) -> Value {
         self.http.get(format!("{}/__test/stats", self.issuer)).send().await.unwrap().json().await.unwrap()
     }

@@ -445,7 +445,9 @@ async fn refresh_counters_count_real_refreshes_and_failures() {
     for _ in 0..2 {
         assert!(tokens.refresh_session(force()).await.unwrap().into_inner().refreshed);
     }
-    oidc.fail("503", 10).await;
+    // With Retry-After (refused unprocessed), so the refresh is retried.
+    oidc.fail_with(serde_json::json!({"mode": "503", "count": 10, "grant_type": "refresh_token", "retry_after": 0}))
+        .await;
     let failed = tokens.refresh_session(force()).await.unwrap_err();
     assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
 

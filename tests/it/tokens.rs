@@ -416,8 +416,10 @@ async fn faults_are_retried_then_unavailable_and_invalid_grant_ends_the_session(
     let login = oidc.tokens("gina").await;
     let created = sessions.create_session(create("gina", &login, "")).await.unwrap().into_inner();
 
-    // 503s: 1 attempt + 3 retries, then UNAVAILABLE; the session is intact.
-    oidc.fail("503", 4).await;
+    // 503s with Retry-After (refused unprocessed): 1 attempt + 3 retries, then UNAVAILABLE; the
+    // session is intact.
+    oidc.fail_with(serde_json::json!({"mode": "503", "count": 4, "grant_type": "refresh_token", "retry_after": 0}))
+        .await;
     let e = tokens.refresh_session(force(&created.session_token)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     let stats = oidc.stats().await;
@@ -425,13 +427,20 @@ async fn faults_are_retried_then_unavailable_and_invalid_grant_ends_the_session(
     assert_eq!(stats["token"]["by_grant_type"]["refresh_token"], 4);
     assert!(valid(&server, &created.session_token).await.valid);
 
-    // Timeouts (700 ms per request): retried the same way.
+    // A 503 without Retry-After, and a timeout after sending (700 ms per request), may have been
+    // processed: never sent again (a rotating provider would see the spent token reused).
+    oidc.fail("503", 4).await;
+    let e = tokens.refresh_session(force(&created.session_token)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains("refresh outcome unknown"), "{}", e.message());
+    assert_eq!(oidc.stats().await["token"]["injected"]["503"], 5);
     oidc.fail("timeout", 4).await;
     let started = std::time::Instant::now();
     let e = tokens.refresh_session(force(&created.session_token)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
-    assert!(started.elapsed() >= Duration::from_millis(4 * 700));
-    assert_eq!(oidc.stats().await["token"]["injected"]["timeout"], 4);
+    assert!(e.message().contains("refresh outcome unknown"), "{}", e.message());
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert_eq!(oidc.stats().await["token"]["injected"]["timeout"], 1);
     assert!(valid(&server, &created.session_token).await.valid);
 
     // The provider is back: the untouched refresh token still works.
@@ -447,10 +456,10 @@ async fn faults_are_retried_then_unavailable_and_invalid_grant_ends_the_session(
         .unwrap()
         .into_inner()
         .records;
-    assert_eq!(history.len(), 3);
+    assert_eq!(history.len(), 4);
     assert!(history[0].success);
-    for failed in &history[1..] {
-        assert!(!failed.success && failed.attempts == 4 && !failed.error.is_empty(), "{failed:?}");
+    for (failed, attempts) in history[1..].iter().zip([1, 1, 4]) {
+        assert!(!failed.success && failed.attempts == attempts && !failed.error.is_empty(), "{failed:?}");
     }
 
     // invalid_grant: someone else redeemed the refresh token first (rotation consumed it); the

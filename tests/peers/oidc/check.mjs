@@ -220,7 +220,7 @@ await check('fail mode 503: next N token requests get 503, then normal again', a
   const dave = (await call('/__test/tokens?user=dave')).body;
   await resetStats();
   const armed = await call('/__test/fail', { json: { mode: '503', count: 2 } });
-  assert.deepEqual(armed.body, { mode: '503', count: 2, grant_type: null });
+  assert.deepEqual(armed.body, { mode: '503', count: 2, grant_type: null, retry_after: null });
   for (let i = 0; i < 2; i += 1) {
     const { status, body } = await refresh(dave.refresh_token, 'basic');
     assert.equal(status, 503);
@@ -256,6 +256,56 @@ await check('fail mode timeout: token request hangs until the client gives up', 
   assert.ok(Date.now() - started >= 450);
   assert.equal((await stats()).token.injected.timeout, 1);
   assert.equal((await refresh(rts[0], 'basic')).status, 200);
+});
+
+await check('fail mode 503 with retry_after sends Retry-After', async () => {
+  await call('/__test/fail', { json: { mode: '503', count: 1, retry_after: 3 } });
+  const res = await fetch(`${issuer}/token`, {
+    method: 'POST',
+    headers: { authorization: basic, 'content-type': 'application/x-www-form-urlencoded' },
+    body: new URLSearchParams({ grant_type: 'client_credentials' }),
+  });
+  assert.equal(res.status, 503);
+  assert.equal(res.headers.get('retry-after'), '3');
+  assert.equal((await call('/__test/fail')).body.mode, 'none');
+});
+
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+await check('refresh hook: a delayed request the client gave up on is dropped unprocessed', async () => {
+  const erin = (await call('/__test/tokens?user=erin')).body;
+  await resetStats();
+  await call('/__test/refresh_hook', { json: { delay_ms: 800 } });
+  await assert.rejects(refresh(erin.refresh_token, 'basic', AbortSignal.timeout(300)), { name: 'TimeoutError' });
+  await sleep(700);
+  const s = await stats();
+  assert.equal(s.token.dropped, 1);
+  assert.equal(s.token.by_grant_type.refresh_token, 1);
+  const again = await refresh(erin.refresh_token, 'basic');
+  assert.equal(again.status, 200, 'the dropped request must not have consumed the refresh token');
+});
+
+await check('refresh hook: a processed request answered too late has spent the refresh token', async () => {
+  const fred = (await call('/__test/tokens?user=fred')).body;
+  await call('/__test/refresh_hook', { json: { delay_ms: 800, processed: true } });
+  await assert.rejects(refresh(fred.refresh_token, 'basic', AbortSignal.timeout(300)), { name: 'TimeoutError' });
+  const again = await refresh(fred.refresh_token, 'basic');
+  assert.equal(again.status, 400);
+  assert.equal(again.body.error, 'invalid_grant');
+});
+
+await check('refresh hook: expires_in omitted or replaced, once', async () => {
+  const gail = (await call('/__test/tokens?user=gail')).body;
+  await call('/__test/refresh_hook', { json: { expires_in: 'omit' } });
+  const first = await refresh(gail.refresh_token, 'basic');
+  assert.equal(first.status, 200);
+  assert.equal(first.body.expires_in, undefined);
+  await call('/__test/refresh_hook', { json: { expires_in: 0 } });
+  const second = await refresh(first.body.refresh_token, 'basic');
+  assert.equal(second.body.expires_in, 0);
+  const third = await refresh(second.body.refresh_token, 'basic');
+  assert.equal(third.body.expires_in, ACCESS_TTL, 'the hook is one-shot');
+  assert.equal((await call('/__test/refresh_hook', { json: { delay_ms: -1 } })).status, 400);
 });
 
 await check('unknown test endpoint and bad fail mode are rejected', async () => {

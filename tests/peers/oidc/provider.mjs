@@ -60,15 +60,24 @@ const FAIL_MODES = new Set(['none', '503', 'timeout']);
 const badRequest = (message) => Object.assign(new Error(message), { status: 400 });
 
 // fail.count === null means "every matching request until mode is none".
-let fail = { mode: 'none', count: null, grant_type: null };
-function setFail({ mode = 'none', count = null, grant_type = null } = {}) {
+// retry_after (seconds, or null): a Retry-After header on injected 503s.
+let fail = { mode: 'none', count: null, grant_type: null, retry_after: null };
+function setFail({ mode = 'none', count = null, grant_type = null, retry_after = null } = {}) {
   mode = String(mode);
   if (count === 0) mode = 'none';
   if (!FAIL_MODES.has(mode)) throw badRequest(`mode must be one of ${[...FAIL_MODES].join(', ')}`);
   if (count !== null && !(Number.isInteger(count) && count >= 0)) {
     throw badRequest('count must be a non-negative integer or null');
   }
-  fail = { mode, count: mode === 'none' ? null : count, grant_type: mode === 'none' ? null : grant_type };
+  if (retry_after !== null && !(Number.isInteger(retry_after) && retry_after >= 0)) {
+    throw badRequest('retry_after must be a non-negative integer or null');
+  }
+  fail = {
+    mode,
+    count: mode === 'none' ? null : count,
+    grant_type: mode === 'none' ? null : grant_type,
+    retry_after: mode === 'none' ? null : retry_after,
+  };
 }
 try {
   setFail({
@@ -189,6 +198,57 @@ async function readJson(ctx) {
   return raw.trim() ? JSON.parse(raw) : {};
 }
 
+// One-shot hooks on refresh_token grants (POST /__test/refresh_hook), each applied to the next
+// `count` refresh_token requests (default 1):
+// * delay_ms with processed=false: the request is held delay_ms before oidc-provider sees it; if
+//   the client gave up meanwhile, it is dropped unprocessed (the refresh token stays valid).
+// * delay_ms with processed=true: oidc-provider processes it at once (rotating the refresh
+//   token), and the answer is held delay_ms; a client that gave up never sees the new tokens.
+// * expires_in: "omit" drops expires_in from a successful answer; a number replaces it.
+let refreshHook = null;
+function setRefreshHook(input) {
+  if (input === null || Object.keys(input).length === 0) { refreshHook = null; return; }
+  const { delay_ms = 0, processed = false, expires_in, count = 1 } = input;
+  if (!(Number.isInteger(delay_ms) && delay_ms >= 0)) throw badRequest('delay_ms must be a non-negative integer');
+  if (!(Number.isInteger(count) && count >= 1)) throw badRequest('count must be a positive integer');
+  if (!(expires_in === undefined || expires_in === 'omit' || Number.isInteger(expires_in))) {
+    throw badRequest('expires_in must be "omit" or an integer');
+  }
+  refreshHook = { delay_ms, processed: Boolean(processed), expires_in, count };
+}
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+provider.use(async (ctx, next) => {
+  if (ctx.method !== 'POST' || ctx.path !== '/token' || !refreshHook) return next();
+  if (ctx.get(INTERNAL_HEADER) === internalNonce) return next();
+  const raw = await readBody(ctx.req);
+  ctx.req.body = raw;
+  if (new URLSearchParams(raw).get('grant_type') !== 'refresh_token') return next();
+  const hook = refreshHook;
+  hook.count -= 1;
+  if (hook.count <= 0) refreshHook = null;
+  stats.token.hooked = (stats.token.hooked ?? 0) + 1;
+  if (hook.delay_ms && !hook.processed) {
+    await sleep(hook.delay_ms);
+    if (ctx.req.socket.destroyed) {
+      // The client gave up: drop the request unprocessed, but count it.
+      stats.token.total += 1;
+      bump(stats.token.by_grant_type, 'refresh_token');
+      stats.token.dropped = (stats.token.dropped ?? 0) + 1;
+      ctx.respond = false;
+      return undefined;
+    }
+  }
+  await next();
+  if (ctx.status === 200 && ctx.body && hook.expires_in !== undefined) {
+    const body = typeof ctx.body === 'string' ? JSON.parse(ctx.body) : { ...ctx.body };
+    if (hook.expires_in === 'omit') delete body.expires_in; else body.expires_in = hook.expires_in;
+    ctx.body = body;
+  }
+  if (hook.delay_ms && hook.processed) await sleep(hook.delay_ms);
+  return undefined;
+});
+
 // Token endpoint: count every request, inject failures when armed.
 provider.use(async (ctx, next) => {
   if (ctx.method !== 'POST' || ctx.path !== '/token') return next();
@@ -196,14 +256,15 @@ provider.use(async (ctx, next) => {
 
   const internal = ctx.get(INTERNAL_HEADER) === internalNonce;
   if (!internal && fail.mode !== 'none') {
-    // Read the body ourselves to learn the grant_type.
-    const raw = await readBody(ctx.req);
+    // Read the body ourselves to learn the grant_type (unless the refresh hook did).
+    const raw = ctx.req.body ?? await readBody(ctx.req);
     const form = new URLSearchParams(raw);
     const grantType = form.get('grant_type') ?? 'unknown';
     if (!fail.grant_type || fail.grant_type === grantType) {
       bump(stats.token.by_grant_type, grantType);
       bump(stats.token.by_auth_method, authMethod(ctx, form.get('client_secret')));
       const mode = fail.mode;
+      const retryAfter = fail.retry_after;
       if (fail.count !== null) {
         fail.count -= 1;
         if (fail.count <= 0) setFail({ mode: 'none' });
@@ -211,6 +272,7 @@ provider.use(async (ctx, next) => {
       stats.token.injected[mode] += 1;
       if (mode === '503') {
         bump(stats.token.by_status, 503);
+        if (retryAfter !== null) ctx.set('retry-after', String(retryAfter));
         return json(ctx, 503, { error: 'temporarily_unavailable', error_description: 'injected failure' });
       }
       // "timeout": never answer; the socket stays open until the client gives
@@ -253,7 +315,11 @@ provider.use(async (ctx, next) => {
       case 'POST /__test/reset':
         stats = emptyStats();
         setFail({ mode: 'none' });
+        refreshHook = null;
         return json(ctx, 200, { ok: true });
+      case 'POST /__test/refresh_hook':
+        setRefreshHook(await readJson(ctx));
+        return json(ctx, 200, refreshHook ?? {});
       case 'GET /__test/fail':
         return json(ctx, 200, fail);
       case 'POST /__test/fail':

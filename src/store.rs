@@ -186,6 +186,15 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// list entry expired but that are not purged yet are still returned: the log has no gaps.
     async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead>;
 
+    /// Gives the log a new id if its id is still `seen`. The feed calls it when it saw the log
+    /// go backwards under the same id (a failover that lost the tail), so that every cursor of
+    /// the old numbering is void instead of naming other events. A backend whose log cannot go
+    /// backwards keeps this default, which does nothing.
+    async fn renew_log_id(&self, seen: &str) -> Result<()> {
+        let _ = seen;
+        Ok(())
+    }
+
     /// The live revocation-list entry of a session: its event, if it has one whose
     /// `expires_at` is after `now`.
     async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>>;

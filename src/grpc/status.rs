@@ -25,7 +25,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::NotFound(_) => Code::NotFound,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::OutOfRange(_) | Error::LogReset(_) => Code::OutOfRange,
             Error::Aborted(_) => Code::Aborted,
             Error::RateLimited { retry_after, .. } => {
                 details.set_retry_info(Some(*retry_after));

@@ -305,6 +305,14 @@ end
 return {m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0'), entries}
 "#;
 
+/// A new log id if the id is still the one seen (see [`SessionStore::renew_log_id`]).
+/// KEYS: meta. ARGV: the id seen, a fresh log id. Returns the id now.
+const RENEW_LOG_ID: &str = r#"
+local id = redis.call('HGET', KEYS[1], 'id')
+if not id or id == ARGV[1] then redis.call('HSET', KEYS[1], 'id', ARGV[2]) end
+return redis.call('HGET', KEYS[1], 'id')
+"#;
+
 /// Live list entries (`exp` after now) with after < seq <= through, of one user when a user
 /// index is given. KEYS: meta, stream, user index (or the stream again). ARGV: a fresh log id,
 /// after, through ('' for the head), limit, now, '1' with a user, first stream id
@@ -586,6 +594,8 @@ pub struct Scripts {
     pub log_entry: Lua,
     /// [`SessionStore::purge_revocations`].
     pub purge_log: Lua,
+    /// [`SessionStore::renew_log_id`].
+    pub renew_log_id: Lua,
     /// Forgets a drained outbox tag.
     pub forget_dirty: Lua,
     /// [`RateLimitStore::check`]'s compare-and-set.
@@ -628,6 +638,7 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     list_log: Lua::new("list_log", LIST_LOG),
     log_entry: Lua::new("log_entry", LOG_ENTRY),
     purge_log: Lua::new("purge_log", PURGE_LOG),
+    renew_log_id: Lua::new("renew_log_id", RENEW_LOG_ID),
     forget_dirty: Lua::new("forget_dirty", FORGET_DIRTY),
     limit_cas: Lua::new("limit_cas", LIMIT_CAS),
     purge_limits: Lua::new("purge_limits", PURGE_LIMITS),
@@ -1370,6 +1381,16 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
             let entries = reply.pop().ok_or_else(|| malformed("log reply"))?;
             let events = items(entries)?.into_iter().map(log_event).collect::<Result<Vec<_>>>()?;
             Ok(LogRead { events, position })
+        })
+        .await
+    }
+
+    async fn renew_log_id(&self, seen: &str) -> Result<()> {
+        self.bounded("renew_log_id", async {
+            let keys = vec![self.layout.log("meta")];
+            let reply =
+                self.transport.eval(&SCRIPTS.renew_log_id, keys, vec![seen.to_owned(), new_log_id()], false).await?;
+            self.remember_log_id(&reply)
         })
         .await
     }

@@ -1,0 +1,154 @@
+//! The revocation feed under storage faults on a real redis-server: the log reset (FLUSHALL)
+//! or rewound (a failover that lost the tail) under a live watcher.
+
+use std::time::Duration;
+
+use session_authority::grpc::pb;
+use session_authority::grpc::pb::watch_revocations_response::Message;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::servers::{RedisServer, unique_prefix};
+use crate::shared_storage::on_redis;
+use crate::support::{Process, SERVICE_KEY, WATCHER_KEY};
+
+/// The ErrorInfo reason of a stream ended because its log was reset or rewound.
+const RESET: &str = "REVOCATION_LOG_RESET";
+
+async fn revoke_new_session(server: &Process, user: &str) -> String {
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let created = sessions
+        .create_session(pb::CreateSessionRequest {
+            user_id: user.into(),
+            access_token: "access".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut revocations = server.revocations(Some(SERVICE_KEY)).await;
+    revocations
+        .revoke_session(pb::RevokeSessionRequest {
+            selector: Some(pb::revoke_session_request::Selector::SessionToken(created.session_token)),
+            reason: "user_logout".into(),
+            revoked_by: user.into(),
+        })
+        .await
+        .unwrap();
+    created.session.unwrap().session_id
+}
+
+/// The next event of `stream` and its cursor.
+async fn next_event(stream: &mut tonic::Streaming<pb::WatchRevocationsResponse>) -> (String, pb::RevocationEvent) {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .expect("the stream is open");
+        if let Some(Message::Event(event)) = message.message {
+            return (event.cursor.clone(), event);
+        }
+    }
+}
+
+/// Reads `stream` until it ends (up to 10 s); returns the events seen and the ending status.
+async fn until_end(
+    stream: &mut tonic::Streaming<pb::WatchRevocationsResponse>,
+) -> (Vec<pb::RevocationEvent>, Option<tonic::Status>) {
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Err(_) => return (events, None),
+            Ok(Ok(Some(message))) => {
+                if let Some(Message::Event(event)) = message.message {
+                    events.push(event);
+                }
+            }
+            Ok(Ok(None)) => return (events, None),
+            Ok(Err(status)) => return (events, Some(status)),
+        }
+    }
+}
+
+fn assert_reset(status: &tonic::Status) {
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let reason = status.get_error_details().error_info().map(|i| i.reason.clone());
+    assert_eq!(reason.as_deref(), Some(RESET), "{status:?}");
+    assert!(status.message().contains("ListRevocations"), "{}", status.message());
+}
+
+fn watch(after: &str) -> pb::WatchRevocationsRequest {
+    pb::WatchRevocationsRequest { after_cursor: after.into(), ..Default::default() }
+}
+
+#[tokio::test]
+async fn feed_survives_log_reset() {
+    let redis = RedisServer::start();
+    let server = on_redis(&redis.url(), &unique_prefix("reset")).start();
+    let mut watcher = server.revocations(Some(WATCHER_KEY)).await;
+    let mut stream = watcher.watch_revocations(watch("")).await.unwrap().into_inner();
+    let first = revoke_new_session(&server, "ana").await;
+    let (old_cursor, event) = next_event(&mut stream).await;
+    assert_eq!(event.session_id, first);
+
+    assert_eq!(redis.cli(&["FLUSHALL"]).trim(), "OK");
+    // The next log read (a poll within a second) sees the new log: the open stream ends.
+    let (events, ended) = until_end(&mut stream).await;
+    assert!(events.is_empty(), "no event of the old log after the reset: {events:?}");
+    assert_reset(&ended.expect("the open stream ends after the log was reset"));
+    // Resuming with a cursor of the old log is refused at once, with the same reason.
+    let e = watcher.watch_revocations(watch(&old_cursor)).await.unwrap_err();
+    assert_reset(&e);
+
+    // A re-snapshot gives a cursor of the new log, and events appended after the reset arrive.
+    let snapshot = watcher.list_revocations(pb::ListRevocationsRequest::default()).await.unwrap().into_inner();
+    assert!(snapshot.entries.is_empty(), "FLUSHALL emptied the list: {:?}", snapshot.entries);
+    let old_log = old_cursor.rsplit_once('.').unwrap().0;
+    assert_ne!(snapshot.cursor.rsplit_once('.').unwrap().0, old_log, "a new log id after the reset");
+    let mut fresh = watcher.watch_revocations(watch(&snapshot.cursor)).await.unwrap().into_inner();
+    let second = revoke_new_session(&server, "ben").await;
+    let (cursor, event) = next_event(&mut fresh).await;
+    assert_eq!(event.session_id, second);
+    assert_eq!(cursor.rsplit_once('.').unwrap().0, snapshot.cursor.rsplit_once('.').unwrap().0);
+    let listed = watcher.list_revocations(pb::ListRevocationsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.entries.iter().map(|e| e.session_id.clone()).collect::<Vec<_>>(), vec![second]);
+}
+
+#[tokio::test]
+async fn feed_survives_log_rewind() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix("rewind");
+    let server = on_redis(&redis.url(), &prefix).start();
+    let mut watcher = server.revocations(Some(WATCHER_KEY)).await;
+    let mut stream = watcher.watch_revocations(watch("")).await.unwrap().into_inner();
+    let mut cursors = Vec::new();
+    for user in ["cai", "dan", "eve"] {
+        revoke_new_session(&server, user).await;
+        cursors.push(next_event(&mut stream).await.0);
+    }
+    let seqs: Vec<u64> = cursors.iter().map(|c| c.rsplit_once('.').unwrap().1.parse().unwrap()).collect();
+    let head = seqs[2];
+    // A failover that lost the last two events: the head goes back, the entries are gone.
+    let meta = format!("{prefix}{{log}}:meta");
+    let log = format!("{prefix}{{log}}:stream");
+    redis.cli(&["HSET", &meta, "head", &(head - 2).to_string()]);
+    redis.cli(&["XDEL", &log, &format!("{}-0", head - 1), &format!("{head}-0")]);
+    // The promoted replica never saw them: its stream's last id is the older head too.
+    assert_eq!(redis.cli(&["XSETID", &log, &format!("{}-0", head - 2)]).trim(), "OK");
+    // A new event now takes a sequence number the watcher has already passed.
+    let lost = revoke_new_session(&server, "fay").await;
+    let (events, ended) = until_end(&mut stream).await;
+    assert!(events.is_empty(), "no event delivered under a sequence number already passed: {events:?}");
+    assert_reset(&ended.expect("the watcher is ended when the log went backwards, not fed nothing"));
+    // The cursor it held is void at once.
+    let e = watcher.watch_revocations(watch(&cursors[2])).await.unwrap_err();
+    assert_reset(&e);
+    // A re-snapshot lists the new event and a watch from it gets the next.
+    let snapshot = watcher.list_revocations(pb::ListRevocationsRequest::default()).await.unwrap().into_inner();
+    assert!(snapshot.entries.iter().any(|e| e.session_id == lost), "{:?}", snapshot.entries);
+    let mut fresh = watcher.watch_revocations(watch(&snapshot.cursor)).await.unwrap().into_inner();
+    let next = revoke_new_session(&server, "gus").await;
+    assert_eq!(next_event(&mut fresh).await.1.session_id, next);
+}

@@ -48,7 +48,8 @@ pub struct EndSession {
     pub reason: String,
     /// When.
     pub at: Millis,
-    /// When the tombstone may be purged; also when the revocation-list entry expires.
+    /// When the tombstone may be purged; also when the revocation-list entry expires. A backend
+    /// keeps both until [`EndSession::retain_until_for`] the ended record.
     pub retain_until: Millis,
     /// The revocation event to append in the same step, or `None` for a plain time expiry
     /// (the only end that is not on the revocation list).
@@ -58,6 +59,13 @@ pub struct EndSession {
 }
 
 impl EndSession {
+    /// When the tombstone of `record` ended by this may be purged, which is also when its
+    /// revocation-list entry expires: `retain_until`, but never before the session's absolute
+    /// expiry, so a revoked session whose token a consumer could still hold stays on the list.
+    pub fn retain_until_for(&self, record: &SessionRecord) -> Millis {
+        self.retain_until.max(record.absolute_expires_at)
+    }
+
     /// The event this end appends for `record`, with sequence number `seq`, if it appends one.
     pub fn event_for(&self, record: &SessionRecord, seq: u64) -> Option<RevocationEvent> {
         self.kind.map(|kind| RevocationEvent {
@@ -68,7 +76,7 @@ impl EndSession {
             reason: self.reason.clone(),
             revoked_by: self.revoked_by.clone(),
             revoked_at: self.at,
-            expires_at: self.retain_until,
+            expires_at: self.retain_until_for(record),
         })
     }
 }

@@ -174,7 +174,7 @@ for _, h in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
   if not f[1] then
     redis.call('ZREM', KEYS[3], h)
   elseif f[1] == 'active' and now < tonumber(f[2]) and now < tonumber(f[3]) then
-    active[#active + 1] = {tonumber(f[4]), f[5], h}
+    active[#active + 1] = {tonumber(f[4]), f[5], h, f[3]}
   end
 end
 table.sort(active, function(a, b)
@@ -185,10 +185,13 @@ local evicted = {}
 for i = 1, math.min(#active + 1 - cap, #active) do
   local key = ARGV[1] .. active[i][3]
   local version = tonumber(redis.call('HGET', key, 'version')) + 1
+  -- Kept (and listed) until the later of retain-until and the absolute expiry.
+  local retain = ARGV[6]
+  if tonumber(active[i][4]) > tonumber(retain) then retain = active[i][4] end
   redis.call('HSET', key, 'state', ARGV[4], 'end_reason', ARGV[5], 'ended_at', ARGV[2],
-    'retain_until', ARGV[6], 'version', tostring(version))
+    'retain_until', retain, 'version', tostring(version))
   if ARGV[18] ~= '' then
-    emit(active[i][2], ARGV[10], ARGV[18], ARGV[5], ARGV[19], ARGV[2], ARGV[6])
+    emit(active[i][2], ARGV[10], ARGV[18], ARGV[5], ARGV[19], ARGV[2], retain)
   end
   evicted[#evicted + 1] = redis.call('HGETALL', key)
 end
@@ -255,11 +258,15 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {0} end
 if state ~= 'active' then return {2, redis.call('HGETALL', KEYS[1])} end
 local version = tonumber(redis.call('HGET', KEYS[1], 'version')) + 1
+-- Kept (and listed) until the later of retain-until and the absolute expiry.
+local retain = ARGV[4]
+local absolute = redis.call('HGET', KEYS[1], 'absolute_expires_at')
+if absolute and tonumber(absolute) > tonumber(retain) then retain = absolute end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'end_reason', ARGV[2], 'ended_at', ARGV[3],
-  'retain_until', ARGV[4], 'version', tostring(version))
+  'retain_until', retain, 'version', tostring(version))
 if ARGV[5] ~= '' then
   local ids = redis.call('HMGET', KEYS[1], 'session_id', 'user_id')
-  emit(ids[1], ids[2], ARGV[5], ARGV[2], ARGV[6], ARGV[3], ARGV[4])
+  emit(ids[1], ids[2], ARGV[5], ARGV[2], ARGV[6], ARGV[3], retain)
 end
 return {1, redis.call('HGETALL', KEYS[1])}
 "#

@@ -136,6 +136,33 @@ local sink = {mode = ARGV[1], newid = ARGV[2], users = ARGV[3],
   meta = KEYS[1], stream = KEYS[2], sess = KEYS[3], exp = KEYS[4]}
 local K = {unpack(KEYS, 5)}
 local V = {unpack(ARGV, 4)}
+-- The first key `emit` for user `uid` would fail on (a foreign value under our prefix, a head
+-- that is not a number, a stream whose last id is not below the next seq), or nil. Scripts call
+-- it before their first write, so a session never ends without its event.
+local function unwritable(uid)
+  local want = {{sink.meta, 'stream'}}
+  if sink.mode ~= 'outbox' then
+    want = {{sink.meta, 'hash'}, {sink.stream, 'stream'}, {sink.sess, 'hash'},
+      {sink.users .. uid, 'zset'}, {sink.exp, 'zset'}}
+  end
+  for _, kt in ipairs(want) do
+    local t = redis.call('TYPE', kt[1]).ok
+    if t ~= 'none' and t ~= kt[2] then return kt[1] end
+  end
+  if sink.mode == 'outbox' then return nil end
+  local head = redis.call('HGET', sink.meta, 'head')
+  if head and not tonumber(head) then return sink.meta end
+  if redis.call('EXISTS', sink.stream) == 1 then
+    local info = redis.call('XINFO', 'STREAM', sink.stream)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        local last = tonumber((string.match(info[i + 1], '^(%d+)')))
+        if last and last >= tonumber(head or '0') + 1 then return sink.stream end
+      end
+    end
+  end
+  return nil
+end
 local function emit(sid, uid, kind, reason, by, at, expires)
   if sink.mode == 'outbox' then
     redis.call('XADD', sink.meta, '*', 'sid', sid, 'uid', uid, 'kind', kind, 'reason', reason,
@@ -161,7 +188,8 @@ end
 /// K: record, id, user index. V: record-key prefix, now, cap, eviction state, reason,
 /// retain-until, then the new record: hash hex, doc, session id, user id, created, absolute,
 /// idle, last access, retain-until, version, state; then kind, revoked-by. Returns the evicted
-/// records (HGETALL each).
+/// records (HGETALL each), or {'!log', key} with nothing written when an eviction's event could
+/// not be appended to `key`.
 const CREATE: &str = concat!(
     lua_sink!(),
     r#"
@@ -181,8 +209,13 @@ table.sort(active, function(a, b)
   if a[1] ~= b[1] then return a[1] < b[1] end
   return a[2] < b[2]
 end)
+local evicting = math.min(#active + 1 - cap, #active)
+if evicting > 0 and ARGV[18] ~= '' then
+  local bad = unwritable(ARGV[10])
+  if bad then return {'!log', bad} end
+end
 local evicted = {}
-for i = 1, math.min(#active + 1 - cap, #active) do
+for i = 1, evicting do
   local key = ARGV[1] .. active[i][3]
   local version = tonumber(redis.call('HGET', key, 'version')) + 1
   -- Kept (and listed) until the later of retain-until and the absolute expiry.
@@ -249,7 +282,8 @@ return {1}
 
 /// Active → terminal, with the revocation event when V[5] (the kind) is set; a terminal state is
 /// never rewritten. K: record. V: state, reason, at, retain-until, kind, revoked-by. Returns {0}
-/// missing, {1, HGETALL} ended, {2, HGETALL} already ended.
+/// missing, {1, HGETALL} ended, {2, HGETALL} already ended, {3, key} nothing written because
+/// the event could not be appended to `key`.
 const END: &str = concat!(
     lua_sink!(),
     r#"
@@ -257,6 +291,11 @@ local KEYS, ARGV = K, V
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {0} end
 if state ~= 'active' then return {2, redis.call('HGETALL', KEYS[1])} end
+local ids = redis.call('HMGET', KEYS[1], 'session_id', 'user_id')
+if ARGV[5] ~= '' then
+  local bad = unwritable(ids[2])
+  if bad then return {3, bad} end
+end
 local version = tonumber(redis.call('HGET', KEYS[1], 'version')) + 1
 -- Kept (and listed) until the later of retain-until and the absolute expiry.
 local retain = ARGV[4]
@@ -265,7 +304,6 @@ if absolute and tonumber(absolute) > tonumber(retain) then retain = absolute end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'end_reason', ARGV[2], 'ended_at', ARGV[3],
   'retain_until', retain, 'version', tostring(version))
 if ARGV[5] ~= '' then
-  local ids = redis.call('HMGET', KEYS[1], 'session_id', 'user_id')
   emit(ids[1], ids[2], ARGV[5], ARGV[2], ARGV[6], ARGV[3], retain)
 end
 return {1, redis.call('HGETALL', KEYS[1])}
@@ -863,6 +901,16 @@ fn required(reply: Reply) -> Result<SessionRecord> {
 }
 
 /// A script's `{code, ...}` reply.
+/// The end (or eviction) was refused, with nothing written, because its revocation event could
+/// not be appended to `key`: a session never ends without its event.
+fn log_unwritable(key: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "the session was not ended: its revocation event cannot be appended, because the Redis key \
+         {key} holds a value of another type (or a sequence number the log has passed); an operator \
+         must delete or repair that key (nothing else may write under the key prefix), then retry"
+    ))
+}
+
 fn coded(reply: Reply) -> Result<(i64, Vec<Reply>)> {
     let mut items = items(reply)?.into_iter();
     let code = integer(&items.next().ok_or_else(|| malformed("empty script reply"))?)?;
@@ -1236,8 +1284,13 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
                 eviction.kind.map_or("", RevocationKind::as_str).to_owned(),
                 encode_by(eviction.revoked_by.as_deref()),
             ]);
-            let reply = self.transport.eval(&SCRIPTS.create, keys, args, false).await?;
-            let evicted = items(reply)?.into_iter().map(required).collect::<Result<Vec<_>>>()?;
+            let reply = items(self.transport.eval(&SCRIPTS.create, keys, args, false).await?)?;
+            if let [Reply::Data(marker), key] = reply.as_slice()
+                && marker.as_slice() == b"!log"
+            {
+                return Err(log_unwritable(text(key)?));
+            }
+            let evicted = reply.into_iter().map(required).collect::<Result<Vec<_>>>()?;
             for ended in &evicted {
                 self.lower_due_after_write(&ended.token_hash, ended.retain_until).await;
             }
@@ -1335,6 +1388,7 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
                     }
                     EndOutcome::Ended(ended)
                 }
+                3 => return Err(log_unwritable(text(rest.first().unwrap_or(&Reply::Nil))?)),
                 _ => EndOutcome::AlreadyEnded(required(rest.pop().unwrap_or(Reply::Nil))?),
             })
         })

@@ -152,3 +152,83 @@ async fn feed_survives_log_rewind() {
     let next = revoke_new_session(&server, "gus").await;
     assert_eq!(next_event(&mut fresh).await.1.session_id, next);
 }
+
+/// Redis at `port` (a cluster node with `cluster`): runs one command through redis-cli.
+fn cli(port: u16, cluster: bool, args: &[&str]) -> String {
+    let mut command = std::process::Command::new("redis-cli");
+    command.arg("-p").arg(port.to_string());
+    if cluster {
+        command.arg("-c");
+    }
+    let out = command.args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// With the key the end's event goes to holding a foreign value, neither END nor CREATE's
+/// eviction ends a session: the event could not be appended, so nothing is written, and the
+/// error says what to fix. Once the key is gone, both work and append their events.
+async fn an_unappendable_event_ends_nothing(
+    backend: crate::conformance::Backend,
+    prefix: &str,
+    port: u16,
+    cluster: bool,
+) {
+    use session_authority::clock::ManualClock;
+    use session_authority::session::{SessionRef, SessionState};
+
+    let clock = ManualClock::new(crate::conformance::START);
+    let m = crate::conformance::manager(&backend, 1, &clock);
+    let r = crate::conformance::revocations(&m);
+    let user = "lea";
+    let first = m.create(crate::conformance::new_session(user)).await.unwrap();
+    let by_id = SessionRef::Id(first.session.session_id.clone());
+    // Where the event of an end goes: the log's stream (one Redis, kv-rest) or the user's
+    // outbox (cluster).
+    let target = if cluster {
+        format!("{prefix}{{{}}}:outbox", session_authority::session::shard_tag(user))
+    } else {
+        format!("{prefix}{{log}}:stream")
+    };
+    assert_eq!(cli(port, cluster, &["SET", &target, "not a stream"]).trim(), "OK");
+
+    let e = r.revoke_session(&by_id, "user_logout", None).await.unwrap_err();
+    assert_eq!(m.find(&by_id).await.unwrap().state, SessionState::Active, "not ended without its event ({e:?})");
+    assert!(matches!(e, session_authority::Error::FailedPrecondition(_)), "{e:?}");
+    assert!(e.to_string().contains(&target), "the message names the key: {e}");
+    let e = m.create(crate::conformance::new_session(user)).await.err().expect("the eviction cannot append");
+    assert!(matches!(e, session_authority::Error::FailedPrecondition(_)), "{e:?}");
+    assert_eq!(m.find(&by_id).await.unwrap().state, SessionState::Active, "not evicted without its event");
+
+    cli(port, cluster, &["DEL", &target]);
+    r.revoke_session(&by_id, "user_logout", None).await.unwrap();
+    assert_eq!(m.find(&by_id).await.unwrap().state, SessionState::Revoked);
+    assert!(r.is_revoked(&first.session.session_id).await.unwrap().is_some(), "the event is on the list");
+}
+
+#[tokio::test]
+async fn an_unappendable_event_ends_nothing_on_redis() {
+    let server = crate::servers::shared_redis();
+    let prefix = unique_prefix("unappendable");
+    let store = session_authority::store::redis::open(&server.url(), &prefix, Duration::from_secs(5)).unwrap();
+    let backend = crate::conformance::Backend::new(session_authority::store::Stores::of(store), ());
+    an_unappendable_event_ends_nothing(backend, &prefix, server.port, false).await;
+}
+
+#[tokio::test]
+async fn an_unappendable_event_ends_nothing_on_kv_rest() {
+    let shim = crate::servers::shared_kv_rest();
+    let prefix = unique_prefix("unappendable-kv");
+    let token = secrecy::SecretString::from(shim.token.clone());
+    let store = session_authority::store::kv_rest::open(&shim.url, &token, &prefix, Duration::from_secs(5)).unwrap();
+    let backend = crate::conformance::Backend::new(session_authority::store::Stores::of(store), ());
+    an_unappendable_event_ends_nothing(backend, &prefix, crate::servers::shared_redis().port, false).await;
+}
+
+#[tokio::test]
+async fn an_unappendable_event_ends_nothing_on_the_cluster() {
+    let cluster = crate::servers::shared_cluster();
+    let prefix = unique_prefix("unappendable-cluster");
+    let store = session_authority::store::redis::open(&cluster.url(), &prefix, Duration::from_secs(5)).unwrap();
+    let backend = crate::conformance::Backend::new(session_authority::store::Stores::of(store), ());
+    an_unappendable_event_ends_nothing(backend, &prefix, cluster.ports[0], true).await;
+}

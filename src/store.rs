@@ -238,6 +238,11 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Whether the backend is reachable (health).
     async fn ping(&self) -> Result<()>;
+
+    /// Logs a warning for each server setting the revocation log's guarantees rely on that the
+    /// backend reports otherwise (Redis: `appendonly yes`, `maxmemory-policy noeviction`), at
+    /// start. The default, for backends without such settings, logs nothing.
+    async fn warn_about_settings(&self) {}
 }
 
 /// A shared handle to a session store.

@@ -150,6 +150,10 @@ impl SessionStore for Instrumented<DynSessionStore> {
     async fn ping(&self) -> Result<()> {
         self.observe("ping", self.inner.ping()).await
     }
+
+    async fn warn_about_settings(&self) {
+        self.inner.warn_about_settings().await;
+    }
 }
 
 #[async_trait]

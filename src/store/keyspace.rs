@@ -1525,6 +1525,35 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
     async fn ping(&self) -> Result<()> {
         self.bounded("ping", async { self.transport.command(vec!["PING".into()], true).await.map(drop) }).await
     }
+
+    async fn warn_about_settings(&self) {
+        for (setting, wanted, why) in [
+            ("appendonly", "yes", "a restart would lose the revocation log's tail"),
+            ("maxmemory-policy", "noeviction", "eviction may drop revocation-log keys"),
+        ] {
+            let args = vec!["CONFIG".into(), "GET".into(), setting.into()];
+            let reply = self.bounded("config_get", self.transport.command(args, true)).await;
+            let value = match reply.and_then(items) {
+                Ok(reply) => match reply.as_slice() {
+                    [_, value] => text(value).map(str::to_owned),
+                    _ => Err(malformed("CONFIG GET reply")),
+                },
+                Err(e) => Err(e),
+            };
+            match value {
+                Ok(value) if value == wanted => {}
+                Ok(value) => tracing::warn!(
+                    setting,
+                    value = %value,
+                    "Redis has `{setting} {value}`: {why}, so revocations could be lost or watchers \
+                     reset; set `{setting} {wanted}` on the server (CONFIG SET {setting} {wanted}, and in redis.conf)"
+                ),
+                Err(e) => {
+                    tracing::debug!(setting, error = %e, "could not check the Redis setting (CONFIG GET refused?)")
+                }
+            }
+        }
+    }
 }
 
 #[async_trait]

@@ -232,3 +232,14 @@ async fn an_unappendable_event_ends_nothing_on_the_cluster() {
     let backend = crate::conformance::Backend::new(session_authority::store::Stores::of(store), ());
     an_unappendable_event_ends_nothing(backend, &prefix, cluster.ports[0], true).await;
 }
+
+#[tokio::test]
+async fn a_redis_without_persistence_is_warned_about_at_start() {
+    let redis = RedisServer::start();
+    assert!(redis.cli(&["CONFIG", "GET", "appendonly"]).contains("no"), "the test server runs without AOF");
+    let server = on_redis(&redis.url(), &unique_prefix("settings")).start();
+    let logs = server.logs();
+    let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("CONFIG SET")).collect();
+    assert_eq!(warnings.len(), 1, "one line, for appendonly only (maxmemory-policy is noeviction):\n{logs}");
+    assert!(warnings[0].contains("appendonly yes") && warnings[0].contains("WARN"), "{}", warnings[0]);
+}

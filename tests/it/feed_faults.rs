@@ -195,7 +195,7 @@ async fn an_unappendable_event_ends_nothing(
     assert_eq!(m.find(&by_id).await.unwrap().state, SessionState::Active, "not ended without its event ({e:?})");
     assert!(matches!(e, session_authority::Error::FailedPrecondition(_)), "{e:?}");
     assert!(e.to_string().contains(&target), "the message names the key: {e}");
-    let e = m.create(crate::conformance::new_session(user)).await.err().expect("the eviction cannot append");
+    let Err(e) = m.create(crate::conformance::new_session(user)).await else { panic!("the eviction cannot append") };
     assert!(matches!(e, session_authority::Error::FailedPrecondition(_)), "{e:?}");
     assert_eq!(m.find(&by_id).await.unwrap().state, SessionState::Active, "not evicted without its event");
 

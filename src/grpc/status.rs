@@ -73,6 +73,13 @@ mod tests {
     }
 
     #[test]
+    fn a_reset_log_is_out_of_range_with_its_reason() {
+        let status: Status = Error::LogReset("re-snapshot with ListRevocations".into()).into();
+        assert_eq!(status.code(), Code::OutOfRange);
+        assert_eq!(status.get_error_details().error_info().unwrap().reason, "REVOCATION_LOG_RESET");
+    }
+
+    #[test]
     fn internal_causes_stay_private() {
         let status: Status = Error::internal("redb: table corrupted at page 7").into();
         assert_eq!(status.code(), Code::Internal);

@@ -243,3 +243,46 @@ async fn a_redis_without_persistence_is_warned_about_at_start() {
     assert_eq!(warnings.len(), 1, "one line, for appendonly only (maxmemory-policy is noeviction):\n{logs}");
     assert!(warnings[0].contains("appendonly yes") && warnings[0].contains("WARN"), "{}", warnings[0]);
 }
+
+/// A tailer that fell behind retention (here: it did not run while an event was appended and
+/// purged, and a watcher went live after the purge) resumes after the highest purged event, so
+/// an event retained after it still reaches live watchers. The memory store on a
+/// current-thread runtime, with a manual clock: the tailer runs only when this test waits.
+#[tokio::test(flavor = "current_thread")]
+async fn a_tailer_behind_retention_still_publishes_the_retained_events() {
+    use futures_util::{FutureExt as _, StreamExt as _};
+    use session_authority::clock::ManualClock;
+    use session_authority::revocation::{Cursor, WatchItem, WatchRequest};
+    use session_authority::session::SessionRef;
+
+    let clock = ManualClock::new(crate::conformance::START);
+    let m = crate::conformance::manager(&crate::conformance::memory(), 10, &clock);
+    let r = crate::conformance::revocations(&m);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tailer = tokio::spawn(r.feed().clone().run(stop.clone()));
+    // Let the tailer take its place at the head (0) and wait for work.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // None of this waits, so the tailer does not run: event 1 is appended and purged.
+    let purged = m.create(crate::conformance::new_session("max")).await.unwrap();
+    r.revoke_session(&SessionRef::Id(purged.session.session_id.clone()), "user_logout", None).await.unwrap();
+    clock.advance(Duration::from_secs(30 * 24 * 3600));
+    assert_eq!(r.cleanup().await.unwrap(), 1);
+    // A watcher from just after the purged event reads the (empty) rest of the log and goes live.
+    let after = Cursor { log_id: r.cursor(0).log_id, seq: 1 };
+    let mut watch = Box::pin(r.feed().watch(WatchRequest { after: Some(after), ..Default::default() }).await.unwrap());
+    assert!(matches!(watch.next().await, Some(Ok(WatchItem::Heartbeat(..)))));
+    assert!(watch.next().now_or_never().is_none(), "live, nothing to deliver yet");
+    // Event 2 is retained; the tailer, still at 0, now sees the log trimmed through 1.
+    let retained = m.create(crate::conformance::new_session("max")).await.unwrap();
+    r.revoke_session(&SessionRef::Id(retained.session.session_id.clone()), "user_logout", None).await.unwrap();
+    let item = tokio::time::timeout(Duration::from_secs(5), watch.next()).await;
+    match item {
+        Ok(Some(Ok(WatchItem::Event(cursor, event)))) => {
+            assert_eq!((cursor.seq, event.session_id.as_str()), (2, retained.session.session_id.as_str()));
+        }
+        other => panic!("the retained event 2 reaches the live watcher within 5 s, got {other:?}"),
+    }
+    stop.cancel();
+    tailer.await.unwrap();
+}

@@ -1,5 +1,7 @@
-//! The revocation feed under storage faults on a real redis-server: the log reset (FLUSHALL)
-//! or rewound (a failover that lost the tail) under a live watcher.
+//! The revocation feed and log under storage faults: the log reset (FLUSHALL) or rewound (a
+//! failover that lost the tail) under a live watcher on a real redis-server; an event that cannot
+//! be appended (a foreign key) on Redis, kv-rest and the cluster; the startup warning about Redis
+//! settings; a tailer behind retention (memory store, manual clock).
 
 use std::time::Duration;
 

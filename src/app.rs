@@ -161,7 +161,10 @@ impl App {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let storage_ok = match sessions.store().ping().await {
-            Ok(()) => true,
+            Ok(()) => {
+                sessions.store().warn_about_settings().await;
+                true
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "session storage unreachable at start; health is NOT_SERVING until it answers");
                 false

@@ -35,6 +35,10 @@ pub enum Error {
     /// A cursor or position is outside what is retained.
     #[error("{0}")]
     OutOfRange(String),
+    /// The revocation log was reset or went backwards (a new log id, a lower head): every
+    /// cursor of it is void. `OUT_OF_RANGE` with the reason `REVOCATION_LOG_RESET`.
+    #[error("{0}")]
+    LogReset(String),
     /// A concurrent change won; the caller should retry from fresh state.
     #[error("{0}")]
     Aborted(String),
@@ -90,6 +94,7 @@ impl Error {
             Error::NotFound(_) => "NOT_FOUND",
             Error::FailedPrecondition(_) => "FAILED_PRECONDITION",
             Error::OutOfRange(_) => "OUT_OF_RANGE",
+            Error::LogReset(_) => "REVOCATION_LOG_RESET",
             Error::Aborted(_) => "ABORTED",
             Error::RateLimited { .. } => "RATE_LIMITED",
             Error::ResourceExhausted(_) => "OVERLOADED",

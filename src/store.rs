@@ -48,7 +48,8 @@ pub struct EndSession {
     pub reason: String,
     /// When.
     pub at: Millis,
-    /// When the tombstone may be purged; also when the revocation-list entry expires.
+    /// When the tombstone may be purged; also when the revocation-list entry expires. A backend
+    /// keeps both until [`EndSession::retain_until_for`] the ended record.
     pub retain_until: Millis,
     /// The revocation event to append in the same step, or `None` for a plain time expiry
     /// (the only end that is not on the revocation list).
@@ -58,6 +59,13 @@ pub struct EndSession {
 }
 
 impl EndSession {
+    /// When the tombstone of `record` ended by this may be purged, which is also when its
+    /// revocation-list entry expires: `retain_until`, but never before the session's absolute
+    /// expiry, so a revoked session whose token a consumer could still hold stays on the list.
+    pub fn retain_until_for(&self, record: &SessionRecord) -> Millis {
+        self.retain_until.max(record.absolute_expires_at)
+    }
+
     /// The event this end appends for `record`, with sequence number `seq`, if it appends one.
     pub fn event_for(&self, record: &SessionRecord, seq: u64) -> Option<RevocationEvent> {
         self.kind.map(|kind| RevocationEvent {
@@ -68,7 +76,7 @@ impl EndSession {
             reason: self.reason.clone(),
             revoked_by: self.revoked_by.clone(),
             revoked_at: self.at,
-            expires_at: self.retain_until,
+            expires_at: self.retain_until_for(record),
         })
     }
 }
@@ -186,6 +194,15 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// list entry expired but that are not purged yet are still returned: the log has no gaps.
     async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead>;
 
+    /// Gives the log a new id if its id is still `seen`. The feed calls it when it saw the log
+    /// go backwards under the same id (a failover that lost the tail), so that every cursor of
+    /// the old numbering is void instead of naming other events. A backend whose log cannot go
+    /// backwards keeps this default, which does nothing.
+    async fn renew_log_id(&self, seen: &str) -> Result<()> {
+        let _ = seen;
+        Ok(())
+    }
+
     /// The live revocation-list entry of a session: its event, if it has one whose
     /// `expires_at` is after `now`.
     async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>>;
@@ -221,6 +238,11 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Whether the backend is reachable (health).
     async fn ping(&self) -> Result<()>;
+
+    /// Logs a warning for each server setting the revocation log's guarantees rely on that the
+    /// backend reports otherwise (Redis: `appendonly yes`, `maxmemory-policy noeviction`), at
+    /// start. The default, for backends without such settings, logs nothing.
+    async fn warn_about_settings(&self) {}
 }
 
 /// A shared handle to a session store.

@@ -25,7 +25,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::NotFound(_) => Code::NotFound,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::OutOfRange(_) | Error::LogReset(_) => Code::OutOfRange,
             Error::Aborted(_) => Code::Aborted,
             Error::RateLimited { retry_after, .. } => {
                 details.set_retry_info(Some(*retry_after));
@@ -70,6 +70,13 @@ mod tests {
         assert!(status.message().contains("user_id"));
         let violations = status.get_error_details().bad_request().unwrap().field_violations.clone();
         assert_eq!(violations[0].field, "user_id");
+    }
+
+    #[test]
+    fn a_reset_log_is_out_of_range_with_its_reason() {
+        let status: Status = Error::LogReset("re-snapshot with ListRevocations".into()).into();
+        assert_eq!(status.code(), Code::OutOfRange);
+        assert_eq!(status.get_error_details().error_info().unwrap().reason, "REVOCATION_LOG_RESET");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::Stream;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +39,7 @@ use crate::clock::Millis;
 use crate::error::{Error, Result};
 use crate::revocation::{Cursor, RevocationEvent, RevocationSettings};
 use crate::session::SessionManager;
+use crate::store::DynSessionStore;
 
 /// Events read from the log per store call, by the tailer and by catching-up watchers.
 const BATCH: usize = 512;
@@ -73,6 +74,10 @@ pub struct RevocationFeed {
     sessions: SessionManager,
     live: broadcast::Sender<Arc<RevocationEvent>>,
     wake: Arc<Notify>,
+    /// Counts the log resets the tailer saw (a new log id, a head below its position). It is
+    /// raised before any event of the new log is published, so a watcher that sees it changed
+    /// ends instead of mixing two logs' numbering.
+    resets: Arc<watch::Sender<u64>>,
     default_heartbeat: Duration,
     /// Streams open now, and the most allowed.
     watchers: Arc<AtomicUsize>,
@@ -87,6 +92,7 @@ impl RevocationFeed {
             sessions: sessions.clone(),
             live,
             wake: sessions.log_signal(),
+            resets: Arc::new(watch::Sender::new(0)),
             default_heartbeat: settings.default_heartbeat,
             watchers: Arc::new(AtomicUsize::new(0)),
             max_watchers: settings.max_watchers.max(1),
@@ -97,29 +103,56 @@ impl RevocationFeed {
         Cursor { log_id: self.sessions.store().log_id(), seq }
     }
 
+    /// Ends every open stream (each ends with [`log_reset`]) and makes the tailer start over.
+    async fn reset(&self, store: &DynSessionStore, log_id: &str, rewound: bool) {
+        if rewound {
+            // Same id, lower numbers: give the log a new id so old cursors are void everywhere.
+            if let Err(e) = store.renew_log_id(log_id).await {
+                tracing::warn!(error = %e, "cannot give the rewound revocation log a new id; will retry");
+            }
+        }
+        self.resets.send_modify(|n| *n += 1);
+    }
+
     /// Tails the log and publishes every new event once, until `shutdown`. Store errors are
-    /// logged and retried at the next wake-up or poll.
+    /// logged and retried at the next wake-up or poll. A log that was reset (a new id) or went
+    /// backwards (its head below the tailer's position) ends every open stream with
+    /// [`log_reset`], and the tailer starts over at the new head.
     pub async fn run(self, shutdown: CancellationToken) {
         let store = self.sessions.store().clone();
-        let mut last: Option<u64> = None;
+        let mut last: Option<(String, u64)> = None;
         loop {
             if last.is_none() {
                 // Start at the head: history is for watchers to read from the log themselves.
                 match store.read_revocations(0, 0).await {
-                    Ok(read) => last = Some(read.position.head),
+                    Ok(read) => last = Some((store.log_id(), read.position.head)),
                     Err(e) => tracing::warn!(error = %e, "revocation feed cannot read the log; will retry"),
                 }
             }
-            if let Some(mut seq) = last {
+            if let Some((log_id, mut seq)) = last.take() {
+                let mut reset = false;
                 loop {
                     match store.read_revocations(seq, BATCH).await {
                         Ok(read) => {
-                            if seq < read.position.trimmed_through {
-                                // Behind what the log retains: jump to the head; watchers see the
-                                // gap and read the log themselves (or get OUT_OF_RANGE).
-                                tracing::warn!(seq, "revocation feed fell behind the log's retention");
-                                seq = read.position.head;
+                            let now_id = store.log_id();
+                            if now_id != log_id || read.position.head < seq {
+                                let rewound = now_id == log_id;
+                                tracing::warn!(
+                                    old_log = %log_id, new_log = %now_id, position = seq, head = read.position.head,
+                                    "the revocation log was reset or went backwards; ending every watch stream \
+                                     (clients re-snapshot with ListRevocations)"
+                                );
+                                self.reset(&store, &log_id, rewound).await;
+                                reset = true;
                                 break;
+                            }
+                            if seq < read.position.trimmed_through {
+                                // Behind what the log retains: jump to the highest purged event,
+                                // so the retained ones after it are still published; watchers
+                                // see the gap and read the log themselves (or get OUT_OF_RANGE).
+                                tracing::warn!(seq, "revocation feed fell behind the log's retention");
+                                seq = read.position.trimmed_through;
+                                continue;
                             }
                             let full = read.events.len() == BATCH;
                             for event in read.events {
@@ -137,7 +170,11 @@ impl RevocationFeed {
                         }
                     }
                 }
-                last = Some(seq);
+                if reset {
+                    // Start over at once at the new head; nothing of the new log is missed.
+                    continue;
+                }
+                last = Some((log_id, seq));
             }
             tokio::select! {
                 () = self.wake.notified() => {}
@@ -160,13 +197,16 @@ impl RevocationFeed {
         })?;
         // Subscribe before reading anything: see the module comment.
         let live = self.live.subscribe();
+        let resets = self.resets.subscribe();
+        let generation = *resets.borrow();
         let position = self.sessions.store().read_revocations(0, 0).await?.position;
+        let log_id = self.sessions.store().log_id();
         let start = match &request.after {
             None => position.head,
             Some(cursor) => {
                 let resnapshot = "re-snapshot with ListRevocations and watch from its cursor";
-                if cursor.log_id != self.sessions.store().log_id() {
-                    return Err(Error::OutOfRange(format!(
+                if cursor.log_id != log_id {
+                    return Err(Error::LogReset(format!(
                         "after_cursor {cursor} is from another revocation log (the store was replaced or reset); {resnapshot}"
                     )));
                 }
@@ -186,6 +226,9 @@ impl RevocationFeed {
         let watch = Watch {
             feed: self.clone(),
             live,
+            resets,
+            generation,
+            log_id,
             last: start,
             user_id: request.user_id,
             heartbeat,
@@ -203,6 +246,15 @@ impl RevocationFeed {
     }
 }
 
+/// The end of a stream whose log was reset or went backwards.
+fn log_reset(cursor: &Cursor) -> Error {
+    Error::LogReset(format!(
+        "the revocation log was reset or went backwards (storage flushed, restarted without persistence, \
+         or failed over with a lost tail), so cursor {cursor} and every earlier one are void; \
+         re-snapshot with ListRevocations and watch from its cursor"
+    ))
+}
+
 fn out_of_retention(cursor: &Cursor) -> Error {
     Error::OutOfRange(format!(
         "after_cursor {cursor} is older than what the revocation log retains; re-snapshot with ListRevocations and watch from its cursor"
@@ -213,6 +265,11 @@ fn out_of_retention(cursor: &Cursor) -> Error {
 struct Watch {
     feed: RevocationFeed,
     live: broadcast::Receiver<Arc<RevocationEvent>>,
+    /// The feed's reset counter, as of the stream's start.
+    resets: watch::Receiver<u64>,
+    generation: u64,
+    /// The log this stream reads: its cursors carry this id, whatever the store's id is now.
+    log_id: String,
     /// Every event up to this sequence number was delivered or filtered out.
     last: u64,
     user_id: Option<String>,
@@ -252,7 +309,16 @@ impl Drop for Slot {
 impl Watch {
     fn heartbeat(&mut self) -> WatchItem {
         self.next_heartbeat = Instant::now() + self.heartbeat;
-        WatchItem::Heartbeat(self.feed.cursor(self.last), self.feed.sessions.now())
+        WatchItem::Heartbeat(self.cursor(self.last), self.feed.sessions.now())
+    }
+
+    fn cursor(&self, seq: u64) -> Cursor {
+        Cursor { log_id: self.log_id.clone(), seq }
+    }
+
+    /// Whether the log was reset since the stream started, as the tailer saw it.
+    fn was_reset(&self) -> bool {
+        *self.resets.borrow() != self.generation
     }
 
     fn wanted(&self, event: &RevocationEvent) -> bool {
@@ -287,12 +353,17 @@ impl Watch {
             return Some(Ok(self.heartbeat()));
         }
         loop {
+            // Checked before every event: live events after a reset belong to the new log.
+            if self.was_reset() {
+                let cursor = self.cursor(self.last);
+                return self.end(log_reset(&cursor));
+            }
             while let Some(event) = self.pending.pop_front() {
                 self.last = event.seq;
                 if self.wanted(&event) {
                     self.next_heartbeat = Instant::now() + self.heartbeat;
                     metrics::counter!(crate::metrics::REVOCATIONS_DELIVERED).increment(1);
-                    return Some(Ok(WatchItem::Event(self.feed.cursor(event.seq), event)));
+                    return Some(Ok(WatchItem::Event(self.cursor(event.seq), event)));
                 }
             }
             if self.catching_up {
@@ -300,8 +371,12 @@ impl Watch {
                     Ok(read) => read,
                     Err(e) => return self.end(e),
                 };
+                if self.feed.sessions.store().log_id() != self.log_id || read.position.head < self.last {
+                    let cursor = self.cursor(self.last);
+                    return self.end(log_reset(&cursor));
+                }
                 if self.last < read.position.trimmed_through {
-                    let cursor = self.feed.cursor(self.last);
+                    let cursor = self.cursor(self.last);
                     return self.end(out_of_retention(&cursor));
                 }
                 if !read.events.is_empty() {
@@ -332,18 +407,19 @@ impl Watch {
                 received = self.live.recv() => match received {
                     Ok(event) => self.accept_live(event),
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        let cursor = self.feed.cursor(self.last);
+                        let cursor = self.cursor(self.last);
                         return self.end(Error::Aborted(format!(
                             "this watcher fell {missed} events behind the live feed; resume with after_cursor \"{cursor}\""
                         )));
                     }
                     Err(broadcast::error::RecvError::Closed) => {
-                        let cursor = self.feed.cursor(self.last);
+                        let cursor = self.cursor(self.last);
                         return self.end(Error::unavailable(format!(
                             "the revocation feed stopped; reconnect and resume with after_cursor \"{cursor}\""
                         )));
                     }
                 },
+                _ = self.resets.changed() => {}
                 () = tokio::time::sleep_until(self.next_heartbeat) => return Some(Ok(self.heartbeat())),
             }
         }

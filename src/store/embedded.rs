@@ -277,7 +277,7 @@ fn end_in(tx: &WriteTransaction, hash: &TokenHash, end: &EndSession) -> Result<E
     record.state = end.state;
     record.end_reason = Some(end.reason.clone());
     record.ended_at = Some(end.at);
-    record.retain_until = end.retain_until;
+    record.retain_until = end.retain_until_for(&record);
     record.version += 1;
     save(tx, &record, old_retain)?;
     append_in(tx, end, &record)?;

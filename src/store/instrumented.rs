@@ -116,6 +116,10 @@ impl SessionStore for Instrumented<DynSessionStore> {
         self.observe("read_revocations", self.inner.read_revocations(after, limit)).await
     }
 
+    async fn renew_log_id(&self, seen: &str) -> Result<()> {
+        self.observe("renew_log_id", self.inner.renew_log_id(seen)).await
+    }
+
     async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
         self.observe("revocation_entry", self.inner.revocation_entry(session_id, now)).await
     }
@@ -145,6 +149,10 @@ impl SessionStore for Instrumented<DynSessionStore> {
 
     async fn ping(&self) -> Result<()> {
         self.observe("ping", self.inner.ping()).await
+    }
+
+    async fn warn_about_settings(&self) {
+        self.inner.warn_about_settings().await;
     }
 }
 

@@ -136,6 +136,33 @@ local sink = {mode = ARGV[1], newid = ARGV[2], users = ARGV[3],
   meta = KEYS[1], stream = KEYS[2], sess = KEYS[3], exp = KEYS[4]}
 local K = {unpack(KEYS, 5)}
 local V = {unpack(ARGV, 4)}
+-- The first key `emit` for user `uid` would fail on (a foreign value under our prefix, a head
+-- that is not a number, a stream whose last id is not below the next seq), or nil. Scripts call
+-- it before their first write, so a session never ends without its event.
+local function unwritable(uid)
+  local want = {{sink.meta, 'stream'}}
+  if sink.mode ~= 'outbox' then
+    want = {{sink.meta, 'hash'}, {sink.stream, 'stream'}, {sink.sess, 'hash'},
+      {sink.users .. uid, 'zset'}, {sink.exp, 'zset'}}
+  end
+  for _, kt in ipairs(want) do
+    local t = redis.call('TYPE', kt[1]).ok
+    if t ~= 'none' and t ~= kt[2] then return kt[1] end
+  end
+  if sink.mode == 'outbox' then return nil end
+  local head = redis.call('HGET', sink.meta, 'head')
+  if head and not tonumber(head) then return sink.meta end
+  if redis.call('EXISTS', sink.stream) == 1 then
+    local info = redis.call('XINFO', 'STREAM', sink.stream)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        local last = tonumber((string.match(info[i + 1], '^(%d+)')))
+        if last and last >= tonumber(head or '0') + 1 then return sink.stream end
+      end
+    end
+  end
+  return nil
+end
 local function emit(sid, uid, kind, reason, by, at, expires)
   if sink.mode == 'outbox' then
     redis.call('XADD', sink.meta, '*', 'sid', sid, 'uid', uid, 'kind', kind, 'reason', reason,
@@ -161,7 +188,8 @@ end
 /// K: record, id, user index. V: record-key prefix, now, cap, eviction state, reason,
 /// retain-until, then the new record: hash hex, doc, session id, user id, created, absolute,
 /// idle, last access, retain-until, version, state; then kind, revoked-by. Returns the evicted
-/// records (HGETALL each).
+/// records (HGETALL each), or {'!log', key} with nothing written when an eviction's event could
+/// not be appended to `key`.
 const CREATE: &str = concat!(
     lua_sink!(),
     r#"
@@ -174,21 +202,29 @@ for _, h in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
   if not f[1] then
     redis.call('ZREM', KEYS[3], h)
   elseif f[1] == 'active' and now < tonumber(f[2]) and now < tonumber(f[3]) then
-    active[#active + 1] = {tonumber(f[4]), f[5], h}
+    active[#active + 1] = {tonumber(f[4]), f[5], h, f[3]}
   end
 end
 table.sort(active, function(a, b)
   if a[1] ~= b[1] then return a[1] < b[1] end
   return a[2] < b[2]
 end)
+local evicting = math.min(#active + 1 - cap, #active)
+if evicting > 0 and ARGV[18] ~= '' then
+  local bad = unwritable(ARGV[10])
+  if bad then return {'!log', bad} end
+end
 local evicted = {}
-for i = 1, math.min(#active + 1 - cap, #active) do
+for i = 1, evicting do
   local key = ARGV[1] .. active[i][3]
   local version = tonumber(redis.call('HGET', key, 'version')) + 1
+  -- Kept (and listed) until the later of retain-until and the absolute expiry.
+  local retain = ARGV[6]
+  if tonumber(active[i][4]) > tonumber(retain) then retain = active[i][4] end
   redis.call('HSET', key, 'state', ARGV[4], 'end_reason', ARGV[5], 'ended_at', ARGV[2],
-    'retain_until', ARGV[6], 'version', tostring(version))
+    'retain_until', retain, 'version', tostring(version))
   if ARGV[18] ~= '' then
-    emit(active[i][2], ARGV[10], ARGV[18], ARGV[5], ARGV[19], ARGV[2], ARGV[6])
+    emit(active[i][2], ARGV[10], ARGV[18], ARGV[5], ARGV[19], ARGV[2], retain)
   end
   evicted[#evicted + 1] = redis.call('HGETALL', key)
 end
@@ -246,7 +282,8 @@ return {1}
 
 /// Active → terminal, with the revocation event when V[5] (the kind) is set; a terminal state is
 /// never rewritten. K: record. V: state, reason, at, retain-until, kind, revoked-by. Returns {0}
-/// missing, {1, HGETALL} ended, {2, HGETALL} already ended.
+/// missing, {1, HGETALL} ended, {2, HGETALL} already ended, {3, key} nothing written because
+/// the event could not be appended to `key`.
 const END: &str = concat!(
     lua_sink!(),
     r#"
@@ -254,12 +291,20 @@ local KEYS, ARGV = K, V
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {0} end
 if state ~= 'active' then return {2, redis.call('HGETALL', KEYS[1])} end
-local version = tonumber(redis.call('HGET', KEYS[1], 'version')) + 1
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'end_reason', ARGV[2], 'ended_at', ARGV[3],
-  'retain_until', ARGV[4], 'version', tostring(version))
+local ids = redis.call('HMGET', KEYS[1], 'session_id', 'user_id')
 if ARGV[5] ~= '' then
-  local ids = redis.call('HMGET', KEYS[1], 'session_id', 'user_id')
-  emit(ids[1], ids[2], ARGV[5], ARGV[2], ARGV[6], ARGV[3], ARGV[4])
+  local bad = unwritable(ids[2])
+  if bad then return {3, bad} end
+end
+local version = tonumber(redis.call('HGET', KEYS[1], 'version')) + 1
+-- Kept (and listed) until the later of retain-until and the absolute expiry.
+local retain = ARGV[4]
+local absolute = redis.call('HGET', KEYS[1], 'absolute_expires_at')
+if absolute and tonumber(absolute) > tonumber(retain) then retain = absolute end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'end_reason', ARGV[2], 'ended_at', ARGV[3],
+  'retain_until', retain, 'version', tostring(version))
+if ARGV[5] ~= '' then
+  emit(ids[1], ids[2], ARGV[5], ARGV[2], ARGV[6], ARGV[3], retain)
 end
 return {1, redis.call('HGETALL', KEYS[1])}
 "#
@@ -303,6 +348,14 @@ if tonumber(ARGV[3]) > 0 then
   entries = redis.call('XRANGE', KEYS[2], ARGV[2], '+', 'COUNT', ARGV[3])
 end
 return {m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0'), entries}
+"#;
+
+/// A new log id if the id is still the one seen (see [`SessionStore::renew_log_id`]).
+/// KEYS: meta. ARGV: the id seen, a fresh log id. Returns the id now.
+const RENEW_LOG_ID: &str = r#"
+local id = redis.call('HGET', KEYS[1], 'id')
+if not id or id == ARGV[1] then redis.call('HSET', KEYS[1], 'id', ARGV[2]) end
+return redis.call('HGET', KEYS[1], 'id')
 "#;
 
 /// Live list entries (`exp` after now) with after < seq <= through, of one user when a user
@@ -586,6 +639,8 @@ pub struct Scripts {
     pub log_entry: Lua,
     /// [`SessionStore::purge_revocations`].
     pub purge_log: Lua,
+    /// [`SessionStore::renew_log_id`].
+    pub renew_log_id: Lua,
     /// Forgets a drained outbox tag.
     pub forget_dirty: Lua,
     /// [`RateLimitStore::check`]'s compare-and-set.
@@ -628,6 +683,7 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     list_log: Lua::new("list_log", LIST_LOG),
     log_entry: Lua::new("log_entry", LOG_ENTRY),
     purge_log: Lua::new("purge_log", PURGE_LOG),
+    renew_log_id: Lua::new("renew_log_id", RENEW_LOG_ID),
     forget_dirty: Lua::new("forget_dirty", FORGET_DIRTY),
     limit_cas: Lua::new("limit_cas", LIMIT_CAS),
     purge_limits: Lua::new("purge_limits", PURGE_LIMITS),
@@ -845,6 +901,16 @@ fn required(reply: Reply) -> Result<SessionRecord> {
 }
 
 /// A script's `{code, ...}` reply.
+/// The end (or eviction) was refused, with nothing written, because its revocation event could
+/// not be appended to `key`: a session never ends without its event.
+fn log_unwritable(key: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "the session was not ended: its revocation event cannot be appended, because the Redis key \
+         {key} holds a value of another type (or a sequence number the log has passed); an operator \
+         must delete or repair that key (nothing else may write under the key prefix), then retry"
+    ))
+}
+
 fn coded(reply: Reply) -> Result<(i64, Vec<Reply>)> {
     let mut items = items(reply)?.into_iter();
     let code = integer(&items.next().ok_or_else(|| malformed("empty script reply"))?)?;
@@ -1218,8 +1284,13 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
                 eviction.kind.map_or("", RevocationKind::as_str).to_owned(),
                 encode_by(eviction.revoked_by.as_deref()),
             ]);
-            let reply = self.transport.eval(&SCRIPTS.create, keys, args, false).await?;
-            let evicted = items(reply)?.into_iter().map(required).collect::<Result<Vec<_>>>()?;
+            let reply = items(self.transport.eval(&SCRIPTS.create, keys, args, false).await?)?;
+            if let [Reply::Data(marker), key] = reply.as_slice()
+                && marker.as_slice() == b"!log"
+            {
+                return Err(log_unwritable(text(key)?));
+            }
+            let evicted = reply.into_iter().map(required).collect::<Result<Vec<_>>>()?;
             for ended in &evicted {
                 self.lower_due_after_write(&ended.token_hash, ended.retain_until).await;
             }
@@ -1317,6 +1388,7 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
                     }
                     EndOutcome::Ended(ended)
                 }
+                3 => return Err(log_unwritable(text(rest.first().unwrap_or(&Reply::Nil))?)),
                 _ => EndOutcome::AlreadyEnded(required(rest.pop().unwrap_or(Reply::Nil))?),
             })
         })
@@ -1370,6 +1442,16 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
             let entries = reply.pop().ok_or_else(|| malformed("log reply"))?;
             let events = items(entries)?.into_iter().map(log_event).collect::<Result<Vec<_>>>()?;
             Ok(LogRead { events, position })
+        })
+        .await
+    }
+
+    async fn renew_log_id(&self, seen: &str) -> Result<()> {
+        self.bounded("renew_log_id", async {
+            let keys = vec![self.layout.log("meta")];
+            let reply =
+                self.transport.eval(&SCRIPTS.renew_log_id, keys, vec![seen.to_owned(), new_log_id()], false).await?;
+            self.remember_log_id(&reply)
         })
         .await
     }
@@ -1442,6 +1524,35 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
 
     async fn ping(&self) -> Result<()> {
         self.bounded("ping", async { self.transport.command(vec!["PING".into()], true).await.map(drop) }).await
+    }
+
+    async fn warn_about_settings(&self) {
+        for (setting, wanted, why) in [
+            ("appendonly", "yes", "a restart would lose the revocation log's tail"),
+            ("maxmemory-policy", "noeviction", "eviction may drop revocation-log keys"),
+        ] {
+            let args = vec!["CONFIG".into(), "GET".into(), setting.into()];
+            let reply = self.bounded("config_get", self.transport.command(args, true)).await;
+            let value = match reply.and_then(items) {
+                Ok(reply) => match reply.as_slice() {
+                    [_, value] => text(value).map(str::to_owned),
+                    _ => Err(malformed("CONFIG GET reply")),
+                },
+                Err(e) => Err(e),
+            };
+            match value {
+                Ok(value) if value == wanted => {}
+                Ok(value) => tracing::warn!(
+                    setting,
+                    value = %value,
+                    "Redis has `{setting} {value}`: {why}, so revocations could be lost or watchers \
+                     reset; set `{setting} {wanted}` on the server (CONFIG SET {setting} {wanted}, and in redis.conf)"
+                ),
+                Err(e) => {
+                    tracing::debug!(setting, error = %e, "could not check the Redis setting (CONFIG GET refused?)")
+                }
+            }
+        }
     }
 }
 

@@ -118,7 +118,7 @@ impl Inner {
         record.state = end.state;
         record.end_reason = Some(end.reason.clone());
         record.ended_at = Some(end.at);
-        record.retain_until = end.retain_until;
+        record.retain_until = end.retain_until_for(record);
         record.version += 1;
         self.expiry.insert((record.retain_until, *hash));
         let ended = (**record).clone();

@@ -609,6 +609,40 @@ pub async fn list_entries_expire_after_the_ttl(backend: Backend) {
     assert!(r.is_revoked(&id(&newer)).await.unwrap().is_none());
 }
 
+/// An entry lives until max(end + list TTL, the session's absolute expiry): a denylist consumer
+/// would otherwise treat the revoked session as live again while its token is still unexpired.
+pub async fn list_entries_outlive_the_ttl_until_the_absolute_expiry(backend: Backend) {
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 1, &clock);
+    let r = revocations(&m);
+    let long = |user: &str| NewSession { absolute_timeout: Some(72 * 60 * MINUTE), ..new_session(user) };
+    let revoked = m.create(long("ivy")).await.unwrap();
+    r.revoke_session(&SessionRef::Token(token(&revoked)), "user_logout", None).await.unwrap();
+    let evicted = m.create(long("jon")).await.unwrap();
+    assert_eq!(m.create(long("jon")).await.unwrap().evicted.len(), 1, "the cap of 1 evicts the first");
+    let both = vec![id(&revoked), id(&evicted)];
+
+    // Past end + TTL (24 h) the entries are still listed, and cleanup keeps them.
+    clock.set(START + 24 * 60 * 60_000 + 60_000);
+    for session in &both {
+        let entry = r.is_revoked(session).await.unwrap();
+        assert_eq!(entry.map(|e| e.expires_at), Some(START + 72 * 60 * 60_000), "{session}");
+    }
+    assert_eq!(r.cleanup().await.unwrap(), 0, "nothing expired before the absolute expiry");
+    let listed: Vec<String> = r.list(None, 10, None).await.unwrap().entries.into_iter().map(|e| e.session_id).collect();
+    assert_eq!(listed, both);
+    // The tombstone is kept as long as its entry.
+    assert_eq!(m.find(&SessionRef::Token(token(&revoked))).await.unwrap().state, SessionState::Revoked);
+
+    // At the absolute expiry they leave the list; cleanup then purges them.
+    clock.set(START + 72 * 60 * 60_000);
+    for session in &both {
+        assert!(r.is_revoked(session).await.unwrap().is_none(), "{session}");
+    }
+    assert!(r.list(None, 10, None).await.unwrap().entries.is_empty());
+    assert_eq!(r.cleanup().await.unwrap(), 2);
+}
+
 pub async fn list_pages_share_the_snapshot_cursor(backend: Backend) {
     let clock = ManualClock::new(START);
     let m = manager(&backend, 10, &clock);
@@ -705,10 +739,11 @@ pub async fn watch_resumes_without_gap_or_duplicate(backend: Backend) {
     assert_eq!(next_event(&mut filtered).await.seq, 7, "the filtered stream skips other users' events");
 
     // Cursors of another log, or ahead of this one, are out of range.
-    for cursor in [Cursor { log_id: "0000000000000000".into(), seq: 1 }, r.cursor(99)] {
-        let e = r.feed().watch(WatchRequest { after: Some(cursor), ..Default::default() }).await.err().unwrap();
-        assert!(matches!(e, session_authority::Error::OutOfRange(_)), "{e:?}");
-    }
+    let foreign = Cursor { log_id: "0000000000000000".into(), seq: 1 };
+    let e = r.feed().watch(WatchRequest { after: Some(foreign), ..Default::default() }).await.err().unwrap();
+    assert!(matches!(e, session_authority::Error::LogReset(_)), "{e:?}");
+    let e = r.feed().watch(WatchRequest { after: Some(r.cursor(99)), ..Default::default() }).await.err().unwrap();
+    assert!(matches!(e, session_authority::Error::OutOfRange(_)), "{e:?}");
     stop.cancel();
     tailer.await.unwrap();
 }
@@ -1003,6 +1038,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn list_entries_expire_after_the_ttl() {
                 suite::list_entries_expire_after_the_ttl($make).await
+            }
+            #[tokio::test]
+            async fn list_entries_outlive_the_ttl_until_the_absolute_expiry() {
+                suite::list_entries_outlive_the_ttl_until_the_absolute_expiry($make).await
             }
             #[tokio::test]
             async fn list_pages_share_the_snapshot_cursor() {

@@ -3,6 +3,7 @@
 mod authz;
 mod conformance;
 mod faults;
+mod feed_faults;
 mod foundation;
 mod fuzz;
 mod keys;

@@ -503,20 +503,20 @@ impl SessionManager {
         self.clock.now()
     }
 
-    fn seal(&self, secret: &SecretString, session_id: &str) -> String {
-        STANDARD.encode(self.keys.seal(secret.expose_secret().as_bytes(), session_id.as_bytes()))
+    fn seal(&self, secret: &SecretString, session_id: &str, field: crypto::TokenField) -> String {
+        STANDARD.encode(self.keys.seal(secret.expose_secret().as_bytes(), session_id.as_bytes(), field))
     }
 
     /// Seals an upstream token of session `session_id` for its record (the token work stores
     /// refreshed tokens with it).
-    pub fn seal_token(&self, secret: &SecretString, session_id: &str) -> String {
-        self.seal(secret, session_id)
+    pub fn seal_token(&self, secret: &SecretString, session_id: &str, field: crypto::TokenField) -> String {
+        self.seal(secret, session_id, field)
     }
 
-    /// Opens one sealed upstream token of `session`.
-    pub fn open(&self, sealed: &str, session: &SessionRecord) -> Result<SecretString> {
+    /// Opens sealed upstream token `field` of `session`.
+    pub fn open(&self, sealed: &str, session: &SessionRecord, field: crypto::TokenField) -> Result<SecretString> {
         let bytes = STANDARD.decode(sealed).map_err(|_| Error::internal("stored sealed token is not base64"))?;
-        let plain = self.keys.open(&bytes, session.session_id.as_bytes())?;
+        let plain = self.keys.open(&bytes, session.session_id.as_bytes(), field)?;
         String::from_utf8(plain).map(SecretString::from).map_err(|_| Error::internal("stored token is not UTF-8"))
     }
 
@@ -577,9 +577,9 @@ impl SessionManager {
         let absolute_expires_at = clock::add(now, absolute);
         let tokens = SealedTokens {
             token_type: if new.token_type.is_empty() { "Bearer".into() } else { new.token_type },
-            access: self.seal(&new.access_token, &session_id),
-            refresh: new.refresh_token.as_ref().map(|t| self.seal(t, &session_id)),
-            id: new.id_token.as_ref().map(|t| self.seal(t, &session_id)),
+            access: self.seal(&new.access_token, &session_id, crypto::TokenField::Access),
+            refresh: new.refresh_token.as_ref().map(|t| self.seal(t, &session_id, crypto::TokenField::Refresh)),
+            id: new.id_token.as_ref().map(|t| self.seal(t, &session_id, crypto::TokenField::Id)),
         };
         let record = SessionRecord {
             token_hash: crypto::token_hash(&token),

@@ -138,7 +138,7 @@ pub async fn create_and_validate(backend: Backend) {
     // The upstream token is sealed, and opens to what was given.
     let stored = m.find(&SessionRef::Id(s.session_id.clone())).await.unwrap();
     assert!(!stored.tokens.access.contains("upstream-access-token"));
-    let opened = m.open(&stored.tokens.access, &stored).unwrap();
+    let opened = m.open(&stored.tokens.access, &stored, session_authority::crypto::TokenField::Access).unwrap();
     assert_eq!(secrecy::ExposeSecret::expose_secret(&opened), "upstream-access-token");
 
     // needs_refresh when the access token expires within the proactive window (5 minutes).

@@ -66,9 +66,16 @@ pub struct SealedTokens {
     pub id: Option<String>,
 }
 
+/// The schema version of the records this build creates.
+pub const RECORD_SCHEMA: u32 = 1;
+
 /// A session as every backend stores it. Holds no secret in the clear.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionRecord {
+    /// Schema of the record: [`RECORD_SCHEMA`] for records this build creates, 0 for records
+    /// from before the field existed. A record read and rewritten keeps the number it had.
+    #[serde(default)]
+    pub schema_version: u32,
     /// Public id: `ses_<shard tag>_<uuid>`.
     pub session_id: String,
     /// SHA-256 of the session token (hex in storage).
@@ -79,46 +86,70 @@ pub struct SessionRecord {
     /// Stored state (see [`SessionRecord::effective_state`] for the state at a given time).
     pub state: SessionState,
     /// Creation time.
+    #[serde(default)]
     pub created_at: Millis,
     /// Last access written (to the slide step).
+    #[serde(default)]
     pub last_accessed_at: Millis,
     /// Idle expiry.
+    #[serde(default)]
     pub idle_expires_at: Millis,
     /// Absolute expiry.
+    #[serde(default)]
     pub absolute_expires_at: Millis,
     /// Idle timeout in force, in milliseconds.
+    #[serde(default)]
     pub idle_timeout_ms: Millis,
     /// Absolute timeout in force, in milliseconds.
+    #[serde(default)]
     pub absolute_timeout_ms: Millis,
     /// Upstream access-token expiry.
+    #[serde(default)]
     pub token_expires_at: Option<Millis>,
     /// Granted scopes.
+    #[serde(default)]
     pub scopes: Vec<String>,
     /// Provider name.
+    #[serde(default)]
     pub provider: String,
     /// Last known client IP.
+    #[serde(default)]
     pub ip_address: Option<String>,
     /// User agent at creation.
+    #[serde(default)]
     pub user_agent: Option<String>,
     /// Caller metadata.
+    #[serde(default)]
     pub metadata: BTreeMap<String, String>,
     /// Why it ended.
+    #[serde(default)]
     pub end_reason: Option<String>,
     /// When it ended.
+    #[serde(default)]
     pub ended_at: Option<Millis>,
     /// When the record may be purged.
+    #[serde(default)]
     pub retain_until: Millis,
     /// Device fingerprint presented at creation (or set by UpdateSession). Boxed: most
     /// sessions have none, and inline it would triple the size of every record in memory.
+    #[serde(default)]
     pub fingerprint: Option<Box<Fingerprint>>,
     /// Sealed upstream tokens.
+    #[serde(default)]
     pub tokens: SealedTokens,
     /// Incremented by every compare-and-swap and state change.
+    #[serde(default)]
     pub version: u64,
     /// Successful upstream refreshes.
+    #[serde(default)]
     pub refresh_count: u32,
     /// Last successful refresh.
+    #[serde(default)]
     pub last_refreshed_at: Option<Millis>,
+    /// Fields this build does not know (written by a newer replica), kept as they are so a
+    /// rolling deploy never drops them on a rewrite.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 mod hex_32 {
@@ -153,9 +184,8 @@ impl SessionRecord {
     }
 
     /// Serialises for backends that store bytes.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        // Serialising plain data to a Vec cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|e| Error::internal(format!("session record cannot be serialised: {e}")))
     }
 
     /// Parses what [`SessionRecord::to_bytes`] wrote.
@@ -503,20 +533,20 @@ impl SessionManager {
         self.clock.now()
     }
 
-    fn seal(&self, secret: &SecretString, session_id: &str) -> String {
-        STANDARD.encode(self.keys.seal(secret.expose_secret().as_bytes(), session_id.as_bytes()))
+    fn seal(&self, secret: &SecretString, session_id: &str, field: crypto::TokenField) -> String {
+        STANDARD.encode(self.keys.seal(secret.expose_secret().as_bytes(), session_id.as_bytes(), field))
     }
 
     /// Seals an upstream token of session `session_id` for its record (the token work stores
     /// refreshed tokens with it).
-    pub fn seal_token(&self, secret: &SecretString, session_id: &str) -> String {
-        self.seal(secret, session_id)
+    pub fn seal_token(&self, secret: &SecretString, session_id: &str, field: crypto::TokenField) -> String {
+        self.seal(secret, session_id, field)
     }
 
-    /// Opens one sealed upstream token of `session`.
-    pub fn open(&self, sealed: &str, session: &SessionRecord) -> Result<SecretString> {
+    /// Opens sealed upstream token `field` of `session`.
+    pub fn open(&self, sealed: &str, session: &SessionRecord, field: crypto::TokenField) -> Result<SecretString> {
         let bytes = STANDARD.decode(sealed).map_err(|_| Error::internal("stored sealed token is not base64"))?;
-        let plain = self.keys.open(&bytes, session.session_id.as_bytes())?;
+        let plain = self.keys.open(&bytes, session.session_id.as_bytes(), field)?;
         String::from_utf8(plain).map(SecretString::from).map_err(|_| Error::internal("stored token is not UTF-8"))
     }
 
@@ -577,11 +607,13 @@ impl SessionManager {
         let absolute_expires_at = clock::add(now, absolute);
         let tokens = SealedTokens {
             token_type: if new.token_type.is_empty() { "Bearer".into() } else { new.token_type },
-            access: self.seal(&new.access_token, &session_id),
-            refresh: new.refresh_token.as_ref().map(|t| self.seal(t, &session_id)),
-            id: new.id_token.as_ref().map(|t| self.seal(t, &session_id)),
+            access: self.seal(&new.access_token, &session_id, crypto::TokenField::Access),
+            refresh: new.refresh_token.as_ref().map(|t| self.seal(t, &session_id, crypto::TokenField::Refresh)),
+            id: new.id_token.as_ref().map(|t| self.seal(t, &session_id, crypto::TokenField::Id)),
         };
         let record = SessionRecord {
+            schema_version: RECORD_SCHEMA,
+            extra: serde_json::Map::new(),
             token_hash: crypto::token_hash(&token),
             session_id,
             user_id: new.user_id,
@@ -988,6 +1020,8 @@ mod tests {
     #[test]
     fn effective_state_expires_at_the_instant() {
         let record = SessionRecord {
+            schema_version: RECORD_SCHEMA,
+            extra: serde_json::Map::new(),
             session_id: "s".into(),
             token_hash: [0; 32],
             user_id: "u".into(),
@@ -1017,6 +1051,39 @@ mod tests {
         assert_eq!(record.effective_state(100), (SessionState::Expired, Some("idle_timeout")));
         let revoked = SessionRecord { state: SessionState::Revoked, end_reason: Some("x".into()), ..record.clone() };
         assert_eq!(revoked.effective_state(1_000), (SessionState::Revoked, Some("x")));
-        assert_eq!(SessionRecord::from_bytes(&record.to_bytes()).unwrap(), record);
+        assert_eq!(SessionRecord::from_bytes(&record.to_bytes().unwrap()).unwrap(), record);
+    }
+
+    /// Issue 16 point 15a: a record a newer replica wrote, with a field this build does not know,
+    /// keeps that field through a read and rewrite; a record of an older build without the newer
+    /// fields reads with their defaults.
+    #[test]
+    fn records_keep_unknown_fields_and_default_missing_ones() {
+        let newer = serde_json::json!({
+            "schema_version": 9, "session_id": "s", "token_hash": "00".repeat(32), "user_id": "u",
+            "state": "active", "created_at": 1, "last_accessed_at": 1, "idle_expires_at": 100,
+            "absolute_expires_at": 200, "idle_timeout_ms": 100, "absolute_timeout_ms": 200,
+            "token_expires_at": null, "scopes": [], "provider": "p", "ip_address": null,
+            "user_agent": null, "metadata": {}, "end_reason": null, "ended_at": null,
+            "retain_until": 300, "fingerprint": null,
+            "tokens": {"token_type": "Bearer", "access": "a", "refresh": null, "id": null},
+            "version": 4, "refresh_count": 0, "last_refreshed_at": null,
+            "future_field": {"kept": [1, 2]}
+        });
+        let mut record = SessionRecord::from_bytes(&serde_json::to_vec(&newer).unwrap()).unwrap();
+        record.version += 1;
+        let written: serde_json::Value = serde_json::from_slice(&record.to_bytes().unwrap()).unwrap();
+        assert_eq!(written["future_field"], serde_json::json!({"kept": [1, 2]}), "{written}");
+        assert_eq!(written["schema_version"], 9);
+        assert_eq!(written["version"], 5);
+
+        // An older record: no schema version, no refresh bookkeeping, no fingerprint.
+        let mut older = newer.clone();
+        for field in ["schema_version", "refresh_count", "last_refreshed_at", "fingerprint", "future_field"] {
+            older.as_object_mut().unwrap().remove(field);
+        }
+        let record = SessionRecord::from_bytes(&serde_json::to_vec(&older).unwrap()).unwrap();
+        assert_eq!((record.schema_version, record.refresh_count, record.fingerprint), (0, 0, None));
+        assert!(record.extra.is_empty());
     }
 }

@@ -377,7 +377,7 @@ impl TokenManager {
             }
         }
         Ok(AccessToken {
-            token: self.sessions.open(&session.tokens.access, &session)?,
+            token: self.sessions.open(&session.tokens.access, &session, crypto::TokenField::Access)?,
             token_type: session.tokens.token_type.clone(),
             expires_at: session.token_expires_at,
             refreshed,
@@ -543,8 +543,8 @@ impl TokenManager {
         let Some(sealed_refresh) = current.tokens.refresh.clone() else {
             return Err(Error::FailedPrecondition("the session has no refresh token".into()));
         };
-        let refresh_token = self.sessions.open(&sealed_refresh, &current)?;
-        let old_access = self.sessions.open(&current.tokens.access, &current)?;
+        let refresh_token = self.sessions.open(&sealed_refresh, &current, crypto::TokenField::Refresh)?;
+        let old_access = self.sessions.open(&current.tokens.access, &current, crypto::TokenField::Access)?;
 
         // Renewed until the new tokens are written (or the refresh failed): the write below may
         // wait for storage, and another holder must not refresh with the spent token meanwhile.
@@ -609,12 +609,13 @@ impl TokenManager {
         let mut write_pause = Duration::from_millis(50);
         let written = loop {
             let mut next = base.clone();
-            next.tokens.access = self.sessions.seal_token(&tokens.access_token, &next.session_id);
+            next.tokens.access =
+                self.sessions.seal_token(&tokens.access_token, &next.session_id, crypto::TokenField::Access);
             if let Some(rt) = &tokens.refresh_token {
-                next.tokens.refresh = Some(self.sessions.seal_token(rt, &next.session_id));
+                next.tokens.refresh = Some(self.sessions.seal_token(rt, &next.session_id, crypto::TokenField::Refresh));
             }
             if let Some(id) = &tokens.id_token {
-                next.tokens.id = Some(self.sessions.seal_token(id, &next.session_id));
+                next.tokens.id = Some(self.sessions.seal_token(id, &next.session_id, crypto::TokenField::Id));
             }
             if !tokens.token_type.is_empty() {
                 next.tokens.token_type = tokens.token_type.clone();
@@ -822,12 +823,12 @@ impl TokenManager {
         };
         let mut tokens = Vec::new();
         if let Some(sealed) = &session.tokens.refresh {
-            match self.sessions.open(sealed, session) {
+            match self.sessions.open(sealed, session, crypto::TokenField::Refresh) {
                 Ok(t) => tokens.push((t, true)),
                 Err(e) => return UpstreamOutcome::Failed(format!("cannot open the stored refresh token: {e}")),
             }
         }
-        match self.sessions.open(&session.tokens.access, session) {
+        match self.sessions.open(&session.tokens.access, session, crypto::TokenField::Access) {
             Ok(t) => {
                 self.forget_introspection(provider.name(), &t);
                 tokens.push((t, false));

@@ -184,7 +184,7 @@ impl EmbeddedStore {
             let mut expiry = tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
             for record in records {
                 let hash = record.token_hash.as_slice();
-                sessions.insert(hash, record.to_bytes().as_slice()).map_err(unavailable)?;
+                sessions.insert(hash, record.to_bytes()?.as_slice()).map_err(unavailable)?;
                 ids.insert(record.session_id.as_str(), hash).map_err(unavailable)?;
                 users.insert((record.user_id.as_str(), record.session_id.as_str()), hash).map_err(unavailable)?;
                 expiry.insert((at(record.retain_until), hash), ()).map_err(unavailable)?;
@@ -259,7 +259,7 @@ fn load(tx: &WriteTransaction, hash: &TokenHash) -> Result<Option<SessionRecord>
 /// Writes a record that already exists, moving its expiry entry if retention changed.
 fn save(tx: &WriteTransaction, record: &SessionRecord, old_retain_until: Millis) -> Result<()> {
     let mut sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
-    sessions.insert(record.token_hash.as_slice(), record.to_bytes().as_slice()).map_err(unavailable)?;
+    sessions.insert(record.token_hash.as_slice(), record.to_bytes()?.as_slice()).map_err(unavailable)?;
     if old_retain_until != record.retain_until {
         let mut expiry = tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
         expiry.remove((at(old_retain_until), record.token_hash.as_slice())).map_err(unavailable)?;
@@ -316,7 +316,7 @@ impl SessionStore for EmbeddedStore {
             let hash = record.token_hash.as_slice();
             tx.open_table(SESSIONS)
                 .map_err(unavailable)?
-                .insert(hash, record.to_bytes().as_slice())
+                .insert(hash, record.to_bytes()?.as_slice())
                 .map_err(unavailable)?;
             tx.open_table(SESSION_IDS)
                 .map_err(unavailable)?

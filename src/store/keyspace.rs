@@ -1262,7 +1262,7 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
                 self.layout.id(&tag, &record.session_id),
                 self.layout.user(&tag, &record.user_id),
             ]);
-            let doc = String::from_utf8(record.to_bytes()).map_err(Error::internal)?;
+            let doc = String::from_utf8(record.to_bytes()?).map_err(Error::internal)?;
             args.extend([
                 self.layout.records(&tag),
                 eviction.at.to_string(),
@@ -1342,7 +1342,7 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
 
     async fn compare_and_swap(&self, record: &SessionRecord, expected_version: u64) -> Result<CasOutcome> {
         self.bounded("compare_and_swap", async {
-            let doc = String::from_utf8(record.to_bytes()).map_err(Error::internal)?;
+            let doc = String::from_utf8(record.to_bytes()?).map_err(Error::internal)?;
             let args = vec![
                 expected_version.to_string(),
                 doc,

@@ -44,6 +44,12 @@ pub fn open(
     if !matches!(parsed.scheme(), "https" | "http") {
         return Err(bad_url("expected an https:// URL"));
     }
+    // The bearer token goes with every request: plain HTTP only where it cannot leave the host.
+    if parsed.scheme() == "http" && !is_loopback(&parsed) {
+        return Err(bad_url(
+            "plain http:// sends KV_REST_API_TOKEN in the clear; use an https:// URL (http:// is allowed only on loopback: 127.0.0.0/8, ::1, localhost)",
+        ));
+    }
     if parsed.query().is_some() || !parsed.username().is_empty() {
         return Err(bad_url("give the token in KV_REST_API_TOKEN, not in the URL"));
     }
@@ -58,6 +64,16 @@ pub fn open(
         .map_err(|e| ConfigError(format!("kv-rest HTTP client: {e}")))?;
     let base = parsed.as_str().trim_end_matches('/').to_owned();
     Ok(KeyspaceStore::new(KvRestTransport { client, base, token: token.clone() }, layout, timeout))
+}
+
+/// Whether the URL's host is loopback: 127.0.0.0/8, ::1 or `localhost`.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else { return false };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
 }
 
 /// Commands over the Upstash REST protocol.
@@ -269,5 +285,14 @@ mod tests {
         let e = open("https://user:secret@kv.example", &token, "p:", timeout).unwrap_err().0;
         assert!(e.contains("KV_REST_API_TOKEN") && !e.contains("secret"), "{e}");
         assert!(open("https://kv.example", &token, "p:{x}", timeout).is_err());
+        for url in ["http://kv.example", "http://10.1.2.3", "http://[2001:db8::1]", "http://localhost.evil.example"] {
+            let e = open(url, &token, "p:", timeout).unwrap_err().0;
+            assert!(e.contains("KV_REST_API_URL") && e.contains("https://"), "{url}: {e}");
+        }
+        for url in
+            ["http://127.0.0.1:8080", "http://127.9.9.9", "http://[::1]:80", "http://LOCALHOST", "https://kv.example"]
+        {
+            assert!(open(url, &token, "p:", timeout).is_ok(), "{url}");
+        }
     }
 }

@@ -138,7 +138,7 @@ pub async fn create_and_validate(backend: Backend) {
     // The upstream token is sealed, and opens to what was given.
     let stored = m.find(&SessionRef::Id(s.session_id.clone())).await.unwrap();
     assert!(!stored.tokens.access.contains("upstream-access-token"));
-    let opened = m.open(&stored.tokens.access, &stored).unwrap();
+    let opened = m.open(&stored.tokens.access, &stored, session_authority::crypto::TokenField::Access).unwrap();
     assert_eq!(secrecy::ExposeSecret::expose_secret(&opened), "upstream-access-token");
 
     // needs_refresh when the access token expires within the proactive window (5 minutes).
@@ -1150,3 +1150,36 @@ pub fn kv_rest() -> Backend {
 conformance!(redis_backend, crate::conformance::redis());
 conformance!(redis_cluster_backend, crate::conformance::redis_cluster());
 conformance!(kv_rest_backend, crate::conformance::kv_rest());
+
+/// Issue 16 point 15a on Redis: a field a newer replica wrote into the record's `doc` survives
+/// this build's compare-and-swap (UpdateSession) and end (terminate).
+#[tokio::test]
+async fn redis_records_keep_fields_a_newer_replica_wrote() {
+    let server = crate::servers::shared_redis();
+    let prefix = crate::servers::unique_prefix("redis-newer");
+    let store = session_authority::store::redis::open(&server.url(), &prefix, SHARED_TIMEOUT).unwrap();
+    let backend = Backend::new(Stores::of(store), ());
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 5, &clock);
+    let t = token(&m.create(new_session("nora")).await.unwrap());
+    let by = SessionRef::Token(t);
+    let url = server.url();
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli").arg("-u").arg(&url).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let keys = cli(&["--scan", "--pattern", &format!("{prefix}*:s:*")]);
+    let key = keys.lines().next().unwrap_or_else(|| panic!("no record key under {prefix}")).to_owned();
+    let doc_of = |key: &str| -> serde_json::Value { serde_json::from_str(cli(&["hget", key, "doc"]).trim()).unwrap() };
+    let mut doc = doc_of(&key);
+    doc["future_field"] = serde_json::json!({"kept": true});
+    cli(&["hset", &key, "doc", &doc.to_string()]);
+
+    m.update(&by, BTreeMap::from([("a".to_string(), "1".to_string())]), &[], None).await.unwrap();
+    let doc = doc_of(&key);
+    assert_eq!(doc["future_field"], serde_json::json!({"kept": true}), "after compare-and-swap: {doc}");
+    assert_eq!(m.find(&by).await.unwrap().metadata.get("a").map(String::as_str), Some("1"));
+    m.terminate(&by, "user_logout").await.unwrap();
+    let doc = doc_of(&key);
+    assert_eq!(doc["future_field"], serde_json::json!({"kept": true}), "after end: {doc}");
+}

@@ -347,6 +347,31 @@ async fn a_bad_redis_url_or_prefix_exits_with_one_line_naming_the_setting() {
     assert!(stderr.contains("redis.key_prefix"), "{stderr}");
 }
 
+/// Issue 16 point 15c: kv-rest sends the bearer token with every request, so a plain `http://`
+/// URL is refused at startup unless it is on loopback; the one line names KV_REST_API_URL.
+#[tokio::test]
+async fn kv_rest_refuses_plain_http_except_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let keys = crate::support::api_keys_env();
+    let key = encryption_key();
+    let args = ["serve", "--storage", "kv-rest", "--listen", "127.0.0.1:0", "--data-dir", data];
+    for url in ["http://kv.example.com", "http://10.0.0.5:8080", "http://[2001:db8::1]/"] {
+        let env = [
+            ("SESSION_AUTHORITY_API_KEYS", keys.as_str()),
+            ("SESSION_AUTHORITY_ENCRYPTION_KEY", key.as_str()),
+            ("KV_REST_API_URL", url),
+            ("KV_REST_API_TOKEN", "kv-token-secret"),
+        ];
+        let (code, stderr) = run_to_exit(&args, &env, dir.path());
+        assert_eq!(code, Some(1), "{url}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{url}: {stderr}");
+        assert!(stderr.contains("KV_REST_API_URL") && stderr.contains("https://"), "{url}: {stderr}");
+        assert!(!stderr.contains("kv-token-secret"), "{stderr}");
+    }
+}
+
 /// Issue 6 on shared storage: two replicas on one redis-server, 20 watchers split across them,
 /// 10,000 revocations issued on both. Every watcher receives all 10,000 in cursor order without
 /// duplicates (each replica's one tailer reads the shared log and fans out); the watcher killed

@@ -682,7 +682,9 @@ impl TokenManager {
     }
 
     fn holds_access_token(&self, session: &SessionRecord, token: &SecretString) -> bool {
-        self.sessions.open(&session.tokens.access, session).is_ok_and(|t| t.expose_secret() == token.expose_secret())
+        self.sessions
+            .open(&session.tokens.access, session, crypto::TokenField::Access)
+            .is_ok_and(|t| t.expose_secret() == token.expose_secret())
     }
 
     async fn append(&self, record: &RefreshRecord) {

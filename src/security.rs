@@ -36,6 +36,10 @@ use limiter::{Decision, Rule};
 /// The rule checked per client IP when ValidateSession answers "not valid".
 pub const VALIDATE_FAILURE_RULE: &str = "validate_failure";
 
+/// The risk of a recorded device mismatch (the library's value): above
+/// [`events::SUSPICIOUS_RISK`], so GetSecuritySummary counts it as suspicious.
+pub const DEVICE_MISMATCH_RISK: f64 = 0.8;
+
 /// Settings of the security work (from `security.*`).
 #[derive(Debug, Clone)]
 pub struct SecuritySettings {
@@ -247,7 +251,8 @@ impl SessionObserver for EventObserver {
                 .user(&session.user_id)
                 .session(&session.session_id)
                 .ip(ip.map(|ip| ip.to_string()))
-                .details("The presented device does not match the session's device"),
+                .details("The presented device does not match the session's device")
+                .risk(DEVICE_MISMATCH_RISK),
             SessionEvent::HijackScored { session, ip, risk_score, reasons, ended } => {
                 let current = ip.map(|ip| ip.to_string());
                 let ip_changed = current.is_some() && current != session.ip_address;
@@ -407,8 +412,12 @@ impl Security {
 
     /// DetectHijacking: scores `request` against the stored session (with the same rule table as
     /// ValidateSession, whether or not that runs it) and ends the session above the threshold.
+    /// With `security.hijack_detection` off: `FAILED_PRECONDITION`, and nothing is scored or ended.
     pub async fn detect_hijacking(&self, by: &SessionRef, request: &RequestContext) -> Result<HijackAnswer> {
         use crate::session::HijackScorer as _;
+        if !self.settings.hijack_detection {
+            return Err(Error::FailedPrecondition("hijack detection is off (security.hijack_detection)".into()));
+        }
         let session = self.sessions.find(by).await?;
         if !session.is_active_at(self.clock.now()) {
             return Err(Error::FailedPrecondition("the session has already ended".into()));
@@ -496,7 +505,19 @@ impl Security {
     /// GetSecuritySummary over the last `hours` (0 means 24). Reads only this user's events in
     /// the window (through the per-user time index, a page at a time), the user's sessions, and
     /// the newest login in retention.
+    /// An explicit `hours` longer than `security.event_retention` is `INVALID_ARGUMENT`.
     pub async fn summary(&self, user_id: &str, hours: u32) -> Result<Summary> {
+        let retention = self.settings.event_retention;
+        if u128::from(hours) * 3_600_000 > retention.as_millis() {
+            return Err(Error::invalid(
+                "hours",
+                format!(
+                    "{hours} hours is longer than event retention (security.event_retention = {}); ask for at most {} hours",
+                    humantime::format_duration(retention),
+                    retention.as_secs() / 3600
+                ),
+            ));
+        }
         let hours = if hours == 0 { 24 } else { hours };
         let now = self.clock.now();
         let store = self.recorder.store();

@@ -4,6 +4,7 @@ mod authz;
 mod conformance;
 mod faults;
 mod foundation;
+mod guide;
 mod fuzz;
 mod keys;
 mod loadgen;

@@ -21,7 +21,8 @@ use crate::clock::{Clock, Millis};
 use crate::error::{Error, Result};
 use crate::revocation::RevocationKind;
 use crate::session::{
-    CreateGuard, HIJACK_REASON, RequestContext, SessionEvent, SessionManager, SessionObserver, SessionRef, SessionState,
+    CreateGuard, HIJACK_REASON, RequestContext, SESSION_CREATE_RULE, SessionEvent, SessionManager, SessionObserver,
+    SessionRef, SessionState,
 };
 use crate::store::{DynRateLimitStore, EndOutcome, EventQuery, Stores};
 
@@ -131,6 +132,15 @@ impl Limiter {
     /// Consumes `cost` units of rule `rule_name` for `key`. A denial is recorded as a
     /// `rate_limit_exceeded` event (with the key as user id, or as IP address when it is one).
     pub async fn check(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
+        self.decide(rule_name, key, cost, true).await
+    }
+
+    /// The decision [`Limiter::check`] would give, consuming nothing and recording nothing.
+    pub async fn peek(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
+        self.decide(rule_name, key, cost, false).await
+    }
+
+    async fn decide(&self, rule_name: &str, key: &str, cost: u32, consume: bool) -> Result<Decision> {
         let rule = self.rule(rule_name)?;
         let cost = cost.max(1);
         if cost > rule.burst {
@@ -149,6 +159,9 @@ impl Limiter {
                 blocked: false,
                 violations: 0,
             });
+        }
+        if !consume {
+            return self.store.peek(rule, key, cost, self.clock.now()).await;
         }
         let decision = self.store.check(rule, key, cost, self.clock.now()).await?;
         if !decision.allowed {
@@ -396,9 +409,22 @@ impl Security {
         &self.recorder
     }
 
-    /// CheckRateLimit.
-    pub async fn check_rate_limit(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
-        self.limiter.check(rule_name, key, cost).await
+    /// CheckRateLimit. `consume` unset: a peek for the rules the service enforces itself
+    /// ([`SESSION_CREATE_RULE`], [`VALIDATE_FAILURE_RULE`]), so that a check before the call
+    /// the service limits costs nothing more; a consuming check for every other rule.
+    pub async fn check_rate_limit(
+        &self,
+        rule_name: &str,
+        key: &str,
+        cost: u32,
+        consume: Option<bool>,
+    ) -> Result<Decision> {
+        let enforced = rule_name == SESSION_CREATE_RULE || rule_name == VALIDATE_FAILURE_RULE;
+        if consume.unwrap_or(!enforced) {
+            self.limiter.check(rule_name, key, cost).await
+        } else {
+            self.limiter.peek(rule_name, key, cost).await
+        }
     }
 
     /// Counts a "not valid" ValidateSession answer against the client IP; beyond the

@@ -92,3 +92,39 @@ async fn hijack_detection_off_means_off_and_device_mismatches_are_suspicious() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("security.event_retention") && e.message().contains("1h"), "{}", e.message());
 }
+
+/// CheckRateLimit then CreateSession for one key costs one unit: unset `consume` peeks at
+/// `session_create` (which CreateSession enforces itself).
+#[tokio::test]
+async fn check_rate_limit_before_create_session_costs_one_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[security.rules.session_create]\nlimit = 2\nperiod = \"300s\"\n").unwrap();
+    let server = Spawn::default().arg("--storage").arg("memory").arg("--config").arg(config.to_str().unwrap()).start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut security = server.security(Some(SERVICE_KEY)).await;
+    let check = |consume: Option<bool>| pb::CheckRateLimitRequest {
+        rule_name: "session_create".into(),
+        key: "ines".into(),
+        cost: 1,
+        consume,
+    };
+    let create = || pb::CreateSessionRequest {
+        user_id: "ines".into(),
+        access_token: "upstream-access".into(),
+        expires_in: Some(prost_types::Duration { seconds: 3600, nanos: 0 }),
+        ..Default::default()
+    };
+    for round in 0..2 {
+        let answer = security.check_rate_limit(check(None)).await.unwrap().into_inner();
+        assert!(answer.allowed, "round {round}: {answer:?}");
+        // An explicit peek changes nothing either.
+        let peek = security.check_rate_limit(check(Some(false))).await.unwrap().into_inner();
+        assert_eq!(peek.remaining, answer.remaining, "round {round}: {peek:?}");
+        sessions.create_session(create()).await.unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+    }
+    let answer = security.check_rate_limit(check(None)).await.unwrap().into_inner();
+    assert!(!answer.allowed, "{answer:?}");
+    let e = sessions.create_session(create()).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}

@@ -21,7 +21,8 @@ use crate::clock::{Clock, Millis};
 use crate::error::{Error, Result};
 use crate::revocation::RevocationKind;
 use crate::session::{
-    CreateGuard, HIJACK_REASON, RequestContext, SessionEvent, SessionManager, SessionObserver, SessionRef, SessionState,
+    CreateGuard, HIJACK_REASON, RequestContext, SESSION_CREATE_RULE, SessionEvent, SessionManager, SessionObserver,
+    SessionRef, SessionState,
 };
 use crate::store::{DynRateLimitStore, EndOutcome, EventQuery, Stores};
 
@@ -35,6 +36,10 @@ use limiter::{Decision, Rule};
 
 /// The rule checked per client IP when ValidateSession answers "not valid".
 pub const VALIDATE_FAILURE_RULE: &str = "validate_failure";
+
+/// The risk of a recorded device mismatch (the library's value): above
+/// [`events::SUSPICIOUS_RISK`], so GetSecuritySummary counts it as suspicious.
+pub const DEVICE_MISMATCH_RISK: f64 = 0.8;
 
 /// Settings of the security work (from `security.*`).
 #[derive(Debug, Clone)]
@@ -127,6 +132,15 @@ impl Limiter {
     /// Consumes `cost` units of rule `rule_name` for `key`. A denial is recorded as a
     /// `rate_limit_exceeded` event (with the key as user id, or as IP address when it is one).
     pub async fn check(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
+        self.decide(rule_name, key, cost, true).await
+    }
+
+    /// The decision [`Limiter::check`] would give, consuming nothing and recording nothing.
+    pub async fn peek(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
+        self.decide(rule_name, key, cost, false).await
+    }
+
+    async fn decide(&self, rule_name: &str, key: &str, cost: u32, consume: bool) -> Result<Decision> {
         let rule = self.rule(rule_name)?;
         let cost = cost.max(1);
         if cost > rule.burst {
@@ -145,6 +159,9 @@ impl Limiter {
                 blocked: false,
                 violations: 0,
             });
+        }
+        if !consume {
+            return self.store.peek(rule, key, cost, self.clock.now()).await;
         }
         let decision = self.store.check(rule, key, cost, self.clock.now()).await?;
         if !decision.allowed {
@@ -247,7 +264,8 @@ impl SessionObserver for EventObserver {
                 .user(&session.user_id)
                 .session(&session.session_id)
                 .ip(ip.map(|ip| ip.to_string()))
-                .details("The presented device does not match the session's device"),
+                .details("The presented device does not match the session's device")
+                .risk(DEVICE_MISMATCH_RISK),
             SessionEvent::HijackScored { session, ip, risk_score, reasons, ended } => {
                 let current = ip.map(|ip| ip.to_string());
                 let ip_changed = current.is_some() && current != session.ip_address;
@@ -391,9 +409,22 @@ impl Security {
         &self.recorder
     }
 
-    /// CheckRateLimit.
-    pub async fn check_rate_limit(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
-        self.limiter.check(rule_name, key, cost).await
+    /// CheckRateLimit. `consume` unset: a peek for the rules the service enforces itself
+    /// ([`SESSION_CREATE_RULE`], [`VALIDATE_FAILURE_RULE`]), so that a check before the call
+    /// the service limits costs nothing more; a consuming check for every other rule.
+    pub async fn check_rate_limit(
+        &self,
+        rule_name: &str,
+        key: &str,
+        cost: u32,
+        consume: Option<bool>,
+    ) -> Result<Decision> {
+        let enforced = rule_name == SESSION_CREATE_RULE || rule_name == VALIDATE_FAILURE_RULE;
+        if consume.unwrap_or(!enforced) {
+            self.limiter.check(rule_name, key, cost).await
+        } else {
+            self.limiter.peek(rule_name, key, cost).await
+        }
     }
 
     /// Counts a "not valid" ValidateSession answer against the client IP; beyond the
@@ -407,8 +438,12 @@ impl Security {
 
     /// DetectHijacking: scores `request` against the stored session (with the same rule table as
     /// ValidateSession, whether or not that runs it) and ends the session above the threshold.
+    /// With `security.hijack_detection` off: `FAILED_PRECONDITION`, and nothing is scored or ended.
     pub async fn detect_hijacking(&self, by: &SessionRef, request: &RequestContext) -> Result<HijackAnswer> {
         use crate::session::HijackScorer as _;
+        if !self.settings.hijack_detection {
+            return Err(Error::FailedPrecondition("hijack detection is off (security.hijack_detection)".into()));
+        }
         let session = self.sessions.find(by).await?;
         if !session.is_active_at(self.clock.now()) {
             return Err(Error::FailedPrecondition("the session has already ended".into()));
@@ -496,7 +531,19 @@ impl Security {
     /// GetSecuritySummary over the last `hours` (0 means 24). Reads only this user's events in
     /// the window (through the per-user time index, a page at a time), the user's sessions, and
     /// the newest login in retention.
+    /// An explicit `hours` longer than `security.event_retention` is `INVALID_ARGUMENT`.
     pub async fn summary(&self, user_id: &str, hours: u32) -> Result<Summary> {
+        let retention = self.settings.event_retention;
+        if u128::from(hours) * 3_600_000 > retention.as_millis() {
+            return Err(Error::invalid(
+                "hours",
+                format!(
+                    "{hours} hours is longer than event retention (security.event_retention = {}); ask for at most {} hours",
+                    humantime::format_duration(retention),
+                    retention.as_secs() / 3600
+                ),
+            ));
+        }
         let hours = if hours == 0 { 24 } else { hours };
         let now = self.clock.now();
         let store = self.recorder.store();

@@ -259,6 +259,10 @@ pub trait RateLimitStore: Send + Sync + std::fmt::Debug + 'static {
     /// serialised: N checks against a fresh rule of limit L allow exactly min(N, L).
     async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision>;
 
+    /// The decision [`RateLimitStore::check`] would give now, without storing anything (a peek:
+    /// no units consumed, no violation counted).
+    async fn peek(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision>;
+
     /// Deletes up to `limit` states that no longer affect any decision at `now` (see
     /// [`crate::security::limiter::LimiterState::forget_at`]). Cost grows with what is deleted.
     async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize>;

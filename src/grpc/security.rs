@@ -36,7 +36,7 @@ impl SecurityService for SecurityAdapter {
         let r = request.into_inner();
         validate::required_id("rule_name", &r.rule_name)?;
         validate::required_id("key", &r.key)?;
-        let decision = self.security.check_rate_limit(&r.rule_name, &r.key, r.cost).await?;
+        let decision = self.security.check_rate_limit(&r.rule_name, &r.key, r.cost, r.consume).await?;
         Ok(Response::new(pb::CheckRateLimitResponse {
             allowed: decision.allowed,
             limit: decision.limit,

@@ -771,6 +771,25 @@ impl RateLimitStore for EmbeddedStore {
         .await
     }
 
+    async fn peek(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+        let rule = rule.clone();
+        let key = key.to_owned();
+        // A write transaction that writes nothing: the same path as `check`, and nothing changes.
+        self.write(Durability::None, move |tx| {
+            let limits = tx.open_table(RATE_LIMITS).map_err(unavailable)?;
+            let stored: Option<StoredLimit> =
+                match limits.get((rule.name.as_str(), key.as_str())).map_err(unavailable)? {
+                    Some(bytes) => Some(
+                        serde_json::from_slice(bytes.value())
+                            .map_err(|e| Error::internal(format!("stored rate-limit state is unreadable: {e}")))?,
+                    ),
+                    None => None,
+                };
+            Ok(limiter::apply(stored.as_ref().map(|s| s.state), &rule, cost, now).0)
+        })
+        .await
+    }
+
     async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize> {
         self.write(Durability::None, move |tx| {
             let due: Vec<(u64, String, String)> = {

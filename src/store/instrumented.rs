@@ -162,6 +162,10 @@ impl RateLimitStore for Instrumented<DynRateLimitStore> {
         self.observe("rate_limit_check", self.inner.check(rule, key, cost, now)).await
     }
 
+    async fn peek(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+        self.observe("rate_limit_peek", self.inner.peek(rule, key, cost, now)).await
+    }
+
     async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize> {
         self.observe("purge_limits", self.inner.purge_limits(now, limit)).await
     }
@@ -223,6 +227,9 @@ mod tests {
     #[async_trait]
     impl RateLimitStore for Down {
         async fn check(&self, _rule: &Rule, _key: &str, _cost: u32, _now: Millis) -> Result<Decision> {
+            Err(Error::unavailable("down"))
+        }
+        async fn peek(&self, _rule: &Rule, _key: &str, _cost: u32, _now: Millis) -> Result<Decision> {
             Err(Error::unavailable("down"))
         }
         async fn purge_limits(&self, _now: Millis, _limit: usize) -> Result<usize> {

@@ -1592,6 +1592,19 @@ impl<T: Transport> RateLimitStore for KeyspaceStore<T> {
         .await
     }
 
+    async fn peek(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+        let field = limit_field(&rule.name, key);
+        self.bounded("rate_limit_peek", async {
+            let get = vec!["HGET".into(), self.layout.limits("states"), field];
+            let state = match self.transport.command(get, true).await? {
+                Reply::Nil => None,
+                reply => Some(decode_limit(text(&reply)?)?),
+            };
+            Ok(limiter::apply(state, rule, cost, now).0)
+        })
+        .await
+    }
+
     async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize> {
         self.bounded("purge_limits", async {
             let keys = vec![self.layout.limits("states"), self.layout.limits("forget")];

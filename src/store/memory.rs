@@ -428,6 +428,12 @@ impl RateLimitStore for MemoryStore {
         Ok(decision)
     }
 
+    async fn peek(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+        let limits = self.limits();
+        let state = limits.states.get(&(rule.name.clone(), key.to_owned())).copied();
+        Ok(limiter::apply(state, rule, cost, now).0)
+    }
+
     async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize> {
         let mut limits = self.limits();
         let due: Vec<(Millis, String, String)> =

@@ -203,6 +203,7 @@ async fn call(server: &Process, rpc: &str, who: Who, token: &str, id: &str) -> C
                     rule_name: "token_refresh".into(),
                     key: "k".into(),
                     cost: 1,
+                    consume: None,
                 })
                 .await
                 .map(|_| ()),

@@ -6,6 +6,7 @@ mod faults;
 mod feed_faults;
 mod foundation;
 mod fuzz;
+mod guide;
 mod keys;
 mod loadgen;
 mod oidc;

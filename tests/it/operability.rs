@@ -147,6 +147,7 @@ async fn scripted_flow(
                 rule_name: "login_attempt".into(),
                 key: "mallory@example.org".into(),
                 cost: 1,
+                consume: None,
             })
             .await
             .unwrap()

@@ -277,7 +277,7 @@ pub(crate) async fn concurrent_checks(
     let calls: Vec<_> = (0..n)
         .map(|_| {
             let mut client = client.clone();
-            let request = pb::CheckRateLimitRequest { rule_name: rule.into(), key: key.into(), cost: 1 };
+            let request = pb::CheckRateLimitRequest { rule_name: rule.into(), key: key.into(), cost: 1, consume: None };
             tokio::spawn(async move { client.check_rate_limit(request).await.unwrap().into_inner() })
         })
         .collect();
@@ -340,7 +340,12 @@ async fn check_rate_limit_in_real_time() {
     let e = server
         .security(Some(SERVICE_KEY))
         .await
-        .check_rate_limit(pb::CheckRateLimitRequest { rule_name: "nope".into(), key: "k".into(), cost: 0 })
+        .check_rate_limit(pb::CheckRateLimitRequest {
+            rule_name: "nope".into(),
+            key: "k".into(),
+            cost: 0,
+            consume: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);

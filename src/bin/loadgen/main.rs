@@ -373,6 +373,7 @@ impl Caller {
                     rule_name: "token_refresh".into(),
                     key: format!("key-{}", n % 10_000),
                     cost: 1,
+                    consume: None,
                 });
                 self.security.check_rate_limit(request).await.map(|_| ())
             }

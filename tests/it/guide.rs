@@ -1,0 +1,130 @@
+//! Issue 17 (the guide's calls) through the real binary: `security.hijack_detection = false`
+//! means off everywhere, device mismatches count as suspicious, and a summary window longer
+//! than event retention is refused.
+
+use session_authority::grpc::pb;
+use tonic::Code;
+
+use crate::support::{ADMIN_KEY, SERVICE_KEY, Spawn, laptop, thief_device};
+
+const HOME_IP: &str = "192.0.2.10";
+const THIEF_IP: &str = "203.0.113.5";
+
+#[tokio::test]
+async fn hijack_detection_off_means_off_and_device_mismatches_are_suspicious() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[security]\nhijack_detection = false\nevent_retention = \"1h\"\n").unwrap();
+    let server = Spawn::default().arg("--storage").arg("memory").arg("--config").arg(config.to_str().unwrap()).start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut security = server.security(Some(SERVICE_KEY)).await;
+    let mut admin = server.security(Some(ADMIN_KEY)).await;
+    let mut admin_sessions = server.sessions(Some(ADMIN_KEY)).await;
+
+    let created = sessions
+        .create_session(pb::CreateSessionRequest {
+            user_id: "nora".into(),
+            access_token: "upstream-access".into(),
+            expires_in: Some(prost_types::Duration { seconds: 3600, nanos: 0 }),
+            device_fingerprint: Some(laptop("UA/1")),
+            ip_address: HOME_IP.into(),
+            user_agent: "UA/1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let session_id = created.session.unwrap().session_id;
+
+    // ValidateSession does not score: a stolen token from another device is a device mismatch
+    // (not valid), with no risk, and the session is not ended.
+    let answer = sessions
+        .validate_session(pb::ValidateSessionRequest {
+            session_token: created.session_token.clone(),
+            device_fingerprint: Some(thief_device()),
+            ip_address: THIEF_IP.into(),
+            user_agent: "Evil/9".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!answer.valid);
+    assert_eq!(answer.reason, pb::InvalidReason::DeviceMismatch as i32, "{answer:?}");
+    assert_eq!(answer.risk_score, 0.0, "{answer:?}");
+
+    // DetectHijacking says honestly that detection is off, and ends nothing.
+    let e = security
+        .detect_hijacking(pb::DetectHijackingRequest {
+            selector: Some(pb::detect_hijacking_request::Selector::SessionToken(created.session_token.clone())),
+            current_ip: THIEF_IP.into(),
+            current_user_agent: "Evil/9".into(),
+            current_fingerprint: Some(thief_device()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("security.hijack_detection"), "{}", e.message());
+    let session = admin_sessions
+        .get_session(pb::GetSessionRequest {
+            selector: Some(pb::get_session_request::Selector::SessionId(session_id.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(session.state, pb::SessionState::Active as i32, "{session:?}");
+
+    // The device mismatch counts as a suspicious event in the summary.
+    let summary = admin
+        .get_security_summary(pb::GetSecuritySummaryRequest { user_id: "nora".into(), hours: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.suspicious_events, 1, "{summary:?}");
+
+    // A window longer than retention (1 h here) is refused, naming the setting and its value.
+    let e = admin
+        .get_security_summary(pb::GetSecuritySummaryRequest { user_id: "nora".into(), hours: 2 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("security.event_retention") && e.message().contains("1h"), "{}", e.message());
+}
+
+/// CheckRateLimit then CreateSession for one key costs one unit: unset `consume` peeks at
+/// `session_create` (which CreateSession enforces itself).
+#[tokio::test]
+async fn check_rate_limit_before_create_session_costs_one_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[security.rules.session_create]\nlimit = 2\nperiod = \"300s\"\n").unwrap();
+    let server = Spawn::default().arg("--storage").arg("memory").arg("--config").arg(config.to_str().unwrap()).start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut security = server.security(Some(SERVICE_KEY)).await;
+    let check = |consume: Option<bool>| pb::CheckRateLimitRequest {
+        rule_name: "session_create".into(),
+        key: "ines".into(),
+        cost: 1,
+        consume,
+    };
+    let create = || pb::CreateSessionRequest {
+        user_id: "ines".into(),
+        access_token: "upstream-access".into(),
+        expires_in: Some(prost_types::Duration { seconds: 3600, nanos: 0 }),
+        ..Default::default()
+    };
+    for round in 0..2 {
+        let answer = security.check_rate_limit(check(None)).await.unwrap().into_inner();
+        assert!(answer.allowed, "round {round}: {answer:?}");
+        // An explicit peek changes nothing either.
+        let peek = security.check_rate_limit(check(Some(false))).await.unwrap().into_inner();
+        assert_eq!(peek.remaining, answer.remaining, "round {round}: {peek:?}");
+        sessions.create_session(create()).await.unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+    }
+    let answer = security.check_rate_limit(check(None)).await.unwrap().into_inner();
+    assert!(!answer.allowed, "{answer:?}");
+    let e = sessions.create_session(create()).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}

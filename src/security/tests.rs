@@ -286,18 +286,18 @@ async fn session_create_is_limited_per_user_with_retry_information_and_recorded(
 #[tokio::test]
 async fn check_rate_limit_names_unknown_rules_and_impossible_costs() {
     let w = world();
-    let e = w.security.check_rate_limit("no_such_rule", "k", 1).await.unwrap_err();
+    let e = w.security.check_rate_limit("no_such_rule", "k", 1, None).await.unwrap_err();
     assert!(matches!(&e, Error::InvalidArgument { field, .. } if field == "rule_name"), "{e:?}");
-    let e = w.security.check_rate_limit("login_attempt", "k", 6).await.unwrap_err();
+    let e = w.security.check_rate_limit("login_attempt", "k", 6, None).await.unwrap_err();
     assert!(matches!(&e, Error::InvalidArgument { field, .. } if field == "cost"), "{e:?}");
-    let d = w.security.check_rate_limit("login_attempt", "k", 0).await.unwrap();
+    let d = w.security.check_rate_limit("login_attempt", "k", 0, None).await.unwrap();
     assert!(d.allowed);
     assert_eq!((d.limit, d.remaining), (5, 4));
     // A denial keyed by an IP is recorded with the IP, not as a user.
     for _ in 0..30 {
-        w.security.check_rate_limit(VALIDATE_FAILURE_RULE, "203.0.113.7", 1).await.unwrap();
+        w.security.check_rate_limit(VALIDATE_FAILURE_RULE, "203.0.113.7", 1, Some(true)).await.unwrap();
     }
-    let d = w.security.check_rate_limit(VALIDATE_FAILURE_RULE, "203.0.113.7", 1).await.unwrap();
+    let d = w.security.check_rate_limit(VALIDATE_FAILURE_RULE, "203.0.113.7", 1, Some(true)).await.unwrap();
     assert!(!d.allowed && d.retry_after > Duration::ZERO);
     assert!(events_of(&w, "203.0.113.7").await.is_empty());
 

@@ -666,6 +666,12 @@ fn check_url(key: &str, value: &Option<String>) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Providers that the integration guide's environment variables configure by name:
+/// `OPENROUTER_CLIENT_ID`, `OPENROUTER_CLIENT_SECRET`, and `OPENROUTER_ISSUER` or
+/// `OPENROUTER_TOKEN_ENDPOINT` (with `_INTROSPECTION_ENDPOINT`, `_REVOCATION_ENDPOINT`) make the
+/// provider `openrouter`, as `[token.providers.openrouter]` would.
+pub const ENV_PROVIDERS: &[&str] = &["openrouter"];
+
 /// The providers: `default` from the flat `token.*` settings when they name an endpoint or an
 /// issuer, then every `[token.providers.NAME]` of the file (whose fields also resolve from flags
 /// and the environment, e.g. `SESSION_AUTHORITY_TOKEN_PROVIDERS_NAME_CLIENT_SECRET`).
@@ -693,7 +699,16 @@ fn resolve_providers(r: &Resolver<'_>, flat: &TokenConfig) -> Result<Vec<crate::
             "setting `token.token_endpoint`: required (or `token.issuer`) when other token endpoints are set",
         ));
     }
-    let names: BTreeSet<String> = r.file.keys().filter_map(|k| provider_key(k)).map(str::to_owned).collect();
+    let mut names: BTreeSet<String> = r.file.keys().filter_map(|k| provider_key(k)).map(str::to_owned).collect();
+    // The integration guide's variables configure a provider named after them (`OPENROUTER_*`:
+    // `openrouter`) when they name its client and where it is (an issuer or a token endpoint).
+    for name in ENV_PROVIDERS {
+        let var = |field: &str| format!("{}_{}", name.to_uppercase(), field.to_uppercase());
+        let set = |field: &str| (r.env)(&var(field)).is_some_and(|v| !v.trim().is_empty());
+        if set("client_id") && (set("issuer") || set("token_endpoint")) {
+            names.insert((*name).to_owned());
+        }
+    }
     for name in names {
         if name == DEFAULT_PROVIDER && !providers.is_empty() {
             return Err(err(
@@ -701,14 +716,22 @@ fn resolve_providers(r: &Resolver<'_>, flat: &TokenConfig) -> Result<Vec<crate::
             ));
         }
         let key = |field: &str| format!("token.providers.{name}.{field}");
+        // `OPENROUTER_CLIENT_ID` and so on, for the providers of ENV_PROVIDERS.
+        let alias = |field: &str| {
+            ENV_PROVIDERS.contains(&name.as_str()).then(|| format!("{}_{}", name.to_uppercase(), field.to_uppercase()))
+        };
+        let string = |field: &str| match alias(field) {
+            Some(a) => r.string(&key(field), &[a.as_str()]),
+            None => r.string(&key(field), &[]),
+        };
         let settings = ProviderSettings {
             name: name.clone(),
-            client_id: r.string(&key("client_id"), &[]),
-            client_secret: r.string(&key("client_secret"), &[]).map(SecretString::from),
-            token_endpoint: r.string(&key("token_endpoint"), &[]),
-            introspection_endpoint: r.string(&key("introspection_endpoint"), &[]),
-            revocation_endpoint: r.string(&key("revocation_endpoint"), &[]),
-            issuer: r.string(&key("issuer"), &[]),
+            client_id: string("client_id"),
+            client_secret: string("client_secret").map(SecretString::from),
+            token_endpoint: string("token_endpoint"),
+            introspection_endpoint: string("introspection_endpoint"),
+            revocation_endpoint: string("revocation_endpoint"),
+            issuer: string("issuer"),
             client_auth: client_auth(r, &key("client_auth"))?,
             request_timeout: flat.request_timeout,
         };
@@ -719,7 +742,7 @@ fn resolve_providers(r: &Resolver<'_>, flat: &TokenConfig) -> Result<Vec<crate::
             return Err(err(format!("setting `{}`: required", key("client_id"))));
         }
         for field in ["token_endpoint", "introspection_endpoint", "revocation_endpoint", "issuer"] {
-            check_url(&key(field), &r.string(&key(field), &[]))?;
+            check_url(&key(field), &string(field))?;
         }
         providers.push(settings);
     }

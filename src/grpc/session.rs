@@ -132,8 +132,16 @@ impl SessionService for SessionAdapter {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         validate_create(&r)?;
+        if let Some(known) = &self.providers
+            && r.provider.is_empty()
+            && known.len() == 1
+            && !known.contains(crate::token::DEFAULT_PROVIDER)
+        {
+            // No provider named and exactly one configured: that one.
+            r.provider = known.iter().next().cloned().unwrap_or_default();
+        }
         if let Some(known) = &self.providers
             && !r.provider.is_empty()
             && !known.contains(&r.provider)

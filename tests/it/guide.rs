@@ -128,3 +128,67 @@ async fn check_rate_limit_before_create_session_costs_one_unit() {
     let e = sessions.create_session(create()).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
 }
+
+/// The guide's variables alone (`OPENROUTER_CLIENT_ID`, `OPENROUTER_CLIENT_SECRET`, and where the
+/// guide hard-coded openrouter.ai, `OPENROUTER_ISSUER`) configure the provider `openrouter`:
+/// CreateSession with `provider = "openrouter"`, or with no provider when it is the only one,
+/// makes sessions whose refresh reaches that provider.
+#[tokio::test]
+async fn the_guides_openrouter_variables_configure_the_provider_openrouter() {
+    use crate::oidc::Oidc;
+    use pb::refresh_session_request::Selector as RefreshSelector;
+
+    let oidc = Oidc::start(3600);
+    let server = Spawn::default()
+        .arg("--storage")
+        .arg("memory")
+        .without_create_limit()
+        .env("OPENROUTER_CLIENT_ID", &oidc.client_id)
+        .env("OPENROUTER_CLIENT_SECRET", &oidc.client_secret)
+        .env("OPENROUTER_ISSUER", &oidc.issuer)
+        .start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut tokens = server.tokens(Some(SERVICE_KEY)).await;
+
+    for (user, provider) in [("olga", "openrouter"), ("omar", "")] {
+        let login = oidc.tokens(user).await;
+        let created = sessions
+            .create_session(pb::CreateSessionRequest {
+                user_id: user.into(),
+                access_token: login.access_token.clone(),
+                refresh_token: login.refresh_token.clone(),
+                expires_in: Some(prost_types::Duration { seconds: login.expires_in, nanos: 0 }),
+                provider: provider.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("provider {provider:?}: {e:?}"))
+            .into_inner();
+        assert_eq!(created.session.as_ref().unwrap().provider, "openrouter", "provider {provider:?}");
+        let before = oidc.refresh_requests().await;
+        let refreshed = tokens
+            .refresh_session(pb::RefreshSessionRequest {
+                selector: Some(RefreshSelector::SessionToken(created.session_token.clone())),
+                force: true,
+                reason: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("refresh through openrouter, provider {provider:?}: {e:?}"))
+            .into_inner();
+        assert!(refreshed.refreshed, "{refreshed:?}");
+        assert_eq!(oidc.refresh_requests().await, before + 1);
+    }
+
+    // Another name is still refused, naming what is configured.
+    let e = sessions
+        .create_session(pb::CreateSessionRequest {
+            user_id: "otto".into(),
+            access_token: "a".into(),
+            provider: "github".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("configured: openrouter"), "{}", e.message());
+}

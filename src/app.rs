@@ -260,7 +260,7 @@ impl App {
         let revocation_cleanup =
             tokio::spawn(revocation_cleanup_loop(revocations, config.revocation.cleanup_interval, shutdown.clone()));
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        tracing::info!(%local_addr, storage = config.storage.kind.as_str(), "serving");
+        tracing::info!(%local_addr, storage = config.storage.kind.as_str(), storage_chosen_by = %config.storage.chosen_by, "serving");
 
         let stop = shutdown.clone();
         let health_on_stop = health.clone();

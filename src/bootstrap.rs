@@ -133,7 +133,7 @@ fn key_ring(config: &Config) -> Result<KeyRing, ConfigError> {
             StorageKind::Redis | StorageKind::KvRest => {
                 return Err(problem(
                     "encryption_key",
-                    "required with shared storage (SESSION_AUTHORITY_ENCRYPTION_KEY, base64 of 32 bytes): every replica must seal with the same key",
+                    "required with shared storage: every replica must seal with the same key; make one with `session-authority gen-key` and give it to every replica as SESSION_AUTHORITY_ENCRYPTION_KEY",
                 ));
             }
             StorageKind::Memory => {

@@ -148,6 +148,8 @@ pub struct StorageConfig {
     pub kv_rest_token: Option<SecretString>,
     /// Longest time one storage operation may take before the call fails UNAVAILABLE.
     pub operation_timeout: Duration,
+    /// Why this backend: where `storage` was set, or the variable that chose it when it was not.
+    pub chosen_by: String,
 }
 
 /// Session lifecycle.
@@ -839,22 +841,41 @@ impl Config {
             return Err(err("setting `server.max_message_bytes`: must be at least 1024"));
         }
 
-        let kind =
-            r.parsed("storage", &[], StorageKind::Embedded, "one of embedded, memory, redis, kv-rest", |s| match s {
-                "embedded" => Some(StorageKind::Embedded),
-                "memory" => Some(StorageKind::Memory),
-                "redis" => Some(StorageKind::Redis),
-                "kv-rest" => Some(StorageKind::KvRest),
-                _ => None,
-            })?;
+        let redis_url = r.raw("redis.url", &["REDIS_URL"]).filter(|(v, _)| !v.trim().is_empty());
+        let kv_rest_url = r.raw("kv_rest.url", &["KV_REST_API_URL"]).filter(|(v, _)| !v.trim().is_empty());
+        let kv_rest_token = r.string("kv_rest.token", &["KV_REST_API_TOKEN"]);
+        // `storage` unset anywhere: the guide's variables choose the shared backend they name.
+        let (default_kind, chosen_by) = match (&redis_url, &kv_rest_url) {
+            (Some((_, from_redis)), Some((_, from_kv))) if r.raw("storage", &[]).is_none() => {
+                return Err(err(format!(
+                    "setting `storage`: both a Redis URL ({from_redis}) and a KV REST URL ({from_kv}) are set; \
+                     choose one with --storage redis|kv-rest (SESSION_AUTHORITY_STORAGE)"
+                )));
+            }
+            (Some((_, from)), None) => (StorageKind::Redis, from.clone()),
+            (None, Some((_, from))) if kv_rest_token.is_some() => (StorageKind::KvRest, from.clone()),
+            _ => (StorageKind::Embedded, "the default".to_owned()),
+        };
+        let chosen_by = match r.raw("storage", &[]) {
+            Some((_, origin)) => origin,
+            None => chosen_by,
+        };
+        let kind = r.parsed("storage", &[], default_kind, "one of embedded, memory, redis, kv-rest", |s| match s {
+            "embedded" => Some(StorageKind::Embedded),
+            "memory" => Some(StorageKind::Memory),
+            "redis" => Some(StorageKind::Redis),
+            "kv-rest" => Some(StorageKind::KvRest),
+            _ => None,
+        })?;
         let storage = StorageConfig {
             kind,
             data_dir: PathBuf::from(r.string("data_dir", &[]).unwrap_or_else(|| "./data".into())),
-            redis_url: r.string("redis.url", &["REDIS_URL"]),
+            redis_url: redis_url.map(|(v, _)| v),
             key_prefix: r.string("redis.key_prefix", &[]).unwrap_or_else(|| "atoms:session:".into()),
-            kv_rest_url: r.string("kv_rest.url", &["KV_REST_API_URL"]),
-            kv_rest_token: r.string("kv_rest.token", &["KV_REST_API_TOKEN"]).map(SecretString::from),
+            kv_rest_url: kv_rest_url.map(|(v, _)| v),
+            kv_rest_token: kv_rest_token.map(SecretString::from),
             operation_timeout: r.positive_duration("storage_timeout", Duration::from_secs(2))?,
+            chosen_by,
         };
         match kind {
             StorageKind::Redis if storage.redis_url.is_none() => {

@@ -74,6 +74,9 @@ enum Command {
         #[arg(long, default_value = "service")]
         role: String,
     },
+    /// Print a fresh encryption key (base64 of 32 random bytes) for
+    /// SESSION_AUTHORITY_ENCRYPTION_KEY; shared storage needs the same one on every replica.
+    GenKey,
 }
 
 /// The contract's flags; each is also an environment variable and a config-file key.
@@ -461,6 +464,11 @@ fn main() -> ExitCode {
             Err(e) => Err(e.into()),
         },
         Command::HashKey { name, role } => hash_key(name, role),
+        Command::GenKey => {
+            use base64::Engine as _;
+            println!("{}", base64::engine::general_purpose::STANDARD.encode(crypto::random_bytes()));
+            Ok(())
+        }
         Command::Seed { data_dir, count, tokens_out } => seed(data_dir, count, tokens_out),
         Command::Watch { target, after, user } => {
             match tokio::runtime::Builder::new_current_thread().enable_all().build() {

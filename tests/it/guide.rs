@@ -192,3 +192,79 @@ async fn the_guides_openrouter_variables_configure_the_provider_openrouter() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("configured: openrouter"), "{}", e.message());
 }
+
+/// `REDIS_URL` alone (no `storage` anywhere) puts the server on Redis and says so; without an
+/// encryption key it refuses in one line that says how to make one, and `gen-key` makes one that
+/// works. Both `REDIS_URL` and `KV_REST_API_URL` without `storage` is an error naming both.
+#[tokio::test]
+async fn redis_url_alone_selects_redis_and_a_missing_key_says_how_to_make_one() {
+    use crate::support::run_to_exit;
+
+    let redis = crate::servers::shared_redis();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let keys = crate::support::api_keys_env();
+    let args = ["serve", "--listen", "127.0.0.1:0", "--data-dir", data];
+
+    let (code, stderr) =
+        run_to_exit(&args, &[("SESSION_AUTHORITY_API_KEYS", keys.as_str()), ("REDIS_URL", url.as_str())], dir.path());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("session-authority gen-key") && stderr.contains("SESSION_AUTHORITY_ENCRYPTION_KEY"),
+        "{stderr}"
+    );
+
+    let both = [
+        ("SESSION_AUTHORITY_API_KEYS", keys.as_str()),
+        ("REDIS_URL", url.as_str()),
+        ("KV_REST_API_URL", "https://kv.example.com"),
+        ("KV_REST_API_TOKEN", "kv-token-secret"),
+    ];
+    let (code, stderr) = run_to_exit(&args, &both, dir.path());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("REDIS_URL") && stderr.contains("KV_REST_API_URL") && stderr.contains("--storage"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("kv-token-secret"), "{stderr}");
+
+    let out = std::process::Command::new(crate::support::binary()).arg("gen-key").output().unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    use base64::Engine as _;
+    assert_eq!(base64::engine::general_purpose::STANDARD.decode(&key).unwrap().len(), 32, "{key}");
+
+    let prefix = crate::servers::unique_prefix("guide-redis-url");
+    let server = Spawn::default()
+        .without_create_limit()
+        .env("REDIS_URL", &url)
+        .env("SESSION_AUTHORITY_REDIS_KEY_PREFIX", &prefix)
+        .env("SESSION_AUTHORITY_ENCRYPTION_KEY", &key)
+        .start();
+    let serving = server.logs();
+    assert!(
+        serving.contains("\"storage\":\"redis\"")
+            || serving.contains("storage=\"redis\"")
+            || serving.contains("storage=redis"),
+        "{serving}"
+    );
+    assert!(serving.contains("REDIS_URL"), "the startup log names the variable that chose the backend: {serving}");
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    sessions
+        .create_session(pb::CreateSessionRequest {
+            user_id: "rita".into(),
+            access_token: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--scan", "--pattern", &format!("{prefix}*")])
+        .output()
+        .unwrap();
+    let stored = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stored.lines().any(|k| k.contains(":s:")), "the session is in Redis under {prefix}: {stored}");
+}

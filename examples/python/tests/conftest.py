@@ -13,11 +13,8 @@ import json
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ REPO = EXAMPLE.parent.parent
 
 sys.path.insert(0, str(EXAMPLE))
 import gen_stubs  # noqa: E402
+from procs import LogPump, free_port  # noqa: E402,F401
 
 gen_stubs.generate()
 sys.path.insert(0, str(gen_stubs.OUT))
@@ -39,47 +37,6 @@ SERVICE_KEY = "example-service-key-00000000001"
 ADMIN_KEY = "example-admin-key-000000000000002"
 WATCHER_KEY = "example-watcher-key-0000000000003"
 APP_ADMIN_TOKEN = "app-admin-token-for-tests"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LogPump:
-    """Reads a child's stream on a thread so it never blocks, keeping every line."""
-
-    def __init__(self, stream) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _run(self, stream) -> None:
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip("\n")
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-
-    def wait_for(self, predicate, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            seen = 0
-            while True:
-                for line in self.lines[seen:]:
-                    if predicate(line):
-                        return line
-                seen = len(self.lines)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("log line not seen; log so far:\n" + "\n".join(self.lines))
-                self._cond.wait(left)
-
-    def text(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
 
 
 @dataclass

@@ -308,6 +308,19 @@ await check('refresh hook: expires_in omitted or replaced, once', async () => {
   assert.equal((await call('/__test/refresh_hook', { json: { delay_ms: -1 } })).status, 400);
 });
 
+await check('GET /__test/code returns an unexchanged code the client can exchange once', async () => {
+  const { status, body } = await call('/__test/code?user=dora');
+  assert.equal(status, 200, JSON.stringify(body));
+  assert.equal(body.redirect_uri, `${issuer}/__test/callback`);
+  const exchange = () => call('/token', { form: { grant_type: 'authorization_code', code: body.code, redirect_uri: body.redirect_uri } });
+  const first = await exchange();
+  assert.equal(first.status, 200, JSON.stringify(first.body));
+  assert.ok(first.body.refresh_token);
+  assert.equal(JSON.parse(Buffer.from(first.body.id_token.split('.')[1], 'base64url')).sub, 'dora');
+  assert.equal((await exchange()).status, 400);
+  assert.equal((await call('/__test/code')).status, 400);
+});
+
 await check('unknown test endpoint and bad fail mode are rejected', async () => {
   assert.equal((await call('/__test/nope')).status, 404);
   assert.equal((await call('/__test/fail', { json: { mode: 'explode' } })).status, 400);

@@ -331,6 +331,14 @@ provider.use(async (ctx, next) => {
         if (!input.user) return json(ctx, 400, { error: 'user is required' });
         return json(ctx, 200, await mintTokens(String(input.user), input.scope ?? 'openid offline_access'));
       }
+      case 'GET /__test/code': {
+        // An authorization code not yet exchanged, for a client that does the code exchange
+        // itself (examples/python/guide_app.py's OAuth callback).
+        const input = Object.fromEntries(new URLSearchParams(ctx.querystring));
+        if (!input.user) return json(ctx, 400, { error: 'user is required' });
+        const code = await mintTokens(String(input.user), input.scope ?? 'openid offline_access', { exchange: false });
+        return json(ctx, 200, { code, redirect_uri: redirectUri });
+      }
       case 'GET /__test/callback':
         // Redirect target of the test client; only useful when debugging.
         return json(ctx, 200, Object.fromEntries(new URLSearchParams(ctx.querystring)));
@@ -346,8 +354,9 @@ provider.use(async (ctx, next) => {
 // ------------------------------------------- headless authorization code --
 // Drives /auth -> devInteractions login -> consent -> redirect_uri?code=...
 // over HTTP against this same server with a tiny cookie jar, then exchanges
-// the code at /token (client_secret_basic) and returns the token response.
-async function mintTokens(user, scope) {
+// the code at /token (client_secret_basic) and returns the token response (or, with
+// `exchange: false`, the code itself).
+async function mintTokens(user, scope, { exchange = true } = {}) {
   const jar = new Map();
   const cookieHeader = () => [...jar].map(([k, v]) => `${k}=${v}`).join('; ');
   const remember = (res) => {
@@ -392,7 +401,7 @@ async function mintTokens(user, scope) {
         const params = location.searchParams;
         if (params.get('error')) throw new Error(`authorization failed: ${params.get('error')}: ${params.get('error_description')}`);
         if (params.get('state') !== state) throw new Error('state mismatch');
-        return exchangeCode(params.get('code'));
+        return exchange ? exchangeCode(params.get('code')) : params.get('code');
       }
       res = await request(location);
       continue;

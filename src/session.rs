@@ -824,6 +824,25 @@ impl SessionManager {
         Ok(session)
     }
 
+    /// GetSession by a client (`client_ip` set, the guide's `get_session(.., ip_address)`): the
+    /// device check of [`SessionManager::get`], and for an active session a use that slides its
+    /// idle timeout as ValidateSession does. The stored IP address is left as it is, so that a
+    /// DetectHijacking that follows (the guide's middleware) compares with the address the
+    /// session was created or last validated from, not with this request's.
+    pub async fn get_used(
+        &self,
+        by: &SessionRef,
+        fingerprint: Option<&Fingerprint>,
+        client_ip: Option<IpAddr>,
+    ) -> Result<SessionRecord> {
+        let session = self.get(by, fingerprint).await?;
+        let now = self.clock.now();
+        if client_ip.is_none() || !session.is_active_at(now) {
+            return Ok(session);
+        }
+        self.slide(session, now, None).await
+    }
+
     /// One user's sessions in the given states (active only when `states` is empty), newest
     /// first, paged by an opaque token.
     pub async fn list_user(

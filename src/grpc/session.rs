@@ -238,7 +238,8 @@ impl SessionService for SessionAdapter {
         };
         let by = session_ref(&request, token, id)?;
         let fingerprint = optional_fingerprint("device_fingerprint", request.get_ref().device_fingerprint.as_ref())?;
-        let session = self.sessions.get(&by, fingerprint.as_ref()).await?;
+        let client_ip = validate::ip_address("ip_address", &request.get_ref().ip_address)?;
+        let session = self.sessions.get_used(&by, fingerprint.as_ref(), client_ip).await?;
         Ok(Response::new(pb::GetSessionResponse { session: Some(convert::session(&session, self.sessions.now())) }))
     }
 

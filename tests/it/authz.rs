@@ -63,7 +63,11 @@ async fn call(server: &Process, rpc: &str, who: Who, token: &str, id: &str) -> C
             server
                 .sessions(key)
                 .await
-                .get_session(pb::GetSessionRequest { selector: by_token(), device_fingerprint: None })
+                .get_session(pb::GetSessionRequest {
+                    selector: by_token(),
+                    device_fingerprint: None,
+                    ip_address: String::new(),
+                })
                 .await
                 .map(|_| ()),
         ),
@@ -71,7 +75,11 @@ async fn call(server: &Process, rpc: &str, who: Who, token: &str, id: &str) -> C
             server
                 .sessions(key)
                 .await
-                .get_session(pb::GetSessionRequest { selector: by_id(), device_fingerprint: None })
+                .get_session(pb::GetSessionRequest {
+                    selector: by_id(),
+                    device_fingerprint: None,
+                    ip_address: String::new(),
+                })
                 .await
                 .map(|_| ()),
         ),

@@ -268,3 +268,47 @@ async fn redis_url_alone_selects_redis_and_a_missing_key_says_how_to_make_one() 
     let stored = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(stored.lines().any(|k| k.contains(":s:")), "the session is in Redis under {prefix}: {stored}");
 }
+
+/// GetSession takes the guide's `ip_address`: set, it is a use that slides the idle timeout (the
+/// stored address stays, for the DetectHijacking that follows); malformed, INVALID_ARGUMENT.
+#[tokio::test]
+async fn get_session_with_an_ip_address_is_a_use_that_slides_the_idle_timeout() {
+    use pb::get_session_request::Selector;
+
+    let server = Spawn::default()
+        .arg("--storage")
+        .arg("memory")
+        .without_create_limit()
+        .env("SESSION_AUTHORITY_SESSION_IDLE_SLIDE_STEP", "0s")
+        .start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let created = sessions
+        .create_session(pb::CreateSessionRequest {
+            user_id: "gina".into(),
+            access_token: "a".into(),
+            ip_address: HOME_IP.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let get = |ip: &str| pb::GetSessionRequest {
+        selector: Some(Selector::SessionToken(created.session_token.clone())),
+        device_fingerprint: None,
+        ip_address: ip.into(),
+    };
+    let idle = |s: &pb::Session| s.idle_expires_at.clone().unwrap();
+    let first = idle(created.session.as_ref().unwrap());
+
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let unused = sessions.get_session(get("")).await.unwrap().into_inner().session.unwrap();
+    assert_eq!(idle(&unused), first, "without an address GetSession only reads");
+
+    let used = sessions.get_session(get(THIEF_IP)).await.unwrap().into_inner().session.unwrap();
+    assert!(idle(&used).seconds > first.seconds, "{:?} -> {:?}", first, idle(&used));
+    assert_eq!(used.ip_address, HOME_IP, "the stored address is not replaced by GetSession");
+
+    let e = sessions.get_session(get("not-an-ip")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("ip_address"), "{}", e.message());
+}

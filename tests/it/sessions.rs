@@ -159,6 +159,7 @@ async fn acting_by_session_id_needs_the_admin_role() {
     let by_id = || pb::GetSessionRequest {
         selector: Some(pb::get_session_request::Selector::SessionId(id.clone())),
         device_fingerprint: None,
+        ip_address: String::new(),
     };
     let e = service.get_session(by_id()).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
@@ -185,6 +186,7 @@ async fn acting_by_session_id_needs_the_admin_role() {
         .get_session(pb::GetSessionRequest {
             selector: Some(pb::get_session_request::Selector::SessionId("ses_0000_missing".into())),
             device_fingerprint: None,
+            ip_address: String::new(),
         })
         .await
         .unwrap_err();

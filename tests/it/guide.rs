@@ -297,7 +297,7 @@ async fn get_session_with_an_ip_address_is_a_use_that_slides_the_idle_timeout() 
         device_fingerprint: None,
         ip_address: ip.into(),
     };
-    let idle = |s: &pb::Session| s.idle_expires_at.clone().unwrap();
+    let idle = |s: &pb::Session| s.idle_expires_at.unwrap();
     let first = idle(created.session.as_ref().unwrap());
 
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;

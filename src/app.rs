@@ -396,7 +396,7 @@ fn log_sweep(what: &'static str, result: crate::Result<usize>) {
     }
 }
 
-/// Sweeps expired sessions, security events past retention, stale rate-limit state and old
+/// Ends sessions that timed out unused, then sweeps expired sessions, security events past retention, stale rate-limit state and old
 /// refresh records every `interval` until shutdown; each sweep's cost grows with what expired.
 async fn cleanup_loop(
     sessions: SessionManager,
@@ -407,6 +407,11 @@ async fn cleanup_loop(
 ) {
     let mut ticker = sweep_ticker(interval).await;
     while next_sweep(&mut ticker, &shutdown).await {
+        match sessions.expire_timed_out().await {
+            Ok(0) => {}
+            Ok(ended) => tracing::info!(ended, "ended sessions that timed out unused"),
+            Err(e) => tracing::warn!(error = %e, "ending timed-out sessions failed; will retry at the next sweep"),
+        }
         log_sweep("expired sessions", sessions.cleanup().await);
         log_sweep("old security events and rate-limit state", security.cleanup().await);
         log_sweep("old refresh records", tokens.cleanup().await);

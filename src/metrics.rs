@@ -31,7 +31,10 @@ pub const RPC_SECONDS: &str = "grpc_server_handling_seconds";
 /// The guide's counters, pre-registered at zero so dashboards and alerts see them at once.
 pub const GUIDE_COUNTERS: [(&str, &str); 5] = [
     (SESSION_CREATED, "Sessions created"),
-    (SESSION_EXPIRED, "Sessions recorded as expired (found past their idle or absolute timeout)"),
+    (
+        SESSION_EXPIRED,
+        "Sessions recorded as expired (found past their idle or absolute timeout by the sweep or a request)",
+    ),
     (TOKEN_REFRESHED, "Upstream token refreshes that succeeded"),
     (TOKEN_REFRESH_FAILED, "Upstream token refreshes that failed"),
     (SESSION_HIJACK_DETECTED, "Sessions ended by hijack detection (ValidateSession or DetectHijacking)"),

@@ -183,6 +183,12 @@ impl SessionRecord {
         self.effective_state(now).0 == SessionState::Active
     }
 
+    /// The instant an active session times out unless it is used before: the earlier of its
+    /// idle and absolute expiry.
+    pub fn deadline(&self) -> Millis {
+        self.idle_expires_at.min(self.absolute_expires_at)
+    }
+
     /// Serialises for backends that store bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         serde_json::to_vec(self).map_err(|e| Error::internal(format!("session record cannot be serialised: {e}")))
@@ -922,6 +928,33 @@ impl SessionManager {
             EndOutcome::Ended(record) => Ok((record, timed_out)),
             EndOutcome::AlreadyEnded(record) => Ok((record, true)),
             EndOutcome::NotFound => Err(Error::NotFound("no such session".into())),
+        }
+    }
+
+    /// Ends, as expired, the active sessions that timed out without anyone validating them
+    /// since (ValidateSession records such an end when it finds one; this is the sweep for the
+    /// rest), in batches; returns how many this call ended. Each end takes the one path every
+    /// end takes, so it emits the `session_expired` security event and counts
+    /// `session_expired_total`; time expiry appends no revocation event.
+    pub async fn expire_timed_out(&self) -> Result<usize> {
+        const BATCH: usize = 1000;
+        let mut ended = 0;
+        loop {
+            let now = self.clock.now();
+            let found = self.store.take_timed_out(now, BATCH).await?;
+            for session in &found.sessions {
+                let (state, reason) = session.effective_state(now);
+                if state != SessionState::Expired {
+                    continue;
+                }
+                let reason = reason.unwrap_or("expired").to_owned();
+                if let EndOutcome::Ended(_) = self.end_session(session, SessionState::Expired, &reason).await? {
+                    ended += 1;
+                }
+            }
+            if found.walked < BATCH {
+                return Ok(ended);
+            }
         }
     }
 

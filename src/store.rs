@@ -109,6 +109,15 @@ pub struct RevocationPage {
     pub position: LogPosition,
 }
 
+/// What [`SessionStore::take_timed_out`] found.
+#[derive(Debug, Default)]
+pub struct TimedOut {
+    /// Active sessions past their idle or absolute expiry.
+    pub sessions: Vec<SessionRecord>,
+    /// Deadline entries walked; fewer than the limit means nothing more is due.
+    pub walked: usize,
+}
+
 /// What [`SessionStore::end`] did.
 #[derive(Debug, Clone)]
 pub enum EndOutcome {
@@ -176,6 +185,15 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// revocation event in the same atomic step. A session already in a terminal state is left
     /// exactly as it is (terminal states are never rewritten) and nothing is appended.
     async fn end(&self, token_hash: &TokenHash, end: EndSession) -> Result<EndOutcome>;
+
+    /// Active sessions that have timed out by `now`, for the sweep to end them. The store keeps a
+    /// deadline index: every session enters it at creation under its first deadline (the earlier
+    /// of the idle and absolute expiry); slides do not touch it. This walks up to `limit` entries
+    /// due at or before `now`: an entry whose session is gone or ended is dropped, one whose
+    /// session slid meanwhile is moved to the new deadline, and the sessions past a timeout at
+    /// `now` are returned with their entries dropped (the caller ends them; if that fails, the
+    /// session is still refused as expired by every read and purged with its retention).
+    async fn take_timed_out(&self, now: Millis, limit: usize) -> Result<TimedOut>;
 
     /// Deletes up to `limit` sessions whose `retain_until` is at or before `now`, with their
     /// index entries. Returns how many were deleted. Cost grows with what expired, not with all

@@ -45,7 +45,7 @@ use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::SessionRecord;
 use crate::store::{
     CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
-    SecurityEventStore, SessionStore, TokenHash, TokenStore, Touch, type_matches,
+    SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch, type_matches,
 };
 use crate::token::{RefreshLease, RefreshRecord};
 
@@ -53,6 +53,8 @@ const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions")
 const SESSION_IDS: TableDefinition<&str, &[u8]> = TableDefinition::new("session_ids");
 const USER_SESSIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("user_sessions");
 const SESSION_EXPIRY: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("session_expiry");
+/// The deadline index of [`SessionStore::take_timed_out`]: (first deadline, token hash).
+const SESSION_DEADLINES: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("session_deadlines");
 const REVOCATION_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("revocation_log");
 const REVOCATION_SESSIONS: TableDefinition<&str, u64> = TableDefinition::new("revocation_sessions");
 const REVOCATION_USERS: TableDefinition<(&str, u64), ()> = TableDefinition::new("revocation_users");
@@ -60,6 +62,7 @@ const REVOCATION_EXPIRY: TableDefinition<(u64, u64), ()> = TableDefinition::new(
 const REVOCATION_META: TableDefinition<&str, &[u8]> = TableDefinition::new("revocation_meta");
 
 const META_LOG_ID: &str = "log_id";
+const META_DEADLINES_INDEXED: &str = "deadlines_indexed";
 const META_HEAD: &str = "head";
 const META_TRIMMED: &str = "trimmed_through";
 
@@ -96,6 +99,27 @@ fn to_hash(bytes: &[u8]) -> Result<TokenHash> {
     bytes.try_into().map_err(|_| Error::internal("embedded store: malformed token hash"))
 }
 
+/// Fills the deadline index from the stored sessions the first time a database is opened by a
+/// version that has it (databases written before it have active sessions the index does not
+/// know); a marker in the meta table makes it once.
+fn index_deadlines_once(tx: &WriteTransaction) -> Result<()> {
+    let mut meta = tx.open_table(REVOCATION_META).map_err(unavailable)?;
+    if meta.get(META_DEADLINES_INDEXED).map_err(unavailable)?.is_some() {
+        return Ok(());
+    }
+    let sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
+    let mut deadlines = tx.open_table(SESSION_DEADLINES).map_err(unavailable)?;
+    for entry in sessions.iter().map_err(unavailable)? {
+        let (hash, bytes) = entry.map_err(unavailable)?;
+        let record = SessionRecord::from_bytes(bytes.value())?;
+        if !record.state.is_terminal() {
+            deadlines.insert((at(record.deadline()), hash.value()), ()).map_err(unavailable)?;
+        }
+    }
+    meta.insert(META_DEADLINES_INDEXED, b"1".as_slice()).map_err(unavailable)?;
+    Ok(())
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) `sessions.redb` in `dir`.
     pub fn open(dir: &Path) -> Result<EmbeddedStore> {
@@ -110,6 +134,7 @@ impl EmbeddedStore {
             tx.open_table(SESSION_IDS).map_err(unavailable)?;
             tx.open_table(USER_SESSIONS).map_err(unavailable)?;
             tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
+            index_deadlines_once(tx)?;
             tx.open_table(RATE_LIMITS).map_err(unavailable)?;
             tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
             tx.open_table(SECURITY_EVENTS).map_err(unavailable)?;
@@ -330,6 +355,10 @@ impl SessionStore for EmbeddedStore {
                 .map_err(unavailable)?
                 .insert((at(record.retain_until), hash), ())
                 .map_err(unavailable)?;
+            tx.open_table(SESSION_DEADLINES)
+                .map_err(unavailable)?
+                .insert((at(record.deadline()), hash), ())
+                .map_err(unavailable)?;
             Ok(evicted)
         })
         .await
@@ -438,6 +467,39 @@ impl SessionStore for EmbeddedStore {
                 }
             }
             Ok(due.len())
+        })
+        .await
+    }
+
+    async fn take_timed_out(&self, now: Millis, limit: usize) -> Result<TimedOut> {
+        self.write(Durability::Immediate, move |tx| {
+            let due: Vec<(u64, TokenHash)> = {
+                let deadlines = tx.open_table(SESSION_DEADLINES).map_err(unavailable)?;
+                let mut due = Vec::new();
+                for entry in deadlines.range(..=(at(now), [0xffu8; 32].as_slice())).map_err(unavailable)?.take(limit) {
+                    let (key, _) = entry.map_err(unavailable)?;
+                    let (deadline, hash) = key.value();
+                    due.push((deadline, to_hash(hash)?));
+                }
+                due
+            };
+            let mut deadlines = tx.open_table(SESSION_DEADLINES).map_err(unavailable)?;
+            let sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
+            let mut found = TimedOut { sessions: Vec::new(), walked: due.len() };
+            for (deadline, hash) in &due {
+                deadlines.remove((*deadline, hash.as_slice())).map_err(unavailable)?;
+                let Some(bytes) = sessions.get(hash.as_slice()).map_err(unavailable)? else { continue };
+                let record = SessionRecord::from_bytes(bytes.value())?;
+                if record.state.is_terminal() {
+                    continue;
+                }
+                if record.deadline() > now {
+                    deadlines.insert((at(record.deadline()), hash.as_slice()), ()).map_err(unavailable)?;
+                } else {
+                    found.sessions.push(record);
+                }
+            }
+            Ok(found)
         })
         .await
     }
@@ -897,5 +959,66 @@ impl SecurityEventStore for EmbeddedStore {
             Ok(due.len())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::crypto::KeyRing;
+    use crate::session::{NewSession, SessionManager, SessionSettings};
+
+    #[tokio::test]
+    async fn a_database_written_before_the_deadline_index_gets_one_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_800_000_000_000);
+        let settings = SessionSettings {
+            idle_timeout: Duration::from_secs(1800),
+            absolute_timeout: Duration::from_secs(8 * 3600),
+            max_sessions_per_user: 5,
+            device_validation: true,
+            device_match_threshold: 0.8,
+            idle_slide_step: Duration::from_secs(60),
+            tombstone_ttl: Duration::from_secs(3600),
+            proactive_refresh: Duration::from_secs(300),
+        };
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let manager = SessionManager::new(
+            Arc::new(store.clone()),
+            Arc::new(KeyRing::new(&[7u8; 32], &[])),
+            Arc::new(clock.clone()) as Arc<dyn Clock>,
+            settings,
+        );
+        let new = NewSession {
+            user_id: "ada".into(),
+            access_token: SecretString::from("upstream".to_string()),
+            ..Default::default()
+        };
+        let created = manager.create(new).await.unwrap().session;
+        // What an older version left: the session, but no deadline index and no marker.
+        store
+            .write_now(Durability::Immediate, |tx| {
+                tx.delete_table(SESSION_DEADLINES).map_err(unavailable)?;
+                tx.open_table(REVOCATION_META)
+                    .map_err(unavailable)?
+                    .remove(META_DEADLINES_INDEXED)
+                    .map_err(unavailable)?;
+                Ok(())
+            })
+            .unwrap();
+        assert!(store.take_timed_out(created.deadline(), 10).await.unwrap().sessions.is_empty());
+        drop((manager, store));
+
+        let reopened = EmbeddedStore::open(dir.path()).unwrap();
+        let found = reopened.take_timed_out(created.deadline(), 10).await.unwrap();
+        assert_eq!(
+            found.sessions.iter().map(|s| s.session_id.as_str()).collect::<Vec<_>>(),
+            [created.session_id.as_str()]
+        );
     }
 }

@@ -24,7 +24,7 @@ use crate::session::SessionRecord;
 use crate::store::{
     CasOutcome, DynRateLimitStore, DynSecurityEventStore, DynSessionStore, DynTokenStore, EndOutcome, EndSession,
     EventQuery, LeaseOutcome, LogRead, RateLimitStore, RevocationPage, SecurityEventStore, SessionStore, Stores,
-    TokenHash, TokenStore, Touch,
+    TimedOut, TokenHash, TokenStore, Touch,
 };
 use crate::token::{RefreshLease, RefreshRecord};
 
@@ -106,6 +106,10 @@ impl SessionStore for Instrumented<DynSessionStore> {
 
     async fn purge_expired(&self, now: Millis, limit: usize) -> Result<usize> {
         self.observe("purge_expired", self.inner.purge_expired(now, limit)).await
+    }
+
+    async fn take_timed_out(&self, now: Millis, limit: usize) -> Result<TimedOut> {
+        self.observe("take_timed_out", self.inner.take_timed_out(now, limit)).await
     }
 
     fn log_id(&self) -> String {

@@ -12,6 +12,7 @@
 //! | `P{T}:id:<session id>` | string | the token hash hex |
 //! | `P{T}:u:<user id>` | sorted set | the user's token hashes, scored by creation time |
 //! | `P{expiry}:due` | sorted set | `T:<token hash hex>` scored by a time at or before `retain_until` |
+//! | `P{expiry}:deadlines` | sorted set | `T:<token hash hex>` scored by a time at or before the session's deadline (idle or absolute expiry) |
 //! | `P{log}:meta`, `:stream`, `:sess`, `:exp`, `:u:<user>` | hash, stream, hash, sorted sets | the revocation log: id and counters, events (`<seq>-0`), session → seq, expiry and per-user indexes |
 //! | `P{T}:outbox`, `P{log}:dirty` | stream, sorted set | Redis Cluster: events waiting for the log, and the tags that may have some |
 //! | `P{limits}:states`, `:forget` | hash, sorted set | rate-limit states and the time each can be forgotten |
@@ -62,7 +63,7 @@ use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::{SessionRecord, SessionState, shard_tag};
 use crate::store::{
     CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
-    SecurityEventStore, SessionStore, TokenHash, TokenStore, Touch,
+    SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch,
 };
 use crate::token::{RefreshLease, RefreshRecord};
 
@@ -742,6 +743,11 @@ impl Layout {
         format!("{}{{expiry}}:due", self.prefix)
     }
 
+    /// The deadline index of [`SessionStore::take_timed_out`] (beside the purge index).
+    fn deadlines(&self) -> String {
+        format!("{}{{expiry}}:deadlines", self.prefix)
+    }
+
     /// A key of the revocation log (all in the `{log}` slot): `meta`, `stream`, `sess`, `exp`,
     /// `dirty`, and `u:` (the prefix of the per-user indexes).
     fn log(&self, what: &str) -> String {
@@ -1235,6 +1241,37 @@ impl<T: Transport> KeyspaceStore<T> {
         }
     }
 
+    /// One entry of the deadline index: the session if it timed out (its entry dropped), else
+    /// `None` with the entry dropped (session gone or ended) or moved to its new deadline. Every
+    /// step is idempotent, so two replicas sweeping at once at worst both return a session, and
+    /// the second end of it finds it already ended.
+    async fn look_at_deadline(&self, member: String, now: Millis) -> Result<Option<SessionRecord>> {
+        let hash: Option<TokenHash> = member
+            .split_once(':')
+            .and_then(|(_, hex_hash)| hex::decode(hex_hash).ok())
+            .and_then(|bytes| bytes.try_into().ok());
+        let record = match hash {
+            Some(hash) => self.get_by_token(&hash).await?,
+            None => None,
+        };
+        let forget = vec!["ZREM".into(), self.layout.deadlines(), member.clone()];
+        match record {
+            Some(record) if !record.state.is_terminal() && record.deadline() > now => {
+                let args = vec!["ZADD".into(), self.layout.deadlines(), record.deadline().to_string(), member];
+                self.transport.command(args, false).await?;
+                Ok(None)
+            }
+            Some(record) if !record.state.is_terminal() => {
+                self.transport.command(forget, false).await?;
+                Ok(Some(record))
+            }
+            _ => {
+                self.transport.command(forget, false).await?;
+                Ok(None)
+            }
+        }
+    }
+
     async fn forget_due(&self, member: String) -> Result<()> {
         self.transport.command(vec!["ZREM".into(), self.layout.due(), member], false).await.map(drop)
     }
@@ -1248,10 +1285,17 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
             return Err(Error::internal("session token, id and user route to different shards"));
         }
         self.bounded("create", async {
-            // The index entry first: a record never exists without one.
+            // The index entries first: a record never exists without them.
             let due =
                 vec!["ZADD".into(), self.layout.due(), record.retain_until.to_string(), due_member(&record.token_hash)];
             self.transport.command(due, false).await?;
+            let deadline = vec![
+                "ZADD".into(),
+                self.layout.deadlines(),
+                record.deadline().to_string(),
+                due_member(&record.token_hash),
+            ];
+            self.transport.command(deadline, false).await?;
             if eviction.kind.is_some() {
                 self.mark_outbox(&tag).await?;
             }
@@ -1422,6 +1466,35 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
                 }
             }
             Ok(deleted)
+        })
+        .await
+    }
+
+    async fn take_timed_out(&self, now: Millis, limit: usize) -> Result<TimedOut> {
+        self.bounded("take_timed_out", async {
+            let args = vec![
+                "ZRANGEBYSCORE".into(),
+                self.layout.deadlines(),
+                "-inf".into(),
+                now.to_string(),
+                "LIMIT".into(),
+                "0".into(),
+                limit.to_string(),
+            ];
+            let due = items(self.transport.command(args, true).await?)?
+                .iter()
+                .map(|m| text(m).map(str::to_owned))
+                .collect::<Result<Vec<_>>>()?;
+            let mut found = TimedOut { sessions: Vec::new(), walked: due.len() };
+            let looked: Vec<Result<Option<SessionRecord>>> = futures_util::stream::iter(due)
+                .map(|member| self.look_at_deadline(member, now))
+                .buffer_unordered(PURGE_CONCURRENCY)
+                .collect()
+                .await;
+            for record in looked {
+                found.sessions.extend(record?);
+            }
+            Ok(found)
         })
         .await
     }

@@ -17,7 +17,7 @@ use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::SessionRecord;
 use crate::store::{
     CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
-    SecurityEventStore, SessionStore, TokenHash, TokenStore, Touch, type_matches,
+    SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch, type_matches,
 };
 use crate::token::{RefreshLease, RefreshRecord};
 
@@ -77,6 +77,8 @@ struct Inner {
     ids: HashMap<String, TokenHash>,
     users: HashMap<String, HashSet<TokenHash>>,
     expiry: BTreeSet<(Millis, TokenHash)>,
+    /// The deadline index of [`SessionStore::take_timed_out`].
+    deadlines: BTreeSet<(Millis, TokenHash)>,
     log: Log,
 }
 
@@ -267,6 +269,7 @@ impl SessionStore for MemoryStore {
         inner.ids.insert(record.session_id.clone(), hash);
         inner.users.entry(record.user_id.clone()).or_default().insert(hash);
         inner.expiry.insert((record.retain_until, hash));
+        inner.deadlines.insert((record.deadline(), hash));
         inner.sessions.insert(hash, Box::new(record));
         Ok(evicted)
     }
@@ -333,6 +336,26 @@ impl SessionStore for MemoryStore {
             inner.remove(hash);
         }
         Ok(due.len())
+    }
+
+    async fn take_timed_out(&self, now: Millis, limit: usize) -> Result<TimedOut> {
+        let mut inner = self.write();
+        let due: Vec<(Millis, TokenHash)> = inner.deadlines.range(..=(now, [0xff; 32])).take(limit).copied().collect();
+        let mut found = TimedOut { sessions: Vec::new(), walked: due.len() };
+        for entry in due {
+            inner.deadlines.remove(&entry);
+            let Some(record) = inner.sessions.get(&entry.1) else { continue };
+            if record.state.is_terminal() {
+                continue;
+            }
+            if record.deadline() > now {
+                let next = (record.deadline(), entry.1);
+                inner.deadlines.insert(next);
+            } else {
+                found.sessions.push((**record).clone());
+            }
+        }
+        Ok(found)
     }
 
     fn log_id(&self) -> String {

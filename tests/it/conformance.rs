@@ -418,6 +418,58 @@ pub async fn cleanup_purges_only_what_expired(backend: Backend) {
     assert!(m.list_user("leo", &states, 50, None).await.unwrap().sessions.is_empty());
 }
 
+/// Issue 17 point 5: a session nobody validates again is ended by the sweep when it times out
+/// (recorded as expired, with the reason, once), not left active until it is purged; one that
+/// was used in the meantime is looked at again at its new deadline.
+pub async fn sweep_ends_sessions_that_timed_out_unused(backend: Backend) {
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 5, &clock);
+    let idle = token(&m.create(new_session("iris")).await.unwrap());
+    let busy = token(&m.create(new_session("iris")).await.unwrap());
+    async fn stored(m: &SessionManager, t: &str) -> session_authority::session::SessionRecord {
+        m.find(&SessionRef::Token(t.to_owned())).await.unwrap()
+    }
+    let mut short = new_session("iris");
+    short.absolute_timeout = Some(60 * MINUTE);
+    let capped = token(&m.create(short).await.unwrap());
+
+    clock.advance(20 * MINUTE);
+    assert_eq!(reason(&m.validate(&busy, &ctx()).await.unwrap()), None);
+    assert_eq!(reason(&m.validate(&capped, &ctx()).await.unwrap()), None);
+    clock.advance(9 * MINUTE);
+    assert_eq!(m.expire_timed_out().await.unwrap(), 0, "nothing has timed out at 29 minutes");
+
+    // 31 minutes: the unused session idled out; the two used at 20 minutes live on.
+    clock.advance(2 * MINUTE);
+    assert_eq!(m.expire_timed_out().await.unwrap(), 1);
+    let ended = stored(&m, &idle).await;
+    assert_eq!(ended.state, SessionState::Expired);
+    assert_eq!(ended.end_reason.as_deref(), Some("idle_timeout"));
+    assert_eq!(ended.ended_at, Some(clock.now()));
+    assert_eq!(stored(&m, &busy).await.state, SessionState::Active);
+    assert_eq!(m.expire_timed_out().await.unwrap(), 0, "an end is recorded once");
+
+    // The used ones are found at their slid deadline (50 minutes) without another validation.
+    clock.advance(15 * MINUTE);
+    assert_eq!(reason(&m.validate(&capped, &ctx()).await.unwrap()), None, "slid to min(76, 60)");
+    clock.set(START + 50 * 60_000);
+    assert_eq!(m.expire_timed_out().await.unwrap(), 1);
+    assert_eq!(stored(&m, &busy).await.state, SessionState::Expired);
+    clock.set(START + 60 * 60_000);
+    assert_eq!(m.expire_timed_out().await.unwrap(), 1);
+    let capped = stored(&m, &capped).await;
+    assert_eq!(capped.state, SessionState::Expired);
+    assert_eq!(capped.end_reason.as_deref(), Some("absolute_timeout"));
+    assert_eq!(m.expire_timed_out().await.unwrap(), 0);
+    assert!(m.list_user("iris", &[], 50, None).await.unwrap().sessions.is_empty());
+
+    // Time expiry appends no revocation event (watchers already know the deadlines), and the
+    // tombstones are purged a TTL after the recorded end.
+    assert!(log(&backend).await.is_empty());
+    clock.set(ended.ended_at.unwrap() + 24 * 60 * 60_000);
+    assert_eq!(m.cleanup().await.unwrap(), 1);
+}
+
 // ---- Revocation: the log, the list and the feed, over every backend ----
 
 pub fn revocations(m: &SessionManager) -> Revocations {
@@ -1018,6 +1070,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn cleanup_purges_only_what_expired() {
                 suite::cleanup_purges_only_what_expired($make).await
+            }
+            #[tokio::test]
+            async fn sweep_ends_sessions_that_timed_out_unused() {
+                suite::sweep_ends_sessions_that_timed_out_unused($make).await
             }
             #[tokio::test]
             async fn revoke_by_token_and_by_id() {

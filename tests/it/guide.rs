@@ -312,3 +312,83 @@ async fn get_session_with_an_ip_address_is_a_use_that_slides_the_idle_timeout() 
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("ip_address"), "{}", e.message());
 }
+
+#[tokio::test]
+async fn sessions_that_time_out_unused_are_ended_by_the_sweep_with_an_event_and_a_metric() {
+    use crate::operability::{free_port, scrape};
+
+    let port = free_port();
+    let server = Spawn::default()
+        .arg("--storage")
+        .arg("memory")
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .without_create_limit()
+        .env("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT", "2s")
+        .env("SESSION_AUTHORITY_SESSION_CLEANUP_INTERVAL", "1s")
+        .start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut admin = server.security(Some(ADMIN_KEY)).await;
+    let mut admin_sessions = server.sessions(Some(ADMIN_KEY)).await;
+    let created = sessions
+        .create_session(pb::CreateSessionRequest {
+            user_id: "otto".into(),
+            access_token: "a".into(),
+            ip_address: HOME_IP.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let session_id = created.session.unwrap().session_id;
+    assert_eq!(scrape(port).value("session_expired_total", &[]).unwrap_or(0.0), 0.0);
+
+    // Nobody validates it again: the sweep ends it once its idle timeout passed.
+    let expired = pb::SecurityEventType::SessionExpired as i32;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let event = loop {
+        let events = admin
+            .list_security_events(pb::ListSecurityEventsRequest {
+                user_id: "otto".into(),
+                event_types: vec![expired],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        if let Some(event) = events.into_iter().next() {
+            break event;
+        }
+        assert!(std::time::Instant::now() < deadline, "no session_expired event within 15 s");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(event.session_id, session_id, "{event:?}");
+    let session = admin_sessions
+        .get_session(pb::GetSessionRequest {
+            selector: Some(pb::get_session_request::Selector::SessionId(session_id.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(session.state, pb::SessionState::Expired as i32, "{session:?}");
+    assert_eq!(session.end_reason, "idle_timeout", "{session:?}");
+    assert_eq!(scrape(port).value("session_expired_total", &[]), Some(1.0));
+
+    // A validation afterwards says expired and records nothing more.
+    let answer = sessions
+        .validate_session(pb::ValidateSessionRequest {
+            session_token: created.session_token,
+            ip_address: HOME_IP.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!answer.valid);
+    assert_eq!(answer.reason, pb::InvalidReason::Expired as i32, "{answer:?}");
+    assert_eq!(scrape(port).value("session_expired_total", &[]), Some(1.0));
+}

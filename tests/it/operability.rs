@@ -16,12 +16,12 @@ use crate::support::{ADMIN_KEY, Process, SERVICE_KEY, Spawn, WATCHER_KEY, laptop
 const HOME_IP: &str = "192.0.2.10";
 const THIEF_IP: &str = "203.0.113.5";
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// GET /metrics (HTTP/1.0, so the body is not chunked) and parse it strictly.
-fn scrape(port: u16) -> Exposition {
+pub(crate) fn scrape(port: u16) -> Exposition {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
     let mut response = String::new();

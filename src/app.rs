@@ -213,11 +213,13 @@ impl App {
             builder = builder.tls_config(tls_config).map_err(|e| ConfigError(format!("setting `tls.cert`: {e}")))?;
         }
 
+        // The first layer is the outermost. Metrics come first so that every call is counted
+        // with the status it ended with, those refused by the layers below included.
         let router = builder
+            .layer(tower::util::option_layer(config.metrics_listen.map(|_| crate::metrics::RpcMetricsLayer)))
             .layer(ShutdownStreamsLayer::new(shutdown.clone()))
             .layer(AuthLayer::new(secrets.api_keys.clone(), client_cert_role))
             .layer(LoadShedLayer::new(server_config.concurrency_limit))
-            .layer(tower::util::option_layer(config.metrics_listen.map(|_| crate::metrics::RpcMetricsLayer)))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -21,7 +21,7 @@ use crate::bootstrap::{self, Secrets};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError, StorageKind};
 use crate::grpc::auth::AuthLayer;
-use crate::grpc::layers::{LoadShedLayer, ShutdownStreamsLayer};
+use crate::grpc::layers::{HealthWatchCapLayer, LoadShedLayer, ShutdownStreamsLayer};
 use crate::grpc::pb;
 use crate::grpc::pb::revocation_service_server::RevocationServiceServer;
 use crate::grpc::pb::security_service_server::SecurityServiceServer;
@@ -199,7 +199,8 @@ impl App {
         // here rather than left to a default: sidecars multiplex many watch streams over few
         // connections, and a client over a per-connection limit queues its calls locally
         // instead of getting a quick RESOURCE_EXHAUSTED. The global ceilings are the load-shed
-        // permits (`server.concurrency_limit`) and `revocation.max_watchers`.
+        // permits (`server.concurrency_limit`), `revocation.max_watchers` and
+        // `server.max_health_watch_streams`.
         let mut builder = Server::builder()
             .timeout(server_config.request_timeout)
             .max_concurrent_streams(None)
@@ -213,11 +214,14 @@ impl App {
             builder = builder.tls_config(tls_config).map_err(|e| ConfigError(format!("setting `tls.cert`: {e}")))?;
         }
 
+        // The first layer is the outermost. Metrics come first so that every call is counted
+        // with the status it ended with, those refused by the layers below included.
         let router = builder
+            .layer(tower::util::option_layer(config.metrics_listen.map(|_| crate::metrics::RpcMetricsLayer)))
             .layer(ShutdownStreamsLayer::new(shutdown.clone()))
             .layer(AuthLayer::new(secrets.api_keys.clone(), client_cert_role))
             .layer(LoadShedLayer::new(server_config.concurrency_limit))
-            .layer(tower::util::option_layer(config.metrics_listen.map(|_| crate::metrics::RpcMetricsLayer)))
+            .layer(HealthWatchCapLayer::new(server_config.max_health_watch_streams))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -123,6 +123,9 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Calls in flight at once across all connections; more are refused with RESOURCE_EXHAUSTED.
     pub concurrency_limit: usize,
+    /// `grpc.health.v1.Health/Watch` streams open at once; more are refused with
+    /// RESOURCE_EXHAUSTED. Health needs no key and is never shed, so this is its only bound.
+    pub max_health_watch_streams: usize,
     /// Largest request or response message, in bytes.
     pub max_message_bytes: usize,
     /// How long shutdown waits for in-flight calls before it gives up on them.
@@ -359,6 +362,12 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// Health Watch streams one replica serves at once unless configured
+/// (`server.max_health_watch_streams`). Probes poll `Check`; `Watch` is for clients that use
+/// gRPC client-side health checking (one stream per channel to this replica), so this leaves
+/// room for thousands of them while bounding what callers without a key can hold open.
+pub const DEFAULT_MAX_HEALTH_WATCH_STREAMS: usize = 4096;
+
 /// Settings given on the command line, by dotted name.
 pub type Flags = BTreeMap<String, String>;
 
@@ -371,6 +380,7 @@ const KNOWN_KEYS: &[&str] = &[
     "log_format",
     "server.request_timeout",
     "server.concurrency_limit",
+    "server.max_health_watch_streams",
     "server.max_message_bytes",
     "server.shutdown_grace",
     "tls.cert",
@@ -830,12 +840,16 @@ impl Config {
             listen,
             request_timeout: r.positive_duration("server.request_timeout", Duration::from_secs(10))?,
             concurrency_limit: r.number("server.concurrency_limit", 1024usize)?,
+            max_health_watch_streams: r.number("server.max_health_watch_streams", DEFAULT_MAX_HEALTH_WATCH_STREAMS)?,
             max_message_bytes: r.number("server.max_message_bytes", 1024 * 1024usize)?,
             shutdown_grace: r.duration("server.shutdown_grace", Duration::from_secs(20))?,
             tls,
         };
         if server.concurrency_limit == 0 {
             return Err(err("setting `server.concurrency_limit`: must be at least 1"));
+        }
+        if server.max_health_watch_streams == 0 {
+            return Err(err("setting `server.max_health_watch_streams`: must be at least 1"));
         }
         if server.max_message_bytes < 1024 {
             return Err(err("setting `server.max_message_bytes`: must be at least 1024"));
@@ -1027,6 +1041,7 @@ mod tests {
         assert_eq!(c.revocation.watch_buffer, 4096);
         assert_eq!(c.revocation.max_watchers, 20_000);
         assert_eq!(c.server.concurrency_limit, 1024);
+        assert_eq!(c.server.max_health_watch_streams, 4096);
         assert_eq!(c.security.hijack_threshold, 0.7);
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.metrics_listen.is_none());
@@ -1087,6 +1102,12 @@ mod tests {
         assert!(e.contains("revocation.max_watchers"), "{e}");
         let c = load(&[], &[("SESSION_AUTHORITY_REVOCATION_MAX_WATCHERS", "3")]).unwrap();
         assert_eq!(c.revocation.max_watchers, 3);
+        let e = load(&[], &[("SESSION_AUTHORITY_SERVER_MAX_HEALTH_WATCH_STREAMS", "0")]).unwrap_err().to_string();
+        assert!(e.contains("server.max_health_watch_streams"), "{e}");
+        let e = load(&[], &[("SESSION_AUTHORITY_SERVER_MAX_HEALTH_WATCH_STREAMS", "many")]).unwrap_err().to_string();
+        assert!(e.contains("server.max_health_watch_streams"), "{e}");
+        let c = load(&[], &[("SESSION_AUTHORITY_SERVER_MAX_HEALTH_WATCH_STREAMS", "2")]).unwrap();
+        assert_eq!(c.server.max_health_watch_streams, 2);
     }
 
     #[test]

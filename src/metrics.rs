@@ -169,7 +169,18 @@ pub async fn observe_upstream<T, E>(
     result
 }
 
-/// Counts every RPC once it has finished, with the status code it ended with.
+/// The `grpc_service` and `grpc_method` labels of a call to `path`: the method's own when the
+/// server serves it, `unknown` for both otherwise, so that a caller inventing paths (no key is
+/// needed to reach the public prefixes) adds no series.
+fn call_labels(path: &str) -> (&'static str, &'static str) {
+    crate::grpc::auth::method(path)
+        .and_then(|(known, _)| known.trim_start_matches('/').split_once('/'))
+        .unwrap_or(("unknown", "unknown"))
+}
+
+/// Counts every RPC once it has finished, with the status code it ended with. It is the
+/// outermost layer, so calls refused by authentication, by load shedding or as unknown methods
+/// are counted too.
 #[derive(Clone, Debug, Default)]
 pub struct RpcMetricsLayer;
 
@@ -186,18 +197,19 @@ pub struct RpcMetrics<S> {
     inner: S,
 }
 
-/// The labels of one call, shared by the response body that reports its end.
+/// The labels of one call, shared by the response body that reports its end. Both come from
+/// the role table's own copy of the path, so they are one of its entries or `unknown`.
 struct CallLabels {
-    service: String,
-    method: String,
+    service: &'static str,
+    method: &'static str,
     started: Instant,
 }
 
 impl CallLabels {
-    fn record(&self, code: &str) {
-        metrics::counter!(RPC_HANDLED, "grpc_service" => self.service.clone(), "grpc_method" => self.method.clone(), "grpc_code" => code.to_owned())
+    fn record(&self, code: &'static str) {
+        metrics::counter!(RPC_HANDLED, "grpc_service" => self.service, "grpc_method" => self.method, "grpc_code" => code)
             .increment(1);
-        metrics::histogram!(RPC_SECONDS, "grpc_service" => self.service.clone(), "grpc_method" => self.method.clone())
+        metrics::histogram!(RPC_SECONDS, "grpc_service" => self.service, "grpc_method" => self.method)
             .record(self.started.elapsed().as_secs_f64());
     }
 }
@@ -239,10 +251,8 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let path = request.uri().path();
-        let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("unknown", "unknown"));
-        let labels =
-            Arc::new(CallLabels { service: service.to_owned(), method: method.to_owned(), started: Instant::now() });
+        let (service, method) = call_labels(request.uri().path());
+        let labels = Arc::new(CallLabels { service, method, started: Instant::now() });
         let future = self.inner.call(request);
         Box::pin(async move {
             let response = future.await?;
@@ -331,6 +341,20 @@ mod tests {
     use crate::crypto::KeyRing;
     use crate::session::{NewSession, SessionManager, SessionSettings};
     use crate::store::memory::MemoryStore;
+
+    #[test]
+    fn call_labels_are_a_served_method_or_unknown() {
+        assert_eq!(
+            call_labels("/atoms.session.v1.SessionService/ValidateSession"),
+            ("atoms.session.v1.SessionService", "ValidateSession")
+        );
+        assert_eq!(call_labels("/grpc.health.v1.Health/Check"), ("grpc.health.v1.Health", "Check"));
+        for made_up in
+            ["", "/", "/grpc.health.v1.Health/MadeUp", "/grpc.reflection.x/Y", "/a/b/c", "/x.Y/ValidateSession"]
+        {
+            assert_eq!(call_labels(made_up), ("unknown", "unknown"), "{made_up:?}");
+        }
+    }
 
     #[test]
     fn the_active_sessions_gauge_follows_the_store_at_each_sample() {

@@ -4,9 +4,10 @@
 //! every configured digest in constant time, so neither the key's bytes nor how much of it
 //! matched leak through timing. A caller with a client certificate verified by the configured
 //! CA (mTLS) and no key gets the configured certificate role. Health and reflection need no key.
-//! Which roles may call which method is one table, [`allowed_roles`], applied by
-//! [`AuthLayer`] before the request reaches a service; finer rules (acting on a session by id
-//! needs `admin`) are checked by the service adapters with [`Caller`].
+//! Which roles may call which method is one table, [`METHODS`], keyed by the full method path
+//! and applied by [`AuthLayer`] before the request reaches a service. A path not in the table is
+//! answered UNIMPLEMENTED before any key is looked at: there is no default role. Finer rules
+//! (acting on a session by id needs `admin`) are checked by the service adapters with [`Caller`].
 
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -134,17 +135,66 @@ const SERVICE: &[Role] = &[Role::Service];
 const ADMIN: &[Role] = &[];
 const READ_REVOCATIONS: &[Role] = &[Role::Service, Role::Watcher];
 
-/// The role table: who may call each method, by its gRPC path.
-pub fn allowed_roles(path: &str) -> Access {
-    if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {
-        return Access::Public;
+/// The role table: every method this server serves, by its full gRPC path, with who may call
+/// it. Keyed by the whole path, not the method name, so that a name of one service presented
+/// under another (`/atoms.session.v1.TokenService/ListUserSessions`) is no method at all rather
+/// than a method with a borrowed role. A unit test checks it against the services' descriptors.
+pub const METHODS: &[(&str, Access)] = &[
+    ("/grpc.health.v1.Health/Check", Access::Public),
+    ("/grpc.health.v1.Health/Watch", Access::Public),
+    ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", Access::Public),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", Access::Public),
+    ("/atoms.session.v1.SessionService/CreateSession", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.SessionService/ValidateSession", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.SessionService/GetSession", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.SessionService/ListUserSessions", Access::Roles(ADMIN)),
+    ("/atoms.session.v1.SessionService/UpdateSession", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.SessionService/TerminateSession", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.TokenService/GetAccessToken", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.TokenService/RefreshSession", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.TokenService/IntrospectToken", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.TokenService/GetRefreshHistory", Access::Roles(ADMIN)),
+    ("/atoms.session.v1.RevocationService/RevokeSession", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.RevocationService/RevokeUserSessions", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.RevocationService/IsRevoked", Access::Roles(READ_REVOCATIONS)),
+    ("/atoms.session.v1.RevocationService/ListRevocations", Access::Roles(READ_REVOCATIONS)),
+    ("/atoms.session.v1.RevocationService/WatchRevocations", Access::Roles(READ_REVOCATIONS)),
+    ("/atoms.session.v1.SecurityService/CheckRateLimit", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.SecurityService/DetectHijacking", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.SecurityService/DetectSuspiciousActivity", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.SecurityService/LogSecurityEvent", Access::Roles(SERVICE)),
+    ("/atoms.session.v1.SecurityService/ListSecurityEvents", Access::Roles(ADMIN)),
+    ("/atoms.session.v1.SecurityService/GetSecuritySummary", Access::Roles(ADMIN)),
+];
+
+/// The table's entry for `path`: its own `'static` copy of the path and who may call it, or
+/// `None` when this server has no such method.
+pub fn method(path: &str) -> Option<(&'static str, Access)> {
+    METHODS.iter().find(|(known, _)| *known == path).copied()
+}
+
+/// Who may call the method at `path`; `None` when this server has no such method (there is no
+/// default role).
+pub fn allowed_roles(path: &str) -> Option<Access> {
+    method(path).map(|(_, access)| access)
+}
+
+/// The longest part of an unknown path echoed back in an error message.
+const ECHOED_PATH_BYTES: usize = 200;
+
+/// UNIMPLEMENTED for a path that names no method of this server, answered before any key is
+/// looked at, so an unknown method is the same answer for every caller.
+fn unknown_method(path: &str) -> tonic::Status {
+    let mut end = path.len().min(ECHOED_PATH_BYTES);
+    while !path.is_char_boundary(end) {
+        end -= 1;
     }
-    let roles = match path.rsplit('/').next().unwrap_or_default() {
-        "ListUserSessions" | "GetRefreshHistory" | "ListSecurityEvents" | "GetSecuritySummary" => ADMIN,
-        "IsRevoked" | "ListRevocations" | "WatchRevocations" => READ_REVOCATIONS,
-        _ => SERVICE,
-    };
-    Access::Roles(roles)
+    let ellipsis = if end < path.len() { "..." } else { "" };
+    tonic::Status::unimplemented(format!(
+        "unknown method {}{ellipsis}: this server has no such method; the methods it serves are in \
+         proto/atoms/session/v1 and listed by server reflection (`grpcurl <host:port> list`)",
+        &path[..end]
+    ))
 }
 
 /// Tower layer applying [`allowed_roles`] to every request.
@@ -192,9 +242,11 @@ fn has_client_certificate(request: &Request<Body>) -> bool {
 
 impl<S> Auth<S> {
     fn check(&self, request: &Request<Body>) -> Result<Option<Caller>, tonic::Status> {
-        let roles = match allowed_roles(request.uri().path()) {
-            Access::Public => return Ok(None),
-            Access::Roles(roles) => roles,
+        let path = request.uri().path();
+        let (path, roles) = match method(path) {
+            None => return Err(unknown_method(path)),
+            Some((_, Access::Public)) => return Ok(None),
+            Some((path, Access::Roles(roles))) => (path, roles),
         };
         let caller = match bearer(request) {
             Some(key) => self.layer.keys.authenticate(key).ok_or_else(|| {
@@ -214,7 +266,7 @@ impl<S> Auth<S> {
         if caller.role == Role::Admin || roles.contains(&caller.role) {
             Ok(Some(caller))
         } else {
-            let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+            let method = path.rsplit('/').next().unwrap_or(path);
             Err(tonic::Status::permission_denied(format!(
                 "{method} needs the {} role; this key has the {} role",
                 if roles.is_empty() { "admin".to_string() } else { roles_text(roles) },
@@ -292,14 +344,112 @@ mod tests {
 
     #[test]
     fn role_table() {
-        assert_eq!(allowed_roles("/grpc.health.v1.Health/Check"), Access::Public);
-        assert_eq!(allowed_roles("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"), Access::Public);
-        assert_eq!(allowed_roles("/atoms.session.v1.SessionService/ListUserSessions"), Access::Roles(ADMIN));
-        assert_eq!(allowed_roles("/atoms.session.v1.SessionService/ValidateSession"), Access::Roles(SERVICE));
+        let roles = allowed_roles;
+        assert_eq!(roles("/grpc.health.v1.Health/Check"), Some(Access::Public));
+        assert_eq!(roles("/grpc.health.v1.Health/Watch"), Some(Access::Public));
+        assert_eq!(roles("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"), Some(Access::Public));
+        assert_eq!(roles("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"), Some(Access::Public));
+        assert_eq!(roles("/atoms.session.v1.SessionService/ListUserSessions"), Some(Access::Roles(ADMIN)));
+        assert_eq!(roles("/atoms.session.v1.SessionService/ValidateSession"), Some(Access::Roles(SERVICE)));
         assert_eq!(
-            allowed_roles("/atoms.session.v1.RevocationService/WatchRevocations"),
-            Access::Roles(READ_REVOCATIONS)
+            roles("/atoms.session.v1.RevocationService/WatchRevocations"),
+            Some(Access::Roles(READ_REVOCATIONS))
         );
-        assert_eq!(allowed_roles("/atoms.session.v1.RevocationService/RevokeSession"), Access::Roles(SERVICE));
+        assert_eq!(roles("/atoms.session.v1.RevocationService/RevokeSession"), Some(Access::Roles(SERVICE)));
+    }
+
+    #[test]
+    fn unknown_paths_have_no_role_at_all() {
+        for path in [
+            "",
+            "/",
+            "NoSlash",
+            "/atoms.session.v1.SessionService/NoSuchMethod",
+            // A method's name under another service, or under no service.
+            "/atoms.session.v1.TokenService/ListUserSessions",
+            "/atoms.session.v1.SessionService/WatchRevocations",
+            "/ListUserSessions",
+            "ListUserSessions",
+            // Near misses of a real path.
+            "/atoms.session.v1.SessionService/ValidateSession/",
+            "/atoms.session.v1.SessionService/ValidateSession/extra",
+            "//atoms.session.v1.SessionService/ValidateSession",
+            "/atoms.session.v1.sessionservice/validatesession",
+            // Under the public prefixes.
+            "/grpc.health.v1.Health/NoSuchMethod",
+            "/grpc.health.v1.Health/Check/../../atoms.session.v1.SessionService/ListUserSessions",
+            "/grpc.reflection.v1.ServerReflection/NoSuchMethod",
+            "/grpc.reflection.anything/At/All",
+        ] {
+            assert_eq!(allowed_roles(path), None, "{path:?}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_method_is_named_and_its_echo_is_bounded() {
+        let status = unknown_method("/atoms.session.v1.SessionService/NoSuchMethod");
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+        assert!(status.message().contains("/atoms.session.v1.SessionService/NoSuchMethod"), "{}", status.message());
+        let long = format!("/{}é", "x".repeat(ECHOED_PATH_BYTES - 2));
+        let status = unknown_method(&long);
+        assert!(status.message().len() < ECHOED_PATH_BYTES + 200, "{}", status.message());
+        assert!(status.message().contains("..."), "{}", status.message());
+    }
+
+    /// Every method of every service the server registers, as `/package.Service/Method`, read
+    /// from the encoded descriptor sets the services are generated from (and that reflection
+    /// serves).
+    fn served_methods() -> std::collections::BTreeSet<String> {
+        use prost::Message as _;
+        let sets = [
+            crate::grpc::pb::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
+        let mut methods = std::collections::BTreeSet::new();
+        for encoded in sets {
+            let set = prost_types::FileDescriptorSet::decode(encoded).unwrap();
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        methods.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+                    }
+                }
+            }
+        }
+        methods
+    }
+
+    #[test]
+    fn every_served_method_has_exactly_one_entry_and_every_entry_is_served() {
+        let served = served_methods();
+        assert!(served.iter().filter(|path| path.starts_with("/atoms.session.v1.")).count() >= 21, "{served:#?}");
+        let table: std::collections::BTreeSet<String> = METHODS.iter().map(|(path, _)| path.to_string()).collect();
+        assert_eq!(table.len(), METHODS.len(), "a path appears twice in METHODS");
+        let missing: Vec<&String> = served.difference(&table).collect();
+        assert!(missing.is_empty(), "methods served without an entry in auth::METHODS: {missing:?}");
+        let stale: Vec<&String> = table.difference(&served).collect();
+        assert!(stale.is_empty(), "auth::METHODS entries no service serves: {stale:?}");
+        // The generated service names agree with the table's prefixes.
+        use crate::grpc::pb::{
+            revocation_service_server, security_service_server, session_service_server, token_service_server,
+        };
+        for name in [
+            session_service_server::SERVICE_NAME,
+            token_service_server::SERVICE_NAME,
+            revocation_service_server::SERVICE_NAME,
+            security_service_server::SERVICE_NAME,
+        ] {
+            assert!(METHODS.iter().any(|(path, _)| path.starts_with(&format!("/{name}/"))), "{name}");
+        }
+    }
+
+    #[test]
+    fn only_health_and_reflection_are_public() {
+        for (path, access) in METHODS {
+            let public = path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.");
+            assert_eq!(*access == Access::Public, public, "{path}");
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! Tower layers around every call: a global concurrency limit that sheds load at once, and a
-//! body wrapper that ends open server streams cleanly when the server shuts down.
+//! Tower layers around every call: a global concurrency limit that sheds load at once, a
+//! ceiling on open health Watch streams (which need no key and are never shed), and a body
+//! wrapper that ends open server streams cleanly when the server shuts down.
 //!
 //! Tonic's own layers supply the rest: the request timeout (`Server::timeout`, which also
 //! honours the client's `grpc-timeout`) and the tracing span per call (`Server::trace_fn`). The
@@ -12,7 +13,7 @@ use std::task::{Context, Poll};
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body::Frame;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::body::Body;
 use tower::{Layer, Service};
@@ -27,7 +28,8 @@ use crate::error::Error;
 /// watch streams do not starve unary calls; their own ceiling is `revocation.max_watchers`.
 ///
 /// Health is never shed: it answers from memory, and a probe refused under load would get a
-/// busy replica restarted or taken out of rotation, moving its load onto the others.
+/// busy replica restarted or taken out of rotation, moving its load onto the others. Its Watch
+/// streams have a ceiling of their own, [`HealthWatchCapLayer`].
 #[derive(Clone, Debug)]
 pub struct LoadShedLayer {
     permits: Arc<Semaphore>,
@@ -100,9 +102,105 @@ where
     }
 }
 
+/// The health method whose response is a long-lived stream.
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+
+/// Caps the `grpc.health.v1.Health/Watch` streams open at once. Health needs no key and is never
+/// shed (see [`LoadShedLayer`]), so without this a caller with no credentials could hold open as
+/// many streams as it likes. A stream over the cap is answered RESOURCE_EXHAUSTED at once; a
+/// stream's place is held by its response body, so it comes back when the stream ends, the
+/// client cancels, or shutdown ends it. `Check` is not limited.
+#[derive(Clone, Debug)]
+pub struct HealthWatchCapLayer {
+    places: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl HealthWatchCapLayer {
+    /// At most `limit` open Watch streams (capped at what a semaphore can count).
+    pub fn new(limit: usize) -> HealthWatchCapLayer {
+        let limit = limit.min(Semaphore::MAX_PERMITS);
+        HealthWatchCapLayer { places: Arc::new(Semaphore::new(limit)), limit }
+    }
+}
+
+impl<S> Layer<S> for HealthWatchCapLayer {
+    type Service = HealthWatchCap<S>;
+    fn layer(&self, inner: S) -> HealthWatchCap<S> {
+        HealthWatchCap { inner, layer: self.clone() }
+    }
+}
+
+/// The service [`HealthWatchCapLayer`] produces.
+#[derive(Clone, Debug)]
+pub struct HealthWatchCap<S> {
+    inner: S,
+    layer: HealthWatchCapLayer,
+}
+
+impl<S> Service<Request<Body>> for HealthWatchCap<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        if request.uri().path() != HEALTH_WATCH {
+            return Box::pin(self.inner.call(request));
+        }
+        let Ok(place) = self.layer.places.clone().try_acquire_owned() else {
+            let status = tonic::Status::from(Error::ResourceExhausted(format!(
+                "this replica already serves its maximum of {} health Watch streams \
+                 (server.max_health_watch_streams); poll grpc.health.v1.Health/Check instead, \
+                 or retry with backoff",
+                self.layer.limit
+            )));
+            return Box::pin(async move { Ok(status.into_http()) });
+        };
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await?;
+            Ok(response.map(|body| Body::new(HoldingPlace { inner: body, _place: place })))
+        })
+    }
+}
+
+/// A response body that holds one place of a stream ceiling until it is dropped.
+struct HoldingPlace {
+    inner: Body,
+    _place: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for HoldingPlace {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Methods whose responses are long-lived streams.
 fn is_server_stream(path: &str) -> bool {
-    matches!(path, "/atoms.session.v1.RevocationService/WatchRevocations" | "/grpc.health.v1.Health/Watch")
+    matches!(path, "/atoms.session.v1.RevocationService/WatchRevocations" | HEALTH_WATCH)
 }
 
 /// Ends open server streams with UNAVAILABLE ("server shutting down, reconnect") when the

@@ -333,3 +333,36 @@ async fn every_rpc_against_every_caller() {
     assert_eq!(checked, TABLE.len() * 5);
     assert!(failures.is_empty(), "authorisation matrix failures:\n{}", failures.join("\n"));
 }
+
+/// Paths the server does not serve, among them a method of one service under the name of
+/// another (an admin-only name, a watcher name) and an unknown method under each public prefix.
+const UNKNOWN_METHODS: &[&str] = &[
+    "/atoms.session.v1.SessionService/NoSuchMethod",
+    "/atoms.session.v1.TokenService/ListUserSessions",
+    "/atoms.session.v1.SecurityService/GetRefreshHistory",
+    "/atoms.session.v1.SessionService/IsRevoked",
+    "/atoms.session.v1.NoSuchService/ValidateSession",
+    "/atoms.session.v1.SessionService/ValidateSession/extra",
+    "/grpc.health.v1.Health/NoSuchMethod",
+    "/grpc.reflection.v1.ServerReflection/NoSuchMethod",
+    "/grpc.reflection.v1alpha.Made/Up",
+];
+
+#[tokio::test]
+async fn unknown_methods_are_unimplemented_and_never_get_a_role() {
+    let server = Spawn::default().arg("--storage").arg("memory").start();
+    let mut failures = Vec::new();
+    for path in UNKNOWN_METHODS {
+        for who in [Who::Nobody, Who::WrongKey, Who::Service, Who::Watcher, Who::Admin] {
+            match server.call_path(path, who.key()).await {
+                Err(status) if status.code() == Code::Unimplemented => {
+                    if !status.message().contains(path) {
+                        failures.push(format!("{path} as {who:?}: the message does not name the path: {status:?}"));
+                    }
+                }
+                other => failures.push(format!("{path} as {who:?}: got {other:?}")),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "unknown methods not refused as UNIMPLEMENTED:\n{}", failures.join("\n"));
+}

@@ -466,3 +466,57 @@ async fn refresh_counters_count_real_refreshes_and_failures() {
     // Labels stay bounded: the provider's configured name, never a token or a user.
     assert_eq!(m.label_values("upstream_request_seconds_count", "provider"), ["default".to_string()].into());
 }
+
+/// Made-up method paths, under the public prefixes (no key needed to reach them) and under the
+/// contract's services, are counted under the one label `unknown`: a caller cannot add a series
+/// per path it invents.
+#[tokio::test]
+async fn unknown_method_paths_are_one_metric_label() {
+    let port = free_port();
+    let server = Spawn::default()
+        .arg("--storage")
+        .arg("memory")
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .start();
+    let made_up: Vec<(String, Option<&str>)> = (0..5)
+        .flat_map(|n| {
+            [
+                (format!("/grpc.health.v1.Health/MadeUpHealth{n}"), None),
+                (format!("/grpc.reflection.v1alpha.MadeUpReflection{n}/Info"), None),
+                (format!("/atoms.session.v1.SessionService/MadeUpSession{n}"), Some(SERVICE_KEY)),
+                (format!("/made.up.v{n}.Service/Method"), Some(ADMIN_KEY)),
+            ]
+        })
+        .collect();
+    for (path, key) in &made_up {
+        let refused = server.call_path(path, *key).await.expect_err(path);
+        assert_eq!(refused.code(), Code::Unimplemented, "{path}: {refused:?}");
+    }
+    // A known method keeps its own labels.
+    server.call_path("/grpc.health.v1.Health/Check", None).await.unwrap();
+
+    let m = scrape(port);
+    let total = made_up.len() as f64;
+    let unknown = [("grpc_service", "unknown"), ("grpc_method", "unknown")];
+    assert_eq!(
+        m.value("grpc_server_handled_total", &[unknown[0], unknown[1], ("grpc_code", "Unimplemented")]),
+        Some(total)
+    );
+    assert_eq!(m.value("grpc_server_handling_seconds_count", &unknown), Some(total));
+    for name in ["grpc_server_handled_total", "grpc_server_handling_seconds_count"] {
+        let methods = m.label_values(name, "grpc_method");
+        assert_eq!(methods, ["unknown".to_string(), "Check".to_string()].into(), "{name}");
+        let services = m.label_values(name, "grpc_service");
+        assert_eq!(services, ["unknown".to_string(), "grpc.health.v1.Health".to_string()].into(), "{name}");
+    }
+    for sample in &m.samples {
+        for value in sample.labels.values() {
+            assert!(
+                !value.contains("MadeUp") && !value.contains("made.up"),
+                "{} has label value {value:?}",
+                sample.name
+            );
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! Overload through the real binary: the global concurrency limit sheds calls at once (and gives
 //! permits back on completion, cancel and deadline), 10,000 open watch streams over 20
-//! connections, watchers whose clients never read, and the `revocation.max_watchers` ceiling.
+//! connections, watchers whose clients never read, the `revocation.max_watchers` ceiling, and
+//! the `server.max_health_watch_streams` ceiling.
 //!
 //! Nothing here asserts a duration. "At once" is checked by causality: a shed call is answered
 //! while the calls holding every permit are provably still pending (the provider has counted
@@ -573,4 +574,66 @@ async fn watch_streams_beyond_max_watchers_are_refused_until_one_closes() {
         assert_eq!(event.session_id, id);
     }
     println!("overload: max_watchers {MAX}: the extra stream refused, one place back after a close");
+}
+
+/// Health needs no key and is never shed, so its one long-lived call has a ceiling of its own:
+/// beyond `server.max_health_watch_streams` open Watch streams, one more is refused with
+/// RESOURCE_EXHAUSTED naming the setting, while Check (and the open streams) go on answering,
+/// and a closed stream gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_watch_streams_are_capped() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    const MAX: usize = 3;
+    let server = Spawn::default()
+        .arg("--storage")
+        .arg("memory")
+        .env("SESSION_AUTHORITY_SERVER_MAX_HEALTH_WATCH_STREAMS", MAX.to_string())
+        .start();
+    let (one, two) = (server.channel().await, server.channel().await);
+    let mut clients = [HealthClient::new(one), HealthClient::new(two)];
+    let watch = |client: &mut HealthClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            let mut stream = client.watch(HealthCheckRequest { service: String::new() }).await?.into_inner();
+            let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("a first status");
+            assert_eq!(first?.expect("a status").status, ServingStatus::Serving as i32);
+            Ok::<_, tonic::Status>(stream)
+        }
+    };
+    let mut open = Vec::new();
+    for i in 0..MAX {
+        open.push(watch(&mut clients[i % 2]).await.expect("within the limit"));
+    }
+
+    for client in &mut clients {
+        let refused = watch(client).await.expect_err("beyond max_health_watch_streams");
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(refused.message().contains("server.max_health_watch_streams"), "{}", refused.message());
+        assert!(refused.message().contains("Check"), "says what to do instead: {}", refused.message());
+        let reason = refused.get_error_details().error_info().map(|info| info.reason.clone());
+        assert_eq!(reason.as_deref(), Some("OVERLOADED"));
+        // Check still answers.
+        let checked = client.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+        assert_eq!(checked.status, ServingStatus::Serving as i32);
+    }
+
+    // Closing one frees its place (once the server has seen the cancel).
+    drop(open.remove(0));
+    let mut refused_meanwhile = 0;
+    let reopened = loop {
+        match watch(&mut clients[0]).await {
+            Ok(stream) => break stream,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                refused_meanwhile += 1;
+                assert!(refused_meanwhile < 400, "the closed stream never gave its place back");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    };
+    open.push(reopened);
+    assert_eq!(watch(&mut clients[1]).await.expect_err("full again").code(), Code::ResourceExhausted);
+    println!("overload: max_health_watch_streams {MAX}: the extra stream refused, one place back after a close");
 }

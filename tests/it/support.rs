@@ -213,6 +213,20 @@ impl Process {
         SecurityServiceClient::with_interceptor(self.channel().await, Auth::new(key))
     }
 
+    /// Calls the method at `path` (any path, also one the server does not serve) with an empty
+    /// request, as a generated client would, presenting `key` when given.
+    pub async fn call_path(&self, path: &str, key: Option<&str>) -> Result<(), tonic::Status> {
+        let mut grpc = tonic::client::Grpc::new(self.channel().await);
+        grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut request = tonic::Request::new(());
+        if let Some(key) = key {
+            request.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+        }
+        let path = http::uri::PathAndQuery::try_from(path).expect("a valid path");
+        let codec = tonic_prost::ProstCodec::<(), ()>::default();
+        grpc.unary(request, path, codec).await.map(|_| ())
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }

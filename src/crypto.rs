@@ -69,6 +69,18 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     hash
 }
 
+/// The lookup key of an upstream (provider) token: SHA-256 over a domain prefix and the token,
+/// so it never equals a session-token hash. Upstream tokens are the provider's secrets; only this
+/// hash is kept in the clear, to answer IsRevoked and RevokeSession by upstream token.
+pub fn upstream_token_hash(token: &str) -> [u8; 32] {
+    let mut input = Vec::with_capacity(UPSTREAM_DOMAIN.len() + token.len());
+    input.extend_from_slice(UPSTREAM_DOMAIN);
+    input.extend_from_slice(token.as_bytes());
+    sha256(&input)
+}
+
+const UPSTREAM_DOMAIN: &[u8] = b"atoms.session.v1 upstream token\0";
+
 /// The shard tag of a `sat_<tag>_...` token, as two bytes; `None` for any other shape.
 fn token_shard_tag(token: &str) -> Option<[u8; 2]> {
     let rest = token.strip_prefix(SESSION_TOKEN_PREFIX)?.as_bytes();

@@ -343,6 +343,16 @@ impl Revocations {
         self.sessions.store().revocation_entry(session_id, self.sessions.now()).await
     }
 
+    /// The live revocation-list entry of the session that holds (or held before its last
+    /// rotation) the upstream token; `None` for a token no stored session holds.
+    pub async fn is_token_revoked(&self, upstream_token: &str) -> Result<Option<RevocationEvent>> {
+        match self.sessions.find(&SessionRef::Upstream(upstream_token.to_owned())).await {
+            Ok(session) => self.is_revoked(&session.session_id).await,
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A page of the live revocation list (of one user when `user_id` is set), in cursor order,
     /// with the snapshot's cursor: watching from it sees every revocation after the snapshot.
     pub async fn list(

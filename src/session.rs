@@ -140,6 +140,11 @@ pub struct SessionRecord {
     /// Incremented by every compare-and-swap and state change.
     #[serde(default)]
     pub version: u64,
+    /// [`crypto::upstream_token_hash`] (hex) of the upstream tokens the session holds and of
+    /// those the last rotation replaced (at most six), for IsRevoked and RevokeSession by
+    /// upstream token. Records from before the field have none and are found by id or token only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream_hashes: Vec<String>,
     /// Successful upstream refreshes.
     #[serde(default)]
     pub refresh_count: u32,
@@ -380,7 +385,28 @@ pub enum SessionRef {
     Token(String),
     /// By public id (admin).
     Id(String),
+    /// By an upstream token the session holds, or held before its last rotation.
+    Upstream(String),
 }
+
+/// The upstream-token hashes (hex) of a session that holds `current` and whose previous tokens
+/// hashed to `previous`: the current ones first, then as many of the previous as fit in six.
+pub fn upstream_hashes<'a>(current: impl IntoIterator<Item = &'a str>, previous: &[String]) -> Vec<String> {
+    let mut hashes: Vec<String> =
+        current.into_iter().filter(|t| !t.is_empty()).map(|t| hex::encode(crypto::upstream_token_hash(t))).collect();
+    for old in previous {
+        if hashes.len() >= MAX_UPSTREAM_HASHES {
+            break;
+        }
+        if !hashes.contains(old) {
+            hashes.push(old.clone());
+        }
+    }
+    hashes.truncate(MAX_UPSTREAM_HASHES);
+    hashes
+}
+
+const MAX_UPSTREAM_HASHES: usize = 6;
 
 /// A page of sessions.
 #[derive(Debug)]
@@ -611,6 +637,13 @@ impl SessionManager {
         let idle = new.idle_timeout.unwrap_or(self.settings.idle_timeout);
         let absolute = new.absolute_timeout.unwrap_or(self.settings.absolute_timeout);
         let absolute_expires_at = clock::add(now, absolute);
+        let upstream_hashes = upstream_hashes(
+            [Some(&new.access_token), new.refresh_token.as_ref(), new.id_token.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|t| t.expose_secret()),
+            &[],
+        );
         let tokens = SealedTokens {
             token_type: if new.token_type.is_empty() { "Bearer".into() } else { new.token_type },
             access: self.seal(&new.access_token, &session_id, crypto::TokenField::Access),
@@ -642,6 +675,7 @@ impl SessionManager {
             fingerprint: new.fingerprint.filter(|f| !f.is_empty()).map(Box::new),
             tokens,
             version: 1,
+            upstream_hashes,
             refresh_count: 0,
             last_refreshed_at: None,
         };
@@ -815,6 +849,13 @@ impl SessionManager {
         let found = match by {
             SessionRef::Token(token) => self.store.get_by_token(&crypto::token_hash(token)).await?,
             SessionRef::Id(id) => self.store.get_by_id(id).await?,
+            SessionRef::Upstream(token) => {
+                let hash = crypto::upstream_token_hash(token);
+                let hex_hash = hex::encode(hash);
+                // The index is a hint: the record itself must list the hash.
+                let found = self.store.get_by_upstream(&hash).await?.filter(|s| s.upstream_hashes.contains(&hex_hash));
+                return found.ok_or_else(|| Error::NotFound("no stored session holds this upstream token".into()));
+            }
         };
         found.ok_or_else(|| Error::NotFound("no such session".into()))
     }
@@ -1096,6 +1137,7 @@ mod tests {
             fingerprint: None,
             tokens: SealedTokens::default(),
             version: 1,
+            upstream_hashes: Vec::new(),
             refresh_count: 0,
             last_refreshed_at: None,
         };

@@ -164,6 +164,11 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// The session stored under a token hash: the hot path, one read.
     async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>>;
 
+    /// The session indexed under an upstream-token hash ([`crate::crypto::upstream_token_hash`]),
+    /// from the record's `upstream_hashes` at its creation and at each compare-and-swap. The index
+    /// may lag or hold a hash the record no longer lists: the caller checks the record's list.
+    async fn get_by_upstream(&self, upstream_hash: &TokenHash) -> Result<Option<SessionRecord>>;
+
     /// The session with a public id.
     async fn get_by_id(&self, session_id: &str) -> Result<Option<SessionRecord>>;
 

@@ -624,6 +624,13 @@ impl TokenManager {
             if let Some(scopes) = &tokens.scopes {
                 next.scopes = scopes.clone();
             }
+            next.upstream_hashes = crate::session::upstream_hashes(
+                [Some(&tokens.access_token), tokens.refresh_token.as_ref(), tokens.id_token.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|t| t.expose_secret()),
+                &base.upstream_hashes,
+            );
             next.refresh_count = base.refresh_count + 1;
             next.last_refreshed_at = Some(now);
             next.version = base.version + 1;

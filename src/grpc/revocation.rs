@@ -86,7 +86,13 @@ impl RevocationService for RevocationAdapter {
                 validate::required_id("session_id", i)?;
                 SessionRef::Id(i.clone())
             }
-            None => return Err(Error::invalid("selector", "set session_id or session_token").into()),
+            Some(Selector::UpstreamToken(t)) => {
+                validate::upstream_token("upstream_token", t, true)?;
+                SessionRef::Upstream(t.clone())
+            }
+            None => {
+                return Err(Error::invalid("selector", "set session_id, session_token or upstream_token").into());
+            }
         };
         validate::text("reason", &r.reason)?;
         validate::optional_id("revoked_by", &r.revoked_by)?;
@@ -122,9 +128,18 @@ impl RevocationService for RevocationAdapter {
         &self,
         request: Request<pb::IsRevokedRequest>,
     ) -> Result<Response<pb::IsRevokedResponse>, Status> {
-        let session_id = &request.get_ref().session_id;
-        validate::required_id("session_id", session_id)?;
-        let entry = self.revocations.is_revoked(session_id).await?;
+        let r = request.get_ref();
+        let entry = match (r.session_id.is_empty(), r.upstream_token.is_empty()) {
+            (false, true) => {
+                validate::required_id("session_id", &r.session_id)?;
+                self.revocations.is_revoked(&r.session_id).await?
+            }
+            (true, false) => {
+                validate::upstream_token("upstream_token", &r.upstream_token, true)?;
+                self.revocations.is_token_revoked(&r.upstream_token).await?
+            }
+            _ => return Err(Error::invalid("session_id", "set exactly one of session_id and upstream_token").into()),
+        };
         Ok(Response::new(pb::IsRevokedResponse {
             revoked: entry.is_some(),
             event: entry.as_ref().map(|e| event(&self.revocations.cursor(e.seq), e)),

@@ -302,7 +302,7 @@ impl SessionService for SessionAdapter {
         let reason = match (reason.is_empty(), &by) {
             (false, _) => reason.clone(),
             (true, SessionRef::Token(_)) => "user_logout".to_owned(),
-            (true, SessionRef::Id(_)) => "admin_termination".to_owned(),
+            (true, SessionRef::Id(_) | SessionRef::Upstream(_)) => "admin_termination".to_owned(),
         };
         let (session, already_ended) = self.sessions.terminate(&by, &reason).await?;
         Ok(Response::new(pb::TerminateSessionResponse {

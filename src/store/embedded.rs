@@ -55,6 +55,8 @@ const USER_SESSIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new
 const SESSION_EXPIRY: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("session_expiry");
 /// The deadline index of [`SessionStore::take_timed_out`]: (first deadline, token hash).
 const SESSION_DEADLINES: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("session_deadlines");
+/// Upstream-token hash → session token hash ([`SessionStore::get_by_upstream`]).
+const UPSTREAM_TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("upstream_tokens");
 const REVOCATION_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("revocation_log");
 const REVOCATION_SESSIONS: TableDefinition<&str, u64> = TableDefinition::new("revocation_sessions");
 const REVOCATION_USERS: TableDefinition<(&str, u64), ()> = TableDefinition::new("revocation_users");
@@ -135,6 +137,7 @@ impl EmbeddedStore {
             tx.open_table(USER_SESSIONS).map_err(unavailable)?;
             tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
             index_deadlines_once(tx)?;
+            tx.open_table(UPSTREAM_TOKENS).map_err(unavailable)?;
             tx.open_table(RATE_LIMITS).map_err(unavailable)?;
             tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
             tx.open_table(SECURITY_EVENTS).map_err(unavailable)?;
@@ -293,6 +296,23 @@ fn save(tx: &WriteTransaction, record: &SessionRecord, old_retain_until: Millis)
     Ok(())
 }
 
+/// Indexes `add` under `session` and drops the entries of `drop` that point at it.
+fn reindex_upstream(tx: &WriteTransaction, session: &TokenHash, drop: &[String], add: &[String]) -> Result<()> {
+    let mut upstream = tx.open_table(UPSTREAM_TOKENS).map_err(unavailable)?;
+    for hex_hash in drop.iter().filter(|h| !add.contains(h)) {
+        let Ok(key) = hex::decode(hex_hash) else { continue };
+        let points_here = upstream.get(key.as_slice()).map_err(unavailable)?.is_some_and(|v| v.value() == session);
+        if points_here {
+            upstream.remove(key.as_slice()).map_err(unavailable)?;
+        }
+    }
+    for hex_hash in add {
+        let Ok(key) = hex::decode(hex_hash) else { continue };
+        upstream.insert(key.as_slice(), session.as_slice()).map_err(unavailable)?;
+    }
+    Ok(())
+}
+
 fn end_in(tx: &WriteTransaction, hash: &TokenHash, end: &EndSession) -> Result<EndOutcome> {
     let Some(mut record) = load(tx, hash)? else { return Ok(EndOutcome::NotFound) };
     if record.state.is_terminal() {
@@ -359,6 +379,7 @@ impl SessionStore for EmbeddedStore {
                 .map_err(unavailable)?
                 .insert((at(record.deadline()), hash), ())
                 .map_err(unavailable)?;
+            reindex_upstream(tx, &record.token_hash, &[], &record.upstream_hashes)?;
             Ok(evicted)
         })
         .await
@@ -367,6 +388,18 @@ impl SessionStore for EmbeddedStore {
     async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>> {
         // A read is a few microseconds from redb's cache: not worth a thread hop.
         self.read_session(token_hash)
+    }
+
+    async fn get_by_upstream(&self, upstream_hash: &TokenHash) -> Result<Option<SessionRecord>> {
+        let hash = {
+            let tx = self.db.begin_read().map_err(unavailable)?;
+            let upstream = tx.open_table(UPSTREAM_TOKENS).map_err(unavailable)?;
+            match upstream.get(upstream_hash.as_slice()).map_err(unavailable)? {
+                Some(hash) => to_hash(hash.value())?,
+                None => return Ok(None),
+            }
+        };
+        self.read_session(&hash)
     }
 
     async fn get_by_id(&self, session_id: &str) -> Result<Option<SessionRecord>> {
@@ -431,6 +464,7 @@ impl SessionStore for EmbeddedStore {
             next.state = current.state;
             next.retain_until = current.retain_until;
             save(tx, &next, current.retain_until)?;
+            reindex_upstream(tx, &next.token_hash, &current.upstream_hashes, &next.upstream_hashes)?;
             Ok(CasOutcome::Swapped)
         })
         .await
@@ -457,6 +491,7 @@ impl SessionStore for EmbeddedStore {
             let mut sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
             let mut ids = tx.open_table(SESSION_IDS).map_err(unavailable)?;
             let mut users = tx.open_table(USER_SESSIONS).map_err(unavailable)?;
+            let mut purged = Vec::new();
             for (until, hash) in &due {
                 expiry.remove((*until, hash.as_slice())).map_err(unavailable)?;
                 let removed = sessions.remove(hash.as_slice()).map_err(unavailable)?;
@@ -464,7 +499,11 @@ impl SessionStore for EmbeddedStore {
                     let record = SessionRecord::from_bytes(bytes.value())?;
                     ids.remove(record.session_id.as_str()).map_err(unavailable)?;
                     users.remove((record.user_id.as_str(), record.session_id.as_str())).map_err(unavailable)?;
+                    purged.push(record);
                 }
+            }
+            for record in &purged {
+                reindex_upstream(tx, &record.token_hash, &record.upstream_hashes, &[])?;
             }
             Ok(due.len())
         })

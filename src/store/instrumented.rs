@@ -84,6 +84,10 @@ impl SessionStore for Instrumented<DynSessionStore> {
         self.observe("get_by_token", self.inner.get_by_token(token_hash)).await
     }
 
+    async fn get_by_upstream(&self, upstream_hash: &TokenHash) -> Result<Option<SessionRecord>> {
+        self.observe("get_by_upstream", self.inner.get_by_upstream(upstream_hash)).await
+    }
+
     async fn get_by_id(&self, session_id: &str) -> Result<Option<SessionRecord>> {
         self.observe("get_by_id", self.inner.get_by_id(session_id)).await
     }

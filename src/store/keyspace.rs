@@ -12,6 +12,7 @@
 //! | `P{T}:id:<session id>` | string | the token hash hex |
 //! | `P{T}:u:<user id>` | sorted set | the user's token hashes, scored by creation time |
 //! | `P{expiry}:due` | sorted set | `T:<token hash hex>` scored by a time at or before `retain_until` |
+//! | `P:ut:<upstream-token hash hex>` | string, with a Redis TTL | `T:<token hash hex>` of the session that holds (or held) that upstream token |
 //! | `P{expiry}:deadlines` | sorted set | `T:<token hash hex>` scored by a time at or before the session's deadline (idle or absolute expiry) |
 //! | `P{log}:meta`, `:stream`, `:sess`, `:exp`, `:u:<user>` | hash, stream, hash, sorted sets | the revocation log: id and counters, events (`<seq>-0`), session → seq, expiry and per-user indexes |
 //! | `P{T}:outbox`, `P{log}:dirty` | stream, sorted set | Redis Cluster: events waiting for the log, and the tags that may have some |
@@ -743,6 +744,11 @@ impl Layout {
         format!("{}{{expiry}}:due", self.prefix)
     }
 
+    /// The upstream-token index entry of one hash (its own key, so in any slot).
+    fn upstream(&self, upstream_hash_hex: &str) -> String {
+        format!("{}ut:{upstream_hash_hex}", self.prefix)
+    }
+
     /// The deadline index of [`SessionStore::take_timed_out`] (beside the purge index).
     fn deadlines(&self) -> String {
         format!("{}{{expiry}}:deadlines", self.prefix)
@@ -1272,6 +1278,29 @@ impl<T: Transport> KeyspaceStore<T> {
         }
     }
 
+    /// Writes the upstream-token index entries of `record` (before the record itself, so a
+    /// record never lists a hash the index lacks). The index is a hint checked against the
+    /// record, so it needs no deletion: each entry carries a Redis TTL a day past the record's
+    /// retention by the wall clock (the one exception to "no Redis TTL": an entry that outlives
+    /// its record is harmless, one that vanished early only makes an old token unknown).
+    async fn index_upstream(&self, record: &SessionRecord) -> Result<()> {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let ttl = record.retain_until.saturating_sub(wall).max(0).saturating_add(24 * 3600 * 1000);
+        for hex_hash in &record.upstream_hashes {
+            let args = vec![
+                "SET".into(),
+                self.layout.upstream(hex_hash),
+                due_member(&record.token_hash),
+                "PX".into(),
+                ttl.to_string(),
+            ];
+            self.transport.command(args, false).await?;
+        }
+        Ok(())
+    }
+
     async fn forget_due(&self, member: String) -> Result<()> {
         self.transport.command(vec!["ZREM".into(), self.layout.due(), member], false).await.map(drop)
     }
@@ -1296,6 +1325,7 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
                 due_member(&record.token_hash),
             ];
             self.transport.command(deadline, false).await?;
+            self.index_upstream(&record).await?;
             if eviction.kind.is_some() {
                 self.mark_outbox(&tag).await?;
             }
@@ -1353,6 +1383,27 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
         .await
     }
 
+    async fn get_by_upstream(&self, upstream_hash: &TokenHash) -> Result<Option<SessionRecord>> {
+        let member = self
+            .bounded("get_by_upstream", async {
+                let args = vec!["GET".into(), self.layout.upstream(&hex::encode(upstream_hash))];
+                match self.transport.command(args, true).await? {
+                    Reply::Nil => Ok(None),
+                    reply => text(&reply).map(|m| Some(m.to_owned())),
+                }
+            })
+            .await?;
+        let hash: Option<TokenHash> = member
+            .as_deref()
+            .and_then(|m| m.split_once(':'))
+            .and_then(|(_, hex_hash)| hex::decode(hex_hash).ok())
+            .and_then(|bytes| bytes.try_into().ok());
+        match hash {
+            Some(hash) => self.get_by_token(&hash).await,
+            None => Ok(None),
+        }
+    }
+
     async fn get_by_id(&self, session_id: &str) -> Result<Option<SessionRecord>> {
         let Some(tag) = id_tag(session_id) else { return Ok(None) };
         self.bounded("get_by_id", async {
@@ -1386,6 +1437,7 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
 
     async fn compare_and_swap(&self, record: &SessionRecord, expected_version: u64) -> Result<CasOutcome> {
         self.bounded("compare_and_swap", async {
+            self.index_upstream(record).await?;
             let doc = String::from_utf8(record.to_bytes()?).map_err(Error::internal)?;
             let args = vec![
                 expected_version.to_string(),

@@ -79,6 +79,8 @@ struct Inner {
     expiry: BTreeSet<(Millis, TokenHash)>,
     /// The deadline index of [`SessionStore::take_timed_out`].
     deadlines: BTreeSet<(Millis, TokenHash)>,
+    /// Upstream-token hash → session token hash.
+    upstream: HashMap<TokenHash, TokenHash>,
     log: Log,
 }
 
@@ -130,6 +132,7 @@ impl Inner {
 
     fn remove(&mut self, hash: &TokenHash) {
         if let Some(record) = self.sessions.remove(hash) {
+            self.unindex_upstream(&record.upstream_hashes, hash);
             self.ids.remove(&record.session_id);
             self.expiry.remove(&(record.retain_until, *hash));
             if let Some(set) = self.users.get_mut(&record.user_id) {
@@ -140,6 +143,26 @@ impl Inner {
             }
         }
     }
+}
+
+impl Inner {
+    fn index_upstream(&mut self, hashes: &[String], session: &TokenHash) {
+        for upstream in hashes.iter().filter_map(|h| parse_hash(h)) {
+            self.upstream.insert(upstream, *session);
+        }
+    }
+
+    fn unindex_upstream(&mut self, hashes: &[String], session: &TokenHash) {
+        for upstream in hashes.iter().filter_map(|h| parse_hash(h)) {
+            if self.upstream.get(&upstream) == Some(session) {
+                self.upstream.remove(&upstream);
+            }
+        }
+    }
+}
+
+fn parse_hash(hex_hash: &str) -> Option<TokenHash> {
+    hex::decode(hex_hash).ok()?.try_into().ok()
 }
 
 impl MemoryStore {
@@ -270,12 +293,18 @@ impl SessionStore for MemoryStore {
         inner.users.entry(record.user_id.clone()).or_default().insert(hash);
         inner.expiry.insert((record.retain_until, hash));
         inner.deadlines.insert((record.deadline(), hash));
+        inner.index_upstream(&record.upstream_hashes, &hash);
         inner.sessions.insert(hash, Box::new(record));
         Ok(evicted)
     }
 
     async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>> {
         Ok(self.read().sessions.get(token_hash).map(|r| (**r).clone()))
+    }
+
+    async fn get_by_upstream(&self, upstream_hash: &TokenHash) -> Result<Option<SessionRecord>> {
+        let inner = self.read();
+        Ok(inner.upstream.get(upstream_hash).and_then(|h| inner.sessions.get(h)).map(|r| (**r).clone()))
     }
 
     async fn get_by_id(&self, session_id: &str) -> Result<Option<SessionRecord>> {
@@ -321,7 +350,12 @@ impl SessionStore for MemoryStore {
         next.user_id = current.user_id.clone();
         next.state = current.state;
         next.retain_until = current.retain_until;
-        **current = next;
+        let replaced = std::mem::replace(&mut **current, next);
+        let hash = record.token_hash;
+        let kept = &record.upstream_hashes;
+        let dropped: Vec<String> = replaced.upstream_hashes.into_iter().filter(|h| !kept.contains(h)).collect();
+        inner.unindex_upstream(&dropped, &hash);
+        inner.index_upstream(kept, &hash);
         Ok(CasOutcome::Swapped)
     }
 

@@ -195,7 +195,12 @@ async fn call(server: &Process, rpc: &str, who: Who, token: &str, id: &str) -> C
                 .map(|_| ()),
         ),
         "IsRevoked" => code(
-            server.revocations(key).await.is_revoked(pb::IsRevokedRequest { session_id: id.into() }).await.map(|_| ()),
+            server
+                .revocations(key)
+                .await
+                .is_revoked(pb::IsRevokedRequest { session_id: id.into(), ..Default::default() })
+                .await
+                .map(|_| ()),
         ),
         "ListRevocations" => code(
             server.revocations(key).await.list_revocations(pb::ListRevocationsRequest::default()).await.map(|_| ()),

@@ -470,6 +470,48 @@ pub async fn sweep_ends_sessions_that_timed_out_unused(backend: Backend) {
     assert_eq!(m.cleanup().await.unwrap(), 1);
 }
 
+/// Issue 17 point 6: a session is found by the upstream tokens it holds and by those its last
+/// two rotations replaced (six hashes at most), while it is stored; not by others.
+pub async fn sessions_are_found_by_their_upstream_tokens(backend: Backend) {
+    use session_authority::store::CasOutcome;
+
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 5, &clock);
+    let created = m.create(new_session("uma")).await.unwrap().session;
+    m.create(new_session("una")).await.unwrap();
+    let by = |t: &str| SessionRef::Upstream(t.to_owned());
+    let not_found = |r: session_authority::Result<session_authority::session::SessionRecord>| match r {
+        Err(session_authority::Error::NotFound(message)) => message.contains("upstream token"),
+        _ => false,
+    };
+    // Both sessions hold the same fixture tokens: the newest holder wins the index entry.
+    assert_eq!(m.find(&by("upstream-refresh-token")).await.unwrap().user_id, "una");
+    assert!(not_found(m.find(&by("not-a-token-anyone-holds")).await));
+
+    let mut session = m.find(&SessionRef::Id(created.session_id.clone())).await.unwrap();
+    for generation in 1..=3 {
+        let (access, refresh) = (format!("access-{generation}"), format!("refresh-{generation}"));
+        let mut next = session.clone();
+        next.upstream_hashes =
+            session_authority::session::upstream_hashes([access.as_str(), refresh.as_str()], &session.upstream_hashes);
+        next.version = session.version + 1;
+        assert!(matches!(backend.store.compare_and_swap(&next, session.version).await.unwrap(), CasOutcome::Swapped));
+        session = m.find(&by(&access)).await.unwrap();
+        assert_eq!(session.session_id, created.session_id);
+    }
+    assert_eq!(session.upstream_hashes.len(), 6);
+    for t in ["access-1", "refresh-1", "access-2", "refresh-3"] {
+        assert_eq!(m.find(&by(t)).await.unwrap().session_id, created.session_id, "{t}");
+    }
+
+    // An ended session is still found (IsRevoked answers by it); a purged one is not.
+    m.terminate(&SessionRef::Id(created.session_id.clone()), "user_logout").await.unwrap();
+    assert_eq!(m.find(&by("access-3")).await.unwrap().state, SessionState::Terminated);
+    clock.advance(25 * 60 * MINUTE);
+    assert!(m.cleanup().await.unwrap() >= 1);
+    assert!(not_found(m.find(&by("access-3")).await));
+}
+
 // ---- Revocation: the log, the list and the feed, over every backend ----
 
 pub fn revocations(m: &SessionManager) -> Revocations {
@@ -1074,6 +1116,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn sweep_ends_sessions_that_timed_out_unused() {
                 suite::sweep_ends_sessions_that_timed_out_unused($make).await
+            }
+            #[tokio::test]
+            async fn sessions_are_found_by_their_upstream_tokens() {
+                suite::sessions_are_found_by_their_upstream_tokens($make).await
             }
             #[tokio::test]
             async fn revoke_by_token_and_by_id() {

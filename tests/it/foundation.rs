@@ -119,7 +119,7 @@ async fn roles_are_enforced_per_method() {
     let answer = server
         .revocations(Some(WATCHER_KEY))
         .await
-        .is_revoked(pb::IsRevokedRequest { session_id: "s".into() })
+        .is_revoked(pb::IsRevokedRequest { session_id: "s".into(), ..Default::default() })
         .await
         .expect("a watcher may ask IsRevoked");
     assert!(!answer.into_inner().revoked);

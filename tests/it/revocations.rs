@@ -397,7 +397,11 @@ async fn terminate_and_eviction_produce_events_and_the_user_filter_applies() {
     assert_eq!(heartbeat.cursor, all[3].cursor);
 
     // IsRevoked and ListRevocations see the same entries.
-    let answer = watcher.is_revoked(pb::IsRevokedRequest { session_id: first_id }).await.unwrap().into_inner();
+    let answer = watcher
+        .is_revoked(pb::IsRevokedRequest { session_id: first_id, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(answer.revoked);
     assert_eq!(answer.event.unwrap(), all[0]);
     let list = watcher

@@ -541,3 +541,102 @@ async fn no_token_or_client_secret_appears_in_the_logs() {
         assert!(!logs.contains("eyJ"), "a JWT appears in the {format} logs");
     }
 }
+
+/// Issue 17 point 6: the guide's token-level calls. A backend that cached an upstream access
+/// token asks IsRevoked by that token (also after a rotation replaced it), RevokeSession by an
+/// upstream token revokes the session that holds it, and a token nobody holds is not revoked.
+#[tokio::test]
+async fn upstream_tokens_are_looked_up_and_revoked_through_a_rotation() {
+    use pb::revoke_session_request::Selector as RevokeBy;
+
+    let oidc = Oidc::start(3600);
+    let server = spawn_for(&oidc).start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut tokens = server.tokens(Some(SERVICE_KEY)).await;
+    let mut revocations = server.revocations(Some(SERVICE_KEY)).await;
+    let mut watcher = server.revocations(Some(WATCHER_KEY)).await;
+    let login = oidc.tokens("erin").await;
+    let other = oidc.tokens("erin").await;
+    let created = sessions.create_session(create("erin", &login, "")).await.unwrap().into_inner();
+    let session_id = created.session.as_ref().unwrap().session_id.clone();
+    let bystander = sessions.create_session(create("erin", &other, "")).await.unwrap().into_inner();
+    let by_token = |t: &str| pb::IsRevokedRequest { upstream_token: t.into(), ..Default::default() };
+
+    // Live session: its tokens are not revoked; an unknown token is simply not revoked.
+    for t in [&login.access_token, &login.refresh_token, "never-issued-by-anyone"] {
+        let answer = watcher.is_revoked(by_token(t)).await.unwrap().into_inner();
+        assert!(!answer.revoked && answer.event.is_none(), "{answer:?}");
+    }
+
+    // A rotation replaces both tokens; the old ones still name the session.
+    let refreshed = tokens.refresh_session(force(&created.session_token)).await.unwrap().into_inner();
+    assert!(refreshed.refreshed && refreshed.rotated);
+    let current = tokens
+        .get_access_token(pb::GetAccessTokenRequest {
+            selector: Some(AccessSelector::SessionToken(created.session_token.clone())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    assert_ne!(current, login.access_token);
+
+    // The guide's revoke_token(refresh_token): the session that held it is revoked, once.
+    let revoked = revocations
+        .revoke_session(pb::RevokeSessionRequest {
+            selector: Some(RevokeBy::UpstreamToken(login.refresh_token.clone())),
+            reason: "refresh_token_revoked".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!revoked.already_ended);
+    let event = revoked.event.unwrap();
+    assert_eq!(event.session_id, session_id);
+    assert_eq!(event.reason, "refresh_token_revoked");
+
+    // Every token it held, before and after the rotation, is revoked now; the bystander's not.
+    for t in [&login.access_token, &login.refresh_token, &current] {
+        let answer = watcher.is_revoked(by_token(t)).await.unwrap().into_inner();
+        assert!(answer.revoked, "{answer:?}");
+        assert_eq!(answer.event.unwrap().session_id, session_id);
+    }
+    let answer = watcher.is_revoked(by_token(&other.access_token)).await.unwrap().into_inner();
+    assert!(!answer.revoked, "{answer:?}");
+    // By session id, the same entry (the guide's get_session_revocations: a session ends once).
+    let by_id = watcher
+        .is_revoked(pb::IsRevokedRequest { session_id: session_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_id.event.unwrap().cursor, event.cursor);
+    let again = revocations
+        .revoke_session(pb::RevokeSessionRequest {
+            selector: Some(RevokeBy::UpstreamToken(current.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.already_ended);
+
+    // Precise refusals.
+    let e = revocations
+        .revoke_session(pb::RevokeSessionRequest {
+            selector: Some(RevokeBy::UpstreamToken("never-issued-by-anyone".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("upstream token"), "{}", e.message());
+    let both = pb::IsRevokedRequest { session_id: session_id.clone(), upstream_token: current.clone() };
+    let e = watcher.is_revoked(both).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = watcher.is_revoked(pb::IsRevokedRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // The service never logs an upstream token.
+    assert!(!server.logs().contains(&login.refresh_token));
+    let _ = bystander;
+}

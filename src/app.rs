@@ -18,7 +18,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::bootstrap::{self, Secrets};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{AlignedClock, Clock};
 use crate::config::{Config, ConfigError, StorageKind};
 use crate::grpc::auth::AuthLayer;
 use crate::grpc::layers::{HealthWatchCapLayer, LoadShedLayer, ShutdownStreamsLayer};
@@ -58,6 +58,8 @@ pub struct App {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     shutdown: CancellationToken,
+    /// The clock kept aligned with shared storage's, when there is one.
+    aligned: Option<Arc<AlignedClock>>,
 }
 
 impl std::fmt::Debug for App {
@@ -75,7 +77,12 @@ impl App {
         }
         let secrets = bootstrap::prepare(&config)?;
         let stores = open_stores(&config)?;
-        App::assemble(config, secrets, stores, Arc::new(SystemClock), listener)
+        let clock = Arc::new(AlignedClock::new(clock_skew()?));
+        let aligned = align_clock(&clock, &stores.sessions).await.is_some();
+        let mut app = App::assemble(config, secrets, stores, clock.clone(), listener)?;
+        // A store that reports no clock of its own (embedded, memory) has only this process.
+        app.aligned = aligned.then_some(clock);
+        Ok(app)
     }
 
     /// Builds around given stores and clock (tests use a manual clock).
@@ -124,6 +131,7 @@ impl App {
             listener,
             local_addr,
             shutdown: CancellationToken::new(),
+            aligned: None,
         })
     }
 
@@ -155,7 +163,8 @@ impl App {
     /// Serves until `signal` completes, then stops accepting, ends open streams with a
     /// "reconnect" status, and waits up to `server.shutdown_grace` for in-flight calls.
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), ConfigError> {
-        let App { config, secrets, sessions, revocations, security, tokens, listener, local_addr, shutdown } = self;
+        let App { config, secrets, sessions, revocations, security, tokens, listener, local_addr, shutdown, aligned } =
+            self;
         let server_config = &config.server;
         let max_message = server_config.max_message_bytes;
 
@@ -172,6 +181,9 @@ impl App {
         };
         set_health(&health, storage_ok).await;
         let health_gate = Arc::new(tokio::sync::Mutex::new(()));
+        if let Some(clock) = aligned {
+            tokio::spawn(clock_alignment_loop(clock, sessions.store().clone(), shutdown.clone()));
+        }
         let storage_health = tokio::spawn(storage_health_loop(
             sessions.store().clone(),
             health.clone(),
@@ -335,6 +347,74 @@ const STORAGE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// service, so a load balancer stops routing here while storage is unreachable and resumes
 /// when it returns. `gate` orders these updates with the shutdown's NOT_SERVING: once shutdown
 /// has taken it and cancelled, no later update can report SERVING again.
+/// The test-only shift of the local clock, `SESSION_AUTHORITY_CLOCK_OFFSET` (a duration, `-`
+/// for behind), which shows that replicas on shared storage agree on time whatever their clocks.
+fn clock_skew() -> Result<crate::clock::Millis, ConfigError> {
+    let Ok(text) = std::env::var("SESSION_AUTHORITY_CLOCK_OFFSET") else { return Ok(0) };
+    let (sign, magnitude) = match text.trim().strip_prefix('-') {
+        Some(rest) => (-1, rest),
+        None => (1, text.trim()),
+    };
+    let d = humantime::parse_duration(magnitude).map_err(|_| {
+        ConfigError(format!("SESSION_AUTHORITY_CLOCK_OFFSET: expected a duration such as 600s or -2m, got {text:?}"))
+    })?;
+    let skew = sign * crate::clock::millis(d);
+    tracing::warn!(
+        skew_ms = skew,
+        "SESSION_AUTHORITY_CLOCK_OFFSET shifts this process's clock (a test setting; shared storage's clock still rules)"
+    );
+    Ok(skew)
+}
+
+/// How often a replica on shared storage re-reads the storage's clock.
+const CLOCK_ALIGN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// A reading over a longer round trip is too uncertain to move the clock by.
+const CLOCK_ALIGN_MAX_TRIP: crate::clock::Millis = 1000;
+
+/// One alignment of `clock` with the store's clock; the offset, or `None` when the store has no
+/// clock of its own or did not answer (logged; the previous offset stays).
+async fn align_clock(clock: &AlignedClock, store: &DynSessionStore) -> Option<crate::clock::Millis> {
+    let sent = clock.local();
+    let reading = store.server_time().await;
+    let received = clock.local();
+    match reading {
+        Ok(Some(server)) if received - sent <= CLOCK_ALIGN_MAX_TRIP => {
+            let before = clock.offset();
+            let offset = clock.align(server, sent, received);
+            if (offset - before).abs() > 1000 {
+                tracing::info!(offset_ms = offset, "clock aligned with shared storage's");
+            }
+            if offset.abs() > 5000 {
+                tracing::warn!(
+                    offset_ms = offset,
+                    "this host's clock differs from shared storage's by more than 5 s; decisions use storage's"
+                );
+            }
+            Some(offset)
+        }
+        Ok(Some(_)) => Some(clock.offset()),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read shared storage's clock; keeping the last offset");
+            Some(clock.offset())
+        }
+    }
+}
+
+/// Re-aligns the clock every [`CLOCK_ALIGN_INTERVAL`] until shutdown.
+async fn clock_alignment_loop(clock: Arc<AlignedClock>, store: DynSessionStore, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(CLOCK_ALIGN_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        align_clock(&clock, &store).await;
+    }
+}
+
 async fn storage_health_loop(
     store: DynSessionStore,
     health: tonic_health::server::HealthReporter,

@@ -262,6 +262,12 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// Whether the backend is reachable (health).
     async fn ping(&self) -> Result<()>;
 
+    /// The shared store's clock, for replicas to agree on time ([`crate::clock::AlignedClock`]);
+    /// `None` for a store only this process uses (its clock is the only one).
+    async fn server_time(&self) -> Result<Option<Millis>> {
+        Ok(None)
+    }
+
     /// Logs a warning for each server setting the revocation log's guarantees rely on that the
     /// backend reports otherwise (Redis: `appendonly yes`, `maxmemory-policy noeviction`), at
     /// start. The default, for backends without such settings, logs nothing.

@@ -159,6 +159,10 @@ impl SessionStore for Instrumented<DynSessionStore> {
         self.observe("ping", self.inner.ping()).await
     }
 
+    async fn server_time(&self) -> Result<Option<Millis>> {
+        self.observe("server_time", self.inner.server_time()).await
+    }
+
     async fn warn_about_settings(&self) {
         self.inner.warn_about_settings().await;
     }

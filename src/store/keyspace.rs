@@ -1651,6 +1651,21 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
         self.bounded("ping", async { self.transport.command(vec!["PING".into()], true).await.map(drop) }).await
     }
 
+    async fn server_time(&self) -> Result<Option<Millis>> {
+        self.bounded("server_time", async {
+            let reply = items(self.transport.command(vec!["TIME".into()], true).await?)?;
+            let [seconds, micros] = reply.as_slice() else { return Err(malformed("TIME reply")) };
+            let number = |r: &Reply| -> Result<i64> {
+                match r {
+                    Reply::Int(n) => Ok(*n),
+                    other => text(other)?.parse().map_err(|_| malformed("TIME reply")),
+                }
+            };
+            Ok(Some(number(seconds)?.saturating_mul(1000).saturating_add(number(micros)? / 1000)))
+        })
+        .await
+    }
+
     async fn warn_about_settings(&self) {
         for (setting, wanted, why) in [
             ("appendonly", "yes", "a restart would lose the revocation log's tail"),

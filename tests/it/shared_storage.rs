@@ -264,8 +264,9 @@ async fn validate_session_is_one_redis_command() {
             let (name, rest) = line.trim().strip_prefix("cmdstat_")?.split_once(":calls=")?;
             Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
         })
-        // The health check's PING and this test's own INFO / CONFIG are not validations.
-        .filter(|(name, _)| !(name == "ping" || name == "info" || name.starts_with("config")))
+        // The health check's PING, the clock alignment's TIME and this test's own INFO / CONFIG
+        // are not validations.
+        .filter(|(name, _)| !(name == "ping" || name == "time" || name == "info" || name.starts_with("config")))
         .collect();
     let (mut validations, mut feed) = (calls.clone(), BTreeMap::new());
     // The replica's revocation-feed tailer polls the log once a second: one script (EVALSHA)
@@ -450,4 +451,34 @@ async fn the_limiter_is_exact_across_two_replicas() {
     // Both replicas see the same exhausted key, and a fresh key has its own 10.
     assert_eq!(concurrent_checks(&b, "shared_test", "tenant-7", 10).await.0, 0);
     assert_eq!(concurrent_checks(&a, "shared_test", "tenant-8", 30).await.0, 10);
+}
+
+/// Issue 16 point 10: time decisions shared across replicas take one clock. A replica whose own
+/// clock is ten minutes ahead (the test-only SESSION_AUTHORITY_CLOCK_OFFSET) still finds the key
+/// another replica exhausted exhausted, and stamps its sessions with Redis's time.
+#[tokio::test]
+async fn replicas_with_skewed_clocks_keep_the_limit_exact_on_redis_time() {
+    use crate::security::concurrent_checks;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[security.rules.skew_test]\nlimit = 5\nperiod = \"5m\"\nbackoff = false\n").unwrap();
+    let redis = shared_redis();
+    let prefix = unique_prefix("skew");
+    let a = on_redis(&redis.url(), &prefix).arg("--config").arg(config.to_str().unwrap()).start();
+    let ahead = on_redis(&redis.url(), &prefix)
+        .arg("--config")
+        .arg(config.to_str().unwrap())
+        .env("SESSION_AUTHORITY_CLOCK_OFFSET", "600s")
+        .start();
+    assert!(ahead.logs().contains("SESSION_AUTHORITY_CLOCK_OFFSET"), "the shift is announced: {}", ahead.logs());
+
+    assert_eq!(concurrent_checks(&a, "skew_test", "tenant-1", 5).await.0, 5);
+    assert_eq!(concurrent_checks(&ahead, "skew_test", "tenant-1", 5).await.0, 0, "the ahead replica refills nothing");
+
+    let mut sessions = ahead.sessions(Some(SERVICE_KEY)).await;
+    let created = sessions.create_session(create("skewed")).await.unwrap().into_inner().session.unwrap();
+    let stamped = created.created_at.unwrap().seconds;
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((stamped - wall).abs() <= 5, "created_at {stamped} is Redis's time, not the shifted clock's ({wall})");
 }

@@ -640,3 +640,45 @@ async fn upstream_tokens_are_looked_up_and_revoked_through_a_rotation() {
     assert!(!server.logs().contains(&login.refresh_token));
     let _ = bystander;
 }
+
+/// Issue 16 point 10: the refresh lease is exclusive across replicas on Redis even when one
+/// replica's clock is ten minutes ahead (it would otherwise take the other's lease for expired,
+/// and the provider's new token for one to refresh again at once).
+#[tokio::test]
+async fn two_replicas_with_skewed_clocks_make_one_refresh_on_redis() {
+    let oidc = Oidc::start(60);
+    let redis = crate::servers::shared_redis();
+    let prefix = crate::servers::unique_prefix("skew-lease");
+    let replica = |skew: Option<&str>| {
+        let mut spawn = spawn_for(&oidc)
+            .arg("--storage")
+            .arg("redis")
+            .env("REDIS_URL", redis.url())
+            .env("SESSION_AUTHORITY_REDIS_KEY_PREFIX", &prefix)
+            .env("SESSION_AUTHORITY_ENCRYPTION_KEY", session_authority::crypto::encode_key(&[7u8; 32]));
+        if let Some(skew) = skew {
+            spawn = spawn.env("SESSION_AUTHORITY_CLOCK_OFFSET", skew);
+        }
+        spawn.start()
+    };
+    let (a, ahead) = (replica(None), replica(Some("600s")));
+    let mut sessions = a.sessions(Some(SERVICE_KEY)).await;
+    let login = oidc.tokens("skewed").await;
+    let created = sessions.create_session(create("skewed", &login, "")).await.unwrap().into_inner();
+    oidc.reset().await;
+
+    let clients = [a.tokens(Some(SERVICE_KEY)).await, ahead.tokens(Some(SERVICE_KEY)).await];
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let mut client = clients[i % 2].clone();
+            let token = created.session_token.clone();
+            tokio::spawn(async move { client.get_access_token(by_token(&token)).await.map(|r| r.into_inner()) })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for call in calls {
+        seen.insert(call.await.unwrap().unwrap().access_token);
+    }
+    assert_eq!(oidc.refresh_requests().await, 1, "exactly one token request at the provider");
+    assert_eq!(seen.len(), 1, "every caller got the one refreshed token");
+}

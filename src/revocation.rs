@@ -129,6 +129,9 @@ impl Cursor {
     }
 }
 
+/// Upstream revocations of one logout-all in flight at once.
+const UPSTREAM_CONCURRENCY: usize = 4;
+
 /// What asking the provider to revoke a session's upstream tokens did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamOutcome {
@@ -325,15 +328,33 @@ impl Revocations {
             .filter(|s| s.is_active_at(now) && Some(s.session_id.as_str()) != except_session_id)
             .collect();
         targets.sort_by(|a, b| (a.created_at, &a.session_id).cmp(&(b.created_at, &b.session_id)));
-        let mut revoked = Vec::with_capacity(targets.len());
+        // Every session ends in storage first, one step each, with no upstream call in between:
+        // a slow or unreachable provider cannot leave any of them active.
+        let mut ended = Vec::with_capacity(targets.len());
         for session in targets {
             // A session that ended meanwhile (another revocation, a logout) is not counted.
             if let EndOutcome::Ended(record) =
                 self.sessions.end_as(&session, RevocationKind::Revoked, reason, revoked_by).await?
             {
-                self.cascade(&record).await;
-                revoked.push(record.session_id);
+                ended.push(record);
             }
+        }
+        let revoked = ended.iter().map(|r| r.session_id.clone()).collect();
+        // Then the cascade, off the request path and a few at a time. It is best effort and not
+        // yet durable: a restart before it finishes leaves those upstream tokens to expire.
+        if self.settings.cascade && !ended.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move {
+                use futures_util::StreamExt as _;
+                futures_util::stream::iter(ended)
+                    .for_each_concurrent(UPSTREAM_CONCURRENCY, |record| {
+                        let this = &this;
+                        async move {
+                            this.cascade(&record).await;
+                        }
+                    })
+                    .await;
+            });
         }
         Ok(revoked)
     }

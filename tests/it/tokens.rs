@@ -682,3 +682,51 @@ async fn two_replicas_with_skewed_clocks_make_one_refresh_on_redis() {
     assert_eq!(oidc.refresh_requests().await, 1, "exactly one token request at the provider");
     assert_eq!(seen.len(), 1, "every caller got the one refreshed token");
 }
+
+/// Issue 16 point 5 (its first half): logout-all ends every session in storage before any
+/// upstream call, so a provider whose revocation endpoint never answers cannot cut it off.
+#[tokio::test]
+async fn logout_all_ends_every_session_first_while_the_provider_hangs() {
+    // A revocation endpoint that accepts connections and never answers.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let _held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in hole.incoming() {
+            open.push(stream);
+        }
+    });
+    let oidc = Oidc::start(3600);
+    let server = spawn_for(&oidc)
+        .env("SESSION_AUTHORITY_TOKEN_REVOCATION_ENDPOINT", format!("http://{hole_addr}/revoke"))
+        .env("SESSION_AUTHORITY_TOKEN_REQUEST_TIMEOUT", "3s")
+        .env("SESSION_AUTHORITY_SESSION_MAX_SESSIONS_PER_USER", "50")
+        .start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut revocations = server.revocations(Some(SERVICE_KEY)).await;
+    let mut ids = HashSet::new();
+    for _ in 0..20 {
+        let login = oidc.tokens("fay").await;
+        let created = sessions.create_session(create("fay", &login, "")).await.unwrap().into_inner();
+        ids.insert(created.session.unwrap().session_id);
+    }
+
+    let started = std::time::Instant::now();
+    let answer = revocations
+        .revoke_user_sessions(pb::RevokeUserSessionsRequest { user_id: "fay".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let took = started.elapsed();
+    assert_eq!(answer.revoked_count, 20, "{answer:?}");
+    assert_eq!(answer.session_ids.iter().cloned().collect::<HashSet<_>>(), ids);
+    assert!(took < Duration::from_secs(2), "logout-all waited for the provider: {took:?}");
+    let mut admin = server.sessions(Some(ADMIN_KEY)).await;
+    let left = admin
+        .list_user_sessions(pb::ListUserSessionsRequest { user_id: "fay".into(), page_size: 100, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert!(left.is_empty(), "still active: {left:?}");
+}

@@ -165,6 +165,9 @@ pub struct SessionConfig {
     pub device_validation: bool,
     /// Share of scored fingerprint fields that must agree (0 to 1).
     pub device_match_threshold: f64,
+    /// A session that stored a fingerprint requires one: an empty presented fingerprint is a
+    /// device mismatch (`false`: it skips the device check, the earlier rule).
+    pub device_fingerprint_required: bool,
     /// The idle expiry is rewritten only when it would move by more than this.
     pub idle_slide_step: Duration,
     /// How often expired sessions are swept.
@@ -387,6 +390,7 @@ const KNOWN_KEYS: &[&str] = &[
     "session.max_sessions_per_user",
     "session.device_validation",
     "session.device_match_threshold",
+    "session.device_fingerprint_required",
     "session.idle_slide_step",
     "session.cleanup_interval",
     "token.proactive_refresh",
@@ -895,6 +899,7 @@ impl Config {
             max_sessions_per_user: r.number("session.max_sessions_per_user", 5u32)?,
             device_validation: r.bool("session.device_validation", true)?,
             device_match_threshold: r.fraction("session.device_match_threshold", 0.8)?,
+            device_fingerprint_required: r.bool("session.device_fingerprint_required", true)?,
             idle_slide_step: r.duration("session.idle_slide_step", Duration::from_secs(60))?,
             cleanup_interval: r.positive_duration("session.cleanup_interval", minutes(15))?,
         };
@@ -1016,6 +1021,7 @@ mod tests {
         assert_eq!(c.session.max_sessions_per_user, 5);
         assert!(c.session.device_validation);
         assert_eq!(c.session.device_match_threshold, 0.8);
+        assert!(c.session.device_fingerprint_required);
         assert_eq!(c.session.cleanup_interval, Duration::from_secs(15 * 60));
         assert_eq!(c.token.proactive_refresh, Duration::from_secs(300));
         assert_eq!(c.token.grace_period, Duration::from_secs(300));

@@ -72,6 +72,7 @@ fn world_with(settings: SecuritySettings, events: Option<DynSecurityEventStore>)
         max_sessions_per_user: 5,
         device_validation: true,
         device_match_threshold: 0.8,
+        device_fingerprint_required: true,
         idle_slide_step: Duration::from_secs(60),
         tombstone_ttl: Duration::from_secs(86400),
         proactive_refresh: Duration::from_secs(300),

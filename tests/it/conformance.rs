@@ -32,6 +32,7 @@ pub fn settings(cap: u32) -> SessionSettings {
         max_sessions_per_user: cap,
         device_validation: true,
         device_match_threshold: 0.8,
+        device_fingerprint_required: true,
         idle_slide_step: MINUTE,
         tombstone_ttl: 24 * 60 * MINUTE,
         proactive_refresh: 5 * MINUTE,

@@ -129,8 +129,12 @@ impl Limiter {
         })
     }
 
-    /// Consumes `cost` units of rule `rule_name` for `key`. A denial is recorded as a
-    /// `rate_limit_exceeded` event (with the key as user id, or as IP address when it is one).
+    /// Consumes `cost` units of rule `rule_name` for `key`. The first denial of each denial window
+    /// (see [`Decision::repeat`]) is recorded as a `rate_limit_exceeded` event (with the key as
+    /// user id, or as IP address when it is one); the repeats are counted in
+    /// [`crate::metrics::RATE_LIMIT_DENIALS_UNRECORDED`], so a key hammering a limit cannot turn
+    /// each request into an event write. Every denial counts in
+    /// [`crate::metrics::RATE_LIMIT_DENIED`].
     pub async fn check(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
         self.decide(rule_name, key, cost, true).await
     }
@@ -158,6 +162,7 @@ impl Limiter {
                 reset_after: Duration::ZERO,
                 blocked: false,
                 violations: 0,
+                repeat: false,
             });
         }
         if !consume {
@@ -168,6 +173,11 @@ impl Limiter {
             // Rule names come from the configuration (an unknown name was refused above), so the
             // label is bounded; the key (a user id or an address) is never a label.
             metrics::counter!(crate::metrics::RATE_LIMIT_DENIED, "rule" => rule.name.clone()).increment(1);
+            if decision.repeat {
+                metrics::counter!(crate::metrics::RATE_LIMIT_DENIALS_UNRECORDED, "rule" => rule.name.clone())
+                    .increment(1);
+                return Ok(decision);
+            }
             let mut draft = EventDraft::new(EventType::RateLimitExceeded)
                 .details(format!("Rate limit {rule_name:?} exceeded"))
                 .risk((0.2 * f64::from(decision.violations)).min(1.0))

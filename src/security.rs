@@ -37,6 +37,31 @@ use limiter::{Decision, Rule};
 /// The rule checked per client IP when ValidateSession answers "not valid".
 pub const VALIDATE_FAILURE_RULE: &str = "validate_failure";
 
+/// The key of a client address in [`VALIDATE_FAILURE_RULE`]: an IPv4 address as it is (also when
+/// written as an IPv4-mapped IPv6 address), an IPv6 address as its /64, for example
+/// `2001:db8:1:2::/64`. A /64 is what one subscriber, one LAN or one host is given, and any
+/// address in it is the client's to pick, so an exact IPv6 key would hand a guesser 2^64 fresh
+/// allowances.
+pub fn client_network_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let network = std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX));
+            format!("{network}/64")
+        }
+    }
+}
+
+/// The address a limiter key names, for the `ip_address` of its denial events: an address, or
+/// an IPv6 /64 as [`client_network_key`] writes it.
+fn key_address(key: &str) -> Option<String> {
+    if let Ok(ip) = key.parse::<IpAddr>() {
+        return Some(ip.to_string());
+    }
+    let network = key.strip_suffix("/64")?.parse::<std::net::Ipv6Addr>().ok()?;
+    Some(format!("{network}/64"))
+}
+
 /// The risk of a recorded device mismatch (the library's value): above
 /// [`events::SUSPICIOUS_RISK`], so GetSecuritySummary counts it as suspicious.
 pub const DEVICE_MISMATCH_RISK: f64 = 0.8;
@@ -185,9 +210,9 @@ impl Limiter {
                 .meta("violations", decision.violations)
                 .meta("blocked", decision.blocked)
                 .meta("retry_after_ms", decision.retry_after.as_millis());
-            draft = match key.parse::<IpAddr>() {
-                Ok(ip) => draft.ip(Some(ip.to_string())),
-                Err(_) => draft.user(key),
+            draft = match key_address(key) {
+                Some(address) => draft.ip(Some(address)),
+                None => draft.user(key),
             };
             self.recorder.record_or_log(draft).await;
         }
@@ -421,7 +446,9 @@ impl Security {
 
     /// CheckRateLimit. `consume` unset: a peek for the rules the service enforces itself
     /// ([`SESSION_CREATE_RULE`], [`VALIDATE_FAILURE_RULE`]), so that a check before the call
-    /// the service limits costs nothing more; a consuming check for every other rule.
+    /// the service limits costs nothing more; a consuming check for every other rule. A
+    /// [`VALIDATE_FAILURE_RULE`] key that is an address is taken as the service takes it
+    /// ([`client_network_key`]), so a look by a client's IPv6 address sees its /64.
     pub async fn check_rate_limit(
         &self,
         rule_name: &str,
@@ -430,6 +457,14 @@ impl Security {
         consume: Option<bool>,
     ) -> Result<Decision> {
         let enforced = rule_name == SESSION_CREATE_RULE || rule_name == VALIDATE_FAILURE_RULE;
+        let network_key;
+        let key = match key.parse::<IpAddr>() {
+            Ok(ip) if rule_name == VALIDATE_FAILURE_RULE => {
+                network_key = client_network_key(ip);
+                network_key.as_str()
+            }
+            _ => key,
+        };
         if consume.unwrap_or(!enforced) {
             self.limiter.check(rule_name, key, cost).await
         } else {
@@ -437,11 +472,12 @@ impl Security {
         }
     }
 
-    /// Counts a "not valid" ValidateSession answer against the client IP; beyond the
-    /// `validate_failure` rule the caller gets `RESOURCE_EXHAUSTED`.
+    /// Counts a "not valid" ValidateSession answer against the client (its IPv4 address, or its
+    /// IPv6 /64: [`client_network_key`]); beyond the `validate_failure` rule the caller gets
+    /// `RESOURCE_EXHAUSTED`.
     pub async fn validation_refused(&self, ip: Option<IpAddr>) -> Result<()> {
         match ip {
-            Some(ip) => self.limiter.enforce(VALIDATE_FAILURE_RULE, &ip.to_string()).await,
+            Some(ip) => self.limiter.enforce(VALIDATE_FAILURE_RULE, &client_network_key(ip)).await,
             None => Ok(()),
         }
     }

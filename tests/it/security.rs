@@ -485,3 +485,50 @@ async fn a_blocked_key_records_one_denial_event_per_window() {
     let m = scrape(port);
     assert_eq!(m.value("rate_limit_denials_unrecorded_total", &[("rule", "flat_test")]), Some(37.0));
 }
+
+/// Issue 16 point 11: `validate_failure` counts an IPv6 client by its /64 (one subscriber's
+/// prefix, in which a client picks any address at will); IPv4 stays exact, and an IPv4-mapped
+/// IPv6 address is the IPv4 address. CheckRateLimit's look at the rule by an address sees the
+/// same key.
+#[tokio::test]
+async fn validate_failures_from_one_ipv6_64_share_a_limit() {
+    let server = Spawn::default()
+        .arg("--storage")
+        .arg("memory")
+        .env("SESSION_AUTHORITY_SECURITY_RULES_VALIDATE_FAILURE_LIMIT", "3")
+        .start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let guess = |ip: &str| pb::ValidateSessionRequest {
+        session_token: "sat_0000_guessedguessedguessedguessedguessedguessed".into(),
+        ip_address: ip.into(),
+        ..Default::default()
+    };
+    for ip in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:aaaa:bbbb:cccc:dddd"] {
+        let answer = sessions.validate_session(guess(ip)).await.unwrap().into_inner();
+        assert_eq!(answer.reason, pb::InvalidReason::NotFound as i32, "{ip}");
+    }
+    let e = sessions.validate_session(guess("2001:db8:1:2:ffff::9")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("validate_failure"), "{}", e.message());
+    let look = pb::CheckRateLimitRequest {
+        rule_name: "validate_failure".into(),
+        key: "2001:db8:1:2::77".into(),
+        cost: 1,
+        consume: None,
+    };
+    let mut security = server.security(Some(SERVICE_KEY)).await;
+    assert!(!security.check_rate_limit(look).await.unwrap().into_inner().allowed);
+    // The next /64 is another client.
+    let answer = sessions.validate_session(guess("2001:db8:1:3::1")).await.unwrap().into_inner();
+    assert_eq!(answer.reason, pb::InvalidReason::NotFound as i32);
+
+    // IPv4 is exact: a neighbour is not limited by 192.0.2.1's failures; the mapped form is the
+    // same client.
+    for _ in 0..3 {
+        sessions.validate_session(guess("192.0.2.1")).await.unwrap();
+    }
+    assert_eq!(sessions.validate_session(guess("192.0.2.1")).await.unwrap_err().code(), Code::ResourceExhausted);
+    assert_eq!(sessions.validate_session(guess("::ffff:192.0.2.1")).await.unwrap_err().code(), Code::ResourceExhausted);
+    let answer = sessions.validate_session(guess("192.0.2.2")).await.unwrap().into_inner();
+    assert_eq!(answer.reason, pb::InvalidReason::NotFound as i32);
+}

@@ -51,6 +51,9 @@ pub const RATE_LIMIT_DENIED: &str = "rate_limit_denied_total";
 /// Rate-limit denials not recorded as a security event because they repeat a denial window
 /// whose first denial was recorded (a blocked key hammering on), by `rule`.
 pub const RATE_LIMIT_DENIALS_UNRECORDED: &str = "rate_limit_denials_unrecorded_total";
+/// Limiter checks refused because the rule already holds `security.max_limiter_keys` keys and
+/// the key was not one of them, by `rule`.
+pub const RATE_LIMIT_KEYS_REFUSED: &str = "rate_limit_keys_refused_total";
 /// Storage operation latency, by `backend` and `operation` (the trait method).
 pub const STORAGE_SECONDS: &str = "storage_operation_seconds";
 /// Storage operations that failed, by `backend` and `operation`.
@@ -109,6 +112,10 @@ pub fn install(addr: SocketAddr) -> Result<(), ConfigError> {
     metrics::describe_counter!(
         RATE_LIMIT_DENIALS_UNRECORDED,
         "Rate-limit denials not recorded as security events (repeats within a denial window), by rule"
+    );
+    metrics::describe_counter!(
+        RATE_LIMIT_KEYS_REFUSED,
+        "Limiter checks refused because the rule holds security.max_limiter_keys keys, by rule"
     );
     metrics::describe_histogram!(
         STORAGE_SECONDS,

@@ -132,6 +132,7 @@ pub struct Limiter {
     store: DynRateLimitStore,
     recorder: Recorder,
     clock: Arc<dyn Clock>,
+    warned_full_at: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Limiter {
@@ -143,7 +144,7 @@ impl Limiter {
         recorder: Recorder,
         clock: Arc<dyn Clock>,
     ) -> Limiter {
-        Limiter { enabled, rules: Arc::new(rules), store, recorder, clock }
+        Limiter { enabled, rules: Arc::new(rules), store, recorder, clock, warned_full_at: Arc::default() }
     }
 
     /// The rule named `name`, or `INVALID_ARGUMENT` naming `rule_name`.
@@ -188,12 +189,20 @@ impl Limiter {
                 blocked: false,
                 violations: 0,
                 repeat: false,
+                key_refused: false,
             });
         }
         if !consume {
             return self.store.peek(rule, key, cost, self.clock.now()).await;
         }
         let decision = self.store.check(rule, key, cost, self.clock.now()).await?;
+        if decision.key_refused {
+            // Neither an event nor a denial of this key: a flood of new keys must not become
+            // event writes, and the operator needs the count and a (rate-limited) warning.
+            metrics::counter!(crate::metrics::RATE_LIMIT_KEYS_REFUSED, "rule" => rule.name.clone()).increment(1);
+            self.warn_full(rule);
+            return Ok(decision);
+        }
         if !decision.allowed {
             // Rule names come from the configuration (an unknown name was refused above), so the
             // label is bounded; the key (a user id or an address) is never a label.
@@ -219,8 +228,26 @@ impl Limiter {
         Ok(decision)
     }
 
+    /// Logs that `rule` refuses new keys, at most once a minute per limiter.
+    fn warn_full(&self, rule: &Rule) {
+        let now = self.clock.now();
+        let last = self.warned_full_at.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) >= 60_000
+            && self
+                .warned_full_at
+                .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                rule = %rule.name,
+                "rate limit holds as many keys as security.max_limiter_keys allows: new keys are refused until held state expires (raise the setting if this is ordinary traffic)"
+            );
+        }
+    }
+
     /// [`Limiter::check`] with one unit, as an error when denied (`RESOURCE_EXHAUSTED` with
-    /// `RetryInfo` on the wire). A rule that is not configured allows.
+    /// `RetryInfo` on the wire; [`Error::LimiterFull`] when the rule refused a new key). A rule
+    /// that is not configured allows.
     pub async fn enforce(&self, rule_name: &str, key: &str) -> Result<()> {
         if !self.rules.contains_key(rule_name) {
             return Ok(());
@@ -228,6 +255,8 @@ impl Limiter {
         let decision = self.check(rule_name, key, 1).await?;
         if decision.allowed {
             Ok(())
+        } else if decision.key_refused {
+            Err(Error::LimiterFull { rule: rule_name.to_owned(), retry_after: decision.retry_after })
         } else {
             Err(Error::RateLimited { rule: rule_name.to_owned(), retry_after: decision.retry_after })
         }

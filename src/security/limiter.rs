@@ -24,6 +24,14 @@
 //! without backoff the first denial after an allowed request opens a window and the run of
 //! denials that follows is its repeats.
 //!
+//! Bounded state: a backend that keeps limiter state in this process's memory or data directory
+//! holds at most [`DEFAULT_MAX_KEYS`] (`security.max_limiter_keys`) keys per rule. At the bound it
+//! first drops state that decides nothing any more (see [`LimiterState::forget_at`]); if the rule
+//! is still full, a new key is refused ([`refused`]: denied, nothing stored) while every held key
+//! keeps its exact state. Evicting a held key instead would hand it a fresh allowance (a partly
+//! spent key, or an offender's violation count), which is what a flood of keys would be for; a
+//! refusal can only deny new keys of that rule until held state expires.
+//!
 //! Arithmetic is in integer microseconds so that the same function can be written as a Redis
 //! Lua script (numbers are doubles there; every value stays below 2^53).
 
@@ -32,6 +40,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
+
+/// The default of `security.max_limiter_keys`: keys of live state one rule may hold in a bounded
+/// backend (memory, embedded). About 0.5 KB each in memory with short keys.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
 /// Exponential backoff of a rule.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +139,25 @@ pub struct Decision {
     /// is blocked, or, for a rule without backoff, was denied before and not allowed since).
     /// Repeats are counted, not recorded as events.
     pub repeat: bool,
+    /// Denied because the rule already holds as many keys as the backend may keep and this key
+    /// is not one of them ([`refused`]); nothing was stored.
+    pub key_refused: bool,
+}
+
+/// The decision for a new key of `rule` when the backend holds as many keys of the rule as it
+/// may: denied, with the rule's period as the hint of when a held key's state may have expired.
+pub fn refused(rule: &Rule) -> Decision {
+    Decision {
+        allowed: false,
+        limit: rule.limit,
+        remaining: 0,
+        retry_after: rule.period,
+        reset_after: rule.period,
+        blocked: false,
+        violations: 0,
+        repeat: false,
+        key_refused: true,
+    }
 }
 
 fn ms_ceil(us: i64) -> Duration {
@@ -158,6 +189,7 @@ pub fn apply(state: Option<LimiterState>, rule: &Rule, cost: u32, now: Millis) -
             blocked: true,
             violations: state.violations,
             repeat: true,
+            key_refused: false,
         };
         return (decision, None);
     }
@@ -185,6 +217,7 @@ pub fn apply(state: Option<LimiterState>, rule: &Rule, cost: u32, now: Millis) -
             blocked: false,
             violations: state.violations,
             repeat: false,
+            key_refused: false,
         };
         return (decision, Some(state));
     }
@@ -215,6 +248,7 @@ pub fn apply(state: Option<LimiterState>, rule: &Rule, cost: u32, now: Millis) -
         // With backoff every counted denial opens a window (a wait or a block); without, only the
         // first since the key was last allowed.
         repeat: rule.backoff.is_none() && state.violations > 1,
+        key_refused: false,
     };
     (decision, Some(state))
 }

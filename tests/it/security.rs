@@ -532,3 +532,93 @@ async fn validate_failures_from_one_ipv6_64_share_a_limit() {
     let answer = sessions.validate_session(guess("192.0.2.2")).await.unwrap().into_inner();
     assert_eq!(answer.reason, pb::InvalidReason::NotFound as i32);
 }
+
+/// One consuming check of `rule` for `key`.
+async fn check_once(server: &Process, rule: &str, key: &str) -> pb::CheckRateLimitResponse {
+    let request = pb::CheckRateLimitRequest { rule_name: rule.into(), key: key.into(), cost: 1, consume: None };
+    server.security(Some(SERVICE_KEY)).await.check_rate_limit(request).await.unwrap().into_inner()
+}
+
+/// Issue 16 point 11: the limiter keys a backend holds in this process's memory or data
+/// directory are bounded per rule (`security.max_limiter_keys`). At the bound, state that no
+/// longer decides anything is dropped first; if none is, a new key is refused (denied, with a
+/// retry hint, nothing stored, no event) while every held key keeps its exact state: flooding
+/// keys can deny new keys of that rule for a while, never give a held key a fresh allowance.
+async fn limiter_keys_are_bounded(storage: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[security]\nmax_limiter_keys = 3\n\
+         [security.rules.bound_test]\nlimit = 2\nperiod = \"2s\"\nbackoff = false\n\
+         [security.rules.other_test]\nlimit = 2\nperiod = \"2s\"\nbackoff = false\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let server = Spawn::default()
+        .arg("--storage")
+        .arg(storage)
+        .arg("--config")
+        .arg(config.to_str().unwrap())
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("SESSION_AUTHORITY_SECURITY_RULES_VALIDATE_FAILURE_LIMIT", "5")
+        .start();
+    let started = std::time::Instant::now();
+    for key in ["k1", "k2", "k3"] {
+        assert!(check_once(&server, "bound_test", key).await.allowed, "{key}");
+    }
+    // The rule is full of live state: a new key is refused, fail closed.
+    let refused = check_once(&server, "bound_test", "k4").await;
+    assert!(!refused.allowed, "{refused:?}");
+    let retry = refused.retry_after.expect("a retry hint");
+    assert!(retry.seconds > 0 || retry.nanos > 0, "{refused:?}");
+    // Held keys keep their exact state: k1 has one unit left, then is limited.
+    assert!(check_once(&server, "bound_test", "k1").await.allowed);
+    assert!(!check_once(&server, "bound_test", "k1").await.allowed);
+    // A flood of new keys is refused and evicts nothing: k1 stays limited.
+    for i in 5..40 {
+        assert!(!check_once(&server, "bound_test", &format!("k{i}")).await.allowed, "k{i}");
+    }
+    let k1 = check_once(&server, "bound_test", "k1").await;
+    assert!(!k1.allowed && k1.remaining == 0, "{k1:?}");
+    assert!(started.elapsed() < Duration::from_millis(900), "the checks took {:?}", started.elapsed());
+    // Refusals write no event; the bound is per rule.
+    assert!(denial_events(&server, "k5").await.is_empty());
+    assert!(check_once(&server, "other_test", "k4").await.allowed);
+    let m = scrape(port);
+    assert_eq!(m.value("rate_limit_keys_refused_total", &[("rule", "bound_test")]), Some(36.0));
+
+    // The service's own enforcement: the fourth client address of validate_failure is
+    // RESOURCE_EXHAUSTED, naming the setting.
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let guess = |ip: &str| pb::ValidateSessionRequest {
+        session_token: "sat_0000_guessedguessedguessedguessedguessedguessed".into(),
+        ip_address: ip.into(),
+        ..Default::default()
+    };
+    for ip in ["192.0.2.1", "192.0.2.2", "192.0.2.3"] {
+        assert!(!sessions.validate_session(guess(ip)).await.unwrap().into_inner().valid);
+    }
+    let e = sessions.validate_session(guess("192.0.2.4")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("security.max_limiter_keys"), "{}", e.message());
+    assert!(e.get_error_details().retry_info().is_some());
+
+    // Once k2's and k3's states decide nothing (their unit is back after 1 s), a new key gets a
+    // slot; k1, denied 2 s ago at most, is still held and still limited until its unit returns.
+    tokio::time::sleep(Duration::from_millis(1_200).saturating_sub(started.elapsed())).await;
+    assert!(check_once(&server, "bound_test", "k4").await.allowed);
+    assert!(check_once(&server, "bound_test", "k5").await.allowed);
+    assert!(!check_once(&server, "bound_test", "k6").await.allowed, "k1, k4 and k5 are held");
+}
+
+#[tokio::test]
+async fn limiter_keys_in_memory_are_bounded() {
+    limiter_keys_are_bounded("memory").await;
+}
+
+#[tokio::test]
+async fn limiter_keys_in_the_embedded_store_are_bounded() {
+    limiter_keys_are_bounded("embedded").await;
+}

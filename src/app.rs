@@ -319,9 +319,15 @@ async fn bind(config: &Config) -> Result<tokio::net::TcpListener, ConfigError> {
 /// Opens the configured stores (one backend serves sessions, rate limits and events).
 fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
     match config.storage.kind {
-        StorageKind::Memory => Ok(Stores::of(MemoryStore::new()).instrumented(config.storage.kind.as_str())),
+        StorageKind::Memory => {
+            Ok(Stores::of(MemoryStore::new().with_max_limiter_keys(config.security.max_limiter_keys))
+                .instrumented(config.storage.kind.as_str()))
+        }
         StorageKind::Embedded => EmbeddedStore::open(&config.storage.data_dir)
-            .map(|store| Stores::of(store).instrumented(config.storage.kind.as_str()))
+            .map(|store| {
+                Stores::of(store.with_max_limiter_keys(config.security.max_limiter_keys))
+                    .instrumented(config.storage.kind.as_str())
+            })
             .map_err(|e| ConfigError(format!("setting `data_dir`: {e}"))),
         StorageKind::Redis => {
             let url = config.storage.redis_url.as_deref().unwrap_or_default();

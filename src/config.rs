@@ -168,6 +168,9 @@ pub struct SessionConfig {
     pub device_validation: bool,
     /// Share of scored fingerprint fields that must agree (0 to 1).
     pub device_match_threshold: f64,
+    /// A session that stored a fingerprint requires one: an empty presented fingerprint is a
+    /// device mismatch (`false`: it skips the device check, the earlier rule).
+    pub device_fingerprint_required: bool,
     /// The idle expiry is rewritten only when it would move by more than this.
     pub idle_slide_step: Duration,
     /// How often expired sessions are swept.
@@ -261,6 +264,9 @@ pub struct SecurityConfig {
     pub event_retention: Duration,
     /// Rate-limit rules by name (`[security.rules.NAME]`).
     pub rules: BTreeMap<String, RateRuleConfig>,
+    /// Keys of live state one rule may hold in a backend that keeps limiter state in this
+    /// process (memory) or its data directory (embedded); at the bound new keys are refused.
+    pub max_limiter_keys: usize,
     /// Weights of the hijack rule table (`[security.hijack]`).
     pub hijack: HijackConfig,
 }
@@ -397,6 +403,7 @@ const KNOWN_KEYS: &[&str] = &[
     "session.max_sessions_per_user",
     "session.device_validation",
     "session.device_match_threshold",
+    "session.device_fingerprint_required",
     "session.idle_slide_step",
     "session.cleanup_interval",
     "token.proactive_refresh",
@@ -423,6 +430,7 @@ const KNOWN_KEYS: &[&str] = &[
     "security.hijack_detection",
     "security.hijack_threshold",
     "security.event_retention",
+    "security.max_limiter_keys",
     "security.hijack.ip_same_network",
     "security.hijack.ip_new_network",
     "security.hijack.user_agent",
@@ -909,6 +917,7 @@ impl Config {
             max_sessions_per_user: r.number("session.max_sessions_per_user", 5u32)?,
             device_validation: r.bool("session.device_validation", true)?,
             device_match_threshold: r.fraction("session.device_match_threshold", 0.8)?,
+            device_fingerprint_required: r.bool("session.device_fingerprint_required", true)?,
             idle_slide_step: r.duration("session.idle_slide_step", Duration::from_secs(60))?,
             cleanup_interval: r.positive_duration("session.cleanup_interval", minutes(15))?,
         };
@@ -958,6 +967,7 @@ impl Config {
             hijack_threshold: r.fraction("security.hijack_threshold", 0.7)?,
             event_retention: r.positive_duration("security.event_retention", Duration::from_secs(30 * 24 * 3600))?,
             rules: resolve_rules(r)?,
+            max_limiter_keys: r.number("security.max_limiter_keys", crate::security::limiter::DEFAULT_MAX_KEYS)?,
             hijack: HijackConfig {
                 ip_same_network: r.fraction("security.hijack.ip_same_network", 0.1)?,
                 ip_new_network: r.fraction("security.hijack.ip_new_network", 0.3)?,
@@ -970,6 +980,9 @@ impl Config {
                 velocity_max_ips: r.number("security.hijack.velocity_max_ips", 3u32)?,
             },
         };
+        if security.max_limiter_keys == 0 {
+            return Err(err("setting `security.max_limiter_keys`: must be at least 1"));
+        }
 
         let plaintext_api_keys = match r.string("api_keys", &[]) {
             Some(text) => parse_plaintext_keys(&text)?,
@@ -1030,6 +1043,7 @@ mod tests {
         assert_eq!(c.session.max_sessions_per_user, 5);
         assert!(c.session.device_validation);
         assert_eq!(c.session.device_match_threshold, 0.8);
+        assert!(c.session.device_fingerprint_required);
         assert_eq!(c.session.cleanup_interval, Duration::from_secs(15 * 60));
         assert_eq!(c.token.proactive_refresh, Duration::from_secs(300));
         assert_eq!(c.token.grace_period, Duration::from_secs(300));
@@ -1141,6 +1155,7 @@ mod tests {
         assert_eq!(rules["session_create"].max_backoff, Duration::from_secs(3600));
         assert_eq!(rules["login_attempt"].max_backoff, Duration::from_secs(1800));
         assert_eq!(rules["validate_failure"].burst, 30);
+        assert_eq!(c.security.max_limiter_keys, 100_000);
         assert!(rules.values().all(|r| r.backoff && r.backoff_multiplier == 2.0));
         assert_eq!(c.security.hijack.ip_new_network, 0.3);
 
@@ -1177,6 +1192,8 @@ mod tests {
             ("[security.rules.y]\nlimit = 1\nperiod = \"1s\"\nbackoff_multiplier = 0.5\n", "backoff_multiplier"),
             ("[security.hijack]\nuser_agent = 2\n", "security.hijack.user_agent"),
             ("[security.hijack]\nuser_agnt = 0.1\n", "security.hijack.user_agnt"),
+            ("[security]\nmax_limiter_keys = 0\n", "security.max_limiter_keys"),
+            ("[security]\nmax_limiter_keys = \"many\"\n", "security.max_limiter_keys"),
         ] {
             std::fs::write(&path, text).unwrap();
             let e = load(&[("config", path_str)], &[]).unwrap_err().to_string();

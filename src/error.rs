@@ -50,6 +50,18 @@ pub enum Error {
         /// How long until the request would be allowed.
         retry_after: Duration,
     },
+    /// A rate-limit rule holds as many keys as the backend may keep (`security.max_limiter_keys`)
+    /// and this key is not one of them: refused until held state expires.
+    #[error(
+        "rate limit `{rule}` is tracking as many keys as security.max_limiter_keys allows and this key is not one of them; retry in {}s (operators: raise security.max_limiter_keys if this is ordinary traffic)",
+        retry_after.as_secs().max(1)
+    )]
+    LimiterFull {
+        /// The rule whose keys are full.
+        rule: String,
+        /// A hint of when held state may have expired.
+        retry_after: Duration,
+    },
     /// The server is overloaded and shed the request.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -97,6 +109,7 @@ impl Error {
             Error::LogReset(_) => "REVOCATION_LOG_RESET",
             Error::Aborted(_) => "ABORTED",
             Error::RateLimited { .. } => "RATE_LIMITED",
+            Error::LimiterFull { .. } => "RATE_LIMIT_KEYS_FULL",
             Error::ResourceExhausted(_) => "OVERLOADED",
             Error::Unavailable { .. } => "UNAVAILABLE",
             Error::Unimplemented(_) => "UNIMPLEMENTED",

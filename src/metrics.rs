@@ -51,6 +51,12 @@ pub const REVOCATIONS_DELIVERED: &str = "revocations_delivered_total";
 pub const WATCHERS_CONNECTED: &str = "revocation_watchers_connected";
 /// Rate-limit denials, by `rule`.
 pub const RATE_LIMIT_DENIED: &str = "rate_limit_denied_total";
+/// Rate-limit denials not recorded as a security event because they repeat a denial window
+/// whose first denial was recorded (a blocked key hammering on), by `rule`.
+pub const RATE_LIMIT_DENIALS_UNRECORDED: &str = "rate_limit_denials_unrecorded_total";
+/// Limiter checks refused because the rule already holds `security.max_limiter_keys` keys and
+/// the key was not one of them, by `rule`.
+pub const RATE_LIMIT_KEYS_REFUSED: &str = "rate_limit_keys_refused_total";
 /// Storage operation latency, by `backend` and `operation` (the trait method).
 pub const STORAGE_SECONDS: &str = "storage_operation_seconds";
 /// Storage operations that failed, by `backend` and `operation`.
@@ -106,6 +112,14 @@ pub fn install(addr: SocketAddr) -> Result<(), ConfigError> {
     metrics::gauge!(WATCHERS_CONNECTED).set(0.0);
     metrics::describe_gauge!(WATCHERS_CONNECTED, "WatchRevocations streams open on this replica");
     metrics::describe_counter!(RATE_LIMIT_DENIED, "Rate-limit denials, by rule");
+    metrics::describe_counter!(
+        RATE_LIMIT_DENIALS_UNRECORDED,
+        "Rate-limit denials not recorded as security events (repeats within a denial window), by rule"
+    );
+    metrics::describe_counter!(
+        RATE_LIMIT_KEYS_REFUSED,
+        "Limiter checks refused because the rule holds security.max_limiter_keys keys, by rule"
+    );
     metrics::describe_histogram!(
         STORAGE_SECONDS,
         metrics::Unit::Seconds,
@@ -376,6 +390,7 @@ mod tests {
                     max_sessions_per_user: 5,
                     device_validation: true,
                     device_match_threshold: 0.8,
+                    device_fingerprint_required: true,
                     idle_slide_step: Duration::from_secs(60),
                     tombstone_ttl: Duration::from_secs(86400),
                     proactive_refresh: Duration::from_secs(300),

@@ -37,6 +37,31 @@ use limiter::{Decision, Rule};
 /// The rule checked per client IP when ValidateSession answers "not valid".
 pub const VALIDATE_FAILURE_RULE: &str = "validate_failure";
 
+/// The key of a client address in [`VALIDATE_FAILURE_RULE`]: an IPv4 address as it is (also when
+/// written as an IPv4-mapped IPv6 address), an IPv6 address as its /64, for example
+/// `2001:db8:1:2::/64`. A /64 is what one subscriber, one LAN or one host is given, and any
+/// address in it is the client's to pick, so an exact IPv6 key would hand a guesser 2^64 fresh
+/// allowances.
+pub fn client_network_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let network = std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX));
+            format!("{network}/64")
+        }
+    }
+}
+
+/// The address a limiter key names, for the `ip_address` of its denial events: an address, or
+/// an IPv6 /64 as [`client_network_key`] writes it.
+fn key_address(key: &str) -> Option<String> {
+    if let Ok(ip) = key.parse::<IpAddr>() {
+        return Some(ip.to_string());
+    }
+    let network = key.strip_suffix("/64")?.parse::<std::net::Ipv6Addr>().ok()?;
+    Some(format!("{network}/64"))
+}
+
 /// The risk of a recorded device mismatch (the library's value): above
 /// [`events::SUSPICIOUS_RISK`], so GetSecuritySummary counts it as suspicious.
 pub const DEVICE_MISMATCH_RISK: f64 = 0.8;
@@ -107,6 +132,7 @@ pub struct Limiter {
     store: DynRateLimitStore,
     recorder: Recorder,
     clock: Arc<dyn Clock>,
+    warned_full_at: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Limiter {
@@ -118,7 +144,7 @@ impl Limiter {
         recorder: Recorder,
         clock: Arc<dyn Clock>,
     ) -> Limiter {
-        Limiter { enabled, rules: Arc::new(rules), store, recorder, clock }
+        Limiter { enabled, rules: Arc::new(rules), store, recorder, clock, warned_full_at: Arc::default() }
     }
 
     /// The rule named `name`, or `INVALID_ARGUMENT` naming `rule_name`.
@@ -129,8 +155,12 @@ impl Limiter {
         })
     }
 
-    /// Consumes `cost` units of rule `rule_name` for `key`. A denial is recorded as a
-    /// `rate_limit_exceeded` event (with the key as user id, or as IP address when it is one).
+    /// Consumes `cost` units of rule `rule_name` for `key`. The first denial of each denial window
+    /// (see [`Decision::repeat`]) is recorded as a `rate_limit_exceeded` event (with the key as
+    /// user id, or as IP address when it is one); the repeats are counted in
+    /// [`crate::metrics::RATE_LIMIT_DENIALS_UNRECORDED`], so a key hammering a limit cannot turn
+    /// each request into an event write. Every denial counts in
+    /// [`crate::metrics::RATE_LIMIT_DENIED`].
     pub async fn check(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
         self.decide(rule_name, key, cost, true).await
     }
@@ -158,16 +188,30 @@ impl Limiter {
                 reset_after: Duration::ZERO,
                 blocked: false,
                 violations: 0,
+                repeat: false,
+                key_refused: false,
             });
         }
         if !consume {
             return self.store.peek(rule, key, cost, self.clock.now()).await;
         }
         let decision = self.store.check(rule, key, cost, self.clock.now()).await?;
+        if decision.key_refused {
+            // Neither an event nor a denial of this key: a flood of new keys must not become
+            // event writes, and the operator needs the count and a (rate-limited) warning.
+            metrics::counter!(crate::metrics::RATE_LIMIT_KEYS_REFUSED, "rule" => rule.name.clone()).increment(1);
+            self.warn_full(rule);
+            return Ok(decision);
+        }
         if !decision.allowed {
             // Rule names come from the configuration (an unknown name was refused above), so the
             // label is bounded; the key (a user id or an address) is never a label.
             metrics::counter!(crate::metrics::RATE_LIMIT_DENIED, "rule" => rule.name.clone()).increment(1);
+            if decision.repeat {
+                metrics::counter!(crate::metrics::RATE_LIMIT_DENIALS_UNRECORDED, "rule" => rule.name.clone())
+                    .increment(1);
+                return Ok(decision);
+            }
             let mut draft = EventDraft::new(EventType::RateLimitExceeded)
                 .details(format!("Rate limit {rule_name:?} exceeded"))
                 .risk((0.2 * f64::from(decision.violations)).min(1.0))
@@ -175,17 +219,35 @@ impl Limiter {
                 .meta("violations", decision.violations)
                 .meta("blocked", decision.blocked)
                 .meta("retry_after_ms", decision.retry_after.as_millis());
-            draft = match key.parse::<IpAddr>() {
-                Ok(ip) => draft.ip(Some(ip.to_string())),
-                Err(_) => draft.user(key),
+            draft = match key_address(key) {
+                Some(address) => draft.ip(Some(address)),
+                None => draft.user(key),
             };
             self.recorder.record_or_log(draft).await;
         }
         Ok(decision)
     }
 
+    /// Logs that `rule` refuses new keys, at most once a minute per limiter.
+    fn warn_full(&self, rule: &Rule) {
+        let now = self.clock.now();
+        let last = self.warned_full_at.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) >= 60_000
+            && self
+                .warned_full_at
+                .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                rule = %rule.name,
+                "rate limit holds as many keys as security.max_limiter_keys allows: new keys are refused until held state expires (raise the setting if this is ordinary traffic)"
+            );
+        }
+    }
+
     /// [`Limiter::check`] with one unit, as an error when denied (`RESOURCE_EXHAUSTED` with
-    /// `RetryInfo` on the wire). A rule that is not configured allows.
+    /// `RetryInfo` on the wire; [`Error::LimiterFull`] when the rule refused a new key). A rule
+    /// that is not configured allows.
     pub async fn enforce(&self, rule_name: &str, key: &str) -> Result<()> {
         if !self.rules.contains_key(rule_name) {
             return Ok(());
@@ -193,6 +255,8 @@ impl Limiter {
         let decision = self.check(rule_name, key, 1).await?;
         if decision.allowed {
             Ok(())
+        } else if decision.key_refused {
+            Err(Error::LimiterFull { rule: rule_name.to_owned(), retry_after: decision.retry_after })
         } else {
             Err(Error::RateLimited { rule: rule_name.to_owned(), retry_after: decision.retry_after })
         }
@@ -411,7 +475,9 @@ impl Security {
 
     /// CheckRateLimit. `consume` unset: a peek for the rules the service enforces itself
     /// ([`SESSION_CREATE_RULE`], [`VALIDATE_FAILURE_RULE`]), so that a check before the call
-    /// the service limits costs nothing more; a consuming check for every other rule.
+    /// the service limits costs nothing more; a consuming check for every other rule. A
+    /// [`VALIDATE_FAILURE_RULE`] key that is an address is taken as the service takes it
+    /// ([`client_network_key`]), so a look by a client's IPv6 address sees its /64.
     pub async fn check_rate_limit(
         &self,
         rule_name: &str,
@@ -420,6 +486,14 @@ impl Security {
         consume: Option<bool>,
     ) -> Result<Decision> {
         let enforced = rule_name == SESSION_CREATE_RULE || rule_name == VALIDATE_FAILURE_RULE;
+        let network_key;
+        let key = match key.parse::<IpAddr>() {
+            Ok(ip) if rule_name == VALIDATE_FAILURE_RULE => {
+                network_key = client_network_key(ip);
+                network_key.as_str()
+            }
+            _ => key,
+        };
         if consume.unwrap_or(!enforced) {
             self.limiter.check(rule_name, key, cost).await
         } else {
@@ -427,11 +501,12 @@ impl Security {
         }
     }
 
-    /// Counts a "not valid" ValidateSession answer against the client IP; beyond the
-    /// `validate_failure` rule the caller gets `RESOURCE_EXHAUSTED`.
+    /// Counts a "not valid" ValidateSession answer against the client (its IPv4 address, or its
+    /// IPv6 /64: [`client_network_key`]); beyond the `validate_failure` rule the caller gets
+    /// `RESOURCE_EXHAUSTED`.
     pub async fn validation_refused(&self, ip: Option<IpAddr>) -> Result<()> {
         match ip {
-            Some(ip) => self.limiter.enforce(VALIDATE_FAILURE_RULE, &ip.to_string()).await,
+            Some(ip) => self.limiter.enforce(VALIDATE_FAILURE_RULE, &client_network_key(ip)).await,
             None => Ok(()),
         }
     }

@@ -233,6 +233,9 @@ pub struct SessionSettings {
     pub device_validation: bool,
     /// Fingerprint threshold.
     pub device_match_threshold: f64,
+    /// A session that stored a fingerprint requires one: an empty presented fingerprint is a
+    /// mismatch instead of a skipped check.
+    pub device_fingerprint_required: bool,
     /// Minimum movement of the idle expiry before it is written.
     pub idle_slide_step: Duration,
     /// How long an ended session's tombstone is kept.
@@ -250,6 +253,7 @@ impl SessionSettings {
             max_sessions_per_user: config.session.max_sessions_per_user,
             device_validation: config.session.device_validation,
             device_match_threshold: config.session.device_match_threshold,
+            device_fingerprint_required: config.session.device_fingerprint_required,
             idle_slide_step: config.session.idle_slide_step,
             tombstone_ttl: config.revocation.list_ttl,
             proactive_refresh: config.token.proactive_refresh,
@@ -749,14 +753,20 @@ impl SessionManager {
         Ok(Validation::Valid { session: Box::new(session), needs_refresh, risk_score, reasons })
     }
 
+    /// Whether `presented` passes the device check of `session`. A session that stored no
+    /// fingerprint has nothing to compare. An empty presented fingerprint (the field sent, nothing
+    /// in it) is no evidence of the stored device: with `session.device_fingerprint_required` it
+    /// is a mismatch, otherwise the check is skipped as before. An absent field is no device
+    /// check at all; the callers decide that before calling this.
     fn device_matches(&self, session: &SessionRecord, presented: &Fingerprint) -> bool {
-        if !self.settings.device_validation || presented.is_empty() {
+        if !self.settings.device_validation {
             return true;
         }
-        match &session.fingerprint {
-            Some(stored) => stored.compare(presented, self.settings.device_match_threshold).matches,
-            None => true,
+        let Some(stored) = &session.fingerprint else { return true };
+        if presented.is_empty() {
+            return !self.settings.device_fingerprint_required;
         }
+        stored.compare(presented, self.settings.device_match_threshold).matches
     }
 
     /// Writes the idle slide when it moves by more than the step or the IP changed.
@@ -1054,6 +1064,7 @@ mod tests {
             max_sessions_per_user: 5,
             device_validation: true,
             device_match_threshold: 0.8,
+            device_fingerprint_required: true,
             idle_slide_step: Duration::from_secs(60),
             tombstone_ttl: Duration::from_secs(86400),
             proactive_refresh: Duration::from_secs(300),

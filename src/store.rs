@@ -285,7 +285,9 @@ pub trait RateLimitStore: Send + Sync + std::fmt::Debug + 'static {
     /// Atomically: loads the state of (`rule.name`, `key`), applies
     /// [`crate::security::limiter::apply`] with `cost` at `now`, stores the new state (or deletes
     /// it when it no longer matters) and returns the decision. Concurrent checks of one key are
-    /// serialised: N checks against a fresh rule of limit L allow exactly min(N, L).
+    /// serialised: N checks against a fresh rule of limit L allow exactly min(N, L). A backend
+    /// that bounds the keys it holds per rule answers a new key past the bound with
+    /// [`crate::security::limiter::refused`] and never evicts a held key to make room.
     async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision>;
 
     /// The decision [`RateLimitStore::check`] would give now, without storing anything (a peek:

@@ -27,7 +27,7 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::OutOfRange(_) | Error::LogReset(_) => Code::OutOfRange,
             Error::Aborted(_) => Code::Aborted,
-            Error::RateLimited { retry_after, .. } => {
+            Error::RateLimited { retry_after, .. } | Error::LimiterFull { retry_after, .. } => {
                 details.set_retry_info(Some(*retry_after));
                 Code::ResourceExhausted
             }
@@ -61,6 +61,14 @@ mod tests {
         let details = status.get_error_details();
         assert_eq!(details.retry_info().unwrap().retry_delay, Some(Duration::from_secs(30)));
         assert_eq!(details.error_info().unwrap().reason, "RATE_LIMITED");
+
+        let status: Status =
+            Error::LimiterFull { rule: "validate_failure".into(), retry_after: Duration::from_secs(60) }.into();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().contains("security.max_limiter_keys"), "{}", status.message());
+        let details = status.get_error_details();
+        assert_eq!(details.retry_info().unwrap().retry_delay, Some(Duration::from_secs(60)));
+        assert_eq!(details.error_info().unwrap().reason, "RATE_LIMIT_KEYS_FULL");
     }
 
     #[test]

@@ -14,7 +14,23 @@
 //! violation count, 2 for the second), capped at `max_backoff`; while blocked, requests are denied
 //! without being counted. The violation count decays to zero once `max_backoff` passes after the
 //! last denial or block without a new denial (the library never forgot, so an occasional
-//! offender eventually reached the cap).
+//! offender eventually reached the cap). Without backoff nothing blocks, and the violation count
+//! is the run of denials since the key was last allowed.
+//!
+//! Denial windows: a denial that opens a window is reported as such ([`Decision::repeat`] false)
+//! and the rest of its window as repeats, so that a key hammering a limit is recorded once per
+//! window instead of once per request. With backoff each counted denial opens a window (the GCRA
+//! wait of the first, the block of each further one) and the denials while blocked are repeats;
+//! without backoff the first denial after an allowed request opens a window and the run of
+//! denials that follows is its repeats.
+//!
+//! Bounded state: a backend that keeps limiter state in this process's memory or data directory
+//! holds at most [`DEFAULT_MAX_KEYS`] (`security.max_limiter_keys`) keys per rule. At the bound it
+//! first drops state that decides nothing any more (see [`LimiterState::forget_at`]); if the rule
+//! is still full, a new key is refused ([`refused`]: denied, nothing stored) while every held key
+//! keeps its exact state. Evicting a held key instead would hand it a fresh allowance (a partly
+//! spent key, or an offender's violation count), which is what a flood of keys would be for; a
+//! refusal can only deny new keys of that rule until held state expires.
 //!
 //! Arithmetic is in integer microseconds so that the same function can be written as a Redis
 //! Lua script (numbers are doubles there; every value stays below 2^53).
@@ -24,6 +40,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
+
+/// The default of `security.max_limiter_keys`: keys of live state one rule may hold in a bounded
+/// backend (memory, embedded). About 0.5 KB each in memory with short keys.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
 /// Exponential backoff of a rule.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,8 +132,32 @@ pub struct Decision {
     pub reset_after: Duration,
     /// When denied: whether the key is blocked by backoff.
     pub blocked: bool,
-    /// Denials counted towards backoff, after this decision.
+    /// Denials counted towards backoff, after this decision (without backoff: denials since the
+    /// key was last allowed).
     pub violations: u32,
+    /// When denied: a later denial of a window whose first denial was already reported (the key
+    /// is blocked, or, for a rule without backoff, was denied before and not allowed since).
+    /// Repeats are counted, not recorded as events.
+    pub repeat: bool,
+    /// Denied because the rule already holds as many keys as the backend may keep and this key
+    /// is not one of them ([`refused`]); nothing was stored.
+    pub key_refused: bool,
+}
+
+/// The decision for a new key of `rule` when the backend holds as many keys of the rule as it
+/// may: denied, with the rule's period as the hint of when a held key's state may have expired.
+pub fn refused(rule: &Rule) -> Decision {
+    Decision {
+        allowed: false,
+        limit: rule.limit,
+        remaining: 0,
+        retry_after: rule.period,
+        reset_after: rule.period,
+        blocked: false,
+        violations: 0,
+        repeat: false,
+        key_refused: true,
+    }
 }
 
 fn ms_ceil(us: i64) -> Duration {
@@ -144,10 +188,15 @@ pub fn apply(state: Option<LimiterState>, rule: &Rule, cost: u32, now: Millis) -
                 .max(Duration::from_millis(u64::try_from(state.blocked_until_ms - now).unwrap_or(0))),
             blocked: true,
             violations: state.violations,
+            repeat: true,
+            key_refused: false,
         };
         return (decision, None);
     }
-    if state.violations > 0 && now.saturating_sub(state.quiet_since()) >= rule.max_backoff_ms() {
+    if rule.backoff.is_some()
+        && state.violations > 0
+        && now.saturating_sub(state.quiet_since()) >= rule.max_backoff_ms()
+    {
         state.violations = 0;
     }
 
@@ -155,6 +204,10 @@ pub fn apply(state: Option<LimiterState>, rule: &Rule, cost: u32, now: Millis) -
     let allow_at = new_tat.saturating_sub(tolerance);
     if now_us >= allow_at {
         state.tat_us = new_tat;
+        if rule.backoff.is_none() {
+            // Without backoff the count is the run of denials since the last grant.
+            state.violations = 0;
+        }
         let decision = Decision {
             allowed: true,
             limit: rule.limit,
@@ -163,6 +216,8 @@ pub fn apply(state: Option<LimiterState>, rule: &Rule, cost: u32, now: Millis) -
             reset_after: ms_ceil(new_tat - now_us),
             blocked: false,
             violations: state.violations,
+            repeat: false,
+            key_refused: false,
         };
         return (decision, Some(state));
     }
@@ -190,6 +245,10 @@ pub fn apply(state: Option<LimiterState>, rule: &Rule, cost: u32, now: Millis) -
         reset_after: reset_after.max(retry_after),
         blocked,
         violations: state.violations,
+        // With backoff every counted denial opens a window (a wait or a block); without, only the
+        // first since the key was last allowed.
+        repeat: rule.backoff.is_none() && state.violations > 1,
+        key_refused: false,
     };
     (decision, Some(state))
 }
@@ -304,6 +363,34 @@ mod tests {
         let mut state = None;
         let (_, d) = run(&mut state, &r, 50, START);
         assert!(d[2..].iter().all(|d| !d.blocked && d.retry_after == Duration::from_secs(5)));
+        assert!(!d[2].repeat && d[3..].iter().all(|d| d.repeat));
+    }
+
+    #[test]
+    fn denials_open_one_window_then_repeat() {
+        // With backoff: the first denial (a wait) and the one that blocks each open a window;
+        // every denial while blocked is a repeat; after the block the next offence opens anew.
+        let r = rule(2, 2, true);
+        let mut state = None;
+        let (_, d) = run(&mut state, &r, 54, START);
+        let opened: Vec<u32> = d.iter().filter(|d| !d.allowed && !d.repeat).map(|d| d.violations).collect();
+        assert_eq!(opened, [1, 2]);
+        assert!(d[4..].iter().all(|d| d.blocked && d.repeat));
+        let (_, d) = run(&mut state, &r, 30, START + 2_000);
+        let opened: Vec<u32> = d.iter().filter(|d| !d.allowed && !d.repeat).map(|d| d.violations).collect();
+        assert_eq!(opened, [3]);
+        assert!(d[..2].iter().all(|d| d.allowed) && d[3..].iter().all(|d| d.blocked && d.repeat));
+
+        // Without backoff: one window per run of denials between grants.
+        let r = rule(2, 10, false);
+        let mut state = None;
+        let (_, d) = run(&mut state, &r, 40, START);
+        assert_eq!(d.iter().filter(|d| !d.allowed && !d.repeat).count(), 1);
+        assert_eq!(d[39].violations, 38);
+        // One unit back (5 s): granted, and the next denial opens a new window.
+        let (_, d) = run(&mut state, &r, 3, START + 5_000);
+        assert!(d[0].allowed && !d[1].allowed && !d[1].repeat && d[2].repeat, "{d:?}");
+        assert_eq!(d[1].violations, 1);
     }
 
     #[test]

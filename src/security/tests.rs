@@ -72,6 +72,7 @@ fn world_with(settings: SecuritySettings, events: Option<DynSecurityEventStore>)
         max_sessions_per_user: 5,
         device_validation: true,
         device_match_threshold: 0.8,
+        device_fingerprint_required: true,
         idle_slide_step: Duration::from_secs(60),
         tombstone_ttl: Duration::from_secs(86400),
         proactive_refresh: Duration::from_secs(300),
@@ -426,4 +427,20 @@ async fn events_are_paged_newest_first_and_purged_after_retention() {
     w.security.cleanup().await.unwrap();
     let all = ListEvents { user_id: "ivan".into(), page_size: 50, ..Default::default() };
     assert_eq!(w.security.list_events(&all).await.unwrap().events.len(), 2);
+}
+
+#[test]
+fn client_network_keys_are_exact_for_ipv4_and_the_64_for_ipv6() {
+    let key = |ip: &str| client_network_key(ip.parse().unwrap());
+    assert_eq!(key("192.0.2.1"), "192.0.2.1");
+    assert_eq!(key("::ffff:192.0.2.1"), "192.0.2.1");
+    assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::/64");
+    assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+    assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    assert_eq!(key("::1"), "::/64");
+    // Denial events name the network as their address, never as a user.
+    assert_eq!(key_address("2001:db8:1:2::/64").as_deref(), Some("2001:db8:1:2::/64"));
+    assert_eq!(key_address("192.0.2.1").as_deref(), Some("192.0.2.1"));
+    assert_eq!(key_address("alice/64"), None);
+    assert_eq!(key_address("alice"), None);
 }

@@ -47,19 +47,58 @@ impl Default for MemoryStore {
         MemoryStore {
             inner: RwLock::default(),
             log_id: crate::revocation::new_log_id(),
-            limits: Mutex::default(),
+            limits: Mutex::new(Limits { max_keys: limiter::DEFAULT_MAX_KEYS, ..Limits::default() }),
             events: RwLock::default(),
             tokens: Mutex::default(),
         }
     }
 }
 
-/// Rate-limit state by (rule, key), with an index by the time it can be forgotten.
+/// Rate-limit state by (rule, key), with an index by the time it can be forgotten, and how many
+/// keys each rule holds (at most `max_keys`: see [`limiter`]'s "Bounded state").
 #[derive(Debug, Default)]
 struct Limits {
     states: HashMap<(String, String), LimiterState>,
     forget: BTreeSet<(Millis, String, String)>,
     forget_at: HashMap<(String, String), Millis>,
+    held: HashMap<String, usize>,
+    max_keys: usize,
+}
+
+/// States a check at the bound drops, at most, before it decides whether a new key fits.
+const PURGE_AT_BOUND: usize = 1000;
+
+impl Limits {
+    /// Deletes up to `limit` states forgettable at `now`.
+    fn purge(&mut self, now: Millis, limit: usize) -> usize {
+        let due: Vec<(Millis, String, String)> =
+            self.forget.iter().take_while(|(at, ..)| *at <= now).take(limit).cloned().collect();
+        for entry in &due {
+            self.forget.remove(entry);
+            let id = (entry.1.clone(), entry.2.clone());
+            self.forget_at.remove(&id);
+            if self.states.remove(&id).is_some()
+                && let Some(held) = self.held.get_mut(&id.0)
+            {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    self.held.remove(&id.0);
+                }
+            }
+        }
+        due.len()
+    }
+
+    /// Whether a new key of `rule` may be stored at `now`: below the bound, after dropping state
+    /// that decides nothing any more.
+    fn has_room(&mut self, rule: &str, now: Millis) -> bool {
+        let held = |limits: &Limits| limits.held.get(rule).copied().unwrap_or(0);
+        if held(self) < self.max_keys {
+            return true;
+        }
+        self.purge(now, PURGE_AT_BOUND);
+        held(self) < self.max_keys
+    }
 }
 
 /// Events by (time, id), and per user the (time, id) positions.
@@ -169,6 +208,12 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> MemoryStore {
         MemoryStore::default()
+    }
+
+    /// Holds at most `max` limiter keys per rule (`security.max_limiter_keys`; at least 1).
+    pub fn with_max_limiter_keys(mut self, max: usize) -> MemoryStore {
+        self.limits.get_mut().unwrap_or_else(|p| p.into_inner()).max_keys = max.max(1);
+        self
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -473,35 +518,36 @@ impl RateLimitStore for MemoryStore {
     async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
         let mut limits = self.limits();
         let id = (rule.name.clone(), key.to_owned());
-        let (decision, next) = limiter::apply(limits.states.get(&id).copied(), rule, cost, now);
+        let state = limits.states.get(&id).copied();
+        if state.is_none() && !limits.has_room(&rule.name, now) {
+            return Ok(limiter::refused(rule));
+        }
+        let (decision, next) = limiter::apply(state, rule, cost, now);
         if let Some(next) = next {
             let forget_at = next.forget_at(rule);
             if let Some(old) = limits.forget_at.insert(id.clone(), forget_at) {
                 limits.forget.remove(&(old, id.0.clone(), id.1.clone()));
             }
             limits.forget.insert((forget_at, id.0.clone(), id.1.clone()));
-            limits.states.insert(id, next);
+            if limits.states.insert(id, next).is_none() {
+                *limits.held.entry(rule.name.clone()).or_default() += 1;
+            }
         }
         Ok(decision)
     }
 
     async fn peek(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
-        let limits = self.limits();
+        let mut limits = self.limits();
         let state = limits.states.get(&(rule.name.clone(), key.to_owned())).copied();
+        // Dropping state that decides nothing changes no decision, so a peek may do it too.
+        if state.is_none() && !limits.has_room(&rule.name, now) {
+            return Ok(limiter::refused(rule));
+        }
         Ok(limiter::apply(state, rule, cost, now).0)
     }
 
     async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize> {
-        let mut limits = self.limits();
-        let due: Vec<(Millis, String, String)> =
-            limits.forget.iter().take_while(|(at, ..)| *at <= now).take(limit).cloned().collect();
-        for entry in &due {
-            limits.forget.remove(entry);
-            let id = (entry.1.clone(), entry.2.clone());
-            limits.forget_at.remove(&id);
-            limits.states.remove(&id);
-        }
-        Ok(due.len())
+        Ok(self.limits().purge(now, limit))
     }
 }
 

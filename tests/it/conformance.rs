@@ -32,6 +32,7 @@ pub fn settings(cap: u32) -> SessionSettings {
         max_sessions_per_user: cap,
         device_validation: true,
         device_match_threshold: 0.8,
+        device_fingerprint_required: true,
         idle_slide_step: MINUTE,
         tombstone_ttl: 24 * 60 * MINUTE,
         proactive_refresh: 5 * MINUTE,
@@ -1221,6 +1222,69 @@ async fn the_embedded_log_survives_a_reopen_with_its_cursors() {
     let other = tempfile::tempdir().unwrap();
     let fresh = session_authority::store::embedded::EmbeddedStore::open(other.path()).unwrap();
     assert_ne!(session_authority::store::SessionStore::log_id(&fresh), log_id);
+}
+
+/// The per-rule key bound of the backends that hold limiter state themselves (memory,
+/// embedded; issue 16 point 11), with a manual clock: a new key past the bound is refused by
+/// check and peek alike, held keys keep their exact state, another rule is not affected, and
+/// state that decides nothing any more makes room.
+async fn the_limiter_key_bound_refuses_new_keys_and_keeps_held_ones(limits: DynRateLimitStore) {
+    let rule = per_minute(2);
+    let other = Rule { name: "other".into(), ..per_minute(2) };
+    for key in ["a", "b", "c"] {
+        assert!(limits.check(&rule, key, 1, START).await.unwrap().allowed);
+    }
+    assert!(limits.check(&rule, "c", 1, START).await.unwrap().allowed);
+    let refused = limits.check(&rule, "d", 1, START).await.unwrap();
+    assert!(!refused.allowed && refused.key_refused && refused.retry_after == MINUTE, "{refused:?}");
+    assert!(limits.peek(&rule, "d", 1, START).await.unwrap().key_refused);
+    assert!(limits.check(&other, "d", 1, START).await.unwrap().allowed);
+    // Held keys: "a" has one unit left, "c" none; no flood changes that.
+    for i in 0..50 {
+        assert!(limits.check(&rule, &format!("flood-{i}"), 1, START + 1).await.unwrap().key_refused);
+    }
+    assert!(limits.check(&rule, "a", 1, START + 1).await.unwrap().allowed);
+    let c = limits.check(&rule, "c", 1, START + 1).await.unwrap();
+    assert!(!c.allowed && !c.key_refused, "{c:?}");
+    // "b" spent one unit at START: its state decides nothing after 30 s; then "d" gets its slot.
+    assert!(limits.check(&rule, "d", 1, START + 29_000).await.unwrap().key_refused);
+    let d = limits.check(&rule, "d", 1, START + 30_001).await.unwrap();
+    assert!(d.allowed && d.remaining == 1, "{d:?}");
+    assert!(limits.check(&rule, "e", 1, START + 30_001).await.unwrap().key_refused);
+}
+
+#[tokio::test]
+async fn the_memory_limiter_key_bound_refuses_new_keys_and_keeps_held_ones() {
+    let store = session_authority::store::memory::MemoryStore::new().with_max_limiter_keys(3);
+    the_limiter_key_bound_refuses_new_keys_and_keeps_held_ones(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn the_embedded_limiter_key_bound_refuses_new_keys_and_holds_across_a_reopen() {
+    use session_authority::store::RateLimitStore as _;
+    use session_authority::store::embedded::EmbeddedStore;
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap().with_max_limiter_keys(3);
+    the_limiter_key_bound_refuses_new_keys_and_keeps_held_ones(Arc::new(store)).await;
+    let rule = per_minute(2);
+    let later = START + 30_001;
+    // The counts are stored: after a reopen the rule is still full ("a", "c", "d").
+    let store = EmbeddedStore::open(dir.path()).unwrap().with_max_limiter_keys(3);
+    assert!(store.check(&rule, "f", 1, later).await.unwrap().key_refused);
+    drop(store);
+    // A database from before the counts (the table absent) has them rebuilt on open.
+    {
+        let db = redb::Database::open(dir.path().join("sessions.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        let counts: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("rate_limit_counts");
+        assert!(tx.delete_table(counts).unwrap());
+        tx.commit().unwrap();
+    }
+    let store = EmbeddedStore::open(dir.path()).unwrap().with_max_limiter_keys(3);
+    assert!(store.check(&rule, "f", 1, later).await.unwrap().key_refused);
+    drop(store);
+    let store = EmbeddedStore::open(dir.path()).unwrap().with_max_limiter_keys(4);
+    assert!(store.check(&rule, "f", 1, later).await.unwrap().allowed);
 }
 
 /// How long a shared-storage operation may take in the suite: generous, since the tests of

@@ -192,3 +192,83 @@ async fn acting_by_session_id_needs_the_admin_role() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 }
+
+/// A session created with the tests' laptop, and a client for it.
+async fn session_with_a_device(
+    server: &Process,
+) -> (
+    pb::session_service_client::SessionServiceClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, crate::support::Auth>,
+    >,
+    String,
+) {
+    let mut client = server.sessions(Some(SERVICE_KEY)).await;
+    let mut request = create("nadia", "at");
+    request.device_fingerprint = Some(crate::support::laptop("UA/1"));
+    let created = client.create_session(request).await.unwrap().into_inner();
+    assert!(created.session.unwrap().has_device_fingerprint);
+    (client, created.session_token)
+}
+
+fn validate_with(token: &str, fingerprint: Option<pb::DeviceFingerprint>) -> pb::ValidateSessionRequest {
+    pb::ValidateSessionRequest { session_token: token.into(), device_fingerprint: fingerprint, ..Default::default() }
+}
+
+fn get_with(token: &str, fingerprint: Option<pb::DeviceFingerprint>) -> pb::GetSessionRequest {
+    pb::GetSessionRequest {
+        selector: Some(pb::get_session_request::Selector::SessionToken(token.into())),
+        device_fingerprint: fingerprint,
+        ip_address: String::new(),
+    }
+}
+
+/// Issue 16 point 14: a presented fingerprint with no field set, on a session that stored one,
+/// is a device mismatch (ValidateSession) and a refused device check (GetSession), not a pass.
+/// No fingerprint at all is still no device check, and a session without a stored device has
+/// nothing to compare.
+#[tokio::test]
+async fn an_empty_fingerprint_on_a_session_with_one_is_a_mismatch() {
+    let server = Spawn::default().arg("--storage").arg("memory").start();
+    let (mut client, token) = session_with_a_device(&server).await;
+
+    let empty = Some(pb::DeviceFingerprint::default());
+    let answer = client.validate_session(validate_with(&token, empty.clone())).await.unwrap().into_inner();
+    assert!(!answer.valid, "{answer:?}");
+    assert_eq!(answer.reason, pb::InvalidReason::DeviceMismatch as i32, "{answer:?}");
+    let e = client.get_session(get_with(&token, empty.clone())).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("device"), "{}", e.message());
+
+    // The device itself still matches, and presenting none is no device check.
+    let same = Some(crate::support::laptop("UA/1"));
+    assert!(client.validate_session(validate_with(&token, same)).await.unwrap().into_inner().valid);
+    assert!(client.validate_session(validate_with(&token, None)).await.unwrap().into_inner().valid);
+
+    // A session that stored no device: an empty one has nothing to mismatch.
+    let bare = client.create_session(create("nadia", "at2")).await.unwrap().into_inner().session_token;
+    assert!(client.validate_session(validate_with(&bare, empty.clone())).await.unwrap().into_inner().valid);
+    client.get_session(get_with(&bare, empty)).await.unwrap();
+}
+
+/// `session.device_fingerprint_required = false` restores the earlier rule: an empty presented
+/// fingerprint skips the device check.
+#[tokio::test]
+async fn an_empty_fingerprint_passes_with_device_fingerprint_required_off() {
+    // In the file, where an unknown key is refused: the setting exists.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[session]\ndevice_fingerprint_required = false\n").unwrap();
+    let server = Spawn::default().arg("--storage").arg("memory").arg("--config").arg(config.to_str().unwrap()).start();
+    let (mut client, token) = session_with_a_device(&server).await;
+    let empty = Some(pb::DeviceFingerprint::default());
+    let answer = client.validate_session(validate_with(&token, empty.clone())).await.unwrap().into_inner();
+    assert!(answer.valid, "{answer:?}");
+    client.get_session(get_with(&token, empty)).await.unwrap();
+    // A different device is still a mismatch.
+    let answer = client
+        .validate_session(validate_with(&token, Some(crate::support::thief_device())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.reason, pb::InvalidReason::DeviceMismatch as i32, "{answer:?}");
+}

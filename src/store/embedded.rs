@@ -1105,6 +1105,7 @@ mod tests {
             absolute_timeout: Duration::from_secs(8 * 3600),
             max_sessions_per_user: 5,
             device_validation: true,
+            device_fingerprint_required: true,
             device_match_threshold: 0.8,
             idle_slide_step: Duration::from_secs(60),
             tombstone_ttl: Duration::from_secs(3600),

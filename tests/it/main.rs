@@ -1,6 +1,7 @@
 //! Integration tests: one test binary; `support` starts the real server as a process.
 
 mod authz;
+mod cluster_faults;
 mod conformance;
 mod faults;
 mod feed_faults;

@@ -183,6 +183,8 @@ struct Target {
     channel: tonic::transport::Channel,
     methods: Vec<MethodDescriptor>,
     created_users: Mutex<Vec<String>>,
+    // A static is never dropped: the watchdog kills the server when the test binary exits.
+    _watchdog: crate::servers::Watchdog,
 }
 
 fn target() -> &'static Target {
@@ -191,7 +193,15 @@ fn target() -> &'static Target {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let server = Spawn::default().arg("--storage").arg("memory").without_create_limit().start();
         let channel = runtime.block_on(server.channel());
-        Target { server, runtime, channel, methods: methods(), created_users: Mutex::new(Vec::new()) }
+        let watchdog = crate::servers::Watchdog::new(&[server.pid()], &tempfile::tempdir().unwrap().keep());
+        Target {
+            server,
+            runtime,
+            channel,
+            methods: methods(),
+            created_users: Mutex::new(Vec::new()),
+            _watchdog: watchdog,
+        }
     })
 }
 

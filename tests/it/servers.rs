@@ -35,13 +35,13 @@ fn free_port(with_bus: bool) -> u16 {
 }
 
 /// Kills `pids` and removes `dir` when this test binary exits (its end of a pipe closes).
-struct Watchdog {
+pub(crate) struct Watchdog {
     _child: Child,
     _stdin: ChildStdin,
 }
 
 impl Watchdog {
-    fn new(pids: &[u32], dir: &Path) -> Watchdog {
+    pub(crate) fn new(pids: &[u32], dir: &Path) -> Watchdog {
         let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
         let script =
             format!("cat >/dev/null; kill {} 2>/dev/null; sleep 1; rm -rf '{}'", pids.join(" "), dir.display());

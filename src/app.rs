@@ -31,7 +31,7 @@ use crate::grpc::revocation::RevocationAdapter;
 use crate::grpc::security::SecurityAdapter;
 use crate::grpc::session::SessionAdapter;
 use crate::grpc::token::TokenAdapter;
-use crate::revocation::{RevocationSettings, Revocations};
+use crate::revocation::{RevocationSettings, Revocations, UpstreamQueue};
 use crate::security::{Security, SecuritySettings};
 use crate::session::{SessionManager, SessionSettings};
 use crate::store::embedded::EmbeddedStore;
@@ -119,8 +119,14 @@ impl App {
             TokenSettings::from_config(&config),
             clock,
         );
-        let revocations = Revocations::new(sessions.clone(), RevocationSettings::from_config(&config))
-            .with_upstream_revoker(Arc::new(ProviderRevoker(tokens.clone())));
+        let queue = UpstreamQueue::new(
+            sessions.clone(),
+            stores.tokens.clone(),
+            Arc::new(ProviderRevoker(tokens.clone())),
+            config.revocation.cascade,
+        );
+        let revocations =
+            Revocations::new(sessions.clone(), RevocationSettings::from_config(&config)).with_upstream_queue(queue);
         Ok(App {
             config: Arc::new(config),
             secrets,
@@ -273,6 +279,8 @@ impl App {
         let cleanup =
             tokio::spawn(cleanup_loop(sessions, security, tokens, config.session.cleanup_interval, shutdown.clone()));
         let feed = tokio::spawn(revocations.feed().clone().run(shutdown.clone()));
+        let upstream_queue =
+            revocations.upstream_queue().cloned().map(|queue| tokio::spawn(queue.run(shutdown.clone())));
         let revocation_cleanup =
             tokio::spawn(revocation_cleanup_loop(revocations, config.revocation.cleanup_interval, shutdown.clone()));
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -302,6 +310,15 @@ impl App {
         feed.abort();
         revocation_cleanup.abort();
         storage_health.abort();
+        if let Some(queue) = upstream_queue {
+            // It saw the shutdown: a moment to release its lease (another replica then takes
+            // the queue at once instead of after the lease lapses); unfinished work stays in the
+            // log for whoever leads next.
+            let abort = queue.abort_handle();
+            if tokio::time::timeout(std::time::Duration::from_secs(1), queue).await.is_err() {
+                abort.abort();
+            }
+        }
         tracing::info!("stopped");
         Ok(())
     }

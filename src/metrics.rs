@@ -113,6 +113,15 @@ pub fn install(addr: SocketAddr) -> Result<(), ConfigError> {
     metrics::describe_gauge!(WATCHERS_CONNECTED, "WatchRevocations streams open on this replica");
     metrics::describe_counter!(RATE_LIMIT_DENIED, "Rate-limit denials, by rule");
     metrics::describe_counter!(
+        crate::revocation::upstream::UPSTREAM_REVOCATIONS,
+        "Upstream (RFC 7009) revocations the revocation queue made, by outcome"
+    );
+    metrics::gauge!(crate::revocation::upstream::UPSTREAM_REVOCATIONS_PENDING).set(0.0);
+    metrics::describe_gauge!(
+        crate::revocation::upstream::UPSTREAM_REVOCATIONS_PENDING,
+        "Revoked sessions whose upstream tokens the queue on this replica has still to revoke"
+    );
+    metrics::describe_counter!(
         RATE_LIMIT_DENIALS_UNRECORDED,
         "Rate-limit denials not recorded as security events (repeats within a denial window), by rule"
     );

@@ -13,9 +13,11 @@
 //! rather than silently misread.
 //!
 //! Cascade (`revocation.cascade`): revoking a session also asks its provider to revoke the
-//! upstream tokens through [`UpstreamRevoker`]: `App` installs the token work's RFC 7009 client
-//! (`token::ProviderRevoker`); [`NoUpstreamRevoker`], the default of a bare [`Revocations`],
-//! makes no call and says so ([`UpstreamOutcome::NotConfigured`]). Revoking a user always ends each of their active
+//! upstream tokens through [`UpstreamRevoker`], from the durable [`UpstreamQueue`] (see
+//! `upstream.rs`): `App` installs it over the token work's RFC 7009 client
+//! (`token::ProviderRevoker`); a bare [`Revocations`] has none and makes no call. RevokeSession
+//! also tries inline; logout-all only ends the sessions and leaves the calls to the queue.
+//! Revoking a user always ends each of their active
 //! sessions with its own event, whatever the cascade setting: a user-wide marker would make
 //! every watcher and `IsRevoked` do a second lookup, and one event per ended session keeps one
 //! meaning for the feed.
@@ -32,8 +34,10 @@ use crate::session::{SessionManager, SessionRecord, SessionRef, SessionState};
 use crate::store::EndOutcome;
 
 pub mod feed;
+pub mod upstream;
 
 pub use feed::{RevocationFeed, WatchItem, WatchRequest};
+pub use upstream::UpstreamQueue;
 
 /// What ended a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -129,9 +133,6 @@ impl Cursor {
     }
 }
 
-/// Upstream revocations of one logout-all in flight at once.
-const UPSTREAM_CONCURRENCY: usize = 4;
-
 /// What asking the provider to revoke a session's upstream tokens did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamOutcome {
@@ -141,8 +142,12 @@ pub enum UpstreamOutcome {
     NotConfigured,
     /// The provider revoked the tokens.
     Revoked,
-    /// The call failed; the session is revoked locally all the same (best effort).
+    /// The call failed in a way worth retrying (the provider unreachable, slow or answering
+    /// 5xx); the session is revoked locally all the same, and the queue tries again.
     Failed(String),
+    /// The provider (or the stored tokens) made the revocation impossible, for good: a 4xx
+    /// other than 429, a malformed answer, tokens that cannot be opened. Not retried.
+    Rejected(String),
 }
 
 /// Revokes a session's upstream tokens at its provider (RFC 7009), best effort: the session is
@@ -247,19 +252,27 @@ pub struct Revocations {
     feed: RevocationFeed,
     settings: RevocationSettings,
     upstream: Arc<dyn UpstreamRevoker>,
+    queue: Option<UpstreamQueue>,
 }
 
 impl Revocations {
     /// Revocation for `sessions`, with a feed (not yet running: see [`RevocationFeed::run`]).
     pub fn new(sessions: SessionManager, settings: RevocationSettings) -> Revocations {
         let feed = RevocationFeed::new(&sessions, &settings);
-        Revocations { sessions, feed, settings, upstream: Arc::new(NoUpstreamRevoker) }
+        Revocations { sessions, feed, settings, upstream: Arc::new(NoUpstreamRevoker), queue: None }
     }
 
-    /// Uses `upstream` for the cascade to the provider.
-    pub fn with_upstream_revoker(mut self, upstream: Arc<dyn UpstreamRevoker>) -> Revocations {
-        self.upstream = upstream;
+    /// Cascades to the provider through `queue` (and its revoker, inline for RevokeSession).
+    /// Without a queue nothing is revoked upstream.
+    pub fn with_upstream_queue(mut self, queue: UpstreamQueue) -> Revocations {
+        self.upstream = queue.revoker().clone();
+        self.queue = Some(queue);
         self
+    }
+
+    /// The upstream revocation queue, if there is one (its worker is started by the app).
+    pub fn upstream_queue(&self) -> Option<&UpstreamQueue> {
+        self.queue.as_ref()
     }
 
     /// The replica's live feed.
@@ -277,8 +290,14 @@ impl Revocations {
             return UpstreamOutcome::Skipped;
         }
         let outcome = self.upstream.revoke(session).await;
-        if let UpstreamOutcome::Failed(cause) = &outcome {
-            tracing::warn!(session_id = %session.session_id, %cause, "upstream token revocation failed; the session is revoked locally");
+        match &outcome {
+            UpstreamOutcome::Failed(cause) => {
+                tracing::warn!(session_id = %session.session_id, %cause, "upstream token revocation failed; the session is revoked locally and the queue retries");
+            }
+            UpstreamOutcome::Rejected(cause) => {
+                tracing::warn!(session_id = %session.session_id, %cause, "the provider refused the upstream token revocation; the session is revoked locally");
+            }
+            _ => {}
         }
         outcome
     }
@@ -298,7 +317,20 @@ impl Revocations {
         match outcome {
             EndOutcome::Ended(record) if record.state == SessionState::Revoked => {
                 let event = self.sessions.store().revocation_entry(&record.session_id, now).await?;
+                // Inline, so the caller sees the provider's answer; the event is claimed for
+                // that time so the queue does not call too, and takes over if this fails.
+                let claim = match (&self.queue, &event) {
+                    (Some(queue), Some(event)) => {
+                        let cursor = self.cursor(event.seq);
+                        queue.claim(&cursor);
+                        Some((queue, cursor))
+                    }
+                    _ => None,
+                };
                 let upstream = self.cascade(&record).await;
+                if let Some((queue, cursor)) = claim {
+                    queue.settle(&cursor, !matches!(upstream, UpstreamOutcome::Failed(_)));
+                }
                 Ok(Revoked { session: record, event, already_ended: false, upstream })
             }
             EndOutcome::Ended(record) | EndOutcome::AlreadyEnded(record) => {
@@ -339,24 +371,14 @@ impl Revocations {
                 ended.push(record);
             }
         }
-        let revoked = ended.iter().map(|r| r.session_id.clone()).collect();
-        // Then the cascade, off the request path and a few at a time. It is best effort and not
-        // yet durable: a restart before it finishes leaves those upstream tokens to expire.
-        if self.settings.cascade && !ended.is_empty() {
-            let this = self.clone();
-            tokio::spawn(async move {
-                use futures_util::StreamExt as _;
-                futures_util::stream::iter(ended)
-                    .for_each_concurrent(UPSTREAM_CONCURRENCY, |record| {
-                        let this = &this;
-                        async move {
-                            this.cascade(&record).await;
-                        }
-                    })
-                    .await;
-            });
+        // The upstream revocations are in the log with the ends: the queue does them, off the
+        // request path, and again after a restart until they succeed.
+        if let Some(queue) = &self.queue
+            && !ended.is_empty()
+        {
+            queue.wake();
         }
-        Ok(revoked)
+        Ok(ended.into_iter().map(|r| r.session_id).collect())
     }
 
     /// The live revocation-list entry of a session, if it is on the list.

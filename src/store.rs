@@ -383,6 +383,14 @@ pub trait TokenStore: Send + Sync + std::fmt::Debug + 'static {
     /// Walks an expiry index, so cost grows with what expired. Expired leases are deleted too
     /// (not counted).
     async fn purge_refresh_records(&self, now: Millis, limit: usize) -> Result<usize>;
+
+    /// The value [`TokenStore::save_checkpoint`] last stored under `name`, if any: the position
+    /// of a background worker over the revocation log (the upstream revocation queue), kept
+    /// durably so a restart goes on from it.
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>>;
+
+    /// Stores `value` under `name`, replacing what was there (durably, where the backend is).
+    async fn save_checkpoint(&self, name: &str, value: &str) -> Result<()>;
 }
 
 /// A shared handle to a token store.

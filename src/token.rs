@@ -825,7 +825,9 @@ impl TokenManager {
     }
 
     /// Revokes a session's upstream tokens at its provider (RFC 7009): the refresh token first
-    /// (which revokes the grant at most providers), then the access token. Best effort.
+    /// (which revokes the grant at most providers), then the access token, each with the retry
+    /// policy. `Failed` is worth another try later (the revocation queue makes it); `Rejected`
+    /// is not.
     pub async fn revoke_upstream(&self, session: &SessionRecord) -> UpstreamOutcome {
         let Some(provider) = self.providers.get(&session.provider) else {
             return UpstreamOutcome::NotConfigured;
@@ -834,7 +836,7 @@ impl TokenManager {
         if let Some(sealed) = &session.tokens.refresh {
             match self.sessions.open(sealed, session, crypto::TokenField::Refresh) {
                 Ok(t) => tokens.push((t, true)),
-                Err(e) => return UpstreamOutcome::Failed(format!("cannot open the stored refresh token: {e}")),
+                Err(e) => return UpstreamOutcome::Rejected(format!("cannot open the stored refresh token: {e}")),
             }
         }
         match self.sessions.open(&session.tokens.access, session, crypto::TokenField::Access) {
@@ -842,7 +844,7 @@ impl TokenManager {
                 self.forget_introspection(provider.name(), &t);
                 tokens.push((t, false));
             }
-            Err(e) => return UpstreamOutcome::Failed(format!("cannot open the stored access token: {e}")),
+            Err(e) => return UpstreamOutcome::Rejected(format!("cannot open the stored access token: {e}")),
         }
         for (token, refresh) in &tokens {
             let (result, _) = self.settings.retry.run(|| provider.revoke_once(token, *refresh)).await;
@@ -852,7 +854,11 @@ impl TokenManager {
                     return UpstreamOutcome::NotConfigured;
                 }
                 self.sessions.report(SessionEvent::UpstreamRevocationFailed { session, error: &message }).await;
-                return UpstreamOutcome::Failed(message);
+                return if e.is_transient() {
+                    UpstreamOutcome::Failed(message)
+                } else {
+                    UpstreamOutcome::Rejected(message)
+                };
             }
         }
         UpstreamOutcome::Revoked

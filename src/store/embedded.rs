@@ -78,6 +78,7 @@ const USER_SECURITY_EVENTS: TableDefinition<(&str, u64, &str), ()> = TableDefini
 const REFRESH_LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("refresh_leases");
 const REFRESH_RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("refresh_records");
 const REFRESH_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("refresh_expiry");
+const CHECKPOINTS: TableDefinition<&str, &str> = TableDefinition::new("checkpoints");
 
 /// Sessions in a redb file.
 #[derive(Clone)]
@@ -154,6 +155,7 @@ impl EmbeddedStore {
             tx.open_table(REFRESH_LEASES).map_err(unavailable)?;
             tx.open_table(REFRESH_RECORDS).map_err(unavailable)?;
             tx.open_table(REFRESH_EXPIRY).map_err(unavailable)?;
+            tx.open_table(CHECKPOINTS).map_err(unavailable)?;
             // The log id is made once with the database and kept: cursors stay valid across
             // restarts, and a cursor from another database is recognised as foreign.
             let mut meta = tx.open_table(REVOCATION_META).map_err(unavailable)?;
@@ -841,6 +843,28 @@ impl TokenStore for EmbeddedStore {
                 leases.remove(key.as_str()).map_err(unavailable)?;
             }
             Ok(due.len())
+        })
+        .await
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>> {
+        let store = self.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let tx = store.db.begin_read().map_err(unavailable)?;
+            let table = tx.open_table(CHECKPOINTS).map_err(unavailable)?;
+            Ok(table.get(name.as_str()).map_err(unavailable)?.map(|v| v.value().to_owned()))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("embedded store task failed: {e}")))?
+    }
+
+    async fn save_checkpoint(&self, name: &str, value: &str) -> Result<()> {
+        let (name, value) = (name.to_owned(), value.to_owned());
+        self.write(Durability::Immediate, move |tx| {
+            let mut table = tx.open_table(CHECKPOINTS).map_err(unavailable)?;
+            table.insert(name.as_str(), value.as_str()).map_err(unavailable)?;
+            Ok(())
         })
         .await
     }

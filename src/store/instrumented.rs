@@ -223,6 +223,14 @@ impl TokenStore for Instrumented<DynTokenStore> {
     async fn purge_refresh_records(&self, now: Millis, limit: usize) -> Result<usize> {
         self.observe("purge_refresh_records", self.inner.purge_refresh_records(now, limit)).await
     }
+
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>> {
+        self.observe("checkpoint", self.inner.checkpoint(name)).await
+    }
+
+    async fn save_checkpoint(&self, name: &str, value: &str) -> Result<()> {
+        self.observe("save_checkpoint", self.inner.save_checkpoint(name, value)).await
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@
 //! | `P{S}:lease:<session id>` | hash | the session's refresh lease: `holder`, `version`, `expires_at` |
 //! | `P{S}:rr:<session id>`, `P{S}:rri:<session id>` | hash, sorted set | refresh records (id → `<expires_at>\n<json>`) and their ids (score 0: by id, so by time) |
 //! | `P{tokens}:due`, `:leases` | sorted sets | refresh records by `expires_at`, leases by a time at or before theirs |
+//! | `P{tokens}:cp:<name>` | string | a background worker's checkpoint (the upstream revocation queue's position) |
 //!
 //! `S` is a session's tag: the `T` its `ses_<T>_...` id carries (`shard_tag` of the id for any
 //! other shape), so its lease and records share the slot of its record.
@@ -2051,6 +2052,24 @@ impl<T: Transport> TokenStore for KeyspaceStore<T> {
             }
             self.purge_leases(now, limit.max(1)).await?;
             Ok(deleted)
+        })
+        .await
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>> {
+        self.bounded("checkpoint", async {
+            match self.transport.command(vec!["GET".into(), self.layout.tokens(&format!("cp:{name}"))], true).await? {
+                Reply::Nil => Ok(None),
+                reply => text(&reply).map(|v| Some(v.to_owned())),
+            }
+        })
+        .await
+    }
+
+    async fn save_checkpoint(&self, name: &str, value: &str) -> Result<()> {
+        self.bounded("save_checkpoint", async {
+            let args = vec!["SET".into(), self.layout.tokens(&format!("cp:{name}")), value.to_owned()];
+            self.transport.command(args, false).await.map(drop)
         })
         .await
     }

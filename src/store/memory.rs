@@ -40,6 +40,7 @@ struct Tokens {
     leases: HashMap<String, RefreshLease>,
     records: HashMap<String, BTreeMap<String, RefreshRecord>>,
     expiry: BTreeSet<(Millis, String, String)>,
+    checkpoints: HashMap<String, String>,
 }
 
 impl Default for MemoryStore {
@@ -309,6 +310,15 @@ impl TokenStore for MemoryStore {
         // Leases left behind by a crashed holder expire by themselves; forget them here too.
         tokens.leases.retain(|_, lease| lease.expires_at > now);
         Ok(due.len())
+    }
+
+    async fn checkpoint(&self, name: &str) -> Result<Option<String>> {
+        Ok(self.tokens().checkpoints.get(name).cloned())
+    }
+
+    async fn save_checkpoint(&self, name: &str, value: &str) -> Result<()> {
+        self.tokens().checkpoints.insert(name.to_owned(), value.to_owned());
+        Ok(())
     }
 }
 

@@ -972,6 +972,18 @@ fn lease(session: &str, holder: &str, expires_at: i64) -> RefreshLease {
     RefreshLease { session_id: session.into(), holder: holder.into(), version: 1, expires_at }
 }
 
+/// The upstream revocation queue's checkpoint (issue 16 point 5): absent until saved, then the
+/// last value saved under its name, names kept apart.
+pub async fn checkpoints_keep_the_last_value_per_name(backend: Backend) {
+    let tokens = &backend.tokens;
+    assert_eq!(tokens.checkpoint("upstream_revocations").await.unwrap(), None);
+    tokens.save_checkpoint("upstream_revocations", "0123abcd0123abcd.7").await.unwrap();
+    tokens.save_checkpoint("upstream_revocations", "0123abcd0123abcd.9").await.unwrap();
+    tokens.save_checkpoint("other", "x.1").await.unwrap();
+    assert_eq!(tokens.checkpoint("upstream_revocations").await.unwrap().as_deref(), Some("0123abcd0123abcd.9"));
+    assert_eq!(tokens.checkpoint("other").await.unwrap().as_deref(), Some("x.1"));
+}
+
 pub async fn refresh_leases_are_exclusive_and_expire(backend: Backend) {
     let tokens = &backend.tokens;
     let now = START;
@@ -1165,6 +1177,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn events_are_listed_per_user_by_time_and_purged() {
                 suite::events_are_listed_per_user_by_time_and_purged($make).await
+            }
+            #[tokio::test]
+            async fn checkpoints_keep_the_last_value_per_name() {
+                suite::checkpoints_keep_the_last_value_per_name($make).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn refresh_leases_are_exclusive_and_expire() {

@@ -110,6 +110,17 @@ impl Oidc {
         assert!(r.status().is_success(), "{:?}", r.text().await);
     }
 
+    /// Arms faults of the revocation endpoint (`POST /__test/revocation_fail`, see the README).
+    pub async fn revocation_fail(&self, body: Value) {
+        let r = self.http.post(format!("{}/__test/revocation_fail", self.issuer)).json(&body).send().await.unwrap();
+        assert!(r.status().is_success(), "{:?}", r.text().await);
+    }
+
+    /// Whether the provider still takes `token` as active (RFC 7662, asked directly).
+    pub async fn is_active(&self, token: &str) -> bool {
+        self.introspect(token).await["active"].as_bool().expect("introspection answer")
+    }
+
     pub async fn stats(&self) -> Value {
         self.http.get(format!("{}/__test/stats", self.issuer)).send().await.unwrap().json().await.unwrap()
     }

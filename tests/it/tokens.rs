@@ -295,6 +295,12 @@ impl TokenStore for HeldLeaseRequest {
     async fn purge_refresh_records(&self, now: Millis, limit: usize) -> session_authority::Result<usize> {
         self.inner.purge_refresh_records(now, limit).await
     }
+    async fn checkpoint(&self, name: &str) -> session_authority::Result<Option<String>> {
+        self.inner.checkpoint(name).await
+    }
+    async fn save_checkpoint(&self, name: &str, value: &str) -> session_authority::Result<()> {
+        self.inner.save_checkpoint(name, value).await
+    }
 }
 
 /// Found by the soak: replica B read the session (not yet refreshed), then replica A refreshed
@@ -729,4 +735,153 @@ async fn logout_all_ends_every_session_first_while_the_provider_hangs() {
         .into_inner()
         .sessions;
     assert!(left.is_empty(), "still active: {left:?}");
+}
+
+/// Issue 16 point 5 (its second half): the upstream revocations of a logout-all come from a
+/// durable queue. The provider's revocation endpoint is slow (10 s) and then down: logout-all
+/// of 20 sessions still returns at once with 20 ended, the queue counts its failures and keeps
+/// the work pending across a SIGKILL, and once the provider is back the restarted server
+/// revokes every one of the 20 grants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_all_revokes_upstream_tokens_from_a_durable_queue_across_a_restart() {
+    use crate::operability::{free_port, scrape};
+
+    let oidc = Oidc::start(3600);
+    oidc.revocation_fail(serde_json::json!({"mode": "delay", "delay_ms": 10_000})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let metrics_port = free_port();
+    let spawn = || {
+        spawn_for(&oidc)
+            .data_dir(&data)
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .env("SESSION_AUTHORITY_SESSION_MAX_SESSIONS_PER_USER", "50")
+    };
+    let mut server = spawn().start();
+    let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+    let mut revocations = server.revocations(Some(SERVICE_KEY)).await;
+    let mut logins = Vec::new();
+    for _ in 0..20 {
+        let login = oidc.tokens("gus").await;
+        sessions.create_session(create("gus", &login, "")).await.unwrap();
+        logins.push(login);
+    }
+
+    let started = std::time::Instant::now();
+    let answer = revocations
+        .revoke_user_sessions(pb::RevokeUserSessionsRequest { user_id: "gus".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let took = started.elapsed();
+    assert_eq!(answer.revoked_count, 20, "{answer:?}");
+    assert!(took < Duration::from_secs(1), "logout-all waited for the provider: {took:?}");
+
+    // Slow: the provider has seen revocation requests and processed none of them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while oidc.stats().await["revocation_injected"].as_i64().unwrap() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the queue made no upstream call");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Down.
+    oidc.revocation_fail(serde_json::json!({"mode": "503"})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let exposition = scrape(metrics_port);
+        let failed = exposition.value("upstream_revocations_total", &[("outcome", "failed")]).unwrap_or(0.0);
+        let pending = exposition.value("upstream_revocations_pending", &[]).unwrap_or(0.0);
+        if failed >= 4.0 && pending == 20.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "failed {failed}, pending {pending}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(oidc.stats().await["revocation_processed"].as_i64().unwrap(), 0);
+    for login in &logins {
+        assert!(oidc.is_active(&login.refresh_token).await, "revoked while the provider was down");
+    }
+
+    // A crash, the provider comes back, and the server starts again on the same data.
+    server.signal("KILL");
+    server.wait_exit(Duration::from_secs(10));
+    oidc.revocation_fail(serde_json::json!({"mode": "none"})).await;
+    let _server = spawn().start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for login in &logins {
+        while oidc.is_active(&login.refresh_token).await || oidc.is_active(&login.access_token).await {
+            assert!(std::time::Instant::now() < deadline, "a grant of the logout-all was never revoked upstream");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Each once: 20 revoked, nothing left pending.
+    loop {
+        let exposition = scrape(metrics_port);
+        let revoked = exposition.value("upstream_revocations_total", &[("outcome", "revoked")]);
+        let pending = exposition.value("upstream_revocations_pending", &[]);
+        if pending == Some(0.0) {
+            assert_eq!(revoked, Some(20.0));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "revoked {revoked:?}, pending {pending:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 16 point 5 on shared storage: two replicas on one Redis run one upstream revocation
+/// queue between them (a lease), so each revoked session's tokens are revoked upstream once,
+/// not once per replica; when a replica stops, the other goes on with the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_redis_share_one_upstream_revocation_queue() {
+    let oidc = Oidc::start(3600);
+    let redis = crate::servers::shared_redis();
+    let prefix = crate::servers::unique_prefix("upstream-queue");
+    let replica = || {
+        spawn_for(&oidc)
+            .arg("--storage")
+            .arg("redis")
+            .env("REDIS_URL", redis.url())
+            .env("SESSION_AUTHORITY_REDIS_KEY_PREFIX", &prefix)
+            .env("SESSION_AUTHORITY_ENCRYPTION_KEY", session_authority::crypto::encode_key(&[7u8; 32]))
+            .env("SESSION_AUTHORITY_SESSION_MAX_SESSIONS_PER_USER", "50")
+    };
+    let (a, b) = (replica().start(), replica().start());
+    let logout_all = async |server: &Process, user: &str, n: usize| {
+        let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
+        let mut logins = Vec::new();
+        for _ in 0..n {
+            let login = oidc.tokens(user).await;
+            sessions.create_session(create(user, &login, "")).await.unwrap();
+            logins.push(login);
+        }
+        let answer = server
+            .revocations(Some(SERVICE_KEY))
+            .await
+            .revoke_user_sessions(pb::RevokeUserSessionsRequest { user_id: user.into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.revoked_count as usize, n);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for login in &logins {
+            while oidc.is_active(&login.refresh_token).await {
+                assert!(std::time::Instant::now() < deadline, "a grant was never revoked upstream");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    oidc.reset().await;
+    logout_all(&a, "hal", 10).await;
+    // Time for a second worker, if there were one, to make its calls too.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stats = oidc.stats().await;
+    assert_eq!(stats["revocation"], 20, "one refresh and one access token revocation per session: {stats}");
+
+    // One replica stops; the other leads the queue from where it was.
+    let (code, _a) = a.terminate().await;
+    assert_eq!(code, Some(0));
+    logout_all(&b, "ida", 5).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(oidc.stats().await["revocation"], 30);
 }

@@ -54,6 +54,7 @@ async function call(path, { form, json, auth = 'basic', method, signal } = {}) {
 const refresh = (rt, auth, signal) => call('/token', { form: { grant_type: 'refresh_token', refresh_token: rt }, auth, signal });
 const introspect = (token) => call('/token/introspection', { form: { token } });
 const revoke = (token, hint) => call('/token/revocation', { form: { token, ...(hint && { token_type_hint: hint }) } });
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 const stats = async () => (await call('/__test/stats')).body;
 const resetStats = () => call('/__test/reset', { method: 'POST' });
 
@@ -216,6 +217,30 @@ await check('revoking an unknown token still answers 200 (RFC 7009)', async () =
   assert.equal((await revoke('not-a-real-token')).status, 200);
 });
 
+await check('revocation_fail: 503 and delay leave the token live, then revocation works', async () => {
+  const gina = (await call('/__test/tokens?user=gina')).body;
+  await resetStats();
+  const armed = await call('/__test/revocation_fail', { json: { mode: '503', count: 1 } });
+  assert.deepEqual(armed.body, { mode: '503', delay_ms: 0, count: 1 });
+  assert.equal((await revoke(gina.refresh_token, 'refresh_token')).status, 503);
+  assert.equal((await introspect(gina.refresh_token)).body.active, true);
+  await call('/__test/revocation_fail', { json: { mode: 'delay', delay_ms: 1000 } });
+  const started = Date.now();
+  await assert.rejects(
+    call('/token/revocation', { form: { token: gina.refresh_token }, signal: AbortSignal.timeout(200) }),
+    { name: 'TimeoutError' },
+  );
+  assert.ok(Date.now() - started >= 150);
+  await sleep(1100);
+  assert.equal((await introspect(gina.refresh_token)).body.active, true, 'a request the client gave up on is not processed');
+  await call('/__test/revocation_fail', { json: { mode: 'none' } });
+  assert.equal((await revoke(gina.refresh_token, 'refresh_token')).status, 200);
+  assert.equal((await introspect(gina.refresh_token)).body.active, false);
+  const s = await stats();
+  assert.equal(s.revocation_processed, 1);
+  assert.ok(s.revocation_injected >= 2);
+});
+
 await check('fail mode 503: next N token requests get 503, then normal again', async () => {
   const dave = (await call('/__test/tokens?user=dave')).body;
   await resetStats();
@@ -270,7 +295,6 @@ await check('fail mode 503 with retry_after sends Retry-After', async () => {
   assert.equal((await call('/__test/fail')).body.mode, 'none');
 });
 
-const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
 await check('refresh hook: a delayed request the client gave up on is dropped unprocessed', async () => {
   const erin = (await call('/__test/tokens?user=erin')).body;

@@ -96,6 +96,9 @@ const emptyStats = () => ({
   },
   introspection: 0,
   revocation: 0,
+  // Revocation requests oidc-provider processed (answered 200), and those the fault held or refused.
+  revocation_processed: 0,
+  revocation_injected: 0,
 });
 let stats = emptyStats();
 const bump = (obj, key) => { obj[key] = (obj[key] ?? 0) + 1; };
@@ -218,6 +221,18 @@ function setRefreshHook(input) {
 }
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
+// Faults of the revocation endpoint (POST /__test/revocation_fail), applied to the next `count`
+// revocation requests (null: until lifted with mode "none"):
+// * "delay": each request is held delay_ms before oidc-provider sees it (a slow provider);
+// * "503": answered 503 temporarily_unavailable, unprocessed (a provider that is down).
+let revocationFail = { mode: 'none', delay_ms: 0, count: null };
+function setRevocationFail({ mode = 'none', delay_ms = 0, count = null } = {}) {
+  if (!['none', 'delay', '503'].includes(mode)) throw badRequest('mode must be none, delay or 503');
+  if (!(Number.isInteger(delay_ms) && delay_ms >= 0)) throw badRequest('delay_ms must be a non-negative integer');
+  if (!(count === null || (Number.isInteger(count) && count >= 1))) throw badRequest('count must be null or a positive integer');
+  revocationFail = { mode, delay_ms, count };
+}
+
 provider.use(async (ctx, next) => {
   if (ctx.method !== 'POST' || ctx.path !== '/token' || !refreshHook) return next();
   if (ctx.get(INTERNAL_HEADER) === internalNonce) return next();
@@ -300,8 +315,25 @@ provider.use(async (ctx, next) => {
 // Introspection / revocation counters.
 provider.use(async (ctx, next) => {
   if (ctx.method === 'POST' && ctx.path === '/token/introspection') stats.introspection += 1;
-  if (ctx.method === 'POST' && ctx.path === '/token/revocation') stats.revocation += 1;
-  return next();
+  if (ctx.method !== 'POST' || ctx.path !== '/token/revocation') return next();
+  stats.revocation += 1;
+  const fault = revocationFail;
+  if (fault.mode !== 'none') {
+    if (fault.count !== null) {
+      fault.count -= 1;
+      if (fault.count <= 0) revocationFail = { mode: 'none', delay_ms: 0, count: null };
+    }
+    stats.revocation_injected += 1;
+    if (fault.mode === '503') {
+      return json(ctx, 503, { error: 'temporarily_unavailable', error_description: 'injected failure' });
+    }
+    await sleep(fault.delay_ms);
+    // A client that gave up meanwhile gets nothing processed.
+    if (ctx.req.socket.destroyed) return undefined;
+  }
+  await next();
+  if (ctx.status === 200) stats.revocation_processed += 1;
+  return undefined;
 });
 
 // /__test/* admin endpoints.
@@ -316,10 +348,14 @@ provider.use(async (ctx, next) => {
         stats = emptyStats();
         setFail({ mode: 'none' });
         refreshHook = null;
+        setRevocationFail();
         return json(ctx, 200, { ok: true });
       case 'POST /__test/refresh_hook':
         setRefreshHook(await readJson(ctx));
         return json(ctx, 200, refreshHook ?? {});
+      case 'POST /__test/revocation_fail':
+        setRevocationFail(await readJson(ctx));
+        return json(ctx, 200, revocationFail);
       case 'GET /__test/fail':
         return json(ctx, 200, fail);
       case 'POST /__test/fail':

@@ -5,8 +5,11 @@
 //! callers) created lazily, so the service starts while Redis is down and reports NOT_SERVING
 //! until it is reachable; after a dropped connection the next call reconnects (one attempt, no
 //! backoff), so calls fail fast during an outage and succeed as soon as Redis returns. A Redis Cluster (several
-//! comma-separated nodes, or `redis+cluster://h1:p1,h2:p2`): the crate's cluster client, which
-//! follows slot moves; every per-user script touches one slot thanks to the `{tag}` hash tag.
+//! comma-separated nodes, or `redis+cluster://h1:p1,h2:p2`): the crate's cluster client, with
+//! its own retries off (they would re-send a script whose reply was lost); the transport
+//! follows slot moves by sending again only what the cluster refused without running
+//! ([`RedisTransport::run`]). Every per-user script touches one slot thanks to the `{tag}` hash
+//! tag.
 //!
 //! Errors: a connection failure, a timeout or a server that says it is not ready (LOADING,
 //! CLUSTERDOWN, TRYAGAIN, ...) is [`Error::Unavailable`]; any other error reply is a bug or a
@@ -107,9 +110,9 @@ pub fn open(url: &str, prefix: &str, timeout: Duration) -> std::result::Result<R
             let client = ClusterClient::builder(nodes)
                 .connection_timeout(connect_timeout)
                 .response_timeout(timeout)
-                .retries(3)
-                .min_retry_wait(25)
-                .max_retry_wait(250)
+                // No retries by the crate: it re-sends scripts after a dropped connection or a
+                // response timeout. RedisTransport::run re-sends only what provably did not run.
+                .retries(0)
                 .build()
                 .map_err(bad_url)?;
             Connection::Cluster { client: Box::new(client), connection: Arc::new(OnceCell::new()) }
@@ -186,22 +189,99 @@ impl RedisTransport {
         }
     }
 
-    /// Runs `attempt`, and once more for a read when the connection had dropped (the manager
-    /// reconnects in between); writes are never repeated.
-    async fn run<F, Fut>(&self, read_only: bool, attempt: F) -> Result<Reply>
+    /// Runs `attempt`, and again only where that cannot run a command twice.
+    ///
+    /// One Redis: a read once more when the connection had dropped (the manager reconnects in
+    /// between); writes are never repeated. A cluster: the crate's client makes no retries of
+    /// its own (it would re-send a script whose connection dropped after the node ran it, or
+    /// whose reply timed out), so this loop does: up to [`CLUSTER_RESENDS`] times with a short
+    /// backoff, a call the cluster refused without running it (MOVED, ASK, TRYAGAIN,
+    /// CLUSTERDOWN, MASTERDOWN, LOADING, READONLY, no connection to the node, connection refused),
+    /// and a read after any connection failure. The store's deadline (`storage.timeout`) bounds
+    /// the whole loop.
+    ///
+    /// An ASK (the slot is being migrated and the keys are already at the new node) is sent
+    /// to that node as `ASKING` + `asked`, the call in a form that needs nothing loaded there.
+    async fn run<F, Fut>(&self, read_only: bool, asked: &::redis::Cmd, attempt: F) -> Result<Reply>
     where
         F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Value, RedisError>>,
     {
-        let first = attempt(self.conn().await?).await;
-        let value = match first {
-            Err(e) if read_only && (e.is_connection_dropped() || e.is_io_error()) => {
-                attempt(self.conn().await?).await.map_err(to_error)?
+        let clustered = matches!(self.connection, Connection::Cluster { .. });
+        let mut resends = 0u32;
+        let mut redirect: Option<(String, u16)> = None;
+        loop {
+            let result = match redirect.take() {
+                Some((host, port)) => Self::asking(self.conn().await?, host, port, asked).await,
+                None => attempt(self.conn().await?).await,
+            };
+            let e = match result {
+                Ok(value) => return to_reply(value),
+                Err(e) => e,
+            };
+            if clustered && matches!(e.kind(), ErrorKind::Server(ServerErrorKind::Ask)) {
+                redirect = e
+                    .redirect_node()
+                    .and_then(|(node, _)| node.rsplit_once(':'))
+                    .and_then(|(host, port)| Some((host.to_owned(), port.parse().ok()?)));
             }
-            other => other.map_err(to_error)?,
-        };
-        to_reply(value)
+            let again = if clustered {
+                resends < CLUSTER_RESENDS && (not_run(&e) || (read_only && connection_failed(&e)))
+            } else {
+                resends == 0 && read_only && (e.is_connection_dropped() || e.is_io_error())
+            };
+            if !again {
+                return Err(to_error(e));
+            }
+            if clustered && redirect.is_none() {
+                tokio::time::sleep(Duration::from_millis(25 << resends)).await;
+            }
+            resends += 1;
+        }
     }
+
+    /// `ASKING` then `cmd` on the cluster node at `host:port`, on one connection.
+    async fn asking(conn: Conn, host: String, port: u16, cmd: &::redis::Cmd) -> std::result::Result<Value, RedisError> {
+        let Conn::Cluster(mut connection) = conn else {
+            return Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::Unsupported)));
+        };
+        let mut pipe = ::redis::Pipeline::new();
+        pipe.add_command(::redis::cmd("ASKING")).add_command(cmd.clone());
+        let route = ::redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port };
+        let mut replies = connection.route_pipeline(pipe, 1, 1, route).await?;
+        match replies.pop() {
+            Some(Value::ServerError(e)) => Err(e.into()),
+            Some(value) => Ok(value),
+            None => Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))),
+        }
+    }
+}
+
+/// How many times a cluster call is sent again (see [`RedisTransport::run`]).
+const CLUSTER_RESENDS: u32 = 3;
+
+/// The cluster refused the call without running it: another node owns the slot, the slot is
+/// moving, the cluster or node is not ready, or the command never left (no connection).
+fn not_run(e: &RedisError) -> bool {
+    match e.kind() {
+        ErrorKind::Server(kind) => matches!(
+            kind,
+            ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::BusyLoading
+                | ServerErrorKind::ReadOnly
+        ),
+        ErrorKind::ClusterConnectionNotFound => true,
+        _ => e.is_connection_refusal(),
+    }
+}
+
+/// The connection failed or timed out: whether a write ran is unknown.
+fn connection_failed(e: &RedisError) -> bool {
+    e.is_connection_dropped() || e.is_io_error() || e.is_timeout()
 }
 
 #[async_trait]
@@ -220,7 +300,7 @@ impl Transport for RedisTransport {
         for arg in rest {
             cmd.arg(arg);
         }
-        self.run(read_only, |mut conn| {
+        self.run(read_only, &cmd, |mut conn| {
             let cmd = cmd.clone();
             async move { cmd.query_async::<Value>(&mut conn).await }
         })
@@ -235,8 +315,11 @@ impl Transport for RedisTransport {
         for arg in &args {
             invocation.arg(arg);
         }
+        // After an ASK the new node may not have the script: EVAL with the source.
+        let mut asked = ::redis::cmd("EVAL");
+        asked.arg(lua.source).arg(keys.len()).arg(&keys).arg(&args);
         // EVALSHA; on NOSCRIPT (not run) the crate loads the script and sends EVALSHA again.
-        self.run(read_only, |mut conn| {
+        self.run(read_only, &asked, |mut conn| {
             let invocation = &invocation;
             async move { invocation.invoke_async::<Value>(&mut conn).await }
         })

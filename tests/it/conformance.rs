@@ -95,7 +95,7 @@ pub fn laptop() -> Fingerprint {
     }
 }
 
-fn ctx() -> RequestContext {
+pub fn ctx() -> RequestContext {
     RequestContext { fingerprint: Some(laptop()), ip_address: Some("192.0.2.10".parse().unwrap()), user_agent: None }
 }
 
@@ -106,7 +106,7 @@ fn reason(v: &Validation) -> Option<InvalidReason> {
     }
 }
 
-fn token(created: &session_authority::session::Created) -> String {
+pub fn token(created: &session_authority::session::Created) -> String {
     secrecy::ExposeSecret::expose_secret(&created.token).to_owned()
 }
 

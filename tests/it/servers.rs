@@ -80,6 +80,33 @@ impl RedisServer {
         RedisServer::start_in(dir, Some(temp), free_port(false), extra)
     }
 
+    /// A cluster-enabled server that holds every slot itself: a one-node Redis Cluster of its
+    /// own (a test may change what it announces without touching the shared cluster).
+    pub fn start_cluster_of_one() -> RedisServer {
+        let server = RedisServer::start_cluster_node();
+        assert!(server.cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]).contains("OK"));
+        server.wait_cluster_ok();
+        server
+    }
+
+    /// A cluster-enabled server on a free port pair, holding no slots and knowing no other node.
+    pub fn start_cluster_node() -> RedisServer {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().to_path_buf();
+        let args =
+            ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no"];
+        RedisServer::start_in(dir, Some(temp), free_port(true), &args)
+    }
+
+    /// Waits until this cluster node reports `cluster_state:ok`.
+    pub fn wait_cluster_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            assert!(Instant::now() < deadline, "the cluster node on {} did not reach cluster_state:ok", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn start_in(dir: PathBuf, temp: Option<tempfile::TempDir>, port: u16, extra: &[&str]) -> RedisServer {
         let mut args: Vec<String> = vec![
             "--port".into(),

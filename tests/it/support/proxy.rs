@@ -11,11 +11,16 @@
 //! - [`Mode::Reset`]: what a restarting firewall or a crashed middlebox looks like. Every open
 //!   connection is reset (RST, zero linger), and new ones are accepted and reset at once.
 //!
+//! And one fault of the middle of a call, [`Proxy::lose_replies_to`]: a request that contains
+//! given byte strings reaches the server, and the connection closes when its reply comes back,
+//! before a byte of it reaches the client (a connection lost after the server acted, where the
+//! client cannot know whether its request ran).
+//!
 //! The proxy runs on the test's Tokio runtime and stops when dropped.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -39,7 +44,22 @@ pub struct Proxy {
     pub addr: SocketAddr,
     mode: watch::Sender<Mode>,
     accepted: Arc<AtomicUsize>,
+    lose: Arc<LoseReplies>,
     acceptor: JoinHandle<()>,
+}
+
+/// The requests whose replies are lost, and how many were.
+#[derive(Default)]
+struct LoseReplies {
+    patterns: Mutex<Vec<Vec<u8>>>,
+    lost: AtomicUsize,
+}
+
+impl LoseReplies {
+    fn matches(&self, bytes: &[u8]) -> bool {
+        let patterns = self.patterns.lock().unwrap();
+        !patterns.is_empty() && patterns.iter().all(|p| bytes.windows(p.len().max(1)).any(|w| w == p.as_slice()))
+    }
 }
 
 impl Proxy {
@@ -49,8 +69,21 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let (mode, _) = watch::channel(Mode::Forward);
         let accepted = Arc::new(AtomicUsize::new(0));
-        let acceptor = tokio::spawn(accept_loop(listener, upstream, mode.clone(), accepted.clone()));
-        Proxy { addr, mode, accepted, acceptor }
+        let lose = Arc::new(LoseReplies::default());
+        let acceptor = tokio::spawn(accept_loop(listener, upstream, mode.clone(), accepted.clone(), lose.clone()));
+        Proxy { addr, mode, accepted, lose, acceptor }
+    }
+
+    /// From now on, a request (one read from the client) that contains every one of `patterns`
+    /// is forwarded, and its connection is closed when the server's next bytes arrive, which are
+    /// dropped. An empty list turns this off.
+    pub fn lose_replies_to(&self, patterns: &[&[u8]]) {
+        *self.lose.patterns.lock().unwrap() = patterns.iter().map(|p| p.to_vec()).collect();
+    }
+
+    /// Replies lost so far by [`Proxy::lose_replies_to`].
+    pub fn lost_replies(&self) -> usize {
+        self.lose.lost.load(Ordering::Relaxed)
     }
 
     /// `redis://` at the proxy.
@@ -81,6 +114,7 @@ async fn accept_loop(
     upstream: SocketAddr,
     mode: watch::Sender<Mode>,
     accepted: Arc<AtomicUsize>,
+    lose: Arc<LoseReplies>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else { continue };
@@ -90,6 +124,7 @@ async fn accept_loop(
             continue;
         }
         let rx = mode.subscribe();
+        let lose = lose.clone();
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(upstream).await else {
                 reset(&client);
@@ -104,7 +139,13 @@ async fn accept_loop(
             let (server_read, server_write) = server.into_split();
             // Each direction ends on EOF, an error or `Reset`; the sockets close when both
             // halves of each are dropped.
-            tokio::join!(pump(client_read, server_write, rx.clone()), pump(server_read, client_write, rx));
+            let armed = AtomicBool::new(false);
+            let requests = Direction::Requests { lose: &lose, armed: &armed };
+            let replies = Direction::Replies { lose: &lose, armed: &armed };
+            tokio::join!(
+                pump(client_read, server_write, rx.clone(), requests),
+                pump(server_read, client_write, rx, replies)
+            );
         });
     }
 }
@@ -128,9 +169,16 @@ async fn forwarding(rx: &mut watch::Receiver<Mode>) -> bool {
     }
 }
 
+/// Which way a pump copies, for [`Proxy::lose_replies_to`]: a matching request arms its
+/// connection, and the next reply on an armed connection closes it.
+enum Direction<'a> {
+    Requests { lose: &'a LoseReplies, armed: &'a AtomicBool },
+    Replies { lose: &'a LoseReplies, armed: &'a AtomicBool },
+}
+
 /// Copies `from` to `to` while the mode is `Forward`. Bytes read just before a black-hole are
 /// held until the path heals (never dropped: TCP does not lose bytes in the middle of a stream).
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut rx: watch::Receiver<Mode>) {
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut rx: watch::Receiver<Mode>, way: Direction<'_>) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         if !forwarding(&mut rx).await {
@@ -152,6 +200,22 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut rx: watch::Re
                 continue;
             }
         };
+        match way {
+            Direction::Requests { lose, armed } => {
+                if lose.matches(&buf[..n]) {
+                    armed.store(true, Ordering::SeqCst);
+                }
+            }
+            Direction::Replies { lose, armed } => {
+                if armed.swap(false, Ordering::SeqCst) {
+                    lose.lost.fetch_add(1, Ordering::Relaxed);
+                    // Dropping both halves of the client's socket closes it; the request side
+                    // sees its read end on the client's close.
+                    let _ = to.shutdown().await;
+                    return;
+                }
+            }
+        }
         if !forwarding(&mut rx).await || to.write_all(&buf[..n]).await.is_err() {
             return;
         }

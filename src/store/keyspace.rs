@@ -134,55 +134,7 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
 /// the per-user seq indexes. The script's own keys and arguments follow, as `K` and `V`.
 macro_rules! lua_sink {
     () => {
-        r#"
-local sink = {mode = ARGV[1], newid = ARGV[2], users = ARGV[3],
-  meta = KEYS[1], stream = KEYS[2], sess = KEYS[3], exp = KEYS[4]}
-local K = {unpack(KEYS, 5)}
-local V = {unpack(ARGV, 4)}
--- The first key `emit` for user `uid` would fail on (a foreign value under our prefix, a head
--- that is not a number, a stream whose last id is not below the next seq), or nil. Scripts call
--- it before their first write, so a session never ends without its event.
-local function unwritable(uid)
-  local want = {{sink.meta, 'stream'}}
-  if sink.mode ~= 'outbox' then
-    want = {{sink.meta, 'hash'}, {sink.stream, 'stream'}, {sink.sess, 'hash'},
-      {sink.users .. uid, 'zset'}, {sink.exp, 'zset'}}
-  end
-  for _, kt in ipairs(want) do
-    local t = redis.call('TYPE', kt[1]).ok
-    if t ~= 'none' and t ~= kt[2] then return kt[1] end
-  end
-  if sink.mode == 'outbox' then return nil end
-  local head = redis.call('HGET', sink.meta, 'head')
-  if head and not tonumber(head) then return sink.meta end
-  if redis.call('EXISTS', sink.stream) == 1 then
-    local info = redis.call('XINFO', 'STREAM', sink.stream)
-    for i = 1, #info, 2 do
-      if info[i] == 'last-generated-id' then
-        local last = tonumber((string.match(info[i + 1], '^(%d+)')))
-        if last and last >= tonumber(head or '0') + 1 then return sink.stream end
-      end
-    end
-  end
-  return nil
-end
-local function emit(sid, uid, kind, reason, by, at, expires)
-  if sink.mode == 'outbox' then
-    redis.call('XADD', sink.meta, '*', 'sid', sid, 'uid', uid, 'kind', kind, 'reason', reason,
-      'by', by, 'at', at, 'exp', expires)
-    return 0
-  end
-  if sink.mode == 'drain' and redis.call('HEXISTS', sink.sess, sid) == 1 then return 0 end
-  redis.call('HSETNX', sink.meta, 'id', sink.newid)
-  local seq = redis.call('HINCRBY', sink.meta, 'head', 1)
-  redis.call('XADD', sink.stream, seq .. '-0', 'sid', sid, 'uid', uid, 'kind', kind,
-    'reason', reason, 'by', by, 'at', at, 'exp', expires)
-  redis.call('HSET', sink.sess, sid, seq)
-  redis.call('ZADD', sink.users .. uid, seq, seq)
-  redis.call('ZADD', sink.exp, expires, seq)
-  return 1
-end
-"#
+        include_str!("keyspace/lua/sink.lua")
     };
 }
 
@@ -193,427 +145,116 @@ end
 /// idle, last access, retain-until, version, state; then kind, revoked-by. Returns the evicted
 /// records (HGETALL each), or {'!log', key} with nothing written when an eviction's event could
 /// not be appended to `key`.
-const CREATE: &str = concat!(
-    lua_sink!(),
-    r#"
-local KEYS, ARGV = K, V
-local now = tonumber(ARGV[2])
-local cap = tonumber(ARGV[3])
-local active = {}
-for _, h in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-  local f = redis.call('HMGET', ARGV[1] .. h, 'state', 'idle_expires_at', 'absolute_expires_at', 'created_at', 'session_id')
-  if not f[1] then
-    redis.call('ZREM', KEYS[3], h)
-  elseif f[1] == 'active' and now < tonumber(f[2]) and now < tonumber(f[3]) then
-    active[#active + 1] = {tonumber(f[4]), f[5], h, f[3]}
-  end
-end
-table.sort(active, function(a, b)
-  if a[1] ~= b[1] then return a[1] < b[1] end
-  return a[2] < b[2]
-end)
-local evicting = math.min(#active + 1 - cap, #active)
-if evicting > 0 and ARGV[18] ~= '' then
-  local bad = unwritable(ARGV[10])
-  if bad then return {'!log', bad} end
-end
-local evicted = {}
-for i = 1, evicting do
-  local key = ARGV[1] .. active[i][3]
-  local version = tonumber(redis.call('HGET', key, 'version')) + 1
-  -- Kept (and listed) until the later of retain-until and the absolute expiry.
-  local retain = ARGV[6]
-  if tonumber(active[i][4]) > tonumber(retain) then retain = active[i][4] end
-  redis.call('HSET', key, 'state', ARGV[4], 'end_reason', ARGV[5], 'ended_at', ARGV[2],
-    'retain_until', retain, 'version', tostring(version))
-  if ARGV[18] ~= '' then
-    emit(active[i][2], ARGV[10], ARGV[18], ARGV[5], ARGV[19], ARGV[2], retain)
-  end
-  evicted[#evicted + 1] = redis.call('HGETALL', key)
-end
-redis.call('HSET', KEYS[1], 'doc', ARGV[8], 'session_id', ARGV[9], 'user_id', ARGV[10],
-  'created_at', ARGV[11], 'absolute_expires_at', ARGV[12], 'idle_expires_at', ARGV[13],
-  'last_accessed_at', ARGV[14], 'retain_until', ARGV[15], 'version', ARGV[16], 'state', ARGV[17])
-redis.call('SET', KEYS[2], ARGV[7])
-redis.call('ZADD', KEYS[3], ARGV[11], ARGV[7])
-return evicted
-"#
-);
+const CREATE: &str = concat!(lua_sink!(), include_str!("keyspace/lua/create.lua"));
 
 /// The record a session id names. KEYS: id. ARGV: record-key prefix. Returns HGETALL or `{}`.
-const GET_BY_ID: &str = r#"
-local h = redis.call('GET', KEYS[1])
-if not h then return {} end
-return redis.call('HGETALL', ARGV[1] .. h)
-"#;
+const GET_BY_ID: &str = include_str!("keyspace/lua/get_by_id.lua");
 
 /// Every record of a user. KEYS: user index. ARGV: record-key prefix. Returns HGETALL each.
-const LIST_USER: &str = r#"
-local out = {}
-for _, h in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local r = redis.call('HGETALL', ARGV[1] .. h)
-  if #r > 0 then out[#out + 1] = r end
-end
-return out
-"#;
+const LIST_USER: &str = include_str!("keyspace/lua/list_user.lua");
 
 /// The idle slide: only forward, only while active, version untouched. KEYS: record.
 /// ARGV: last access, idle expiry, '1' and the IP when it changed (else '0', '').
-const TOUCH: &str = r#"
-local f = redis.call('HMGET', KEYS[1], 'state', 'idle_expires_at', 'last_accessed_at')
-if f[1] ~= 'active' then return 0 end
-if tonumber(ARGV[2]) > tonumber(f[2]) then redis.call('HSET', KEYS[1], 'idle_expires_at', ARGV[2]) end
-if tonumber(ARGV[1]) > tonumber(f[3]) then redis.call('HSET', KEYS[1], 'last_accessed_at', ARGV[1]) end
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'ip_address', ARGV[4]) end
-return 1
-"#;
+const TOUCH: &str = include_str!("keyspace/lua/touch.lua");
 
 /// Compare-and-swap. KEYS: record. ARGV: expected version, doc, absolute expiry, idle expiry,
 /// last access. Identity, creation time, state and retention stay as stored (their fields
 /// override the doc). Returns {0} missing, {1} swapped, {2, HGETALL} conflict.
-const COMPARE_AND_SWAP: &str = r#"
-local f = redis.call('HMGET', KEYS[1], 'state', 'version')
-if not f[1] then return {0} end
-if f[1] ~= 'active' or tonumber(f[2]) ~= tonumber(ARGV[1]) then
-  return {2, redis.call('HGETALL', KEYS[1])}
-end
-redis.call('HSET', KEYS[1], 'doc', ARGV[2], 'version', tostring(tonumber(ARGV[1]) + 1),
-  'absolute_expires_at', ARGV[3], 'idle_expires_at', ARGV[4], 'last_accessed_at', ARGV[5])
-redis.call('HDEL', KEYS[1], 'ip_address')
-return {1}
-"#;
+const COMPARE_AND_SWAP: &str = include_str!("keyspace/lua/compare_and_swap.lua");
 
 /// Active → terminal, with the revocation event when V[5] (the kind) is set; a terminal state is
 /// never rewritten. K: record. V: state, reason, at, retain-until, kind, revoked-by. Returns {0}
 /// missing, {1, HGETALL} ended, {2, HGETALL} already ended, {3, key} nothing written because
 /// the event could not be appended to `key`.
-const END: &str = concat!(
-    lua_sink!(),
-    r#"
-local KEYS, ARGV = K, V
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {0} end
-if state ~= 'active' then return {2, redis.call('HGETALL', KEYS[1])} end
-local ids = redis.call('HMGET', KEYS[1], 'session_id', 'user_id')
-if ARGV[5] ~= '' then
-  local bad = unwritable(ids[2])
-  if bad then return {3, bad} end
-end
-local version = tonumber(redis.call('HGET', KEYS[1], 'version')) + 1
--- Kept (and listed) until the later of retain-until and the absolute expiry.
-local retain = ARGV[4]
-local absolute = redis.call('HGET', KEYS[1], 'absolute_expires_at')
-if absolute and tonumber(absolute) > tonumber(retain) then retain = absolute end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'end_reason', ARGV[2], 'ended_at', ARGV[3],
-  'retain_until', retain, 'version', tostring(version))
-if ARGV[5] ~= '' then
-  emit(ids[1], ids[2], ARGV[5], ARGV[2], ARGV[6], ARGV[3], retain)
-end
-return {1, redis.call('HGETALL', KEYS[1])}
-"#
-);
+const END: &str = concat!(lua_sink!(), include_str!("keyspace/lua/end.lua"));
 
 /// Deletes a record whose retention passed, with its id key and user-index entry. KEYS: record.
 /// ARGV: tag prefix (`P{T}:`), now, hash hex. Returns {0} missing, {1} deleted,
 /// {2, retain_until} still retained.
-const PURGE: &str = r#"
-local f = redis.call('HMGET', KEYS[1], 'retain_until', 'session_id', 'user_id')
-if not f[1] then return {0} end
-if tonumber(f[1]) > tonumber(ARGV[2]) then return {2, f[1]} end
-redis.call('DEL', KEYS[1])
-redis.call('DEL', ARGV[1] .. 'id:' .. f[2])
-redis.call('ZREM', ARGV[1] .. 'u:' .. f[3], ARGV[3])
-return {1}
-"#;
+const PURGE: &str = include_str!("keyspace/lua/purge.lua");
 
 /// Moves outbox entries into the log (Redis Cluster), skipping sessions that already have an
 /// event there, so that draining one entry twice (two replicas, a retry) appends it once.
 /// KEYS/ARGV[1..3]: the sink in `drain` mode. V: groups of sid, uid, kind, reason, by, at, exp.
 /// Returns how many were appended.
-const DRAIN: &str = concat!(
-    lua_sink!(),
-    r#"
-local appended = 0
-for i = 1, #V, 7 do
-  appended = appended + emit(V[i], V[i + 1], V[i + 2], V[i + 3], V[i + 4], V[i + 5], V[i + 6])
-end
-return appended
-"#
-);
+const DRAIN: &str = concat!(lua_sink!(), include_str!("keyspace/lua/drain.lua"));
 
 /// Log events after a position. KEYS: meta, stream. ARGV: a fresh log id, first stream id to
 /// read (`<after + 1>-0`), limit. Returns {log id, head, trimmed, XRANGE entries}.
-const READ_LOG: &str = r#"
-redis.call('HSETNX', KEYS[1], 'id', ARGV[1])
-local m = redis.call('HMGET', KEYS[1], 'id', 'head', 'trimmed')
-local entries = {}
-if tonumber(ARGV[3]) > 0 then
-  entries = redis.call('XRANGE', KEYS[2], ARGV[2], '+', 'COUNT', ARGV[3])
-end
-return {m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0'), entries}
-"#;
+const READ_LOG: &str = include_str!("keyspace/lua/read_log.lua");
 
 /// A new log id if the id is still the one seen (see [`SessionStore::renew_log_id`]).
 /// KEYS: meta. ARGV: the id seen, a fresh log id. Returns the id now.
-const RENEW_LOG_ID: &str = r#"
-local id = redis.call('HGET', KEYS[1], 'id')
-if not id or id == ARGV[1] then redis.call('HSET', KEYS[1], 'id', ARGV[2]) end
-return redis.call('HGET', KEYS[1], 'id')
-"#;
+const RENEW_LOG_ID: &str = include_str!("keyspace/lua/renew_log_id.lua");
 
 /// Live list entries (`exp` after now) with after < seq <= through, of one user when a user
 /// index is given. KEYS: meta, stream, user index (or the stream again). ARGV: a fresh log id,
 /// after, through ('' for the head), limit, now, '1' with a user, first stream id
 /// (`<after + 1>-0`). Returns {log id, head, trimmed, XRANGE-shaped entries}.
-const LIST_LOG: &str = r#"
-redis.call('HSETNX', KEYS[1], 'id', ARGV[1])
-local m = redis.call('HMGET', KEYS[1], 'id', 'head', 'trimmed')
-local head = tonumber(m[2] or '0')
-local after = tonumber(ARGV[2])
-local through = head
-if ARGV[3] ~= '' then through = tonumber(ARGV[3]) end
-local limit = tonumber(ARGV[4])
-local now = tonumber(ARGV[5])
-local out = {}
-local function live(entry)
-  local f = entry[2]
-  for i = 1, #f, 2 do
-    if f[i] == 'exp' then return tonumber(f[i + 1]) > now end
-  end
-  return false
-end
-if after < through and limit > 0 then
-  if ARGV[6] == '1' then
-    local offset = 0
-    while #out < limit do
-      local seqs = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], through, 'LIMIT', offset, 128)
-      if #seqs == 0 then break end
-      offset = offset + #seqs
-      for _, seq in ipairs(seqs) do
-        local e = redis.call('XRANGE', KEYS[2], seq .. '-0', seq .. '-0')
-        if e[1] and live(e[1]) then
-          out[#out + 1] = e[1]
-          if #out >= limit then break end
-        end
-      end
-    end
-  else
-    local start = ARGV[7]
-    local stop = string.format('%d-0', through)
-    while #out < limit do
-      local es = redis.call('XRANGE', KEYS[2], start, stop, 'COUNT', 128)
-      if #es == 0 then break end
-      for _, e in ipairs(es) do
-        if live(e) then
-          out[#out + 1] = e
-          if #out >= limit then break end
-        end
-      end
-      start = string.format('%d-0', tonumber(string.match(es[#es][1], '^(%d+)')) + 1)
-    end
-  end
-end
-return {m[1], head, tonumber(m[3] or '0'), out}
-"#;
+const LIST_LOG: &str = include_str!("keyspace/lua/list_log.lua");
 
 /// The log event of a session. KEYS: meta, session → seq hash, stream. ARGV: a fresh log id,
 /// session id. Returns {log id, XRANGE entries (zero or one)}.
-const LOG_ENTRY: &str = r#"
-redis.call('HSETNX', KEYS[1], 'id', ARGV[1])
-local id = redis.call('HGET', KEYS[1], 'id')
-local seq = redis.call('HGET', KEYS[2], ARGV[2])
-if not seq then return {id, {}} end
-return {id, redis.call('XRANGE', KEYS[3], seq .. '-0', seq .. '-0')}
-"#;
+const LOG_ENTRY: &str = include_str!("keyspace/lua/log_entry.lua");
 
 /// Deletes events whose `exp` is at or before now, with their index entries, and raises
 /// `trimmed`. KEYS: meta, stream, session → seq hash, expiry index. ARGV: now, limit, prefix of
 /// the per-user indexes. Returns how many were deleted.
-const PURGE_LOG: &str = r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-local trimmed = tonumber(redis.call('HGET', KEYS[1], 'trimmed') or '0')
-for _, seq in ipairs(due) do
-  local e = redis.call('XRANGE', KEYS[2], seq .. '-0', seq .. '-0')
-  if e[1] then
-    local f = e[1][2]
-    local sid, uid
-    for i = 1, #f, 2 do
-      if f[i] == 'sid' then sid = f[i + 1] elseif f[i] == 'uid' then uid = f[i + 1] end
-    end
-    redis.call('XDEL', KEYS[2], seq .. '-0')
-    if sid and redis.call('HGET', KEYS[3], sid) == seq then redis.call('HDEL', KEYS[3], sid) end
-    if uid then redis.call('ZREM', ARGV[3] .. uid, seq) end
-  end
-  redis.call('ZREM', KEYS[4], seq)
-  if tonumber(seq) > trimmed then trimmed = tonumber(seq) end
-end
-if #due > 0 then redis.call('HSET', KEYS[1], 'trimmed', string.format('%d', trimmed)) end
-return #due
-"#;
+const PURGE_LOG: &str = include_str!("keyspace/lua/purge_log.lua");
 
 /// Forgets a dirty outbox tag if its mark is unchanged since it was read. KEYS: dirty set.
 /// ARGV: tag, score as read.
-const FORGET_DIRTY: &str = r#"
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('ZREM', KEYS[1], ARGV[1]) end
-return 0
-"#;
+const FORGET_DIRTY: &str = include_str!("keyspace/lua/forget_dirty.lua");
 
 /// Compare-and-set of one rate-limit state. KEYS: states hash, forget index. ARGV: field,
 /// expected value ('' when absent), new value, forget-at. Returns {1} written or {0, current}.
-const LIMIT_CAS: &str = r#"
-local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-if current ~= ARGV[2] then return {0, current} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-return {1}
-"#;
+const LIMIT_CAS: &str = include_str!("keyspace/lua/limit_cas.lua");
 
 /// Deletes rate-limit states forgettable at now. KEYS: states hash, forget index. ARGV: now,
 /// limit. Returns how many were deleted.
-const PURGE_LIMITS: &str = r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, field in ipairs(due) do
-  redis.call('HDEL', KEYS[1], field)
-  redis.call('ZREM', KEYS[2], field)
-end
-return #due
-"#;
+const PURGE_LIMITS: &str = include_str!("keyspace/lua/purge_limits.lua");
 
 /// Stores one security event. KEYS: events hash, time index. ARGV: event id, value
 /// (`<type>\n<json>`), occurred-at, index member.
-const EVENT_APPEND: &str = r#"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return 1
-"#;
+const EVENT_APPEND: &str = include_str!("keyspace/lua/event_append.lua");
 
 /// Deletes one security event and its index entry. KEYS: events hash, index. ARGV: event id,
 /// index member. Returns 1 if the event existed.
-const EVENT_DELETE: &str = r#"
-local n = redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[2])
-return n
-"#;
+const EVENT_DELETE: &str = include_str!("keyspace/lua/event_delete.lua");
 
 /// One user's events, newest first by (occurred_at, id). KEYS: the user's events hash and time
 /// index. ARGV: from (inclusive), upper score, upper id ('' : the upper score is exclusive;
 /// else entries at the upper score are kept only below that id), limit, then the wanted types
 /// (none: all). Returns the stored values.
-const USER_EVENTS: &str = r#"
-local limit = tonumber(ARGV[4])
-local types = nil
-if #ARGV > 4 then
-  types = {}
-  for i = 5, #ARGV do types[ARGV[i]] = true end
-end
-local max = ARGV[2]
-if ARGV[3] == '' then max = '(' .. ARGV[2] end
-local upper = tonumber(ARGV[2])
--- Byte order, as sorted sets and Rust order strings (Lua's `<` follows the server's locale).
-local function below(a, b)
-  for i = 1, math.min(#a, #b) do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return #a < #b
-end
-local out = {}
-local offset = 0
-while #out < limit do
-  local page = redis.call('ZREVRANGEBYSCORE', KEYS[2], max, ARGV[1], 'WITHSCORES', 'LIMIT', offset, 128)
-  if #page == 0 then break end
-  offset = offset + #page / 2
-  for i = 1, #page, 2 do
-    local id, score = page[i], tonumber(page[i + 1])
-    if ARGV[3] == '' or score < upper or below(id, ARGV[3]) then
-      local value = redis.call('HGET', KEYS[1], id)
-      if value then
-        local cut = string.find(value, '\n', 1, true)
-        if cut and (types == nil or types[string.sub(value, 1, cut - 1)]) then
-          out[#out + 1] = string.sub(value, cut + 1)
-          if #out >= limit then break end
-        end
-      end
-    end
-  end
-end
-return out
-"#;
+const USER_EVENTS: &str = include_str!("keyspace/lua/user_events.lua");
 
 /// Takes a session's refresh lease if it has none or it expired at now. KEYS: lease. ARGV:
 /// holder, version, expires-at, now. Returns {1} acquired or {0, holder, version, expires-at}.
-const ACQUIRE_LEASE: &str = r#"
-local f = redis.call('HMGET', KEYS[1], 'holder', 'version', 'expires_at')
-if f[1] and tonumber(f[3]) > tonumber(ARGV[4]) then return {0, f[1], f[2], f[3]} end
-redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'version', ARGV[2], 'expires_at', ARGV[3])
-return {1}
-"#;
+const ACQUIRE_LEASE: &str = include_str!("keyspace/lua/acquire_lease.lua");
 
 /// Moves a lease's expiry forward (never back) if the holder holds it unexpired at now. KEYS:
 /// lease. ARGV: holder, expires-at, now. Returns 1 if renewed.
-const RENEW_LEASE: &str = r#"
-local f = redis.call('HMGET', KEYS[1], 'holder', 'expires_at')
-if f[1] ~= ARGV[1] or tonumber(f[2]) <= tonumber(ARGV[3]) then return 0 end
-if tonumber(ARGV[2]) > tonumber(f[2]) then redis.call('HSET', KEYS[1], 'expires_at', ARGV[2]) end
-return 1
-"#;
+const RENEW_LEASE: &str = include_str!("keyspace/lua/renew_lease.lua");
 
 /// Deletes a lease if the holder holds it (expired or not). KEYS: lease. ARGV: holder.
-const RELEASE_LEASE: &str = r#"
-if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
+const RELEASE_LEASE: &str = include_str!("keyspace/lua/release_lease.lua");
 
 /// Deletes a lease that expired at now. KEYS: lease. ARGV: now. Returns {0} missing, {1}
 /// deleted, {2, expires-at} still live.
-const PURGE_LEASE: &str = r#"
-local e = redis.call('HGET', KEYS[1], 'expires_at')
-if not e then return {0} end
-if tonumber(e) > tonumber(ARGV[1]) then return {2, e} end
-redis.call('DEL', KEYS[1])
-return {1}
-"#;
+const PURGE_LEASE: &str = include_str!("keyspace/lua/purge_lease.lua");
 
 /// Appends a refresh record and trims the session's records to the newest `keep` (record ids
 /// sort by time; all scores are 0, so the set orders by id). KEYS: records hash, id index.
 /// ARGV: record id, value (`<expires-at>\n<json>`), keep. Returns the trimmed ids.
-const APPEND_RECORD: &str = r#"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], 0, ARGV[1])
-local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
-if excess <= 0 then return {} end
-local old = redis.call('ZRANGE', KEYS[2], 0, excess - 1)
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, excess - 1)
-redis.call('HDEL', KEYS[1], unpack(old))
-return old
-"#;
+const APPEND_RECORD: &str = include_str!("keyspace/lua/append_record.lua");
 
 /// A session's newest records. KEYS: records hash, id index. ARGV: limit (at least 1). Returns
 /// the stored values, newest first.
-const RECORD_HISTORY: &str = r#"
-local out = {}
-for _, id in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, tonumber(ARGV[1]) - 1)) do
-  local v = redis.call('HGET', KEYS[1], id)
-  if v then out[#out + 1] = v end
-end
-return out
-"#;
+const RECORD_HISTORY: &str = include_str!("keyspace/lua/record_history.lua");
 
 /// Deletes one refresh record whose expiry passed. KEYS: records hash, id index. ARGV: record
 /// id, now. Returns {0} missing, {1} deleted, {2, expires-at} still retained.
-const PURGE_RECORD: &str = r#"
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if not v then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return {0}
-end
-local cut = string.find(v, '\n', 1, true)
-local at = string.sub(v, 1, cut - 1)
-if tonumber(at) > tonumber(ARGV[2]) then return {2, at} end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return {1}
-"#;
+const PURGE_RECORD: &str = include_str!("keyspace/lua/purge_record.lua");
 
 /// The scripts, each with its SHA-1.
 #[derive(Debug)]

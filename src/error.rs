@@ -76,9 +76,16 @@ pub enum Error {
     /// The RPC exists in the contract but its behaviour has not been built yet.
     #[error("{0}")]
     Unimplemented(String),
-    /// A bug or an unexpected failure. The message is logged, never sent to the client.
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// A bug or an unexpected failure. The message (and its source's) is logged, never sent to
+    /// the client.
+    #[error("internal error: {message}{}", source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+    Internal {
+        /// What failed, in our words.
+        message: String,
+        /// The underlying error, if there is one (a decoder's, a task's, a library's).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 impl Error {
@@ -92,9 +99,14 @@ impl Error {
         Error::Unavailable { message: message.into(), retry_after: None }
     }
 
-    /// An [`Error::Internal`] from any displayable cause.
+    /// An [`Error::Internal`] from any displayable cause, with no source.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
-        Error::Internal(cause.to_string())
+        Error::Internal { message: cause.to_string(), source: None }
+    }
+
+    /// An [`Error::Internal`] that says what failed (`message`) and keeps why (`source`).
+    pub fn internal_from(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Internal { message: message.into(), source: Some(Box::new(source)) }
     }
 
     /// A short machine-readable reason, used as the `ErrorInfo.reason` of the status.
@@ -113,7 +125,22 @@ impl Error {
             Error::ResourceExhausted(_) => "OVERLOADED",
             Error::Unavailable { .. } => "UNAVAILABLE",
             Error::Unimplemented(_) => "UNIMPLEMENTED",
-            Error::Internal(_) => "INTERNAL",
+            Error::Internal { .. } => "INTERNAL",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_keep_their_source() {
+        let decode = serde_json::from_slice::<u32>(b"{").unwrap_err();
+        let error = Error::internal_from("stored session is unreadable", decode);
+        let source = std::error::Error::source(&error).expect("the decoder's error is the source");
+        assert!(source.is::<serde_json::Error>());
+        assert!(error.to_string().starts_with("internal error: stored session is unreadable: invalid type"), "{error}");
+        assert!(std::error::Error::source(&Error::internal("no cause")).is_none());
     }
 }

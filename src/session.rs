@@ -196,12 +196,12 @@ impl SessionRecord {
 
     /// Serialises for backends that store bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self).map_err(|e| Error::internal(format!("session record cannot be serialised: {e}")))
+        serde_json::to_vec(self).map_err(|e| Error::internal_from("session record cannot be serialised", e))
     }
 
     /// Parses what [`SessionRecord::to_bytes`] wrote.
     pub fn from_bytes(bytes: &[u8]) -> Result<SessionRecord> {
-        serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("stored session is unreadable: {e}")))
+        serde_json::from_slice(bytes).map_err(|e| Error::internal_from("stored session is unreadable", e))
     }
 }
 

@@ -475,7 +475,7 @@ impl TokenManager {
                         }
                         result
                     });
-                    return holder.await.map_err(|e| Error::internal(format!("refresh task failed: {e}")))?;
+                    return holder.await.map_err(|e| Error::internal_from("refresh task failed", e))?;
                 }
                 LeaseOutcome::Held(_) => {
                     if tokio::time::Instant::now() >= deadline {

@@ -39,8 +39,8 @@ impl From<Error> for Status {
                 Code::Unavailable
             }
             Error::Unimplemented(_) => Code::Unimplemented,
-            Error::Internal(cause) => {
-                tracing::error!(%cause, "internal error");
+            Error::Internal { .. } => {
+                tracing::error!(cause = %error, "internal error");
                 return Status::with_error_details(Code::Internal, "internal error", details);
             }
         };

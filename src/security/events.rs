@@ -155,7 +155,7 @@ impl SecurityEvent {
 
     /// Parses what [`SecurityEvent::to_bytes`] wrote.
     pub fn from_bytes(bytes: &[u8]) -> Result<SecurityEvent> {
-        serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("stored security event is unreadable: {e}")))
+        serde_json::from_slice(bytes).map_err(|e| Error::internal_from("stored security event is unreadable", e))
     }
 
     /// Whether the risk makes it suspicious.

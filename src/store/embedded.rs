@@ -213,7 +213,7 @@ impl EmbeddedStore {
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.write_now(durability, f))
             .await
-            .map_err(|e| Error::internal(format!("embedded store task failed: {e}")))?
+            .map_err(|e| Error::internal_from("embedded store task failed", e))?
     }
 
     /// Inserts new sessions in one transaction, without the per-user cap: for the offline
@@ -286,7 +286,7 @@ fn append_in(tx: &WriteTransaction, end: &EndSession, record: &SessionRecord) ->
 }
 
 fn parse_event(bytes: &[u8]) -> Result<RevocationEvent> {
-    serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("stored revocation event is unreadable: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| Error::internal_from("stored revocation event is unreadable", e))
 }
 
 fn load(tx: &WriteTransaction, hash: &TokenHash) -> Result<Option<SessionRecord>> {
@@ -691,7 +691,7 @@ impl SessionStore for EmbeddedStore {
             Ok(Some(active))
         })
         .await
-        .map_err(|e| Error::internal(format!("embedded store task failed: {e}")))?
+        .map_err(|e| Error::internal_from("embedded store task failed", e))?
     }
 
     async fn ping(&self) -> Result<()> {
@@ -702,11 +702,11 @@ impl SessionStore for EmbeddedStore {
 }
 
 fn parse_lease(bytes: &[u8]) -> Result<RefreshLease> {
-    serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("stored refresh lease is unreadable: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| Error::internal_from("stored refresh lease is unreadable", e))
 }
 
 fn parse_record(bytes: &[u8]) -> Result<RefreshRecord> {
-    serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("stored refresh record is unreadable: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| Error::internal_from("stored refresh record is unreadable", e))
 }
 
 // Leases are committed with `Durability::None`: a crash loses them, and a lease whose holder
@@ -809,7 +809,7 @@ impl TokenStore for EmbeddedStore {
             Ok(out)
         })
         .await
-        .map_err(|e| Error::internal(format!("embedded store task failed: {e}")))?
+        .map_err(|e| Error::internal_from("embedded store task failed", e))?
     }
 
     async fn purge_refresh_records(&self, now: Millis, limit: usize) -> Result<usize> {
@@ -856,7 +856,7 @@ impl TokenStore for EmbeddedStore {
             Ok(table.get(name.as_str()).map_err(unavailable)?.map(|v| v.value().to_owned()))
         })
         .await
-        .map_err(|e| Error::internal(format!("embedded store task failed: {e}")))?
+        .map_err(|e| Error::internal_from("embedded store task failed", e))?
     }
 
     async fn save_checkpoint(&self, name: &str, value: &str) -> Result<()> {
@@ -886,7 +886,7 @@ fn read_limit(tx: &WriteTransaction, rule: &str, key: &str) -> Result<Option<Sto
     let stored = match limits.get((rule, key)).map_err(unavailable)? {
         Some(bytes) => Some(
             serde_json::from_slice(bytes.value())
-                .map_err(|e| Error::internal(format!("stored rate-limit state is unreadable: {e}")))?,
+                .map_err(|e| Error::internal_from("stored rate-limit state is unreadable", e))?,
         ),
         None => None,
     };

@@ -109,7 +109,8 @@ const READ_RETRY_DELAYS: [Duration; 2] = [Duration::from_millis(50), Duration::f
 
 impl KvRestTransport {
     async fn attempt(&self, body: &[String]) -> std::result::Result<Value, Failure> {
-        let body = serde_json::to_vec(body).map_err(|e| Failure::Final(Error::internal(e)))?;
+        let body = serde_json::to_vec(body)
+            .map_err(|e| Failure::Final(Error::internal_from("kv-rest: cannot encode a command", e)))?;
         let response = self
             .client
             .post(format!("{}/", self.base))
@@ -274,7 +275,7 @@ mod tests {
     #[test]
     fn not_ready_replies_are_outages() {
         assert!(matches!(redis_error("LOADING Redis is loading the dataset in memory"), Error::Unavailable { .. }));
-        assert!(matches!(redis_error("WRONGTYPE Operation against a key"), Error::Internal(_)));
+        assert!(matches!(redis_error("WRONGTYPE Operation against a key"), Error::Internal { .. }));
     }
 
     #[test]

@@ -346,7 +346,7 @@ fn to_error(e: RedisError) -> Error {
     if unavailable {
         Error::unavailable(format!("session storage (redis) is unavailable: {e}"))
     } else {
-        Error::internal(format!("redis: {e}"))
+        Error::internal_from("redis", e)
     }
 }
 

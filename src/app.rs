@@ -62,6 +62,30 @@ pub struct App {
     aligned: Option<Arc<AlignedClock>>,
 }
 
+/// Why the service could not start or stopped serving: a configuration problem (it names the
+/// setting), or a failure of the machine or a library at run time, with its source.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is wrong; fix the named setting.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Something failed that no setting fixes.
+    #[error("{context}: {source}")]
+    Runtime {
+        /// What was being done.
+        context: &'static str,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl StartError {
+    fn runtime(context: &'static str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StartError {
+        StartError::Runtime { context, source: source.into() }
+    }
+}
+
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("App").field("local_addr", &self.local_addr).finish_non_exhaustive()
@@ -70,7 +94,7 @@ impl std::fmt::Debug for App {
 
 impl App {
     /// Validates what the configuration needs at start (keys, storage) and binds the listener.
-    pub async fn build(config: Config) -> Result<App, ConfigError> {
+    pub async fn build(config: Config) -> Result<App, StartError> {
         let listener = bind(&config).await?;
         if let Some(addr) = config.metrics_listen {
             crate::metrics::install(addr)?;
@@ -86,7 +110,7 @@ impl App {
     }
 
     /// Builds around given stores and clock (tests use a manual clock).
-    pub async fn build_with(config: Config, stores: Stores, clock: Arc<dyn Clock>) -> Result<App, ConfigError> {
+    pub async fn build_with(config: Config, stores: Stores, clock: Arc<dyn Clock>) -> Result<App, StartError> {
         let listener = bind(&config).await?;
         let secrets = bootstrap::prepare(&config)?;
         App::assemble(config, secrets, stores, clock, listener)
@@ -98,7 +122,7 @@ impl App {
         stores: Stores,
         clock: Arc<dyn Clock>,
         listener: tokio::net::TcpListener,
-    ) -> Result<App, ConfigError> {
+    ) -> Result<App, StartError> {
         let local_addr = listener.local_addr().map_err(|e| ConfigError(format!("setting `listen`: {e}")))?;
         let sessions = SessionManager::new(
             stores.sessions.clone(),
@@ -110,7 +134,8 @@ impl App {
         // are built on the wrapped one so that every end they cause is observed too.
         let (sessions, security) =
             Security::install(SecuritySettings::from_config(&config), &stores, clock.clone(), sessions);
-        let http = crate::token::provider::http_client().map_err(ConfigError)?;
+        let http = crate::token::provider::http_client()
+            .map_err(|e| StartError::runtime("building the HTTP client for OAuth2 providers", e))?;
         let providers = Arc::new(Providers::new(config.token.providers.clone(), http));
         let tokens = TokenManager::new(
             sessions.clone(),
@@ -168,7 +193,7 @@ impl App {
 
     /// Serves until `signal` completes, then stops accepting, ends open streams with a
     /// "reconnect" status, and waits up to `server.shutdown_grace` for in-flight calls.
-    pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), ConfigError> {
+    pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), StartError> {
         let App { config, secrets, sessions, revocations, security, tokens, listener, local_addr, shutdown, aligned } =
             self;
         let server_config = &config.server;
@@ -206,9 +231,10 @@ impl App {
                 // ErrorInfo, BadRequest and RetryInfo every error status carries.
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
-        let reflection_v1 = reflection().build_v1().map_err(|e| ConfigError(format!("reflection descriptors: {e}")))?;
+        let reflection_v1 =
+            reflection().build_v1().map_err(|e| StartError::runtime("building the reflection descriptors", e))?;
         let reflection_v1alpha =
-            reflection().build_v1alpha().map_err(|e| ConfigError(format!("reflection descriptors: {e}")))?;
+            reflection().build_v1alpha().map_err(|e| StartError::runtime("building the reflection descriptors", e))?;
 
         let client_cert_role =
             server_config.tls.as_ref().filter(|tls| tls.client_ca_pem.is_some()).map(|tls| tls.client_cert_role);
@@ -298,7 +324,7 @@ impl App {
         let serve = router.serve_with_incoming_shutdown(incoming, shutdown_signal);
         let grace = server_config.shutdown_grace;
         tokio::select! {
-            result = serve => result.map_err(|e| ConfigError(format!("server failed: {e}")))?,
+            result = serve => result.map_err(|e| StartError::runtime("the gRPC server failed", e))?,
             () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(?grace, "shutdown grace elapsed with calls still in flight; closing them");
             }

@@ -39,6 +39,6 @@ pub mod store;
 pub mod telemetry;
 pub mod token;
 
-pub use app::App;
+pub use app::{App, StartError};
 pub use config::Config;
 pub use error::{Error, Result};

@@ -333,14 +333,13 @@ fn install_crypto_provider() {
 }
 
 /// The HTTP client shared by every provider: no redirects, rustls, bounded connect time.
-pub fn http_client() -> Result<reqwest::Client, String> {
+pub fn http_client() -> reqwest::Result<reqwest::Client> {
     install_crypto_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(5))
         .user_agent(concat!("session-authority/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
 /// Sends one request. 5xx and 429 answers become errors here (with `Retry-After`), so that

@@ -1365,3 +1365,66 @@ async fn redis_records_keep_fields_a_newer_replica_wrote() {
     let doc = doc_of(&key);
     assert_eq!(doc["future_field"], serde_json::json!({"kept": true}), "after end: {doc}");
 }
+
+/// Issue 16 point 15b on Redis: a sealed upstream token is bound to its session and its field.
+/// Someone who can write the store (a Redis user, a backup restored by hand) and copies one
+/// session's ciphertext into another session's record, or a refresh token's into the access
+/// field, gets a token that does not open: never another session's or another field's secret.
+#[tokio::test]
+async fn redis_ciphertexts_moved_between_sessions_or_fields_do_not_open() {
+    use session_authority::crypto::TokenField;
+
+    let server = crate::servers::shared_redis();
+    let prefix = crate::servers::unique_prefix("redis-aad");
+    let store = session_authority::store::redis::open(&server.url(), &prefix, SHARED_TIMEOUT).unwrap();
+    let backend = Backend::new(Stores::of(store), ());
+    let clock = ManualClock::new(START);
+    let m = manager(&backend, 5, &clock);
+    let with_access = |user: &str, access: &str| NewSession {
+        access_token: SecretString::from(access.to_string()),
+        ..new_session(user)
+    };
+    let a = m.create(with_access("ada", "access-of-ada")).await.unwrap();
+    let b = m.create(with_access("bob", "access-of-bob")).await.unwrap();
+    let url = server.url();
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli").arg("-u").arg(&url).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let key_of = |created: &session_authority::session::Created| {
+        cli(&["--scan", "--pattern", &format!("{prefix}*:s:{}", hex::encode(created.session.token_hash))])
+            .lines()
+            .next()
+            .unwrap_or_else(|| panic!("no record key under {prefix}"))
+            .to_owned()
+    };
+    let (key_a, key_b) = (key_of(&a), key_of(&b));
+    let doc_of = |key: &str| -> serde_json::Value { serde_json::from_str(cli(&["hget", key, "doc"]).trim()).unwrap() };
+    let by_b = SessionRef::Token(token(&b));
+    let open = |record: &session_authority::session::SessionRecord, sealed: &str, field| {
+        m.open(sealed, record, field).map(|s| secrecy::ExposeSecret::expose_secret(&s).to_owned())
+    };
+
+    // Untouched, bob's record opens to bob's token.
+    let stored = m.find(&by_b).await.unwrap();
+    assert_eq!(open(&stored, &stored.tokens.access, TokenField::Access).unwrap(), "access-of-bob");
+
+    // Ada's access ciphertext in bob's record: it does not open there.
+    let mut doc = doc_of(&key_b);
+    let ada_access = doc_of(&key_a)["tokens"]["access"].clone();
+    doc["tokens"]["access"] = ada_access;
+    cli(&["hset", &key_b, "doc", &doc.to_string()]);
+    let stored = m.find(&by_b).await.unwrap();
+    let e = open(&stored, &stored.tokens.access, TokenField::Access).unwrap_err();
+    assert!(e.to_string().contains("failed authentication"), "{e}");
+
+    // Bob's own refresh ciphertext in his access field: it does not open as an access token.
+    let mut doc = doc_of(&key_b);
+    doc["tokens"]["access"] = doc["tokens"]["refresh"].clone();
+    cli(&["hset", &key_b, "doc", &doc.to_string()]);
+    let stored = m.find(&by_b).await.unwrap();
+    let e = open(&stored, &stored.tokens.access, TokenField::Access).unwrap_err();
+    assert!(e.to_string().contains("failed authentication"), "{e}");
+    let refresh = stored.tokens.refresh.as_deref().expect("bob has a refresh token");
+    assert_eq!(open(&stored, refresh, TokenField::Refresh).unwrap(), "upstream-refresh-token");
+}

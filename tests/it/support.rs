@@ -158,13 +158,16 @@ fn watch_stderr(child: &mut Child, logs: Arc<Mutex<Vec<String>>>) -> Option<Sock
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // Kept before the address is sent, so the "serving" line is in `logs()` as soon as
+            // `start` returns.
+            let addr = serving_addr(&line);
+            logs.lock().unwrap().push(line);
             if let Some(sender) = &tx
-                && let Some(addr) = serving_addr(&line)
+                && let Some(addr) = addr
             {
                 let _ = sender.send(addr);
                 tx = None;
             }
-            logs.lock().unwrap().push(line);
         }
     });
     rx.recv_timeout(Duration::from_secs(30)).ok()

@@ -1,0 +1,92 @@
+//! What the security and token work plug into the session lifecycle: the create guard, the
+//! hijack scorer and the observer of session events.
+
+use super::*;
+
+/// Checked before a session is created: the `session_create` rate limit. The security work
+/// plugs its limiter in here; until then [`NoRateLimit`] allows everything.
+#[async_trait::async_trait]
+pub trait CreateGuard: Send + Sync + std::fmt::Debug + 'static {
+    /// `Ok` to proceed, `Err(Error::RateLimited { .. })` to refuse.
+    async fn check(&self, rule: &str, key: &str) -> Result<()>;
+}
+
+/// A [`CreateGuard`] that allows everything.
+#[derive(Debug, Default)]
+pub struct NoRateLimit;
+
+#[async_trait::async_trait]
+impl CreateGuard for NoRateLimit {
+    async fn check(&self, _rule: &str, _key: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Scores a validation request for hijacking; see `security::hijack`.
+pub trait HijackScorer: Send + Sync + std::fmt::Debug + 'static {
+    /// Risk in [0, 1] and reasons, comparing `request` with what `session` stored.
+    fn score(&self, session: &SessionRecord, request: &RequestContext) -> (f64, Vec<String>);
+    /// Scores strictly above this end the session.
+    fn threshold(&self) -> f64;
+}
+
+/// What the lifecycle reports to a [`SessionObserver`] (the security event log).
+#[derive(Debug, Clone, Copy)]
+pub enum SessionEvent<'a> {
+    /// A session was created.
+    Created(&'a SessionRecord),
+    /// A session ended (the record in its ended form: state, reason, time).
+    Ended(&'a SessionRecord),
+    /// A presented device did not match the session's.
+    DeviceMismatch {
+        /// The session as stored.
+        session: &'a SessionRecord,
+        /// The client IP of the request.
+        ip: Option<IpAddr>,
+    },
+    /// Hijack scoring found at least one signal.
+    HijackScored {
+        /// The session as stored before the request.
+        session: &'a SessionRecord,
+        /// The client IP of the request.
+        ip: Option<IpAddr>,
+        /// The score.
+        risk_score: f64,
+        /// The reasons.
+        reasons: &'a [String],
+        /// Whether the score ended the session.
+        ended: bool,
+    },
+    /// An upstream refresh failed (reported by the token work).
+    RefreshFailed {
+        /// The session.
+        session: &'a SessionRecord,
+        /// What failed, without secrets.
+        error: &'a str,
+    },
+    /// Revoking a revoked session's tokens at its provider failed (best effort; reported by the
+    /// token work).
+    UpstreamRevocationFailed {
+        /// The session (already ended).
+        session: &'a SessionRecord,
+        /// What failed, without secrets.
+        error: &'a str,
+    },
+}
+
+/// Told about lifecycle events that are not the common case; the security work records them.
+/// Observation never fails the operation it describes.
+#[async_trait::async_trait]
+pub trait SessionObserver: Send + Sync + std::fmt::Debug + 'static {
+    /// Called after the event happened.
+    async fn observe(&self, event: SessionEvent<'_>);
+}
+
+/// A [`SessionObserver`] that ignores everything.
+#[derive(Debug, Default)]
+pub struct NoObserver;
+
+#[async_trait::async_trait]
+impl SessionObserver for NoObserver {
+    async fn observe(&self, _event: SessionEvent<'_>) {}
+}

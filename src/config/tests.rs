@@ -1,0 +1,186 @@
+use super::*;
+
+fn load(flags: &[(&str, &str)], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let flags: Flags = flags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    Config::load(&flags, &|name| env.get(name).cloned())
+}
+
+#[test]
+fn defaults_are_the_guides() {
+    let c = load(&[], &[]).unwrap();
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:50051");
+    assert_eq!(c.storage.kind, StorageKind::Embedded);
+    assert_eq!(c.storage.data_dir, PathBuf::from("./data"));
+    assert_eq!(c.storage.key_prefix, "atoms:session:");
+    assert_eq!(c.session.idle_timeout, Duration::from_secs(30 * 60));
+    assert_eq!(c.session.absolute_timeout, Duration::from_secs(480 * 60));
+    assert_eq!(c.session.max_sessions_per_user, 5);
+    assert!(c.session.device_validation);
+    assert_eq!(c.session.device_match_threshold, 0.8);
+    assert!(c.session.device_fingerprint_required);
+    assert_eq!(c.session.cleanup_interval, Duration::from_secs(15 * 60));
+    assert_eq!(c.token.proactive_refresh, Duration::from_secs(300));
+    assert_eq!(c.token.grace_period, Duration::from_secs(300));
+    assert_eq!(c.token.max_retries, 3);
+    assert_eq!(c.token.retry_initial_delay, Duration::from_secs(1));
+    assert_eq!(c.token.retry_max_delay, Duration::from_secs(30));
+    assert_eq!(c.revocation.list_ttl, Duration::from_secs(24 * 3600));
+    assert!(c.revocation.cascade);
+    assert_eq!(c.revocation.watch_buffer, 4096);
+    assert_eq!(c.revocation.max_watchers, 20_000);
+    assert_eq!(c.server.concurrency_limit, 1024);
+    assert_eq!(c.server.max_health_watch_streams, 4096);
+    assert_eq!(c.security.hijack_threshold, 0.7);
+    assert_eq!(c.log_format, LogFormat::Text);
+    assert!(c.metrics_listen.is_none());
+}
+
+#[test]
+fn flags_beat_environment_which_beats_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "listen = \"127.0.0.1:1\"\n[session]\nidle_timeout = \"10m\"\nmax_sessions_per_user = 9\n")
+        .unwrap();
+    let path = path.to_str().unwrap();
+    let c = load(
+        &[("config", path), ("listen", "127.0.0.1:3")],
+        &[("SESSION_AUTHORITY_LISTEN", "127.0.0.1:2"), ("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT", "20m")],
+    )
+    .unwrap();
+    assert_eq!(c.server.listen.port(), 3);
+    assert_eq!(c.session.idle_timeout, Duration::from_secs(20 * 60));
+    assert_eq!(c.session.max_sessions_per_user, 9);
+}
+
+#[test]
+fn guide_environment_names_work() {
+    let c = load(
+        &[("storage", "redis")],
+        &[("REDIS_URL", "redis://127.0.0.1:6379"), ("OPENROUTER_CLIENT_ID", "cid"), ("KV_REST_API_URL", "https://kv")],
+    )
+    .unwrap();
+    assert_eq!(c.storage.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+    assert_eq!(c.token.client_id.as_deref(), Some("cid"));
+    assert_eq!(c.storage.kv_rest_url.as_deref(), Some("https://kv"));
+}
+
+#[test]
+fn errors_name_the_setting() {
+    let e = load(&[("storage", "mongo")], &[]).unwrap_err().to_string();
+    assert!(e.contains("`storage`") && e.contains("mongo"), "{e}");
+    let e = load(&[], &[("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT", "soon")]).unwrap_err().to_string();
+    assert!(e.contains("session.idle_timeout") && e.contains("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT"), "{e}");
+    let e = load(&[("storage", "redis")], &[]).unwrap_err().to_string();
+    assert!(e.contains("REDIS_URL"), "{e}");
+    let e = load(&[], &[("SESSION_AUTHORITY_TLS_CERT", "/nonexistent/cert.pem"), ("SESSION_AUTHORITY_TLS_KEY", "/x")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tls.cert") && e.contains("/nonexistent/cert.pem"), "{e}");
+    let e = load(&[], &[("SESSION_AUTHORITY_SESSION_DEVICE_MATCH_THRESHOLD", "1.5")]).unwrap_err().to_string();
+    assert!(e.contains("device_match_threshold"), "{e}");
+    let e = load(&[], &[("SESSION_AUTHORITY_REVOCATION_MAX_WATCHERS", "0")]).unwrap_err().to_string();
+    assert!(e.contains("revocation.max_watchers"), "{e}");
+    let c = load(&[], &[("SESSION_AUTHORITY_REVOCATION_MAX_WATCHERS", "3")]).unwrap();
+    assert_eq!(c.revocation.max_watchers, 3);
+    let e = load(&[], &[("SESSION_AUTHORITY_SERVER_MAX_HEALTH_WATCH_STREAMS", "0")]).unwrap_err().to_string();
+    assert!(e.contains("server.max_health_watch_streams"), "{e}");
+    let e = load(&[], &[("SESSION_AUTHORITY_SERVER_MAX_HEALTH_WATCH_STREAMS", "many")]).unwrap_err().to_string();
+    assert!(e.contains("server.max_health_watch_streams"), "{e}");
+    let c = load(&[], &[("SESSION_AUTHORITY_SERVER_MAX_HEALTH_WATCH_STREAMS", "2")]).unwrap();
+    assert_eq!(c.server.max_health_watch_streams, 2);
+}
+
+#[test]
+fn unknown_file_keys_and_bad_api_keys_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[session]\nidle_timout = \"10m\"\n").unwrap();
+    let e = load(&[("config", path.to_str().unwrap())], &[]).unwrap_err().to_string();
+    assert!(e.contains("session.idle_timout"), "{e}");
+
+    std::fs::write(&path, "[token]\nrotation = false\n").unwrap();
+    let e = load(&[("config", path.to_str().unwrap())], &[]).unwrap_err().to_string();
+    assert!(e.contains("`token.rotation`") && e.contains("removed"), "{e}");
+
+    std::fs::write(&path, "[[api_keys]]\nname = \"x\"\nrole = \"root\"\nhash = \"sha256:00\"\n").unwrap();
+    let e = load(&[("config", path.to_str().unwrap())], &[]).unwrap_err().to_string();
+    assert!(e.contains("api_keys[0].role"), "{e}");
+
+    let e = load(&[], &[("SESSION_AUTHORITY_API_KEYS", "admin")]).unwrap_err().to_string();
+    assert!(e.contains("SESSION_AUTHORITY_API_KEYS"), "{e}");
+}
+
+#[test]
+fn rate_limit_rules_have_defaults_overrides_and_new_names() {
+    let c = load(&[], &[]).unwrap();
+    let rules = &c.security.rules;
+    assert_eq!(rules["token_refresh"].limit, 10);
+    assert_eq!(rules["token_refresh"].period, Duration::from_secs(60));
+    assert_eq!(rules["session_create"].limit, 5);
+    assert_eq!(rules["session_create"].period, Duration::from_secs(300));
+    assert_eq!(rules["session_create"].max_backoff, Duration::from_secs(3600));
+    assert_eq!(rules["login_attempt"].max_backoff, Duration::from_secs(1800));
+    assert_eq!(rules["validate_failure"].burst, 30);
+    assert_eq!(c.security.max_limiter_keys, 100_000);
+    assert!(rules.values().all(|r| r.backoff && r.backoff_multiplier == 2.0));
+    assert_eq!(c.security.hijack.ip_new_network, 0.3);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[security.rules.session_create]\nlimit = 2\n[security.rules.api_call]\nlimit = 100\nperiod = \"1m\"\nburst = 20\nbackoff = false\n[security.hijack]\nip_new_network = 0.4\n",
+    )
+    .unwrap();
+    let c = load(&[("config", path.to_str().unwrap())], &[("SESSION_AUTHORITY_SECURITY_RULES_API_CALL_LIMIT", "50")])
+        .unwrap();
+    let rules = &c.security.rules;
+    assert_eq!(rules["session_create"].limit, 2);
+    assert_eq!(rules["session_create"].burst, 2);
+    assert_eq!(rules["session_create"].period, Duration::from_secs(300));
+    assert_eq!(rules["api_call"].limit, 50);
+    assert_eq!(rules["api_call"].burst, 20);
+    assert!(!rules["api_call"].backoff);
+    assert_eq!(c.security.hijack.ip_new_network, 0.4);
+}
+
+#[test]
+fn rule_errors_name_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let path_str = path.to_str().unwrap();
+    for (text, expected) in [
+        ("[security.rules.x]\nlimt = 3\n", "security.rules.x.limt"),
+        ("[security.rules.x]\nlimit = 3\n", "security.rules.x.period"),
+        ("[security.rules.session_create]\nlimit = 0\n", "security.rules.session_create.limit"),
+        ("[security.rules.session_create]\nperiod = \"soon\"\n", "security.rules.session_create.period"),
+        ("[security.rules.y]\nlimit = 1\nperiod = \"1s\"\nbackoff_multiplier = 0.5\n", "backoff_multiplier"),
+        ("[security.hijack]\nuser_agent = 2\n", "security.hijack.user_agent"),
+        ("[security.hijack]\nuser_agnt = 0.1\n", "security.hijack.user_agnt"),
+        ("[security]\nmax_limiter_keys = 0\n", "security.max_limiter_keys"),
+        ("[security]\nmax_limiter_keys = \"many\"\n", "security.max_limiter_keys"),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let e = load(&[("config", path_str)], &[]).unwrap_err().to_string();
+        assert!(e.contains(expected), "{text}: {e}");
+    }
+}
+
+#[test]
+fn hashed_and_plaintext_keys_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let hash = format!("sha256:{}", "ab".repeat(32));
+    std::fs::write(&path, format!("[[api_keys]]\nname = \"ops\"\nrole = \"admin\"\nhash = \"{hash}\"\n")).unwrap();
+    let c = load(
+        &[("config", path.to_str().unwrap())],
+        &[("SESSION_AUTHORITY_API_KEYS", "service:0123456789abcdef0123,watcher:fedcba9876543210fedc")],
+    )
+    .unwrap();
+    assert_eq!(c.auth.api_keys.len(), 1);
+    assert_eq!(c.auth.api_keys[0].role, Role::Admin);
+    assert_eq!(c.auth.api_keys[0].sha256, [0xab; 32]);
+    assert_eq!(c.auth.plaintext_api_keys.len(), 2);
+    assert_eq!(c.auth.plaintext_api_keys[1].0, Role::Watcher);
+}

@@ -12,6 +12,7 @@
 //! - [`revocation`]: the revocation log and list, cascading revocation, the live feed;
 //! - [`token`]: upstream OAuth2 tokens: access, refresh (single flight, retries), introspection;
 //! - [`bootstrap`]: the keys a first run generates;
+//! - [`http`]: what both HTTP clients read from answers alike (`Retry-After`);
 //! - [`grpc`]: the contract's generated code, the service adapters, auth and tower layers;
 //! - [`metrics`]: the Prometheus exporter, the per-RPC counters and every metric name;
 //! - [`telemetry`]: logs (text or JSON), OTLP trace export, the per-call span and its parent;
@@ -29,6 +30,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod grpc;
+pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod paging;

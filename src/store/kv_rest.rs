@@ -130,12 +130,7 @@ impl KvRestTransport {
                 })
             })?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = crate::http::retry_after(response.headers(), std::time::SystemTime::now());
         let bytes = response.bytes().await.map_err(|e| Failure::Transient(unavailable(format!("answer lost: {e}"))))?;
         let json: Option<Value> = serde_json::from_slice(&bytes).ok();
         let error_text = json.as_ref().and_then(|j| j.get("error")).and_then(Value::as_str).map(str::to_owned);

@@ -227,12 +227,7 @@ async fn send(http: reqwest::Client, timeout: Duration, request: HttpRequest) ->
         })?;
     let status = response.status();
     if status.is_server_error() || status.as_u16() == 429 {
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = crate::http::retry_after(response.headers(), std::time::SystemTime::now());
         return Err(HttpError::Status { status: status.as_u16(), retry_after });
     }
     let headers = response.headers().clone();

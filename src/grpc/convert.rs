@@ -192,3 +192,40 @@ mod tests {
         }
     }
 }
+
+/// A request's `oneof selector { session_token, session_id }`, as its two parts (at most one
+/// set), so that each adapter reads it the same way.
+pub(crate) trait SessionSelector {
+    /// `(session_token, session_id)`.
+    fn parts(&self) -> (Option<&String>, Option<&String>);
+}
+
+macro_rules! session_selectors {
+    ($($request:ident),* $(,)?) => {
+        $(
+            impl SessionSelector for pb::$request::Selector {
+                fn parts(&self) -> (Option<&String>, Option<&String>) {
+                    match self {
+                        Self::SessionToken(token) => (Some(token), None),
+                        Self::SessionId(id) => (None, Some(id)),
+                    }
+                }
+            }
+        )*
+    };
+}
+
+session_selectors!(
+    get_session_request,
+    update_session_request,
+    terminate_session_request,
+    detect_hijacking_request,
+    get_access_token_request,
+    refresh_session_request,
+);
+
+impl<S: SessionSelector> SessionSelector for Option<S> {
+    fn parts(&self) -> (Option<&String>, Option<&String>) {
+        self.as_ref().map_or((None, None), S::parts)
+    }
+}

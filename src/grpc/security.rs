@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::grpc::convert::SessionSelector as _;
+use crate::grpc::pb;
 use crate::grpc::pb::security_service_server::SecurityService;
-use crate::grpc::pb::{self, detect_hijacking_request};
 use crate::grpc::session::session_ref;
 use crate::grpc::{convert, validate};
 use crate::security::events::EventDraft;
@@ -50,12 +51,7 @@ impl SecurityService for SecurityAdapter {
         &self,
         request: Request<pb::DetectHijackingRequest>,
     ) -> Result<Response<pb::DetectHijackingResponse>, Status> {
-        use detect_hijacking_request::Selector;
-        let (token, id) = match &request.get_ref().selector {
-            Some(Selector::SessionToken(t)) => (Some(t), None),
-            Some(Selector::SessionId(i)) => (None, Some(i)),
-            None => (None, None),
-        };
+        let (token, id) = request.get_ref().selector.parts();
         let by = session_ref(&request, token, id)?;
         let r = request.into_inner();
         let ip_address = validate::ip_address("current_ip", &r.current_ip)?;

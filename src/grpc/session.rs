@@ -8,8 +8,9 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::grpc::auth::Caller;
+use crate::grpc::convert::SessionSelector as _;
+use crate::grpc::pb;
 use crate::grpc::pb::session_service_server::SessionService;
-use crate::grpc::pb::{self, get_session_request, terminate_session_request, update_session_request};
 use crate::grpc::{convert, validate};
 use crate::security::Security;
 use crate::session::{InvalidReason, NewSession, RequestContext, SessionManager, SessionRef, Validation};
@@ -230,12 +231,7 @@ impl SessionService for SessionAdapter {
         &self,
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::GetSessionResponse>, Status> {
-        use get_session_request::Selector;
-        let (token, id) = match &request.get_ref().selector {
-            Some(Selector::SessionToken(t)) => (Some(t), None),
-            Some(Selector::SessionId(i)) => (None, Some(i)),
-            None => (None, None),
-        };
+        let (token, id) = request.get_ref().selector.parts();
         let by = session_ref(&request, token, id)?;
         let fingerprint = optional_fingerprint("device_fingerprint", request.get_ref().device_fingerprint.as_ref())?;
         let client_ip = validate::ip_address("ip_address", &request.get_ref().ip_address)?;
@@ -270,12 +266,7 @@ impl SessionService for SessionAdapter {
         &self,
         request: Request<pb::UpdateSessionRequest>,
     ) -> Result<Response<pb::UpdateSessionResponse>, Status> {
-        use update_session_request::Selector;
-        let (token, id) = match &request.get_ref().selector {
-            Some(Selector::SessionToken(t)) => (Some(t), None),
-            Some(Selector::SessionId(i)) => (None, Some(i)),
-            None => (None, None),
-        };
+        let (token, id) = request.get_ref().selector.parts();
         let by = session_ref(&request, token, id)?;
         let r = request.into_inner();
         validate::metadata("metadata", &r.metadata)?;
@@ -290,12 +281,7 @@ impl SessionService for SessionAdapter {
         &self,
         request: Request<pb::TerminateSessionRequest>,
     ) -> Result<Response<pb::TerminateSessionResponse>, Status> {
-        use terminate_session_request::Selector;
-        let (token, id) = match &request.get_ref().selector {
-            Some(Selector::SessionToken(t)) => (Some(t), None),
-            Some(Selector::SessionId(i)) => (None, Some(i)),
-            None => (None, None),
-        };
+        let (token, id) = request.get_ref().selector.parts();
         let by = session_ref(&request, token, id)?;
         let reason = &request.get_ref().reason;
         validate::text("reason", reason)?;

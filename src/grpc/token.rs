@@ -11,8 +11,9 @@ use secrecy::{ExposeSecret, SecretString};
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::grpc::convert::SessionSelector as _;
+use crate::grpc::pb;
 use crate::grpc::pb::token_service_server::TokenService;
-use crate::grpc::pb::{self, get_access_token_request, refresh_session_request};
 use crate::grpc::{convert, validate};
 use crate::session::SessionRef;
 use crate::token::{RefreshRecord, TokenManager};
@@ -70,13 +71,9 @@ impl TokenService for TokenAdapter {
         &self,
         request: Request<pb::GetAccessTokenRequest>,
     ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
-        use get_access_token_request::Selector;
         let r = request.into_inner();
-        let by = match &r.selector {
-            Some(Selector::SessionToken(t)) => selector(Some(t), None)?,
-            Some(Selector::SessionId(i)) => selector(None, Some(i))?,
-            None => selector(None, None)?,
-        };
+        let (token, id) = r.selector.parts();
+        let by = selector(token, id)?;
         let token = self.tokens.access_token(&by).await?;
         Ok(Response::new(pb::GetAccessTokenResponse {
             access_token: token.token.expose_secret().to_owned(),
@@ -91,13 +88,9 @@ impl TokenService for TokenAdapter {
         &self,
         request: Request<pb::RefreshSessionRequest>,
     ) -> Result<Response<pb::RefreshSessionResponse>, Status> {
-        use refresh_session_request::Selector;
         let r = request.into_inner();
-        let by = match &r.selector {
-            Some(Selector::SessionToken(t)) => selector(Some(t), None)?,
-            Some(Selector::SessionId(i)) => selector(None, Some(i))?,
-            None => selector(None, None)?,
-        };
+        let (token, id) = r.selector.parts();
+        let by = selector(token, id)?;
         validate::text("reason", &r.reason)?;
         let refreshed = self.tokens.refresh(&by, r.force, &r.reason).await?;
         let now = self.tokens.now();

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Millis;
 use crate::error::{Error, Result};
 use crate::session::{SessionManager, SessionRecord, SessionRef, SessionState};
-use crate::store::EndOutcome;
+use crate::store::{EndOutcome, RevocationQuery};
 
 pub mod feed;
 pub mod upstream;
@@ -413,7 +413,11 @@ impl Revocations {
         };
         let page_size = page_size.max(1);
         let now = self.sessions.now();
-        let page = self.sessions.store().list_revocations(user_id, after, through, page_size + 1, now).await?;
+        let page = self
+            .sessions
+            .store()
+            .list_revocations(RevocationQuery { user_id, after, through, limit: page_size + 1, now })
+            .await?;
         let snapshot = through.unwrap_or(page.position.head);
         let mut entries = page.entries;
         let next_page_token =

@@ -230,18 +230,10 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// `expires_at` is after `now`.
     async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>>;
 
-    /// Up to `limit` live entries (`expires_at` after `now`) with `after < seq <= through`
-    /// (`through` `None`: up to the head), of one user when `user_id` is set, in sequence order,
-    /// with the position read atomically with them. Cost grows with the page (and, with a user,
-    /// with that user's entries), not with the whole list.
-    async fn list_revocations(
-        &self,
-        user_id: Option<&str>,
-        after: u64,
-        through: Option<u64>,
-        limit: usize,
-        now: Millis,
-    ) -> Result<RevocationPage>;
+    /// The live entries `query` asks for, in sequence order, with the position read atomically
+    /// with them. Cost grows with the page (and, with a user, with that user's entries), not
+    /// with the whole list.
+    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage>;
 
     /// Deletes up to `limit` events whose `expires_at` is at or before `now`, with their index
     /// entries, and raises `trimmed_through` accordingly. Returns how many were deleted. Walks an
@@ -301,6 +293,22 @@ pub trait RateLimitStore: Send + Sync + std::fmt::Debug + 'static {
 
 /// A shared handle to a rate-limit store.
 pub type DynRateLimitStore = Arc<dyn RateLimitStore>;
+
+/// A page of the revocation list: up to `limit` live entries (`expires_at` after `now`) with
+/// `after < seq <= through` (`through` `None`: up to the head), of one user when `user_id` is set.
+#[derive(Debug, Clone, Copy)]
+pub struct RevocationQuery<'a> {
+    /// Only this user's entries, when set.
+    pub user_id: Option<&'a str>,
+    /// Entries strictly after this sequence number.
+    pub after: u64,
+    /// Entries at or below this sequence number; `None`: up to the head.
+    pub through: Option<u64>,
+    /// At most this many entries.
+    pub limit: usize,
+    /// Entries whose `expires_at` is after this time.
+    pub now: Millis,
+}
 
 /// A query of one user's security events.
 #[derive(Debug, Clone, Default)]

@@ -47,7 +47,7 @@ use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::SessionRecord;
 use crate::store::{
     CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
-    SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch, type_matches,
+    RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch, type_matches,
 };
 use crate::token::{RefreshLease, RefreshRecord};
 

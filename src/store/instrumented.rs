@@ -23,8 +23,8 @@ use crate::security::limiter::{Decision, Rule};
 use crate::session::SessionRecord;
 use crate::store::{
     CasOutcome, DynRateLimitStore, DynSecurityEventStore, DynSessionStore, DynTokenStore, EndOutcome, EndSession,
-    EventQuery, LeaseOutcome, LogRead, RateLimitStore, RevocationPage, SecurityEventStore, SessionStore, Stores,
-    TimedOut, TokenHash, TokenStore, Touch,
+    EventQuery, LeaseOutcome, LogRead, RateLimitStore, RevocationPage, RevocationQuery, SecurityEventStore,
+    SessionStore, Stores, TimedOut, TokenHash, TokenStore, Touch,
 };
 use crate::token::{RefreshLease, RefreshRecord};
 
@@ -132,15 +132,8 @@ impl SessionStore for Instrumented<DynSessionStore> {
         self.observe("revocation_entry", self.inner.revocation_entry(session_id, now)).await
     }
 
-    async fn list_revocations(
-        &self,
-        user_id: Option<&str>,
-        after: u64,
-        through: Option<u64>,
-        limit: usize,
-        now: Millis,
-    ) -> Result<RevocationPage> {
-        self.observe("list_revocations", self.inner.list_revocations(user_id, after, through, limit, now)).await
+    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
+        self.observe("list_revocations", self.inner.list_revocations(query)).await
     }
 
     async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {

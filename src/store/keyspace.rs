@@ -65,7 +65,7 @@ use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::{SessionRecord, SessionState, shard_tag};
 use crate::store::{
     CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
-    SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch,
+    RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch,
 };
 use crate::token::{RefreshLease, RefreshRecord};
 

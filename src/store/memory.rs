@@ -17,7 +17,7 @@ use crate::security::limiter::{self, Decision, LimiterState, Rule};
 use crate::session::SessionRecord;
 use crate::store::{
     CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
-    SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch, type_matches,
+    RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch, type_matches,
 };
 use crate::token::{RefreshLease, RefreshRecord};
 
@@ -463,14 +463,8 @@ impl SessionStore for MemoryStore {
         Ok(log.by_session.get(session_id).and_then(|seq| log.events.get(seq)).filter(|e| e.expires_at > now).cloned())
     }
 
-    async fn list_revocations(
-        &self,
-        user_id: Option<&str>,
-        after: u64,
-        through: Option<u64>,
-        limit: usize,
-        now: Millis,
-    ) -> Result<RevocationPage> {
+    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
+        let RevocationQuery { user_id, after, through, limit, now } = query;
         let inner = self.read();
         let log = &inner.log;
         let through = through.unwrap_or(log.head);

@@ -348,14 +348,8 @@ impl SessionStore for EmbeddedStore {
         Ok(Some(event).filter(|e| e.expires_at > now))
     }
 
-    async fn list_revocations(
-        &self,
-        user_id: Option<&str>,
-        after: u64,
-        through: Option<u64>,
-        limit: usize,
-        now: Millis,
-    ) -> Result<RevocationPage> {
+    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
+        let RevocationQuery { user_id, after, through, limit, now } = query;
         let (tx, position) = self.position()?;
         let through = through.unwrap_or(position.head);
         let log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;

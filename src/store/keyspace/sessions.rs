@@ -294,14 +294,8 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
         .await
     }
 
-    async fn list_revocations(
-        &self,
-        user_id: Option<&str>,
-        after: u64,
-        through: Option<u64>,
-        limit: usize,
-        now: Millis,
-    ) -> Result<RevocationPage> {
+    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
+        let RevocationQuery { user_id, after, through, limit, now } = query;
         self.bounded("list_revocations", async {
             let stream = self.layout.log("stream");
             let index = user_id.map_or_else(|| stream.clone(), |user| self.layout.log(&format!("u:{user}")));

@@ -23,14 +23,13 @@
 //! meaning for the feed.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
-use crate::session::{SessionManager, SessionRecord, SessionRef, SessionState};
+use crate::session::{SessionEvent, SessionManager, SessionRecord, SessionRef, SessionState};
 use crate::store::{EndOutcome, RevocationQuery};
 
 pub mod feed;
@@ -158,18 +157,6 @@ pub trait UpstreamRevoker: Send + Sync + fmt::Debug + 'static {
     async fn revoke(&self, session: &SessionRecord) -> UpstreamOutcome;
 }
 
-/// The [`UpstreamRevoker`] of a [`Revocations`] built without a provider client: it makes no
-/// call and reports [`UpstreamOutcome::NotConfigured`], so nobody mistakes it for a revocation.
-#[derive(Debug, Default)]
-pub struct NoUpstreamRevoker;
-
-#[async_trait::async_trait]
-impl UpstreamRevoker for NoUpstreamRevoker {
-    async fn revoke(&self, _session: &SessionRecord) -> UpstreamOutcome {
-        UpstreamOutcome::NotConfigured
-    }
-}
-
 /// Settings of revocation (from `revocation.*`).
 #[derive(Debug, Clone)]
 pub struct RevocationSettings {
@@ -251,7 +238,6 @@ pub struct Revocations {
     sessions: SessionManager,
     feed: RevocationFeed,
     settings: RevocationSettings,
-    upstream: Arc<dyn UpstreamRevoker>,
     queue: Option<UpstreamQueue>,
 }
 
@@ -259,13 +245,12 @@ impl Revocations {
     /// Revocation for `sessions`, with a feed (not yet running: see [`RevocationFeed::run`]).
     pub fn new(sessions: SessionManager, settings: RevocationSettings) -> Revocations {
         let feed = RevocationFeed::new(&sessions, &settings);
-        Revocations { sessions, feed, settings, upstream: Arc::new(NoUpstreamRevoker), queue: None }
+        Revocations { sessions, feed, settings, queue: None }
     }
 
     /// Cascades to the provider through `queue` (and its revoker, inline for RevokeSession).
     /// Without a queue nothing is revoked upstream.
     pub fn with_upstream_queue(mut self, queue: UpstreamQueue) -> Revocations {
-        self.upstream = queue.revoker().clone();
         self.queue = Some(queue);
         self
     }
@@ -289,13 +274,16 @@ impl Revocations {
         if !self.settings.cascade {
             return UpstreamOutcome::Skipped;
         }
-        let outcome = self.upstream.revoke(session).await;
+        let Some(queue) = &self.queue else { return UpstreamOutcome::NotConfigured };
+        let outcome = queue.revoker().revoke(session).await;
         match &outcome {
+            // Recorded by the queue, which tries again, once however many tries it takes.
             UpstreamOutcome::Failed(cause) => {
                 tracing::warn!(session_id = %session.session_id, %cause, "upstream token revocation failed; the session is revoked locally and the queue retries");
             }
             UpstreamOutcome::Rejected(cause) => {
                 tracing::warn!(session_id = %session.session_id, %cause, "the provider refused the upstream token revocation; the session is revoked locally");
+                self.sessions.report(SessionEvent::UpstreamRevocationFailed { session, error: cause }).await;
             }
             _ => {}
         }

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{self, Millis};
 use crate::error::Result;
-use crate::session::SessionManager;
+use crate::session::{SessionEvent, SessionManager, SessionRecord};
 use crate::store::{DynTokenStore, LeaseOutcome};
 use crate::token::RefreshLease;
 
@@ -403,14 +403,24 @@ impl UpstreamQueue {
             UpstreamOutcome::Rejected(cause) => {
                 count("rejected");
                 tracing::warn!(session_id = %event.session_id, %cause, "the provider refused to revoke a revoked session's upstream tokens; not retried");
+                self.report(&record, &cause).await;
             }
             UpstreamOutcome::Failed(cause) => {
                 count("failed");
                 tracing::warn!(session_id = %event.session_id, %cause, failures = pending.failures + 1, "upstream token revocation failed; will retry");
+                // One security event per revocation, at its first failure, not one per retry.
+                if pending.failures == 0 {
+                    self.report(&record, &cause).await;
+                }
                 return Some(self.backoff(pending));
             }
         }
         None
+    }
+
+    /// Records a failed upstream revocation in the security event log.
+    async fn report(&self, session: &SessionRecord, cause: &str) {
+        self.inner.sessions.report(SessionEvent::UpstreamRevocationFailed { session, error: cause }).await;
     }
 
     fn backoff(&self, mut pending: Pending) -> Pending {

@@ -6,7 +6,7 @@ impl TokenManager {
     /// Revokes a session's upstream tokens at its provider (RFC 7009): the refresh token first
     /// (which revokes the grant at most providers), then the access token, each with the retry
     /// policy. `Failed` is worth another try later (the revocation queue makes it); `Rejected`
-    /// is not.
+    /// is not. The caller records the failure (the queue once per revocation, not per try).
     pub async fn revoke_upstream(&self, session: &SessionRecord) -> UpstreamOutcome {
         let Some(provider) = self.providers.get(&session.provider) else {
             return UpstreamOutcome::NotConfigured;
@@ -32,7 +32,6 @@ impl TokenManager {
                 if matches!(e, UpstreamError::NotConfigured(_)) {
                     return UpstreamOutcome::NotConfigured;
                 }
-                self.sessions.report(SessionEvent::UpstreamRevocationFailed { session, error: &message }).await;
                 return if e.is_transient() {
                     UpstreamOutcome::Failed(message)
                 } else {

@@ -12,6 +12,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -21,6 +23,7 @@ use crate::bootstrap::{self, Secrets};
 use crate::clock::{AlignedClock, Clock};
 use crate::config::{Config, ConfigError, StorageKind};
 use crate::grpc::auth::AuthLayer;
+use crate::grpc::envoy::{ExtAuthzAdapter, RateLimitAdapter};
 use crate::grpc::layers::{HealthWatchCapLayer, LoadShedLayer, ShutdownStreamsLayer};
 use crate::grpc::pb;
 use crate::grpc::pb::revocation_service_server::RevocationServiceServer;
@@ -290,6 +293,21 @@ impl App {
             )
             .add_service(
                 SecurityServiceServer::new(SecurityAdapter::new(security.clone()))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                AuthorizationServer::new(ExtAuthzAdapter::new(
+                    sessions.clone(),
+                    security.clone(),
+                    tokens.clone(),
+                    config.envoy.clone(),
+                ))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                RateLimitServiceServer::new(RateLimitAdapter::new(security.clone(), config.envoy.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             );

@@ -71,6 +71,9 @@ pub enum Role {
     Admin,
     /// Sidecars: read the revocation list and watch it.
     Watcher,
+    /// Proxies (Envoy): the ext_authz `Check` and rate-limit `ShouldRateLimit` services, and
+    /// reading the revocation feed a caching sidecar needs; nothing that creates or ends.
+    Proxy,
 }
 
 impl Role {
@@ -80,6 +83,7 @@ impl Role {
             "service" => Some(Role::Service),
             "admin" => Some(Role::Admin),
             "watcher" => Some(Role::Watcher),
+            "proxy" => Some(Role::Proxy),
             _ => None,
         }
     }
@@ -90,6 +94,7 @@ impl Role {
             Role::Service => "service",
             Role::Admin => "admin",
             Role::Watcher => "watcher",
+            Role::Proxy => "proxy",
         }
     }
 }
@@ -255,6 +260,27 @@ pub struct RevocationConfig {
     pub max_watchers: usize,
 }
 
+/// The Envoy integration: how the ext_authz `Check` reads a request and what it adds to it, and
+/// how rate-limit descriptors name our rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvoyConfig {
+    /// The cookie holding the session token (`Authorization: Bearer` is read first).
+    pub cookie: String,
+    /// Proxies whose `x-forwarded-for` entries are trusted, as Envoy's `xff_num_trusted_hops`
+    /// counts them; `None`: the client is the source address Envoy reports.
+    pub trusted_hops: Option<usize>,
+    /// The request header that carries the user id upstream.
+    pub user_id_header: String,
+    /// The request header that carries the session id upstream.
+    pub session_id_header: String,
+    /// Put the session's upstream access token (refreshed when due) into `authorization`.
+    pub forward_access_token: bool,
+    /// The descriptor entry whose value names the rule.
+    pub rule_entry: String,
+    /// The descriptor entry whose value is the limiter key; without it, the other entries.
+    pub key_entry: String,
+}
+
 /// Rate limits and hijack detection.
 #[derive(Debug, Clone)]
 pub struct SecurityConfig {
@@ -366,6 +392,8 @@ pub struct Config {
     pub security: SecurityConfig,
     /// Callers and keys.
     pub auth: AuthConfig,
+    /// The Envoy ext_authz and rate-limit services.
+    pub envoy: EnvoyConfig,
     /// Address of the Prometheus `/metrics` listener; off when unset.
     pub metrics_listen: Option<SocketAddr>,
     /// Log format.
@@ -445,7 +473,7 @@ impl Config {
                     "tls.client_cert_role",
                     &[],
                     Role::Service,
-                    "service, admin or watcher",
+                    "service, admin, watcher or proxy",
                     Role::parse,
                 )?,
             }),
@@ -596,6 +624,19 @@ impl Config {
             return Err(err("setting `security.max_limiter_keys`: must be at least 1"));
         }
 
+        let envoy = EnvoyConfig {
+            cookie: r.header_name("envoy.cookie", "session_id", false)?,
+            trusted_hops: r.optional_number("envoy.trusted_hops")?,
+            user_id_header: r.header_name("envoy.user_id_header", "x-user-id", true)?,
+            session_id_header: r.header_name("envoy.session_id_header", "x-session-id", true)?,
+            forward_access_token: r.bool("envoy.forward_access_token", false)?,
+            rule_entry: r.header_name("envoy.ratelimit.rule_entry", "rule", false)?,
+            key_entry: r.header_name("envoy.ratelimit.key_entry", "key", false)?,
+        };
+        if envoy.rule_entry == envoy.key_entry {
+            return Err(err("settings `envoy.ratelimit.rule_entry` and `envoy.ratelimit.key_entry`: must differ"));
+        }
+
         let plaintext_api_keys = match r.string("api_keys", &[]) {
             Some(text) => parse_plaintext_keys(&text)?,
             None => Vec::new(),
@@ -627,6 +668,7 @@ impl Config {
             revocation,
             security,
             auth,
+            envoy,
             metrics_listen: r.socket_addr("metrics_listen")?,
             log_format,
         })

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod convert;
+pub mod envoy;
 pub mod layers;
 pub mod pb;
 pub mod revocation;

@@ -68,6 +68,13 @@ pub(super) const KNOWN_KEYS: &[&str] = &[
     "security.hijack.velocity_max_ips",
     "encryption_key",
     "previous_encryption_keys",
+    "envoy.cookie",
+    "envoy.trusted_hops",
+    "envoy.user_id_header",
+    "envoy.session_id_header",
+    "envoy.forward_access_token",
+    "envoy.ratelimit.rule_entry",
+    "envoy.ratelimit.key_entry",
 ];
 
 /// Resolves one setting through flags, then the environment, then the file.
@@ -148,6 +155,35 @@ impl Resolver<'_> {
         })
     }
 
+    /// A whole number, or `None` when unset or empty.
+    pub(super) fn optional_number<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, ConfigError> {
+        match self.raw(key, &[]) {
+            None => Ok(None),
+            Some((text, _)) if text.trim().is_empty() => Ok(None),
+            Some((text, origin)) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| err(format!("setting `{key}` ({origin}): expected a whole number, got {text:?}"))),
+        }
+    }
+
+    /// An HTTP token (a header, cookie or descriptor-entry name: letters, digits and `-_.`),
+    /// lower-cased when `header` (Envoy hands headers over lower-cased).
+    pub(super) fn header_name(&self, key: &str, default: &str, header: bool) -> Result<String, ConfigError> {
+        let Some((text, origin)) = self.raw(key, &[]) else { return Ok(default.to_owned()) };
+        let name = text.trim();
+        let valid = !name.is_empty()
+            && name.len() <= 128
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !valid {
+            return Err(err(format!(
+                "setting `{key}` ({origin}): expected a name of letters, digits, '-', '_' or '.', got {text:?}"
+            )));
+        }
+        Ok(if header { name.to_ascii_lowercase() } else { name.to_owned() })
+    }
+
     pub(super) fn string(&self, key: &str, aliases: &[&str]) -> Option<String> {
         self.raw(key, aliases).map(|(v, _)| v).filter(|v| !v.trim().is_empty())
     }
@@ -203,7 +239,7 @@ pub(super) fn parse_api_key_table(index: usize, value: &toml::Value) -> Result<A
     let name = text("name")?;
     let role_name = text("role")?;
     let role = Role::parse(&role_name)
-        .ok_or_else(|| err(format!("{}: expected service, admin or watcher, got {role_name:?}", at("role"))))?;
+        .ok_or_else(|| err(format!("{}: expected service, admin, watcher or proxy, got {role_name:?}", at("role"))))?;
     let hash = text("hash")?;
     let sha256 = parse_key_hash(&hash).ok_or_else(|| {
         err(format!("{}: expected \"sha256:<64 hex digits>\" as printed by `session-authority hash-key`", at("hash")))
@@ -229,7 +265,7 @@ pub(super) fn parse_plaintext_keys(text: &str) -> Result<Vec<(Role, SecretString
         })?;
         let role = Role::parse(role_name.trim()).ok_or_else(|| {
             err(format!(
-                "setting `api_keys` (environment variable SESSION_AUTHORITY_API_KEYS): entry {} has role {:?}; expected service, admin or watcher",
+                "setting `api_keys` (environment variable SESSION_AUTHORITY_API_KEYS): entry {} has role {:?}; expected service, admin, watcher or proxy",
                 index + 1,
                 role_name
             ))

@@ -133,7 +133,8 @@ pub enum Access {
 
 const SERVICE: &[Role] = &[Role::Service];
 const ADMIN: &[Role] = &[];
-const READ_REVOCATIONS: &[Role] = &[Role::Service, Role::Watcher];
+const READ_REVOCATIONS: &[Role] = &[Role::Service, Role::Watcher, Role::Proxy];
+const PROXY: &[Role] = &[Role::Proxy];
 
 /// The role table: every method this server serves, by its full gRPC path, with who may call
 /// it. Keyed by the whole path, not the method name, so that a name of one service presented
@@ -165,6 +166,8 @@ pub const METHODS: &[(&str, Access)] = &[
     ("/atoms.session.v1.SecurityService/LogSecurityEvent", Access::Roles(SERVICE)),
     ("/atoms.session.v1.SecurityService/ListSecurityEvents", Access::Roles(ADMIN)),
     ("/atoms.session.v1.SecurityService/GetSecuritySummary", Access::Roles(ADMIN)),
+    ("/envoy.service.auth.v3.Authorization/Check", Access::Roles(PROXY)),
+    ("/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit", Access::Roles(PROXY)),
 ];
 
 /// The table's entry for `path`: its own `'static` copy of the path and who may call it, or
@@ -418,6 +421,12 @@ mod tests {
                 }
             }
         }
+        // The Envoy services come pre-generated without descriptors: their one method each.
+        use envoy_types::pb::envoy::service::{
+            auth::v3::authorization_server, ratelimit::v3::rate_limit_service_server,
+        };
+        methods.insert(format!("/{}/Check", authorization_server::SERVICE_NAME));
+        methods.insert(format!("/{}/ShouldRateLimit", rate_limit_service_server::SERVICE_NAME));
         methods
     }
 

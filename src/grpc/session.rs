@@ -46,7 +46,7 @@ impl SessionAdapter {
 /// no session, or a session presented from the wrong device. Sessions that ended normally
 /// (expired, revoked, terminated) do not count: a stale cookie behind a shared NAT must not lock
 /// out its neighbours.
-fn counts_as_failure(reason: InvalidReason) -> bool {
+pub(crate) fn counts_as_failure(reason: InvalidReason) -> bool {
     matches!(reason, InvalidReason::NotFound | InvalidReason::DeviceMismatch | InvalidReason::HijackSuspected)
 }
 

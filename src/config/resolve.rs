@@ -157,15 +157,13 @@ impl Resolver<'_> {
 
     /// A whole number, or `None` when unset or empty.
     pub(super) fn optional_number<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, ConfigError> {
-        match self.raw(key, &[]) {
-            None => Ok(None),
-            Some((text, _)) if text.trim().is_empty() => Ok(None),
-            Some((text, origin)) => text
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| err(format!("setting `{key}` ({origin}): expected a whole number, got {text:?}"))),
-        }
+        self.parsed(
+            key,
+            &[],
+            None,
+            "a whole number",
+            |s| if s.is_empty() { Some(None) } else { s.parse().ok().map(Some) },
+        )
     }
 
     /// An HTTP token (a header, cookie or descriptor-entry name: letters, digits and `-_.`),

@@ -279,7 +279,7 @@ pub fn allowed_session(response: &CheckResponse) -> Option<(String, Millis)> {
 }
 
 impl Decision {
-    fn allow_response(self, settings: &EnvoyConfig) -> CheckResponse {
+    fn into_response(self, settings: &EnvoyConfig) -> CheckResponse {
         match self {
             Decision::Deny(denial) => denial.into_response(),
             Decision::Allow { user_id, session_id, access_token, valid_until } => {
@@ -416,7 +416,7 @@ impl Authorization for ExtAuthzAdapter {
             Decision::Deny(denial) => denial.label(),
         };
         metrics::counter!(EXT_AUTHZ_CHECKS, "decision" => label).increment(1);
-        Ok(Response::new(decision.allow_response(&self.settings)))
+        Ok(Response::new(decision.into_response(&self.settings)))
     }
 }
 
@@ -494,13 +494,18 @@ impl rate_limit_service_server::RateLimitService for RateLimitAdapter {
         let mut over = false;
         let mut retry_after = Duration::ZERO;
         let mut headers = Vec::new();
+        // Every descriptor is read and its rule looked up before any is decided: a bad one spends
+        // no unit of the others.
+        let mut checks = Vec::with_capacity(r.descriptors.len());
         for (index, descriptor) in r.descriptors.iter().enumerate() {
             let (rule, key) = self.rule_and_key(index, descriptor)?;
+            let period = self.security.limiter().rule(&rule)?.period;
             let cost =
                 descriptor.hits_addend.as_ref().map_or(r.hits_addend, |n| u32::try_from(n.value).unwrap_or(u32::MAX));
-            let cost = cost.max(1);
+            checks.push((rule, key, period, cost.max(1)));
+        }
+        for (index, (rule, key, period, cost)) in checks.into_iter().enumerate() {
             let decision = self.security.check_rate_limit(&rule, &key, cost, None).await?;
-            let period = self.security.limiter().rule(&rule).map(|r| r.period).ok();
             if !decision.allowed {
                 over = true;
                 retry_after = retry_after.max(decision.retry_after);
@@ -514,7 +519,7 @@ impl rate_limit_service_server::RateLimitService for RateLimitAdapter {
             }
             statuses.push(DescriptorStatus {
                 code: if decision.allowed { RlsCode::Ok } else { RlsCode::OverLimit } as i32,
-                current_limit: period.and_then(unit_of).map(|unit| RateLimit {
+                current_limit: unit_of(period).map(|unit| RateLimit {
                     name: rule.clone(),
                     requests_per_unit: decision.limit,
                     unit: unit as i32,
@@ -609,7 +614,7 @@ mod tests {
             access_token: None,
             valid_until: 1_700_000_000_123,
         };
-        let response = allow.allow_response(&settings);
+        let response = allow.into_response(&settings);
         assert_eq!(allowed_session(&response), Some(("s1".to_owned(), 1_700_000_000_123)));
         assert_eq!(allowed_session(&invalid(InvalidReason::Expired).into_response()), None);
         let Some(HttpResponse::OkResponse(ok)) = response.http_response else { panic!("not ok") };

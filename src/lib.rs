@@ -37,6 +37,7 @@ pub mod paging;
 pub mod revocation;
 pub mod security;
 pub mod session;
+pub mod sidecar;
 pub mod store;
 pub mod telemetry;
 pub mod token;

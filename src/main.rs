@@ -1,6 +1,7 @@
 //! The `session-authority` command: `serve` runs the server until SIGTERM or SIGINT,
 //! `hash-key` prints the digest of an API key for the config file, `health` probes a server,
-//! `watch` streams revocations as JSON lines (the reference sidecar).
+//! `watch` streams revocations as JSON lines (the reference sidecar), `sidecar` serves Envoy's
+//! ext_authz next to Envoy with a cache the revocation feed invalidates.
 
 use std::io::{Read as _, Write as _};
 use std::process::ExitCode;
@@ -65,12 +66,35 @@ enum Command {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Serve Envoy's ext_authz Check next to Envoy: forward each Check to the authority and reuse
+    /// allowed answers for --cache-ttl, dropping them as the revocation feed names their
+    /// session (API key with the proxy role from SESSION_AUTHORITY_KEY).
+    Sidecar {
+        /// The authority's URL.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        authority: String,
+        /// Address to serve ext_authz on (keep it on loopback: callers are not authenticated).
+        #[arg(long, default_value = "127.0.0.1:9191")]
+        listen: std::net::SocketAddr,
+        /// Longest reuse of an allowed answer (it also ends at the session's own deadline).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        cache_ttl: Duration,
+        /// Most answers kept at once.
+        #[arg(long, default_value_t = 100_000)]
+        max_entries: usize,
+        /// Address of the Prometheus /metrics listener; off when unset.
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
+        /// text or json.
+        #[arg(long, default_value = "text")]
+        log_format: String,
+    },
     /// Read an API key on stdin and print its `sha256:` digest for `[[api_keys]]` in the config.
     HashKey {
         /// Also print a whole `[[api_keys]]` entry with this name.
         #[arg(long)]
         name: Option<String>,
-        /// Role of that entry: service, admin or watcher.
+        /// Role of that entry: service, admin, watcher or proxy.
         #[arg(long, default_value = "service")]
         role: String,
     },
@@ -439,6 +463,31 @@ async fn watch(target: String, after: Option<String>, user: Option<String>) -> a
     }
 }
 
+async fn sidecar(
+    mut config: session_authority::sidecar::SidecarConfig,
+    metrics_listen: Option<std::net::SocketAddr>,
+    log_format: String,
+) -> anyhow::Result<()> {
+    let key = std::env::var("SESSION_AUTHORITY_KEY")
+        .map_err(|_| anyhow::anyhow!("set SESSION_AUTHORITY_KEY to an API key with the proxy role"))?;
+    config.key = secrecy::SecretString::from(key);
+    let format = match log_format.as_str() {
+        "text" => session_authority::config::LogFormat::Text,
+        "json" => session_authority::config::LogFormat::Json,
+        other => anyhow::bail!("--log-format {other:?}: expected text or json"),
+    };
+    let telemetry = session_authority::telemetry::init(format, &|name| std::env::var(name).ok())?;
+    let result = async {
+        if let Some(addr) = metrics_listen {
+            session_authority::sidecar::install_metrics(addr)?;
+        }
+        session_authority::sidecar::run(config, shutdown_signal()).await
+    }
+    .await;
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    result
+}
+
 fn hash_key(name: Option<String>, role: String) -> anyhow::Result<()> {
     let mut key = String::new();
     std::io::stdin().read_to_string(&mut key)?;
@@ -446,7 +495,7 @@ fn hash_key(name: Option<String>, role: String) -> anyhow::Result<()> {
     anyhow::ensure!(key.len() >= 16, "the key read on stdin is shorter than 16 characters");
     anyhow::ensure!(
         session_authority::config::Role::parse(&role).is_some(),
-        "--role must be service, admin or watcher"
+        "--role must be service, admin, watcher or proxy"
     );
     let hash = crypto::api_key_hash_string(key);
     match name {
@@ -473,6 +522,22 @@ fn main() -> ExitCode {
         Command::Watch { target, after, user } => {
             match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(runtime) => runtime.block_on(watch(target, after, user)),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Sidecar { authority, listen, cache_ttl, max_entries, metrics_listen, log_format } => {
+            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(sidecar(
+                    session_authority::sidecar::SidecarConfig {
+                        authority,
+                        listen,
+                        cache_ttl,
+                        max_entries,
+                        key: secrecy::SecretString::from(String::new()),
+                    },
+                    metrics_listen,
+                    log_format,
+                )),
                 Err(e) => Err(e.into()),
             }
         }

@@ -61,7 +61,7 @@ pub struct ProxiedRequest {
 
 /// One header of the proxied request, by lower-case name, from either form Envoy sends
 /// (`headers`, or `header_map` with `encode_raw_headers`).
-fn header<'a>(check: &'a CheckRequest, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(check: &'a CheckRequest, name: &str) -> Option<&'a str> {
     let http = check.attributes.as_ref()?.request.as_ref()?.http.as_ref()?;
     if let Some(value) = http.headers.get(name) {
         return Some(value.as_str());
@@ -75,7 +75,7 @@ fn header<'a>(check: &'a CheckRequest, name: &str) -> Option<&'a str> {
 }
 
 /// The source address Envoy reports for the downstream connection.
-fn source_address(check: &CheckRequest) -> Option<IpAddr> {
+pub(crate) fn source_address(check: &CheckRequest) -> Option<IpAddr> {
     use envoy_types::pb::envoy::config::core::v3::address::Address;
     let peer = check.attributes.as_ref()?.source.as_ref()?;
     match peer.address.as_ref()?.address.as_ref()? {

@@ -3,6 +3,7 @@
 mod authz;
 mod cluster_faults;
 mod conformance;
+mod envoy;
 mod faults;
 mod feed_faults;
 mod foundation;

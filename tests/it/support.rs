@@ -26,9 +26,10 @@ pub mod proxy;
 pub const SERVICE_KEY: &str = "test-service-key-0000000000000001";
 pub const ADMIN_KEY: &str = "test-admin-key-00000000000000002";
 pub const WATCHER_KEY: &str = "test-watcher-key-000000000000003";
+pub const PROXY_KEY: &str = "test-proxy-key-00000000000000004";
 
 pub fn api_keys_env() -> String {
-    format!("service:{SERVICE_KEY},admin:{ADMIN_KEY},watcher:{WATCHER_KEY}")
+    format!("service:{SERVICE_KEY},admin:{ADMIN_KEY},watcher:{WATCHER_KEY},proxy:{PROXY_KEY}")
 }
 
 pub fn binary() -> &'static str {

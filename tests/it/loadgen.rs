@@ -4,7 +4,7 @@
 use std::io::{Read as _, Write as _};
 use std::process::Command;
 
-use crate::support::{SERVICE_KEY, Spawn};
+use crate::support::{PROXY_KEY, SERVICE_KEY, Spawn};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -87,6 +87,23 @@ async fn its_counts_match_the_servers_counters() {
     let p50 = validate["latency_us"]["p50"].as_u64().unwrap();
     let p99 = validate["latency_us"]["p99"].as_u64().unwrap();
     assert!(p50 > 0 && p50 <= p99, "{validate}");
+
+    // Envoy's ext_authz Check with the proxy key: every call answered OK, as the server counted.
+    let target = server.url();
+    let pid = server.child.id().to_string();
+    let check = tokio::task::spawn_blocking(move || {
+        let mut args = vec!["run", "--workload", "ext-authz", "--sessions", "200", "--proxy-key", PROXY_KEY];
+        args.extend(["--target", target.as_str(), "--key", SERVICE_KEY, "--server-pid", pid.as_str()]);
+        args.extend(shape);
+        loadgen(&args)
+    })
+    .await
+    .unwrap();
+    let metrics = scrape(metrics_port);
+    assert!(check["requests"].as_u64().unwrap() > 100, "{check}");
+    assert_eq!(check["errors"].as_object().unwrap().len(), 0, "{check}");
+    assert_eq!(check["requests"].as_u64().unwrap(), sample(&metrics, "ext_authz_checks_total", &[("decision", "ok")]));
+    assert_eq!(sample(&metrics, "ext_authz_checks_total", &[("decision", "unauthenticated")]), 0);
 }
 
 /// The benchmark's in-process seeding (`serve --seed-sessions`): every token it writes is a

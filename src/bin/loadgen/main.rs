@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use envoy_types::ext_authz::v3::pb::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use hdrhistogram::Histogram;
 use rand::Rng as _;
 use rand_distr::Distribution as _;
@@ -73,6 +75,9 @@ struct Target {
     /// API key (service role), or SESSION_AUTHORITY_KEY.
     #[arg(long, env = "SESSION_AUTHORITY_KEY", hide_env_values = true)]
     key: Option<String>,
+    /// API key with the proxy role, for the ext_authz workload (or SESSION_AUTHORITY_PROXY_KEY).
+    #[arg(long, env = "SESSION_AUTHORITY_PROXY_KEY", hide_env_values = true)]
+    proxy_key: Option<String>,
     /// PID of the server, for its CPU time.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -107,6 +112,9 @@ enum Workload {
     /// TokenService/GetAccessToken over the seeded sessions (their tokens are not due for a
     /// refresh, so this measures reading and unsealing the stored token).
     GetAccessToken,
+    /// Envoy's envoy.service.auth.v3.Authorization/Check over the seeded tokens, each sent as
+    /// the `session_id` cookie of a proxied request (needs --proxy-key).
+    ExtAuthz,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
@@ -197,6 +205,9 @@ struct SuiteArgs {
     /// Also run GetAccessToken.
     #[arg(long)]
     with_access_token: bool,
+    /// Also run Envoy's ext_authz Check (needs --proxy-key).
+    #[arg(long)]
+    with_ext_authz: bool,
     /// Write the suite result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -274,6 +285,13 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<Value> {
         ratios["get_access_token_over_check_throughput"] = ratio(access.throughput(), closed_health.throughput());
         runs.push(access.to_json());
     }
+    if args.with_ext_authz {
+        let check = env.run(Workload::ExtAuthz, &args.shape, &args.tokens, None).await?;
+        println!("{}", check.line());
+        ratios["ext_authz_check_over_check_throughput"] = ratio(check.throughput(), closed_health.throughput());
+        ratios["ext_authz_check_over_validate_throughput"] = ratio(check.throughput(), closed_validate.throughput());
+        runs.push(check.to_json());
+    }
     println!("ratios: {ratios}");
     Ok(json!({
         "label": args.label,
@@ -308,7 +326,8 @@ fn write_json(path: &Option<PathBuf>, value: &Value) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => {
-            let need_tokens = matches!(args.workload, Workload::Validate | Workload::GetAccessToken);
+            let need_tokens =
+                matches!(args.workload, Workload::Validate | Workload::GetAccessToken | Workload::ExtAuthz);
             let env = env(&args.target, &args.tokens, need_tokens).await?;
             let outcome = env.run(args.workload, &args.shape, &args.tokens, args.rate).await?;
             println!("{}", outcome.line());

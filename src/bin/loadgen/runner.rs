@@ -11,7 +11,9 @@ pub(super) struct Caller {
     pub(super) sessions: SessionServiceClient<Channel>,
     pub(super) security: SecurityServiceClient<Channel>,
     pub(super) upstream: TokenServiceClient<Channel>,
+    pub(super) ext_authz: AuthorizationClient<Channel>,
     pub(super) auth: Option<MetadataValue<Ascii>>,
+    pub(super) proxy_auth: Option<MetadataValue<Ascii>>,
     pub(super) tokens: Arc<Vec<String>>,
     pub(super) pick: Pick,
     pub(super) zipf: Option<rand_distr::Zipf<f64>>,
@@ -72,8 +74,60 @@ impl Caller {
                 });
                 self.security.check_rate_limit(request).await.map(|_| ())
             }
+            Workload::ExtAuthz => {
+                let mut request = tonic::Request::new(proxied_request(&self.pick_token()));
+                if let Some(auth) = &self.proxy_auth {
+                    request.metadata_mut().insert("authorization", auth.clone());
+                }
+                match self.ext_authz.check(request).await {
+                    // A denial is an answer too; count it as the HTTP status Envoy would send.
+                    Ok(response) => match response.into_inner().status.map_or(0, |s| s.code) {
+                        0 => Ok(()),
+                        code => Err(tonic::Status::new(tonic::Code::from(code), "denied")),
+                    },
+                    Err(status) => Err(status),
+                }
+            }
         };
         result.map_err(|status| status.code())
+    }
+}
+
+/// The CheckRequest Envoy sends for `GET /` from 203.0.113.9 with `token` as the session cookie.
+pub(super) fn proxied_request(token: &str) -> CheckRequest {
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+    let headers = [
+        (":method", "GET".to_owned()),
+        (":path", "/".to_owned()),
+        (":authority", "app.example".to_owned()),
+        ("cookie", format!("session_id={token}")),
+        ("user-agent", "loadgen".to_owned()),
+    ];
+    let source = attribute_context::Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: "203.0.113.9".into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(40_000)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(source),
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    headers: headers.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
     }
 }
 
@@ -126,6 +180,7 @@ pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
 pub(super) struct Env {
     pub(super) target: Target,
     pub(super) auth: Option<MetadataValue<Ascii>>,
+    pub(super) proxy_auth: Option<MetadataValue<Ascii>>,
     pub(super) tokens: Arc<Vec<String>>,
     /// Server RSS before and after seeding through the API.
     pub(super) seed_rss: Option<(u64, u64)>,
@@ -144,8 +199,10 @@ impl Env {
             health: HealthClient::new(channel.clone()),
             sessions: SessionServiceClient::new(channel.clone()),
             security: SecurityServiceClient::new(channel.clone()),
-            upstream: TokenServiceClient::new(channel),
+            upstream: TokenServiceClient::new(channel.clone()),
+            ext_authz: AuthorizationClient::new(channel),
             auth: self.auth.clone(),
+            proxy_auth: self.proxy_auth.clone(),
             tokens: self.tokens.clone(),
             pick: tokens.pick,
             zipf: rand_distr::Zipf::new(self.tokens.len().max(1) as f64, tokens.zipf_exponent).ok(),
@@ -302,6 +359,10 @@ pub(super) async fn env(target: &Target, tokens: &Tokens, need_tokens: bool) -> 
         Some(key) => Some(format!("Bearer {key}").parse().context("the API key is not a valid header value")?),
         None => None,
     };
+    let proxy_auth = match &target.proxy_key {
+        Some(key) => Some(format!("Bearer {key}").parse().context("the proxy key is not a valid header value")?),
+        None => None,
+    };
     let mut seed_rss = None;
     let list = match (&tokens.tokens_file, need_tokens) {
         (Some(path), _) => std::fs::read_to_string(path)
@@ -321,5 +382,5 @@ pub(super) async fn env(target: &Target, tokens: &Tokens, need_tokens: bool) -> 
         }
         (None, false) => Vec::new(),
     };
-    Ok(Env { target: target.clone(), auth, tokens: Arc::new(list), seed_rss })
+    Ok(Env { target: target.clone(), auth, proxy_auth, tokens: Arc::new(list), seed_rss })
 }

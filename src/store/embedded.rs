@@ -8,9 +8,11 @@
 //!
 //! Tables: `sessions` (token hash → record JSON), `session_ids` (session id → token hash),
 //! `user_sessions` ((user id, session id) → token hash) and `session_expiry`
-//! ((retain-until millis, token hash) → ()). Idle slides are committed with
-//! `Durability::None`: losing the last slides in a crash only makes a session expire a little
-//! earlier, and they cost no fsync on the hot path. Everything else is `Immediate`.
+//! ((retain-until millis, token hash) → ()). Idle slides wait in memory (reads see them) and
+//! are written by the next write transaction, at most [`slides::FLUSH_AFTER`] later, many at once
+//! and with `Durability::None` unless that transaction is durable anyway: losing the last slides
+//! in a crash only makes a session expire a little earlier, and a validation costs no write
+//! transaction of its own. Everything else is `Immediate`.
 //!
 //! The revocation log is four more tables in the same file, written in the same write
 //! transaction as the end of the session that produced the event: `revocation_log` (sequence
@@ -54,6 +56,7 @@ use crate::token::{RefreshLease, RefreshRecord};
 mod events;
 mod limits;
 mod sessions;
+mod slides;
 mod tokens;
 
 use limits::count_limit_keys;
@@ -94,6 +97,7 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     log_id: Arc<str>,
     max_limiter_keys: usize,
+    slides: Arc<slides::PendingSlides>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -143,8 +147,12 @@ impl EmbeddedStore {
             .set_cache_size(256 * 1024 * 1024)
             .create(&path)
             .map_err(|e| Error::unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let mut store =
-            EmbeddedStore { db: Arc::new(db), log_id: Arc::from(""), max_limiter_keys: limiter::DEFAULT_MAX_KEYS };
+        let mut store = EmbeddedStore {
+            db: Arc::new(db),
+            log_id: Arc::from(""),
+            max_limiter_keys: limiter::DEFAULT_MAX_KEYS,
+            slides: Arc::default(),
+        };
         let log_id = store.write_now(Durability::Immediate, |tx| {
             tx.open_table(SESSIONS).map_err(unavailable)?;
             tx.open_table(SESSION_IDS).map_err(unavailable)?;
@@ -199,7 +207,8 @@ impl EmbeddedStore {
         Ok((tx, position))
     }
 
-    /// Runs `f` in one write transaction and commits it.
+    /// Runs `f` in one write transaction and commits it, after the pending idle slides (see
+    /// [`slides`]): every write sees them, and they are kept for the next one if this one fails.
     fn write_now<T>(&self, durability: Durability, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
         let mut tx = self.db.begin_write().map_err(unavailable)?;
         tx.set_durability(durability).map_err(unavailable)?;
@@ -207,9 +216,15 @@ impl EmbeddedStore {
             // Keeps recovery after a crash quick instead of a full repair scan.
             tx.set_quick_repair(true);
         }
-        let value = f(&tx)?;
-        tx.commit().map_err(unavailable)?;
-        Ok(value)
+        let pending = self.slides.take();
+        let outcome = slides::write_slides(&tx, &pending).and_then(|()| f(&tx)).and_then(|value| {
+            tx.commit().map_err(unavailable)?;
+            Ok(value)
+        });
+        if outcome.is_err() && !pending.is_empty() {
+            self.slides.restore(pending);
+        }
+        outcome
     }
 
     /// [`EmbeddedStore::write_now`] off the async runtime (commits wait for fsync).
@@ -247,7 +262,9 @@ impl EmbeddedStore {
         let tx = self.db.begin_read().map_err(unavailable)?;
         let table = tx.open_table(SESSIONS).map_err(unavailable)?;
         match table.get(hash.as_slice()).map_err(unavailable)? {
-            Some(bytes) => SessionRecord::from_bytes(bytes.value()).map(Some),
+            Some(bytes) => {
+                SessionRecord::from_bytes(bytes.value()).map(|record| Some(self.slides.read_through(record)))
+            }
             None => Ok(None),
         }
     }
@@ -263,6 +280,92 @@ mod tests {
     use crate::clock::{Clock, ManualClock};
     use crate::crypto::KeyRing;
     use crate::session::{NewSession, SessionManager, SessionSettings};
+
+    fn settings() -> SessionSettings {
+        SessionSettings {
+            idle_timeout: Duration::from_secs(1800),
+            absolute_timeout: Duration::from_secs(8 * 3600),
+            max_sessions_per_user: 5,
+            device_validation: true,
+            device_fingerprint_required: true,
+            device_match_threshold: 0.8,
+            idle_slide_step: Duration::from_secs(60),
+            tombstone_ttl: Duration::from_secs(3600),
+            proactive_refresh: Duration::from_secs(300),
+        }
+    }
+
+    /// A session of `user` created through the manager, as stored.
+    async fn stored_session(store: &EmbeddedStore, clock: &ManualClock, user: &str) -> SessionRecord {
+        let manager = SessionManager::new(
+            Arc::new(store.clone()),
+            Arc::new(KeyRing::new(&[7u8; 32], &[])),
+            Arc::new(clock.clone()) as Arc<dyn Clock>,
+            settings(),
+        );
+        let new = NewSession {
+            user_id: user.into(),
+            access_token: SecretString::from("upstream".to_string()),
+            ..Default::default()
+        };
+        let id = manager.create(new).await.unwrap().session.session_id;
+        store.get_by_id(&id).await.unwrap().unwrap()
+    }
+
+    fn touch(at: Millis, idle: Millis) -> Touch {
+        Touch { last_accessed_at: at, idle_expires_at: idle, ip_address: None }
+    }
+
+    fn revoke(at: Millis) -> EndSession {
+        EndSession {
+            state: crate::session::SessionState::Revoked,
+            reason: "test".into(),
+            at,
+            retain_until: at + 3_600_000,
+            kind: None,
+            revoked_by: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slide_is_read_at_once_written_with_the_next_write_and_never_revives_an_ended_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let clock = ManualClock::new(1_800_000_000_000);
+        let (a, b) = (stored_session(&store, &clock, "ada").await, stored_session(&store, &clock, "bob").await);
+        let now = a.last_accessed_at;
+        let idle = a.idle_expires_at;
+
+        store.touch(&a.token_hash, touch(now + 500, idle + 500)).await.unwrap();
+        store.touch(&a.token_hash, touch(now + 400, idle + 400)).await.unwrap();
+        let read = store.get_by_token(&a.token_hash).await.unwrap().unwrap();
+        assert_eq!((read.last_accessed_at, read.idle_expires_at), (now + 500, idle + 500), "never backwards");
+        assert_eq!(store.get_by_id(&a.session_id).await.unwrap().unwrap().idle_expires_at, idle + 500);
+        assert_eq!(store.list_user("ada").await.unwrap()[0].idle_expires_at, idle + 500);
+        assert_eq!(store.slides.len(), 1, "still in memory");
+
+        // The sweep is a write: it applies the slide first and finds nothing due at the old
+        // idle deadline (bob's untouched session is due, as it should be).
+        let due = store.take_timed_out(idle + 200, 10).await.unwrap().sessions;
+        assert_eq!(due.iter().map(|s| s.user_id.as_str()).collect::<Vec<_>>(), ["bob"]);
+        assert_eq!(store.slides.len(), 0);
+
+        // A slide pending when the session ends is applied before the end; one after it never is.
+        store.touch(&b.token_hash, touch(now + 600, idle + 600)).await.unwrap();
+        store.end(&b.token_hash, revoke(now + 700)).await.unwrap();
+        store.touch(&b.token_hash, touch(now + 800, idle + 800)).await.unwrap();
+        assert_eq!(store.get_by_token(&b.token_hash).await.unwrap().unwrap().idle_expires_at, idle + 600);
+        tokio::time::sleep(slides::FLUSH_AFTER * 5).await;
+        assert_eq!(store.slides.len(), 0, "the scheduled flush ran");
+        let ended = store.get_by_token(&b.token_hash).await.unwrap().unwrap();
+        assert!(ended.state.is_terminal());
+        assert_eq!(ended.idle_expires_at, idle + 600, "applied before the end, not after");
+
+        // Written slides survive a reopen.
+        drop(store);
+        let reopened = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.get_by_token(&a.token_hash).await.unwrap().unwrap().idle_expires_at, idle + 500);
+    }
 
     #[tokio::test]
     async fn a_database_written_before_the_deadline_index_gets_one_when_opened() {

@@ -201,28 +201,31 @@ impl SessionStore for EmbeddedStore {
                 break;
             }
             if let Some(bytes) = sessions.get(hash.value()).map_err(unavailable)? {
-                records.push(SessionRecord::from_bytes(bytes.value())?);
+                records.push(self.slides.read_through(SessionRecord::from_bytes(bytes.value())?));
             }
         }
         Ok(records)
     }
 
     async fn touch(&self, token_hash: &TokenHash, touch: Touch) -> Result<()> {
-        let hash = *token_hash;
-        self.write(Durability::None, move |tx| {
-            let Some(mut record) = load(tx, &hash)? else { return Ok(()) };
-            if record.state.is_terminal() {
-                return Ok(());
-            }
-            record.idle_expires_at = record.idle_expires_at.max(touch.idle_expires_at);
-            record.last_accessed_at = record.last_accessed_at.max(touch.last_accessed_at);
-            if let Some(ip) = touch.ip_address {
-                record.ip_address = Some(ip);
-            }
-            let retain = record.retain_until;
-            save(tx, &record, retain)
-        })
-        .await
+        // Held in memory and written by the next write transaction (see `slides`).
+        let pending = self.slides.add(*token_hash, touch);
+        if pending >= slides::MAX_PENDING {
+            return self.write(Durability::None, |_| Ok(())).await;
+        }
+        if self.slides.claim_flush() {
+            let store = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(slides::FLUSH_AFTER).await;
+                if store.slides.len() == 0 {
+                    return;
+                }
+                if let Err(e) = store.write(Durability::None, |_| Ok(())).await {
+                    tracing::warn!(error = %e, "embedded store: idle slides not written yet; the next write retries them");
+                }
+            });
+        }
+        Ok(())
     }
 
     async fn compare_and_swap(&self, record: &SessionRecord, expected_version: u64) -> Result<CasOutcome> {

@@ -1,10 +1,11 @@
 //! The embedded backend, the default: a redb database in the data directory.
 //!
 //! Why redb: it is pure Rust (no C toolchain, no system library), ACID with copy-on-write
-//! B-trees and a single writer, so each trait operation is one write transaction and therefore
-//! atomic; a commit with `Durability::Immediate` is on disk when it returns, so an acknowledged
-//! write survives SIGKILL; and reads run concurrently with the writer without blocking. SQLite
-//! would give the same guarantees through a C library and SQL we do not need.
+//! B-trees and a single writer, so each trait operation runs inside one write transaction and is
+//! therefore atomic; a commit with `Durability::Immediate` is on disk when it returns, so an
+//! acknowledged write survives SIGKILL; and reads run concurrently with the writer without
+//! blocking. SQLite would give the same guarantees through a C library and SQL we do not need.
+//! Operations waiting together share one transaction and one fsync ([`commit`]).
 //!
 //! Tables: `sessions` (token hash → record JSON), `session_ids` (session id → token hash),
 //! `user_sessions` ((user id, session id) → token hash) and `session_expiry`
@@ -53,6 +54,7 @@ use crate::store::{
 };
 use crate::token::{RefreshLease, RefreshRecord};
 
+mod commit;
 mod events;
 mod limits;
 mod sessions;
@@ -98,6 +100,7 @@ pub struct EmbeddedStore {
     log_id: Arc<str>,
     max_limiter_keys: usize,
     slides: Arc<slides::PendingSlides>,
+    committer: Arc<commit::Committer>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -147,12 +150,11 @@ impl EmbeddedStore {
             .set_cache_size(256 * 1024 * 1024)
             .create(&path)
             .map_err(|e| Error::unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let mut store = EmbeddedStore {
-            db: Arc::new(db),
-            log_id: Arc::from(""),
-            max_limiter_keys: limiter::DEFAULT_MAX_KEYS,
-            slides: Arc::default(),
-        };
+        let db = Arc::new(db);
+        let slides = Arc::<slides::PendingSlides>::default();
+        let committer = Arc::new(commit::Committer::start(db.clone(), slides.clone())?);
+        let mut store =
+            EmbeddedStore { db, log_id: Arc::from(""), max_limiter_keys: limiter::DEFAULT_MAX_KEYS, slides, committer };
         let log_id = store.write_now(Durability::Immediate, |tx| {
             tx.open_table(SESSIONS).map_err(unavailable)?;
             tx.open_table(SESSION_IDS).map_err(unavailable)?;
@@ -217,7 +219,8 @@ impl EmbeddedStore {
             tx.set_quick_repair(true);
         }
         let pending = self.slides.take();
-        let outcome = slides::write_slides(&tx, &pending).and_then(|()| f(&tx)).and_then(|value| {
+        slides::write_slides(&tx, &pending);
+        let outcome = f(&tx).and_then(|value| {
             tx.commit().map_err(unavailable)?;
             Ok(value)
         });
@@ -227,16 +230,14 @@ impl EmbeddedStore {
         outcome
     }
 
-    /// [`EmbeddedStore::write_now`] off the async runtime (commits wait for fsync).
+    /// A write off the async runtime, in the next group commit (see [`commit`]; `f` may run
+    /// more than once there), answered once committed: on disk if `durability` is `Immediate`.
     async fn write<T: Send + 'static>(
         &self,
         durability: Durability,
-        f: impl FnOnce(&WriteTransaction) -> Result<T> + Send + 'static,
+        f: impl FnMut(&WriteTransaction) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.write_now(durability, f))
-            .await
-            .map_err(|e| Error::internal_from("embedded store task failed", e))?
+        self.committer.submit(matches!(durability, Durability::Immediate), f).await
     }
 
     /// Inserts new sessions in one transaction, without the per-user cap: for the offline
@@ -365,6 +366,74 @@ mod tests {
         drop(store);
         let reopened = EmbeddedStore::open(dir.path()).unwrap();
         assert_eq!(reopened.get_by_token(&a.token_hash).await.unwrap().unwrap().idle_expires_at, idle + 500);
+    }
+
+    fn checkpoint(store: &EmbeddedStore, name: &str) -> Option<String> {
+        let tx = store.db.begin_read().unwrap();
+        let table = tx.open_table(CHECKPOINTS).unwrap();
+        table.get(name).unwrap().map(|v| v.value().to_owned())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_writes_waiting_together_share_one_commit_and_a_failing_one_takes_none_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        // Hold the writer's turn so that every write below is queued when the committer gets it.
+        let held = store.db.begin_write().unwrap();
+        let before = store.committer.commits();
+        let mut writes = Vec::new();
+        for n in 0..64 {
+            let store = store.clone();
+            writes.push(tokio::spawn(async move {
+                store
+                    .write(Durability::Immediate, move |tx| {
+                        if n == 31 {
+                            return Err(Error::invalid("n", "the failing write"));
+                        }
+                        let mut table = tx.open_table(CHECKPOINTS).map_err(unavailable)?;
+                        table.insert(format!("c{n}").as_str(), "v").map_err(unavailable)?;
+                        Ok(n)
+                    })
+                    .await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(writes.iter().all(|w| !w.is_finished()), "nothing is answered before its commit");
+        held.abort().unwrap();
+        for (n, write) in writes.into_iter().enumerate() {
+            let outcome = write.await.unwrap();
+            if n == 31 {
+                assert!(matches!(outcome, Err(Error::InvalidArgument { .. })), "{outcome:?}");
+                assert_eq!(checkpoint(&store, "c31"), None, "the failed write left nothing");
+            } else {
+                assert_eq!(outcome.unwrap(), n);
+                assert_eq!(checkpoint(&store, &format!("c{n}")).as_deref(), Some("v"));
+            }
+        }
+        // One attempt aborted at the failing write, then one commit for the 63 others.
+        assert_eq!(store.committer.commits() - before, 1);
+
+        // Every acknowledged write is in the file.
+        drop(store);
+        let reopened = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(checkpoint(&reopened, "c0").as_deref(), Some("v"));
+        assert_eq!(checkpoint(&reopened, "c63").as_deref(), Some("v"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_durable_write_is_an_internal_error_and_the_committer_keeps_going() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let panicked = store.write(Durability::Immediate, |_tx| -> Result<()> { panic!("a bug in a write") }).await;
+        assert!(matches!(panicked, Err(Error::Internal { .. })), "{panicked:?}");
+        store
+            .write(Durability::Immediate, |tx| {
+                tx.open_table(CHECKPOINTS).map_err(unavailable)?.insert("after", "v").map_err(unavailable)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(checkpoint(&store, "after").as_deref(), Some("v"));
     }
 
     #[tokio::test]

@@ -235,7 +235,7 @@ impl SessionStore for EmbeddedStore {
             if current.version != expected_version || current.state.is_terminal() {
                 return Ok(CasOutcome::Conflict(Box::new(current)));
             }
-            let mut next = next;
+            let mut next = next.clone();
             next.version = expected_version + 1;
             // Identity, state and retention are not the caller's to change through a swap.
             next.session_id = current.session_id.clone();

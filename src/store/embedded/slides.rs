@@ -119,14 +119,23 @@ impl PendingSlides {
     }
 }
 
-/// Writes `slides` in `tx`: each to its session if it is still stored and active.
-pub(super) fn write_slides(tx: &WriteTransaction, slides: &HashMap<TokenHash, Touch>) -> Result<()> {
+/// Writes `slides` in `tx`: each to its session if it is still stored and active. A slide that
+/// cannot be written (an unreadable record) is dropped with a warning, so that it can never
+/// stop the write it rides with, nor every write after it.
+pub(super) fn write_slides(tx: &WriteTransaction, slides: &HashMap<TokenHash, Touch>) {
     for (hash, touch) in slides {
-        let Some(mut record) = load(tx, hash)? else { continue };
-        if apply(&mut record, touch) {
-            let retain = record.retain_until;
-            save(tx, &record, retain)?;
+        let written = load(tx, hash).and_then(|found| match found {
+            Some(mut record) => {
+                if apply(&mut record, touch) {
+                    let retain = record.retain_until;
+                    save(tx, &record, retain)?;
+                }
+                Ok(())
+            }
+            None => Ok(()),
+        });
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "embedded store: an idle slide could not be written; dropped");
         }
     }
-    Ok(())
 }

@@ -1,0 +1,200 @@
+//! Group commit: durable writes that arrive together share one write transaction and one fsync.
+//!
+//! redb has one writer, and a durable commit waits for the disk (several milliseconds on the
+//! machines we measure on), so one transaction per CreateSession capped the embedded store at
+//! about 200 creates per second whatever the concurrency. Every write now goes to one committer
+//! thread (a rate-limit check, `Durability::None` on its own, rides along and is committed
+//! durably when a durable write shares its transaction). When the writer's turn comes it takes every job waiting (up
+//! to [`MAX_BATCH`]: those that arrived while the previous commit waited for the disk), runs them
+//! in order in one transaction, commits it once, and only then answers each caller: nothing is
+//! acknowledged before the commit that holds it is on disk, and nothing is visible to readers
+//! before that either (it is one transaction).
+//!
+//! A job that fails (its closure returns an error or panics) must not take the others' writes
+//! with it, and a transaction cannot be partly rolled back. So the transaction is aborted, the
+//! failing job gets its error, and the others run again, in the same order, in a new
+//! transaction: they see exactly the state they would have seen had the failing job never
+//! been sent. That is why a durable write's closure is `FnMut` (it may run more than once and
+//! must give the same result on the same state).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use super::*;
+
+/// Most jobs in one transaction.
+pub(super) const MAX_BATCH: usize = 256;
+
+/// One durable write waiting for the committer.
+trait Job: Send {
+    /// Whether the write must be on disk before it is answered.
+    fn durable(&self) -> bool;
+    /// Runs the write in `tx` and keeps its value for [`Job::answer`].
+    fn run(&mut self, tx: &WriteTransaction) -> Result<()>;
+    /// Answers the caller: its value if `committed` is `Ok`, else the error.
+    fn answer(self: Box<Self>, committed: Result<()>);
+}
+
+struct Typed<T, F> {
+    durable: bool,
+    write: F,
+    value: Option<T>,
+    reply: tokio::sync::oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Job for Typed<T, F>
+where
+    T: Send,
+    F: FnMut(&WriteTransaction) -> Result<T> + Send,
+{
+    fn durable(&self) -> bool {
+        self.durable
+    }
+
+    fn run(&mut self, tx: &WriteTransaction) -> Result<()> {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (self.write)(tx)))
+            .unwrap_or_else(|_| Err(Error::internal("embedded store: a write panicked")))?;
+        self.value = Some(outcome);
+        Ok(())
+    }
+
+    fn answer(self: Box<Self>, committed: Result<()>) {
+        let value = self.value;
+        let result = committed
+            .and_then(|()| value.ok_or_else(|| Error::internal("embedded store: a committed write has no value")));
+        // The caller may have gone (a cancelled call); its write stands either way.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// The committer thread's handle: dropping the last one ends the thread and waits for it, so
+/// the database is closed when the last store is dropped (a test may reopen it at once).
+pub(super) struct Committer {
+    jobs: Option<mpsc::Sender<Box<dyn Job>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    commits: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Committer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Committer").field("commits", &self.commits()).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Committer {
+    /// Starts the committer thread over `db`; it also writes the pending idle slides first in
+    /// each transaction, like every other write.
+    pub(super) fn start(db: Arc<Database>, slides: Arc<slides::PendingSlides>) -> Result<Committer> {
+        let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
+        let commits = Arc::new(AtomicU64::new(0));
+        let counted = commits.clone();
+        let thread = std::thread::Builder::new()
+            .name("embedded-commit".into())
+            .spawn(move || {
+                while let Ok(first) = queue.recv() {
+                    commit_batch(&db, &slides, &queue, vec![first], &counted);
+                }
+            })
+            .map_err(|e| Error::unavailable(format!("embedded store: cannot start the committer thread: {e}")))?;
+        Ok(Committer { jobs: Some(jobs), thread: Some(thread), commits })
+    }
+
+    /// Runs `write` in the next group commit and answers once it is committed (on disk, if
+    /// `durable`).
+    pub(super) async fn submit<T, F>(&self, durable: bool, write: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&WriteTransaction) -> Result<T> + Send + 'static,
+    {
+        let stopped = || Error::unavailable("embedded store: the committer has stopped");
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Box<dyn Job> = Box::new(Typed { durable, write, value: None, reply });
+        self.jobs.as_ref().ok_or_else(stopped)?.send(job).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Commits made so far (each may hold many writes).
+    pub(super) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
+/// Commits `batch` and whatever else is queued once the writer's turn comes (the jobs that
+/// arrived while the previous commit was waiting for the disk).
+fn commit_batch(
+    db: &Database,
+    slides: &slides::PendingSlides,
+    queue: &mpsc::Receiver<Box<dyn Job>>,
+    mut batch: Vec<Box<dyn Job>>,
+    commits: &AtomicU64,
+) {
+    let mut first_attempt = true;
+    while !batch.is_empty() {
+        let tx = db.begin_write();
+        if std::mem::take(&mut first_attempt) {
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        let mut tx = match tx {
+            Ok(tx) => tx,
+            Err(e) => return fail_all(batch, &e),
+        };
+        let durable = batch.iter().any(|job| job.durable());
+        let durability = if durable { Durability::Immediate } else { Durability::None };
+        if let Err(e) = tx.set_durability(durability) {
+            return fail_all(batch, &e);
+        }
+        if durable {
+            // Keeps recovery after a crash quick instead of a full repair scan.
+            tx.set_quick_repair(true);
+        }
+        let pending = slides.take();
+        slides::write_slides(&tx, &pending);
+        let mut failed = None;
+        for (index, job) in batch.iter_mut().enumerate() {
+            if let Err(e) = job.run(&tx) {
+                failed = Some((index, e));
+                break;
+            }
+        }
+        if let Some((index, error)) = failed {
+            let _ = tx.abort();
+            slides.restore(pending);
+            batch.remove(index).answer(Err(error));
+            continue;
+        }
+        let committed = tx.commit();
+        commits.fetch_add(1, Ordering::Relaxed);
+        if committed.is_err() {
+            slides.restore(pending);
+        }
+        let message = committed.err().map(|e| e.to_string());
+        for job in batch.drain(..) {
+            job.answer(match &message {
+                None => Ok(()),
+                Some(e) => Err(unavailable(e)),
+            });
+        }
+    }
+}
+
+fn fail_all(batch: Vec<Box<dyn Job>>, error: &dyn std::fmt::Display) {
+    let message = error.to_string();
+    for job in batch {
+        job.answer(Err(unavailable(&message)));
+    }
+}

@@ -100,7 +100,7 @@ impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
         let listener = bind(&config).await?;
         if let Some(addr) = config.metrics_listen {
-            crate::metrics::install(addr)?;
+            crate::telemetry::prometheus::install(addr)?;
         }
         let secrets = bootstrap::prepare(&config)?;
         let stores = open_stores(&config)?;
@@ -264,7 +264,7 @@ impl App {
         // The first layer is the outermost. Metrics come first so that every call is counted
         // with the status it ended with, those refused by the layers below included.
         let router = builder
-            .layer(tower::util::option_layer(config.metrics_listen.map(|_| crate::metrics::RpcMetricsLayer)))
+            .layer(tower::util::option_layer(config.metrics_listen.map(|_| crate::grpc::rpc_metrics::RpcMetricsLayer)))
             .layer(ShutdownStreamsLayer::new(shutdown.clone()))
             .layer(AuthLayer::new(secrets.api_keys.clone(), client_cert_role))
             .layer(LoadShedLayer::new(server_config.concurrency_limit))
@@ -314,7 +314,7 @@ impl App {
 
         let sampler = config.metrics_listen.map(|_| {
             let clock = sessions.clone();
-            tokio::spawn(crate::metrics::sample_active_sessions(
+            tokio::spawn(crate::telemetry::prometheus::sample_active_sessions(
                 sessions.store().clone(),
                 move || clock.now(),
                 shutdown.clone(),

@@ -19,10 +19,7 @@ mod resolve;
 
 pub use resolve::*;
 
-/// A configuration problem, already phrased for a person: it names the setting.
-#[derive(Debug, thiserror::Error)]
-#[error("configuration error: {0}")]
-pub struct ConfigError(pub String);
+pub use crate::error::ConfigError;
 
 fn err(message: impl Into<String>) -> ConfigError {
     ConfigError(message.into())

@@ -130,6 +130,13 @@ impl Error {
     }
 }
 
+/// A configuration problem, already phrased for a person: it names the setting. It lives here,
+/// below every other module, because the storage backends report a bad `redis.url` with it
+/// while they sit below `config` in the layer order (ARCHITECTURE.md).
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
 #[cfg(test)]
 mod tests {
     use super::*;

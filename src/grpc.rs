@@ -8,6 +8,7 @@ pub mod envoy;
 pub mod layers;
 pub mod pb;
 pub mod revocation;
+pub mod rpc_metrics;
 pub mod security;
 pub mod session;
 pub mod status;

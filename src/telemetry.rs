@@ -1,8 +1,8 @@
-//! Logs and traces: the process-wide `tracing` subscriber, human-readable or JSON on stderr, and
+//! Logs, traces and metrics: the process-wide `tracing` subscriber, human-readable or JSON on stderr, and
 //! an OpenTelemetry OTLP/gRPC span exporter when an endpoint is configured through the standard
 //! `OTEL_*` environment variables; and the per-call span, whose parent is the caller's W3C trace
 //! context (`traceparent` in the gRPC metadata) so that a caller's trace continues through the
-//! authority.
+//! authority. The Prometheus exporter is [`prometheus`].
 //!
 //! The exporter is on when `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
 //! is set, unless `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`. The exporter itself
@@ -13,6 +13,8 @@
 //! Spans are exported from the SDK's batch thread, which has no Tokio runtime, while the tonic
 //! exporter needs one; [`OnRuntime`] runs each export on the server's runtime instead.
 //! [`Telemetry::shutdown`] flushes what is buffered and must be called once the server stopped.
+
+pub mod prometheus;
 
 use std::sync::Arc;
 
@@ -26,7 +28,8 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::config::{ConfigError, LogFormat};
+use crate::config::LogFormat;
+use crate::error::ConfigError;
 
 /// The service name reported when neither `OTEL_SERVICE_NAME` nor a `service.name` resource
 /// attribute is set.

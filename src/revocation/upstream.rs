@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{self, Millis};
 use crate::error::Result;
+use crate::metrics::{UPSTREAM_REVOCATIONS, UPSTREAM_REVOCATIONS_PENDING};
 use crate::session::{SessionEvent, SessionManager, SessionRecord};
 use crate::store::{DynTokenStore, LeaseOutcome};
 use crate::token::RefreshLease;
@@ -60,13 +61,6 @@ const LEASE_TTL: Duration = Duration::from_secs(10);
 const READ_BATCH: usize = 256;
 /// How long a claim of RevokeSession is remembered.
 const CLAIM_TTL: Duration = Duration::from_secs(60);
-
-/// The `upstream_revocations_total` counter, by `outcome`: `revoked`, `failed` (to be retried),
-/// `rejected` (a permanent refusal), `not_configured`, `skipped` (cascade off), `gone` (the
-/// session was purged), `abandoned` (given up after [`GIVE_UP_AFTER`]).
-pub const UPSTREAM_REVOCATIONS: &str = "upstream_revocations_total";
-/// The `upstream_revocations_pending` gauge: events the worker of this replica holds pending.
-pub const UPSTREAM_REVOCATIONS_PENDING: &str = "upstream_revocations_pending";
 
 /// The queue's handle: the worker ([`UpstreamQueue::run`]), the wake-up of logout-all and the
 /// claims of RevokeSession.

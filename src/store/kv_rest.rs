@@ -24,7 +24,7 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::Value;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use crate::store::keyspace::{KeyspaceStore, Layout, Lua, Reply, Transport};
 

@@ -25,7 +25,7 @@ use ::redis::{ErrorKind, IntoConnectionInfo as _, RedisError, ServerErrorKind, V
 use async_trait::async_trait;
 use tokio::sync::OnceCell;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use crate::store::keyspace::{KeyspaceStore, Layout, Lua, Reply, Transport};
 

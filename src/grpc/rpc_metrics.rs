@@ -1,0 +1,184 @@
+//! The tower layer that counts every RPC by method and status code (`grpc_server_handled_total`)
+//! and times it (`grpc_server_handling_seconds`), outermost, so refused calls count too.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use http_body::Frame;
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+use crate::metrics::{RPC_HANDLED, RPC_SECONDS};
+
+/// The `grpc_service` and `grpc_method` labels of a call to `path`: the method's own when the
+/// server serves it, `unknown` for both otherwise, so that a caller inventing paths (no key is
+/// needed to reach the public prefixes) adds no series.
+fn call_labels(path: &str) -> (&'static str, &'static str) {
+    super::auth::method(path)
+        .and_then(|(known, _)| known.trim_start_matches('/').split_once('/'))
+        .unwrap_or(("unknown", "unknown"))
+}
+
+/// Counts every RPC once it has finished, with the status code it ended with. It is the
+/// outermost layer, so calls refused by authentication, by load shedding or as unknown methods
+/// are counted too.
+#[derive(Clone, Debug, Default)]
+pub struct RpcMetricsLayer;
+
+impl<S> Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+    fn layer(&self, inner: S) -> RpcMetrics<S> {
+        RpcMetrics { inner }
+    }
+}
+
+/// The service [`RpcMetricsLayer`] produces.
+#[derive(Clone, Debug)]
+pub struct RpcMetrics<S> {
+    inner: S,
+}
+
+/// The labels of one call, shared by the response body that reports its end. Both come from
+/// the role table's own copy of the path, so they are one of its entries or `unknown`.
+struct CallLabels {
+    service: &'static str,
+    method: &'static str,
+    started: Instant,
+}
+
+impl CallLabels {
+    fn record(&self, code: &'static str) {
+        metrics::counter!(RPC_HANDLED, "grpc_service" => self.service, "grpc_method" => self.method, "grpc_code" => code)
+            .increment(1);
+        metrics::histogram!(RPC_SECONDS, "grpc_service" => self.service, "grpc_method" => self.method)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+fn code_name(status: &http::HeaderValue) -> &'static str {
+    let code = status.to_str().ok().and_then(|s| s.parse::<i32>().ok()).unwrap_or(2);
+    match tonic::Code::from_i32(code) {
+        tonic::Code::Ok => "OK",
+        tonic::Code::Cancelled => "Canceled",
+        tonic::Code::Unknown => "Unknown",
+        tonic::Code::InvalidArgument => "InvalidArgument",
+        tonic::Code::DeadlineExceeded => "DeadlineExceeded",
+        tonic::Code::NotFound => "NotFound",
+        tonic::Code::AlreadyExists => "AlreadyExists",
+        tonic::Code::PermissionDenied => "PermissionDenied",
+        tonic::Code::ResourceExhausted => "ResourceExhausted",
+        tonic::Code::FailedPrecondition => "FailedPrecondition",
+        tonic::Code::Aborted => "Aborted",
+        tonic::Code::OutOfRange => "OutOfRange",
+        tonic::Code::Unimplemented => "Unimplemented",
+        tonic::Code::Internal => "Internal",
+        tonic::Code::Unavailable => "Unavailable",
+        tonic::Code::DataLoss => "DataLoss",
+        tonic::Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+impl<S> Service<Request<Body>> for RpcMetrics<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let (service, method) = call_labels(request.uri().path());
+        let labels = Arc::new(CallLabels { service, method, started: Instant::now() });
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await?;
+            // A trailers-only response (every error, and any empty stream) carries the status in
+            // its headers; otherwise the status arrives in the body's trailers.
+            if let Some(status) = response.headers().get("grpc-status") {
+                labels.record(code_name(status));
+                return Ok(response);
+            }
+            Ok(response.map(|body| Body::new(ObservedBody { inner: body, labels: Some(labels) })))
+        })
+    }
+}
+
+/// A response body that records the call when its trailers (or its end) pass through.
+struct ObservedBody {
+    inner: Body,
+    labels: Option<Arc<CallLabels>>,
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(labels) = self.labels.take()
+                {
+                    labels.record(trailers.get("grpc-status").map_or("Unknown", code_name));
+                }
+            }
+            Poll::Ready(Some(Err(status))) => {
+                if let Some(labels) = self.labels.take() {
+                    labels.record(code_name(&http::HeaderValue::from(status.code() as i32)));
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(labels) = self.labels.take() {
+                    labels.record("Unknown");
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        // The client went away before the call finished.
+        if let Some(labels) = self.labels.take() {
+            labels.record("Canceled");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_labels_are_a_served_method_or_unknown() {
+        assert_eq!(
+            call_labels("/atoms.session.v1.SessionService/ValidateSession"),
+            ("atoms.session.v1.SessionService", "ValidateSession")
+        );
+        assert_eq!(call_labels("/grpc.health.v1.Health/Check"), ("grpc.health.v1.Health", "Check"));
+        for made_up in
+            ["", "/", "/grpc.health.v1.Health/MadeUp", "/grpc.reflection.x/Y", "/a/b/c", "/x.Y/ValidateSession"]
+        {
+            assert_eq!(call_labels(made_up), ("unknown", "unknown"), "{made_up:?}");
+        }
+    }
+}

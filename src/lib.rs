@@ -6,6 +6,7 @@
 //! - [`clock`]: time in milliseconds, and a clock tests can move;
 //! - [`crypto`]: session tokens, hashes, encryption at rest;
 //! - [`limits`]: size limits shared by validation and the domain;
+//! - [`model`]: the types that cross the storage boundary (records, events, limiter state);
 //! - [`session`]: the session record and lifecycle ([`session::SessionManager`]);
 //! - [`security`]: rate limits, hijack detection, the security event log and summaries;
 //! - [`store`]: the storage traits and the memory, embedded, redis and kv-rest backends;
@@ -33,6 +34,7 @@ pub mod grpc;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod model;
 pub mod paging;
 pub mod revocation;
 pub mod security;

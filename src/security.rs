@@ -28,7 +28,7 @@ use crate::store::{DynRateLimitStore, EndOutcome, EventQuery, Stores};
 
 pub mod events;
 pub mod hijack;
-pub mod limiter;
+pub use crate::model::limiter;
 
 use events::{EventDraft, EventType, Recorder, SecurityEvent, Severity, Summary, SummaryBuilder};
 use hijack::{HijackDetector, HijackRules};

@@ -20,22 +20,22 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
 
 use crate::clock::{self, Clock, Millis};
 use crate::crypto::{self, KeyRing};
 use crate::error::{Error, Result};
 use crate::revocation::RevocationKind;
-use crate::store::{CasOutcome, DynSessionStore, EndOutcome, EndSession, TokenHash, Touch};
+use crate::store::{CasOutcome, DynSessionStore, EndOutcome, EndSession, Touch};
 
-pub mod device;
+pub use crate::model::fingerprint as device;
 mod hooks;
 mod record;
 mod validate;
 
+pub use crate::model::session::*;
 pub use device::Fingerprint;
 pub use hooks::*;
-pub use record::*;
+use record::*;
 
 /// Settings of the session lifecycle (from `session.*`, `revocation.list_ttl` and
 /// `token.proactive_refresh`).

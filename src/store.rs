@@ -23,11 +23,9 @@ use async_trait::async_trait;
 
 use crate::clock::Millis;
 use crate::error::Result;
-use crate::revocation::{RevocationEvent, RevocationKind};
-use crate::security::events::{EventType, SecurityEvent};
-use crate::security::limiter::{Decision, Rule};
-use crate::session::{SessionRecord, SessionState};
-use crate::token::{RefreshLease, RefreshRecord};
+use crate::model::limiter::{Decision, Rule};
+use crate::model::{EventType, RefreshLease, RefreshRecord, RevocationEvent, RevocationKind, SecurityEvent};
+use crate::model::{SessionRecord, SessionState};
 
 pub mod embedded;
 pub mod instrumented;
@@ -36,8 +34,7 @@ pub mod kv_rest;
 pub mod memory;
 pub mod redis;
 
-/// SHA-256 of a session token: the key sessions are stored under.
-pub type TokenHash = [u8; 32];
+pub use crate::model::TokenHash;
 
 /// How a session ends, as applied atomically by [`SessionStore::end`].
 #[derive(Debug, Clone)]
@@ -270,16 +267,16 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
 pub type DynSessionStore = Arc<dyn SessionStore>;
 
 /// Rate-limit state, one entry per (rule, key). The limiter itself is the pure function
-/// [`crate::security::limiter::apply`]; a backend only makes load–apply–store one atomic step,
+/// [`crate::model::limiter::apply`]; a backend only makes load–apply–store one atomic step,
 /// so that replicas sharing the store count every request exactly once.
 #[async_trait]
 pub trait RateLimitStore: Send + Sync + std::fmt::Debug + 'static {
     /// Atomically: loads the state of (`rule.name`, `key`), applies
-    /// [`crate::security::limiter::apply`] with `cost` at `now`, stores the new state (or deletes
+    /// [`crate::model::limiter::apply`] with `cost` at `now`, stores the new state (or deletes
     /// it when it no longer matters) and returns the decision. Concurrent checks of one key are
     /// serialised: N checks against a fresh rule of limit L allow exactly min(N, L). A backend
     /// that bounds the keys it holds per rule answers a new key past the bound with
-    /// [`crate::security::limiter::refused`] and never evicts a held key to make room.
+    /// [`crate::model::limiter::refused`] and never evicts a held key to make room.
     async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision>;
 
     /// The decision [`RateLimitStore::check`] would give now, without storing anything (a peek:
@@ -287,7 +284,7 @@ pub trait RateLimitStore: Send + Sync + std::fmt::Debug + 'static {
     async fn peek(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision>;
 
     /// Deletes up to `limit` states that no longer affect any decision at `now` (see
-    /// [`crate::security::limiter::LimiterState::forget_at`]). Cost grows with what is deleted.
+    /// [`crate::model::limiter::LimiterState::forget_at`]). Cost grows with what is deleted.
     async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize>;
 }
 

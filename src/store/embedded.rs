@@ -30,7 +30,7 @@
 //! proportional to that user's events. A rate-limit check is one write transaction committed with
 //! `Durability::None` (a crash may forget the last few counts; no fsync per check); events are
 //! `Immediate`. `rate_limit_counts` (rule → keys held) bounds the keys per rule
-//! (`security.max_limiter_keys`, see [`crate::security::limiter`]); it is filled from
+//! (`security.max_limiter_keys`, see [`crate::model::limiter`]); it is filled from
 //! `rate_limits` when a database from before it is opened.
 
 use std::path::Path;
@@ -44,15 +44,13 @@ use redb::{
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
-use crate::revocation::RevocationEvent;
-use crate::security::events::SecurityEvent;
-use crate::security::limiter::{self, Decision, LimiterState, Rule};
-use crate::session::SessionRecord;
+use crate::model::limiter::{self, Decision, LimiterState, Rule};
+use crate::model::{RefreshLease, RefreshRecord};
+use crate::model::{RevocationEvent, SecurityEvent, SessionRecord};
 use crate::store::{
     CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
     RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch, type_matches,
 };
-use crate::token::{RefreshLease, RefreshRecord};
 
 mod commit;
 mod events;
@@ -183,7 +181,7 @@ impl EmbeddedStore {
                     String::from_utf8(bytes).map_err(|_| Error::internal("embedded store: malformed log id"))
                 }
                 None => {
-                    let id = crate::revocation::new_log_id();
+                    let id = crate::model::new_log_id();
                     meta.insert(META_LOG_ID, id.as_bytes()).map_err(unavailable)?;
                     Ok(id)
                 }

@@ -17,16 +17,14 @@ use tracing::Instrument as _;
 use crate::clock::Millis;
 use crate::error::Result;
 use crate::metrics::{STORAGE_ERRORS, STORAGE_SECONDS};
-use crate::revocation::RevocationEvent;
-use crate::security::events::SecurityEvent;
-use crate::security::limiter::{Decision, Rule};
-use crate::session::SessionRecord;
+use crate::model::limiter::{Decision, Rule};
+use crate::model::{RefreshLease, RefreshRecord};
+use crate::model::{RevocationEvent, SecurityEvent, SessionRecord};
 use crate::store::{
     CasOutcome, DynRateLimitStore, DynSecurityEventStore, DynSessionStore, DynTokenStore, EndOutcome, EndSession,
     EventQuery, LeaseOutcome, LogRead, RateLimitStore, RevocationPage, RevocationQuery, SecurityEventStore,
     SessionStore, Stores, TimedOut, TokenHash, TokenStore, Touch,
 };
-use crate::token::{RefreshLease, RefreshRecord};
 
 /// Wraps the stores of `stores`, labelling everything with `backend`.
 pub(crate) fn wrap(stores: Stores, backend: &'static str) -> Stores {

@@ -59,15 +59,14 @@ use serde_json::{Map, Value};
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
-use crate::revocation::{RevocationEvent, RevocationKind, new_log_id};
-use crate::security::events::SecurityEvent;
-use crate::security::limiter::{self, Decision, LimiterState, Rule};
-use crate::session::{SessionRecord, SessionState, shard_tag};
+use crate::model::limiter::{self, Decision, LimiterState, Rule};
+use crate::model::{RefreshLease, RefreshRecord};
+use crate::model::{RevocationEvent, RevocationKind, SecurityEvent, new_log_id};
+use crate::model::{SessionRecord, SessionState, shard_tag};
 use crate::store::{
     CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
     RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch,
 };
-use crate::token::{RefreshLease, RefreshRecord};
 
 mod events;
 mod layout;

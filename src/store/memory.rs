@@ -11,15 +11,13 @@ use async_trait::async_trait;
 
 use crate::clock::Millis;
 use crate::error::Result;
-use crate::revocation::RevocationEvent;
-use crate::security::events::SecurityEvent;
-use crate::security::limiter::{self, Decision, LimiterState, Rule};
-use crate::session::SessionRecord;
+use crate::model::limiter::{self, Decision, LimiterState, Rule};
+use crate::model::{RefreshLease, RefreshRecord};
+use crate::model::{RevocationEvent, SecurityEvent, SessionRecord};
 use crate::store::{
     CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
     RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch, type_matches,
 };
-use crate::token::{RefreshLease, RefreshRecord};
 
 /// Sessions, the revocation log, rate-limit state and security events in memory.
 #[derive(Debug)]
@@ -47,7 +45,7 @@ impl Default for MemoryStore {
     fn default() -> Self {
         MemoryStore {
             inner: RwLock::default(),
-            log_id: crate::revocation::new_log_id(),
+            log_id: crate::model::new_log_id(),
             limits: Mutex::new(Limits { max_keys: limiter::DEFAULT_MAX_KEYS, ..Limits::default() }),
             events: RwLock::default(),
             tokens: Mutex::default(),

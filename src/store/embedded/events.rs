@@ -6,11 +6,12 @@ use super::*;
 impl SecurityEventStore for EmbeddedStore {
     async fn append(&self, event: &SecurityEvent) -> Result<()> {
         let event = event.clone();
+        let bytes = event.to_bytes()?;
         self.write(Durability::Immediate, move |tx| {
             let when = at(event.occurred_at);
             tx.open_table(SECURITY_EVENTS)
                 .map_err(unavailable)?
-                .insert((when, event.event_id.as_str()), event.to_bytes().as_slice())
+                .insert((when, event.event_id.as_str()), bytes.as_slice())
                 .map_err(unavailable)?;
             if let Some(user) = &event.user_id {
                 tx.open_table(USER_SECURITY_EVENTS)

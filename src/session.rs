@@ -24,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::clock::{self, Clock, Millis};
 use crate::crypto::{self, KeyRing};
 use crate::error::{Error, Result};
-use crate::revocation::RevocationKind;
+use crate::model::RevocationKind;
 use crate::store::{CasOutcome, DynSessionStore, EndOutcome, EndSession, Touch};
 
 pub use crate::model::fingerprint as device;

@@ -35,9 +35,9 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{self, Millis};
 use crate::error::Result;
 use crate::metrics::{UPSTREAM_REVOCATIONS, UPSTREAM_REVOCATIONS_PENDING};
+use crate::model::RefreshLease;
 use crate::session::{SessionEvent, SessionManager, SessionRecord};
 use crate::store::{DynTokenStore, LeaseOutcome};
-use crate::token::RefreshLease;
 
 use super::{Cursor, RevocationEvent, RevocationKind, UpstreamOutcome, UpstreamRevoker};
 

@@ -10,6 +10,7 @@ mod foundation;
 mod fuzz;
 mod guide;
 mod keys;
+mod layers;
 mod loadgen;
 mod oidc;
 mod operability;

@@ -7,6 +7,40 @@
 //! stream-shutdown wrapper, authentication, the global concurrency limit, the RPC metrics (with
 //! `metrics_listen`), and the per-call timeout. The stores of [`App::build`] are wrapped once in
 //! [`crate::store::instrumented`], so every backend's calls are timed and traced alike.
+//!
+//! # Operability
+//!
+//! **Metrics** are recorded through the `metrics` facade (a no-op until `metrics_listen` installs
+//! the Prometheus exporter), so domain modules never see the exporter. Where each is counted: the
+//! guide's `session_expired_total`, `session_hijack_detected_total` and
+//! `revocations_issued_total{kind}` on the one end path (`SessionManager::end`), only when the call
+//! made the change (a concurrent second end finds `AlreadyEnded` and counts nothing), so
+//! ValidateSession's and DetectHijacking's hijack ends count alike; evictions in `create`;
+//! `rate_limit_denied_total{rule}` and `rate_limit_denials_unrecorded_total{rule}` in `Limiter::check`; `revocations_delivered_total` and the
+//! `revocation_watchers_connected` gauge in the watch stream (a guard held by the stream);
+//! storage metrics in the instrumented wrapper (`Stores::instrumented`, applied once in
+//! `App::build`, so every backend gets the same names); `sessions_active` by a task that calls
+//! `SessionStore::count_active` every 15 s (a backend may answer `None`; the default method does).
+//! Labels are static strings or configured names (rule, provider), never ids, tokens or addresses.
+//!
+//! **Overload.** Four ceilings, each answered at once rather than queued: calls in flight
+//! (`server.concurrency_limit`, the load-shed permits of the request flow), open watch streams
+//! (`revocation.max_watchers`), open health Watch streams (`server.max_health_watch_streams`:
+//! health is never shed and needs no key), and per watcher the live broadcast (`revocation.watch_buffer`: a
+//! watcher that falls that far behind is ended with `ABORTED` and its cursor, so a client that
+//! never reads costs the server at most one HTTP/2 flow-control window of buffered data). HTTP/2
+//! `SETTINGS_MAX_CONCURRENT_STREAMS` is deliberately left unset (`App::run_until` says so
+//! explicitly): sidecars multiplex many watch streams over few connections, and a client over a
+//! per-connection limit would queue its calls locally instead of getting a quick
+//! `RESOURCE_EXHAUSTED`. `tests/it/overload.rs` holds every permit with refreshes parked at the
+//! test provider and checks the shed answers, the permits given back on completion, cancel and
+//! deadline, 10 000 streams over 20 connections, and watchers that never read.
+//!
+//! **Traces.** One `tracing` subscriber carries logs and spans; the OpenTelemetry layer is added
+//! only when an OTLP endpoint is configured. The SDK's batch processor exports from its own thread,
+//! which has no Tokio runtime, so each export is spawned onto the server's runtime (`OnRuntime`);
+//! `main` shuts the provider down after the server stops, which flushes buffered spans. Storage
+//! spans carry the backend and operation only, never a key or an id.
 
 use std::future::Future;
 use std::net::SocketAddr;

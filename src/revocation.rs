@@ -21,6 +21,154 @@
 //! sessions with its own event, whatever the cascade setting: a user-wide marker would make
 //! every watcher and `IsRevoked` do a second lookup, and one event per ended session keeps one
 //! meaning for the feed.
+//!
+//! # Revocation: the log, the list and the feed
+//!
+//! **One log, also the list.** Every end of a session except plain time expiry appends exactly one
+//! `RevocationEvent` {seq, session id, user id, kind, reason, revoked by, revoked at, expires at}
+//! in the same atomic step as the state change: `end` for TerminateSession (`TERMINATED`),
+//! RevokeSession and RevokeUserSessions (`REVOKED`), hijack detection (`HIJACK`) and a refused
+//! refresh (`REFRESH_FAILED`, through `SessionManager::end_as`), and `create` for cap evictions
+//! (`EVICTED`). A session therefore never ends without its event, and no event exists for a session
+//! that did not end. On Redis, where a script's writes before a runtime error stay, `end` and
+//! `create` first check (`unwritable` in the sink) every key the append writes (its type, a numeric
+//! `head`, a stream last id below the next seq) and write nothing, answering `FAILED_PRECONDITION`
+//! naming the key, when the append could fail. An event is a live revocation-list entry until `expires_at` = max(end +
+//! `revocation.list_ttl` (24 h), the session's absolute expiry), computed by the backend in the end
+//! step (`EndSession::retain_until_for`; the same instant as the tombstone's `retain_until`), so a
+//! revoked session stays listed for as long as its token could otherwise be live; reads hide
+//! expired entries at once, and the cleanup task (`revocation.cleanup_interval`, 1 h) deletes them
+//! from the log through an expiry index, so its cost grows with what expired. The log is trimmed by
+//! age only, never by count, so a live entry is never dropped.
+//!
+//! **Cursors.** A cursor is `<log id>.<seq>`, opaque to clients. `seq` is assigned in the write step
+//! (memory: under the lock; redb: in the single-writer transaction), so sequence numbers are
+//! gap-free and in commit order. The log id is random per log (per process for memory, created with
+//! the database for embedded): a cursor from another log is `OUT_OF_RANGE` instead of being misread
+//! as a position in this one. `OUT_OF_RANGE` also answers a cursor ahead of the head and one below
+//! the highest purged sequence number; the client re-snapshots with ListRevocations, whose cursor
+//! is the head read in the same step as the entries (every page of one listing carries the first
+//! page's cursor, and later pages hide entries newer than it).
+//!
+//! **Fan-out.** Each replica runs one tailer (`RevocationFeed::run`) that reads the log after its
+//! last sequence number (when it fell behind retention, from the highest purged one, so retained
+//! events are still published) and publishes each event once into a bounded tokio broadcast
+//! (`revocation.watch_buffer`, 4096). `SessionManager` wakes it after every end, and it also polls
+//! every second (which is how another replica's writes on shared storage will arrive). A watch
+//! stream subscribes to the broadcast first, then reads its history from the log in batches of 512,
+//! then goes live, dropping live events it already delivered; a live event that does not follow the
+//! last delivered one sends it back to the log. The first message of every stream is a heartbeat
+//! carrying the starting cursor, so a "from now" watcher has a resume point before any event;
+//! heartbeats (default 15 s, 1 s to 5 min) carry the stream's resume point (everything up to it was
+//! delivered or filtered out by `user_id`). A replica serves at most `revocation.max_watchers`
+//! streams (20 000) at once: each holds a slot for its whole life, and one more is refused with
+//! `RESOURCE_EXHAUSTED` (reason `OVERLOADED`, naming the setting) before it subscribes or reads
+//! anything. An open stream costs the server about 7 KB (10 000 streams over 20 connections: 30 MiB
+//! idle, 95 MiB open, measured by `tests/it/overload.rs` on a debug build), so the default ceiling
+//! is about 140 MB.
+//!
+//! **Guarantees.** Events arrive in cursor order. A client that resumes from the last cursor it
+//! received (event or heartbeat) gets no gap and no duplicate. A client that reads too slowly falls
+//! behind the broadcast and is ended with `ABORTED` whose message names the `after_cursor` to resume
+//! with; it never stalls the other watchers (the broadcast never waits) and its memory is bounded by
+//! the broadcast's capacity plus HTTP/2 flow control. Lag while a stream is still catching up from
+//! the log is absorbed (re-subscribe, keep reading the log). Shutdown ends streams with
+//! `UNAVAILABLE` ("reconnect and resume").
+//!
+//! **Cascade.** Revoking a user ends each of their active sessions with its own event (whatever
+//! `revocation.cascade` says: one event per ended session is what watchers rely on). Revoking a
+//! session with `revocation.cascade` on calls the `UpstreamRevoker` hook after the local revocation
+//! committed; `App` installs `ProviderRevoker` (RFC 7009 at the session's provider, see
+//! [Tokens](#tokens)); with no provider configured it makes no call and reports `NotConfigured`
+//! (best effort: a failure is logged and recorded as one `token_revoked` security event with
+//! `success=false` per revocation, at its first failure however many retries follow; the session
+//! stays revoked).
+//! RevokeUserSessions first ends every session in storage (one step each, no upstream call in
+//! between) and answers; the upstream calls come from the **upstream revocation queue**
+//! (`src/revocation/upstream.rs`), so a slow or unreachable provider cannot cut logout-all off and a
+//! restart does not lose them. The queue is the revocation log itself: the `revoked` event is
+//! written in the same atomic step as the end, so the work is stored with it. One worker per store
+//! (elected by a lease under the reserved id `upstream_revocations` on shared storage; the process
+//! that owns a local store runs it) walks the log from a checkpoint (`TokenStore::checkpoint`,
+//! `<log id>.<seq>`), calls the provider for each `revoked` event, four at a time, and moves the
+//! checkpoint to just below the oldest event not yet done. A failed call (`UpstreamOutcome::Failed`:
+//! network, timeout, 5xx) is retried with backoff (1 s doubling to 60 s), also by the next process
+//! after a restart; a refusal (`Rejected`: a 4xx, tokens that cannot be opened) is not; an event is
+//! given up 24 h after its revocation. At least once: a crash between a call and the checkpoint
+//! write repeats the call (harmless under RFC 7009). RevokeSession still calls inline so its caller
+//! sees the provider's answer, and claims the event meanwhile so the worker of the same replica does
+//! not call again. A reset log (new id) starts the queue over on the new log; events purged before
+//! the worker read them (past the list TTL) are skipped with a warning. Counted in
+//! `upstream_revocations_total{outcome}` and `upstream_revocations_pending`.
+//!
+//! **Who may revoke.** RevokeSession and RevokeUserSessions need `service` or `admin`; a `service`
+//! caller may revoke by `session_id` as well as by token, unlike the SessionService rule, because
+//! revocation only removes access and the same caller can already revoke every session of the user.
+//! `watcher` and `proxy` may call IsRevoked, ListRevocations and WatchRevocations.
+//!
+//! **How Redis maps it** (`src/store/keyspace/`, scripts in `keyspace/lua/`; the same scripts for `redis`, Redis Cluster
+//! and `kv-rest`). The log's keys share the hash tag `{log}`, so they are one slot:
+//!
+//! | key | type | contents |
+//! |---|---|---|
+//! | `P{log}:meta` | hash | `id` (the log id), `head` (last sequence number), `trimmed` (highest purged) |
+//! | `P{log}:stream` | stream | one entry per event, id `<seq>-0`, fields `sid uid kind reason by at exp` (`by` is `-` or `+<name>`) |
+//! | `P{log}:sess` | hash | session id → seq (IsRevoked) |
+//! | `P{log}:u:<user id>` | sorted set | the user's seqs (ListRevocations by user) |
+//! | `P{log}:exp` | sorted set | seqs scored by `expires_at` (the purge walks it) |
+//! | `P{T}:outbox` | stream | Redis Cluster only: events of tag `T` not yet in the log |
+//! | `P{log}:dirty` | sorted set | Redis Cluster only: tags whose outbox may hold entries, scored by the wall-clock time of the last mark |
+//!
+//! | operation | script |
+//! |---|---|
+//! | `end`, `create` | the session script itself appends: `HSETNX meta id`, `HINCRBY meta head 1`, `XADD stream <seq>-0 ...`, `HSET sess`, `ZADD u:<user>`, `ZADD exp`. One Redis, kv-rest: one script, so the state change and its event are one atomic step and seqs are gap-free in commit order. The script shares its "sink" prelude (`lua_sink!`) with the cluster outbox and the drain, so the event's shape is written once |
+//! | `read_revocations` | `read_log`: `HMGET meta`, `XRANGE stream <after+1>-0 + COUNT n` |
+//! | `revocation_entry` | `log_entry`: `HGET sess`, `XRANGE` of that one id; expiry checked against `now` in Rust |
+//! | `list_revocations` | `list_log`: `XRANGE` between the bounds (or `ZRANGEBYSCORE u:<user>`, then `XRANGE` per seq), skipping entries whose `exp` ≤ now, 128 at a time, up to the limit |
+//! | `purge_revocations` | `purge_log`: `ZRANGEBYSCORE exp -inf now LIMIT 0 n`, `XDEL`, `HDEL sess` (if it still names that seq), `ZREM` the user and expiry entries, `trimmed = max(trimmed, seq)` |
+//!
+//! *The log id lives in Redis* (`meta.id`), set by `HSETNX` from a fresh random candidate passed to
+//! every log script, so every replica on one database reports the same id, and a flushed database
+//! gets a new one (its seqs restart, and old cursors become `OUT_OF_RANGE` instead of being misread).
+//! The tailer compares each read with its position: a new id, or a head below the tailer's position
+//! under the same id (a failover that lost the tail), ends every open stream of the replica with
+//! `OUT_OF_RANGE` reason `REVOCATION_LOG_RESET` (a cursor of another id gets the same at once); a
+//! rewound log is first given a new id (`renew_log_id`, compare-and-set on `meta.id`), so cursors
+//! of the old numbering never name other events. The tailer then starts over at the new head.
+//! Each read returns the id; `log_id()` returns the last one read (`unknownlog`, which never matches
+//! a real id, before the first read; cursors are only minted after a read).
+//!
+//! *The feed.* Each replica runs the one tailer of `revocation/feed.rs`: it reads the shared log with
+//! `read_log` after local writes and every second, and publishes into the replica's broadcast; all
+//! of the replica's watchers read the broadcast (one Redis reader per replica, however many
+//! watchers). Events another replica appended arrive within the one-second poll; `XREAD BLOCK` would
+//! cut that latency but needs a dedicated connection per replica and a trait method for the wait,
+//! and is not done. kv-rest polls the same way (REST has no blocking read).
+//!
+//! *Redis Cluster: the outbox.* The session keys (slot of `{T}`) and the log (slot of `{log}`) are
+//! on different slots, so "end + event" cannot be one script there. Instead:
+//!
+//! 1. Before the session script, `ZADD P{log}:dirty <wall-clock ms> T` marks the tag.
+//! 2. The session script (one slot) ends the session and `XADD`s the event to `P{T}:outbox` in the
+//!    same atomic step: a session never ends without its event being durable somewhere.
+//! 3. Right after, the writer drains its own outbox: `XRANGE` it, run `drain` in the `{log}` slot,
+//!    which appends each entry *unless `sess` already has that session* (a session ends at most
+//!    once, so the session id is the idempotency key: draining an entry twice, by two replicas or
+//!    after a retry, appends it once), then `XDEL` the drained ids. The caller's event is therefore
+//!    in the log, with its seq, when `end` returns.
+//! 4. If the writer stops between 2 and 3, the entry waits in the outbox. Every replica, at most
+//!    once a second on its log reads, drains the outboxes of tags whose mark is older than 10 s
+//!    (`OUTBOX_GRACE`, longer than any write in flight), then forgets the tag with `forget_dirty`
+//!    only if its mark is unchanged (a newer mark means a newer write; it stays).
+//!
+//! Seqs are assigned in the `{log}` slot, one script at a time, so they stay gap-free and the log
+//! is append-only; on the cluster their order is drain order rather than end order, which no
+//! guarantee depends on. What the design gives up: between steps 2 and 3 (or until a stale drain,
+//! if the writer died) the session is ended but IsRevoked does not list it yet, and watchers see it
+//! late; ValidateSession already refuses it, since it reads the record. Assumption: a write reaches
+//! Redis within 10 s of its mark (a write held longer could land after a stale drain forgot the tag;
+//! its entry would then wait for the tag's next mark). The conformance suite runs on the 3-master
+//! cluster through this path.
 
 use std::fmt;
 use std::time::Duration;

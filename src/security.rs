@@ -11,6 +11,120 @@
 //!   suspicious-activity computations. [`EventObserver`] turns the session lifecycle's
 //!   exceptional events into security events (the common, valid validation records nothing).
 //! - [`Security`]: what the SecurityService RPCs call.
+//!
+//! # Security
+//!
+//! **Rate limits** (`src/security/limiter.rs`). Rules are named and configured under
+//! `[security.rules.NAME]` (`limit`, `period`, `burst` = `limit` by default, `backoff`,
+//! `backoff_multiplier`, `max_backoff`). Defaults:
+//!
+//! | rule | limit | period | max backoff | key | checked by |
+//! |---|---|---|---|---|---|
+//! | `token_refresh` | 10 | 60 s | 3600 s | caller's choice | CheckRateLimit (the token work) |
+//! | `session_create` | 5 | 300 s | 3600 s | user id | CreateSession (`CreateGuard`) and CheckRateLimit |
+//! | `login_attempt` | 5 | 300 s | 1800 s | caller's choice | CheckRateLimit |
+//! | `validate_failure` | 30 | 60 s | 900 s | client IPv4 address, or IPv6 /64 | ValidateSession's "not valid" answers |
+//!
+//! The limiter is GCRA: per (rule, key) one theoretical arrival time (TAT); a unit costs
+//! `T = period / limit`; a request of `cost` units passes when `max(TAT, now) + cost·T − burst·T ≤ now`
+//! and moves the TAT by `cost·T`. So `burst` requests pass at once and one unit returns every `T`
+//! (no window edges to game). Backoff for repeat offenders: the first denial only waits for the
+//! GCRA; each further denial blocks the key for `period × multiplier^(v−2)` capped at `max_backoff`
+//! (session_create: 60 s wait, then 300, 600, 1200, 2400, 3600 s); blocked requests are denied
+//! uncounted; the violation count decays after `max_backoff` of good behaviour (the library never
+//! forgot). Arithmetic is integer microseconds, so the same function is a Lua script. An unknown
+//! rule in CheckRateLimit is `INVALID_ARGUMENT` naming `rule_name` (the library allowed it
+//! silently); a `cost` above the burst can never pass and is `INVALID_ARGUMENT` too. The first
+//! denial of each *denial window* is a `rate_limit_exceeded` event, with the key as `user_id`, or as
+//! `ip_address` when it is an address or a /64; the rest of the window is only counted
+//! (`rate_limit_denials_unrecorded_total{rule}`), so a key hammering a limit writes one event per
+//! window, not one per request. With backoff each counted denial opens a window (the first one's
+//! GCRA wait, then each block) and the denials while blocked are its repeats; without backoff the
+//! first denial after a grant opens one and the denials until the next grant repeat it
+//! (`Decision::repeat`, decided inside the atomic check, so replicas agree on which denial is the
+//! first). GetSecuritySummary's `rate_limit_hits` therefore counts windows.
+//!
+//! *Bounded state.* The memory and embedded stores hold at most `security.max_limiter_keys`
+//! (100 000) keys per rule (memory: a count per rule beside the states; embedded: the
+//! `rate_limit_counts` table, kept in the check's and the purge's transaction). A check or peek of a
+//! new key at the bound first drops up to 1000 states that decide nothing any more (the forget
+//! index, as the purge does); if the rule is still full the key is refused: `Decision::key_refused`,
+//! denied with the rule's period as retry hint, nothing stored, no event, counted in
+//! `rate_limit_keys_refused_total{rule}`, and `Error::LimiterFull` (`RESOURCE_EXHAUSTED`,
+//! `RATE_LIMIT_KEYS_FULL`, naming the setting) where the service enforces the rule. Held keys are
+//! never evicted: evicting one that is not limiting right now would still hand a partly spent key,
+//! or an offender's violation count, a fresh start, which is exactly what a flood of new keys would
+//! be sent for. The cost of the choice is availability for new keys of that one rule while it is
+//! full of live state. Redis and kv-rest keep limiter state in the server (its `maxmemory`; with
+//! `noeviction` a full server fails the check, and the call, closed).
+//!
+//! **Hijack detection** (`src/security/hijack.rs`): a rule table, weights under `[security.hijack]`:
+//!
+//! | signal | condition | weight |
+//! |---|---|---|
+//! | IP change, same network | same /24 (IPv4) or /64 (IPv6) | 0.1 |
+//! | IP change, new network | otherwise | 0.3 |
+//! | user agent | both known, different | 0.2 |
+//! | fingerprint mismatch | digests differ and the device rule fails | 0.5 |
+//! | fingerprint changed | digests differ, the device rule still matches | 0.1 |
+//! | accept-language | differs while the device still matches (a mismatch already counts it) | 0.1 |
+//! | IP velocity | more than 3 distinct IPs within 5 min for the session | 0.3 |
+//!
+//! Capped at 1; the session ends strictly above `security.hijack_threshold` (0.7), so the library's
+//! "fingerprint + user agent = 0.7" does not end it, new network + new device (0.8) and everything
+//! at once (1.0) do. The recent IPs for velocity live in process memory (at most 8 per session, two
+//! generations of 50 000 sessions), never in the store: each replica sees the traffic it serves.
+//! DetectHijacking uses the same table (whether or not ValidateSession runs it), by token, or by
+//! `session_id` for admins; it ends the session above the threshold through the same end path.
+//! Events: `session_hijack_attempt` when the session ends or the risk is above 0.5,
+//! `ip_change_detected` for a weaker score with an IP change; a weak signal without an IP change (a
+//! new user agent alone) is answered but not recorded, since it would repeat on every request.
+//!
+//! **Security events** (`src/security/events.rs`). The 21 types are the proto's `SecurityEventType`.
+//! Recorded by the service: `session_created` (every CreateSession), `session_terminated` /
+//! `_expired` / `_revoked` (every end that goes through `SessionManager::end_session`, evictions
+//! included), `invalid_device`, `session_hijack_attempt`, `ip_change_detected`,
+//! `rate_limit_exceeded`, `suspicious_activity` (DetectSuspiciousActivity), and `token_refreshed`
+//! with `success=false` when the token work reports `SessionEvent::RefreshFailed` through
+//! `SessionManager::report`. Callers log the rest (`login_success`, `login_failure`, `logout`, ...)
+//! with LogSecurityEvent; UNSPECIFIED or unknown types are `INVALID_ARGUMENT`. Each event is also
+//! logged at info with its type and ids. A failure to record is logged and does not fail the
+//! operation it describes. Ids are `evt_<sequence><random>` so that events of one millisecond keep
+//! their order. Events older than `security.event_retention` (30 days) are purged by the cleanup
+//! task (every `session.cleanup_interval`), with rate-limit state that no longer matters.
+//!
+//! **Summary and suspicious activity.** GetSecuritySummary reads the user's events in the window
+//! through the per-user time index, 1000 at a time (so its cost grows with that user's events in the
+//! window only; a unit test wraps the store and counts what it returns), the user's sessions
+//! (`list_user`), and the newest `login_success` or `session_created` for `last_login_at`.
+//! `suspicious_sessions` are active sessions named by a hijack, device or IP-change event in the
+//! window. DetectSuspiciousActivity scores the user's 50 newest events with the library's signals
+//! (more than 3 `session_created` in 300 s +0.4, more than 3 `login_failure` in 600 s +0.5, more than
+//! 3 distinct IPs among the 10 newest +0.3, capped at 1) and records `suspicious_activity` when any
+//! fires (the caller's metadata first; the service's `activity_type` wins a clash).
+//!
+//! **Storage.** Two more traits, each operation one atomic step:
+//!
+//! | operation | guarantee | memory | embedded (redb) | Redis (one Lua script each) |
+//! |---|---|---|---|---|
+//! | `RateLimitStore::check(rule, key, cost, now)` | load, `limiter::apply`, store: concurrent checks of one key are serialised | one mutex | one write transaction (`Durability::None`: a crash may forget the last counts) on `rate_limits`, `rate_limit_forget` and `rate_limit_counts` | compare-and-set around the Rust `limiter::apply` (below): `HGET P{limits}:states <field>`, apply, script `limit_cas` writes the new state and its `forget_at` in `P{limits}:forget` only if the state is still what was read, else returns the current one and the check runs again on it |
+//! | `RateLimitStore::purge_limits(now, limit)` | drop states that decide nothing any more | forget index | `rate_limit_forget` range | script `purge_limits`: `ZRANGEBYSCORE forget -inf now LIMIT 0 n`, `HDEL` + `ZREM` each |
+//! | `SecurityEventStore::append(event)` | durable before returning | by-time map + per-user set | one transaction on `security_events` and `user_security_events` | `ZADD P{events}:time <occurred_at> u\|T\|<user hex>\|<id>` first (the purge's index, its own slot), then script `event_append` on the user's slot: `HSET P{T}:ev:<user> <id> "<type>\n<json>"`, `ZADD P{T}:evi:<user> <occurred_at> <id>`; user-less events: `HSET P{events}:nouser` and the time index in one script |
+//! | `SecurityEventStore::user_events(query)` | newest first by `(occurred_at, event_id)`, `[from, until)`, types, resume after a position, limit; cost grows with the user's events in range | `BTreeSet` range | `user_security_events` range, reversed | script `user_events` on one slot: `ZREVRANGEBYSCORE evi` from the upper bound down to `from`, 128 at a time, skipping ids at the resume time that are not below the resume id (compared bytewise: Lua's `<` follows the server's locale), `HGET` each, type filter on the `<type>` prefix (no JSON decoding in Lua), stop at `limit` |
+//! | `SecurityEventStore::purge_events(cutoff, limit)` | delete events before `cutoff` with index entries | by-time range | `security_events` range | `ZRANGEBYSCORE time -inf (cutoff LIMIT 0 n`, then per entry script `event_delete` on its slot (`HDEL` + `ZREM`, counts what existed) and `ZREM` of the time entry |
+//!
+//! *Why the limiter is a compare-and-set, not `apply` in Lua.* Exactness across replicas needs one
+//! serialisation point per key, which the script gives; it does not need the arithmetic in Lua.
+//! `apply`'s backoff uses `f64` (`powi`, `Duration::from_secs_f64`), whose last-bit behaviour a Lua
+//! copy would have to match exactly to keep every backend's decisions identical. So Rust computes,
+//! and the script only commits if nobody committed in between. Every conflict follows another
+//! check's success (lock-free), and within one replica checks of one key first take turns on a
+//! striped async mutex, so N concurrent checks cost about N round trips rather than N²/2 conflicts.
+//! All limiter state is in the `{limits}` slot: on a cluster that is one node's work, the price of
+//! an atomic forget index; a check is bounded by `storage_timeout` like every operation.
+//!
+//! *No Redis TTLs here either*: rate-limit states and events are deleted by the purges, which
+//! take `now` / `cutoff` from the service's clock (tests move it), with their own indexes.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

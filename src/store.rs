@@ -16,6 +16,150 @@
 //! in that step, so they are gap-free and in commit order. The log doubles as the revocation
 //! list: an event is a list entry until its `expires_at`, and purging expired entries trims the
 //! log by age (never by count, which could drop live entries).
+//!
+//! # Storage
+//!
+//! `SessionStore` (`src/store.rs`) is shaped by what the domain needs atomically; every method is one
+//! atomic step in the backend (a lock in memory, one write transaction in redb, one Lua script
+//! in Redis and over the KV REST API):
+//!
+//! | operation | guarantee |
+//! |---|---|
+//! | `create(record, cap, eviction)` | counts the user's sessions active at `now`, ends the oldest until fewer than `cap` remain, inserts the new one; concurrent creates never exceed the cap |
+//! | `get_by_token(hash)` | the hot-path read; absence is `Ok(None)` |
+//! | `get_by_id`, `list_user` | by public id; one user's sessions (cost grows with that user only) |
+//! | `get_by_upstream(hash)` | the session indexed under an upstream-token hash (written with the record at create and at every compare-and-swap, from its `upstream_hashes`: current tokens and those of the last rotations, six at most); a hint the caller checks against the record's list |
+//! | `touch(hash, slide)` | idle expiry only moves forward; ended sessions are not touched; the version is not changed |
+//! | `compare_and_swap(record, version)` | writes only if the stored version matches and the session is active; identity, state and retention cannot be changed through it |
+//! | `end(hash, end)` | active → terminal; a terminal state is never rewritten (`AlreadyEnded`) |
+//! | `take_timed_out(now, limit)` | active sessions past their deadline (the earlier of idle and absolute expiry), for the sweep to end as `EXPIRED`; walks a deadline index entered at creation and not touched by slides (an entry whose session slid is moved to the new deadline when reached), so cost grows with what is due |
+//! | `purge_expired(now, limit)` | deletes records whose `retain_until` passed, with their index entries; walks an expiry index, so cost grows with what expired |
+//! | `log_id()` | the identity of this revocation log (changes whenever sequence numbers restart) |
+//! | `read_revocations(after, limit)` | events with a sequence number above `after`, in order, with the log position (head, highest purged) read in the same step |
+//! | `revocation_entry(session_id, now)` | the session's event while its list entry is live |
+//! | `list_revocations(user?, after, through?, limit, now)` | live entries in sequence order, one user's through a per-user index, with the position read in the same step |
+//! | `purge_revocations(now, limit)` | deletes events whose `expires_at` passed and raises the highest purged sequence number; walks an expiry index |
+//!
+//! `end` and `create` append the revocation event of every end they make (`EndSession.kind`; `None`
+//! only for a plain time expiry) in the same atomic step.
+//!
+//! Every record carries `retain_until`: for an active session its absolute expiry plus the
+//! revocation-list TTL, for an ended one its end plus that TTL but never before its absolute expiry
+//! (the tombstone that lets validation say why a session ended).
+//!
+//! **The sweep** (every `session.cleanup_interval`) first ends the sessions that timed out unused
+//! (`SessionManager::expire_timed_out` over `take_timed_out`): each end goes through
+//! `end_session`, so it is recorded once with its reason (`idle_timeout`, `absolute_timeout`), emits
+//! the `session_expired` security event and counts `session_expired_total`, as a validation that
+//! finds a session past its deadline does. Then it purges what is past its retention. The embedded
+//! store fills its deadline index once from the stored sessions when a database written before the
+//! index is opened; on Redis, sessions created before it are not in the index and keep the old
+//! behaviour (refused as expired on every read, purged with their retention).
+//!
+//! **Why redb for the embedded default.** Pure Rust (no C library to build), ACID with
+//! copy-on-write B-trees and a single writer, so each trait method runs inside one write
+//! transaction and is therefore atomic. Writes go through a group commit
+//! (`store/embedded/commit.rs`): one committer thread runs every write waiting for the writer's
+//! turn in one transaction and commits it once, answering each caller after that commit, durable
+//! if any write in it needed it; a write that fails aborts the attempt, gets its error, and the
+//! others run again without it. Commits with `Durability::Immediate` are on disk when they return (nothing
+//! acknowledged is lost to SIGKILL; a test kills the process after 1,000 creates and validates them
+//! all after restart, and `tests/it/faults.rs` kills it three times in the middle of a burst of
+//! creates, ends and updates and finds every acknowledged write, each in-flight one whole or absent,
+//! and one revocation event per end); readers never block the writer. Idle slides wait in memory
+//! (`store/embedded/slides.rs`; reads merge them) and the next write transaction of any kind writes
+//! them first, many at once, at most 20 ms later, with `Durability::None` unless that transaction is
+//! durable anyway: losing the last slides in a crash only makes a session expire a little earlier,
+//! and a validation costs no write transaction of its own. Tables: `sessions` (token hash → record JSON), `session_ids`, `user_sessions`
+//! ((user, session id) → hash), `session_expiry` ((retain-until, hash) → ()).
+//!
+//! **Shared storage: Redis, Redis Cluster, Vercel KV / Upstash** (`src/store/keyspace.rs` and `keyspace/`). Both
+//! shared backends are one `KeyspaceStore` over a transport (a Redis connection, or HTTPS to the
+//! Upstash REST API), so they send the same commands and the same Lua scripts and give the same
+//! guarantees. Key layout, with `P` the `redis.key_prefix` and `T` the user's shard tag:
+//!
+//! | key | type | contents |
+//! |---|---|---|
+//! | `P{T}:s:<token hash hex>` | hash | the record: `doc` (the record's JSON) plus the fields scripts change (`state`, `version`, `retain_until`, `idle_expires_at`, `last_accessed_at`, `ip_address`, `end_reason`, `ended_at`, and `session_id`, `user_id`, `created_at`, `absolute_expires_at`), which override `doc` when read |
+//! | `P{T}:id:<session id>` | string | the token hash hex |
+//! | `P{T}:u:<user id>` | sorted set | the user's token hashes, scored by creation time |
+//! | `P{expiry}:due` | sorted set | `T:<hash hex>` scored by a time at or before the record's `retain_until` |
+//! | `P{S}:lease:<session id>` | hash | the session's refresh lease: `holder`, `version`, `expires_at` (no TTL; expired means `expires_at` ≤ the app's `now`) |
+//! | `P{S}:rr:<session id>` | hash | the session's refresh records: record id → `<expires_at>\n<record JSON>`, the JSON as written |
+//! | `P{S}:rri:<session id>` | sorted set | the session's record ids, all scored 0, so they sort by id (`rr_<13-digit millis>_…`, that is by time) |
+//! | `P{tokens}:due` | sorted set | `<session id>\|<record id>` scored by the record's `expires_at` |
+//! | `P{tokens}:leases` | sorted set | session ids scored by a time at or before their lease's `expires_at` |
+//! | `P{tokens}:cp:<name>` | string | a checkpoint: the upstream revocation queue's position `<log id>.<seq>` |
+//!
+//! `S` is the session's shard tag: the `T` its `ses_<T>_…` id carries (so a session's lease and
+//! records share the slot of its record and of its user), or `shard_tag(session id)` for an id of
+//! another shape.
+//!
+//! | operation | commands |
+//! |---|---|
+//! | `get_by_token` | `HGETALL P{T}:s:<hash>`: one command, one round trip (a test counts it in `INFO commandstats`) |
+//! | `create` | `ZADD` due entry, then script `create`: reads the user's records, ends the oldest active ones, writes the record, id and user entry |
+//! | `get_by_id`, `list_user` | one read-only script each (`GET` + `HGETALL`; `ZRANGE` + `HGETALL` each) |
+//! | `get_by_upstream` | `GET P:ut:<hash>` then `get_by_token`; the entries are `SET ... PX` before the create or compare-and-swap script, with a TTL a day past the record's retention, never deleted (a stale entry fails the caller's check against the record) |
+//! | `touch`, `compare_and_swap`, `end` | one script each, on the record key only |
+//! | `take_timed_out` | `ZRANGEBYSCORE` `P{expiry}:deadlines` ≤ now, then `HGETALL` per record (16 at a time), then `ZREM` (ended, gone or timed out) or `ZADD` (slid) of the entry; idempotent, so replicas sweeping at once at worst both try an end, and the second finds `AlreadyEnded` |
+//! | `purge_expired` | `ZRANGEBYSCORE` due ≤ now, then script `purge` per record (16 at a time), then `ZREM` / `ZADD` of the entry |
+//! | `count`, `ping` | `ZCARD` due; `PING` |
+//! | `acquire_lease` | `ZADD LT` of `{tokens}:leases`, then script `acquire_lease`: store the lease if there is none or its `expires_at` ≤ now, else return the held one |
+//! | `renew_lease`, `release_lease` | one script each on the lease key: only the holder; a renewal needs an unexpired lease and never shortens it |
+//! | `append_refresh_record` | `ZADD` `{tokens}:due`, then script `append_record`: `HSET` + `ZADD`, and the oldest beyond `keep` removed in the same step; then `ZREM` of the trimmed ids' due entries (tidiness only) |
+//! | `refresh_history` | one read-only script: `ZREVRANGE` of the ids, `HGET` each |
+//! | `purge_refresh_records` | `ZRANGEBYSCORE` `{tokens}:due` ≤ now, script `purge_record` per entry (re-checks `expires_at`; a trimmed record's entry is dropped without counting, and the walk goes on until `limit` records are deleted or nothing is due, so the count is exact), then the same for `{tokens}:leases` with script `purge_lease` (an entry is forgotten only if no acquisition re-marked it) |
+//!
+//! Why this shape:
+//! - *One slot per user.* Every key of a user carries the hash tag `{T}`, so each script touches one
+//!   Redis Cluster slot. The stores are only given the token's hash, so the hash carries the tag:
+//!   `crypto::token_hash` replaces the first two bytes of SHA-256(token) with the token's tag (240
+//!   bits of digest remain). Session ids carry it as `ses_<T>_...`, and users map to it by
+//!   `shard_tag`.
+//! - *Atomic steps are scripts.* Each is EVALSHA, with EVAL (or SCRIPT LOAD) only after NOSCRIPT,
+//!   which means it did not run; nothing reads in Rust and writes back. Scripts read and write hash
+//!   fields, never re-encode JSON (Redis' cjson writes `[]` as `{}` and rounds numbers to 14 digits).
+//!   Scripts reach the id and user keys of a record they read (same slot, not declared in KEYS).
+//! - *No Redis TTLs.* The service's clock decides expiry (tests move it), a TTL on an index can drop
+//!   live entries (the seed library's flaw: each save reset the user index's TTL to the saved
+//!   session's), and a TTL on a record would make it vanish without its index entries. Records are
+//!   removed only by the purge, which every replica runs; the purge script is idempotent.
+//! - *The due index is a hint.* It lives in its own slot and cannot change atomically with a record,
+//!   so it never decides a deletion: the entry is written before the record (a record always has
+//!   one), lowered with `ZADD LT` after an end, and the purge script re-checks the record's own
+//!   `retain_until`, deleting only when it passed and otherwise moving the entry to the real time.
+//!   A crash between steps leaves an entry without a record (dropped by the next purge) or an entry
+//!   later than needed (the purge runs late), never a deleted live session. The purge's cost grows
+//!   with what is due. `count` is the index's size: exact at rest, briefly ahead during creates.
+//!   One index key is one hot key on one cluster node; splitting it by tag range is a later change.
+//! - *Outages fail closed.* Every operation is bounded by `storage_timeout`; connection failures,
+//!   timeouts and not-ready replies (LOADING, CLUSTERDOWN, ...) are `Unavailable`, other error
+//!   replies `Internal`. A timed-out write may have applied (as with any remote store); it is never
+//!   re-sent. The Redis connection is made lazily and re-made by the next call after a failure (one
+//!   attempt each, so calls fail at once while Redis is down and succeed with the first call after
+//!   it returns). `app.rs` pings storage every second and sets health (overall and per service)
+//!   NOT_SERVING while it fails. kv-rest maps 401/403 to "check KV_REST_API_TOKEN", 429 to a retry
+//!   hint, 5xx and network errors to `Unavailable`, and retries reads only.
+//! - *A silent partition is an outage too.* A path that drops traffic without an error or a reset
+//!   is caught by the same bound: the health ping times out, so health turns NOT_SERVING within
+//!   `storage_timeout` plus one probe interval. The silent connection is kept (a timeout is not a
+//!   dropped connection) and serves again when the path heals, without a restart; a reconnect into
+//!   a silent path is bounded by the connection timeout (the smaller of `storage_timeout` and 1 s).
+//!   `tests/it/faults.rs` cuts one replica off this way (and by resets) while another serves.
+//!
+//! **Identifiers.** A session token is `sat_<tag>_<43 chars>`: 256 bits from the OS CSPRNG in
+//! URL-safe base64; a session id is `ses_<tag>_<uuid>`. `<tag>` is 4 hex digits of SHA-256 of the user
+//! id: it routes every key of one user to one Redis Cluster slot, found from the token, the id or the
+//! user alike. It reveals 16 bits of a hash of the user id to the holder of the token, who is that
+//! user.
+//!
+//! **Device rule** (`src/session/device.rs`). Critical fields (`user_agent`, `platform`, `timezone`)
+//! must be equal wherever either side has a value; scored fields (language, screen, colour depth,
+//! pixel ratio, touch, memory, cores, canvas/WebGL/audio hashes, font and plugin sets by Jaccard
+//! ≥ 0.8) count only when both sides have them, and the agreeing share must reach
+//! `session.device_match_threshold` (0.8). A field absent on both sides is no evidence; if nothing
+//! at all can be compared, the device is not recognised.
 
 use std::sync::Arc;
 

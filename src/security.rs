@@ -14,7 +14,7 @@
 //!
 //! # Security
 //!
-//! **Rate limits** (`src/security/limiter.rs`). Rules are named and configured under
+//! **Rate limits** (`src/model/limiter.rs`). Rules are named and configured under
 //! `[security.rules.NAME]` (`limit`, `period`, `burst` = `limit` by default, `backoff`,
 //! `backoff_multiplier`, `max_backoff`). Defaults:
 //!

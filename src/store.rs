@@ -154,7 +154,7 @@
 //! user alike. It reveals 16 bits of a hash of the user id to the holder of the token, who is that
 //! user.
 //!
-//! **Device rule** (`src/session/device.rs`). Critical fields (`user_agent`, `platform`, `timezone`)
+//! **Device rule** (`src/model/fingerprint.rs`). Critical fields (`user_agent`, `platform`, `timezone`)
 //! must be equal wherever either side has a value; scored fields (language, screen, colour depth,
 //! pixel ratio, touch, memory, cores, canvas/WebGL/audio hashes, font and plugin sets by Jaccard
 //! ≥ 0.8) count only when both sides have them, and the agreeing share must reach

@@ -140,7 +140,7 @@
 //! | `purge_refresh_records(now, limit)` | deletes records whose `expires_at` passed (and expired leases) | expiry set | `refresh_expiry` range | walks `P{tokens}:due` ≤ now with script `purge_record` (exact count), then expired leases through `P{tokens}:leases`; no Redis TTLs |
 //! | `checkpoint(name)`, `save_checkpoint(name, value)` | the last value saved under `name` (the upstream revocation queue's position) | map | `checkpoints` (name → value), `Durability::Immediate` | `GET` / `SET` of `P{tokens}:cp:<name>` |
 //!
-//! The `{tag}` (`S` in the Redis key layout above) is the session id's shard tag (`ses_<tag>_…`),
+//! The `{tag}` (`S` in the Redis key layout of the `store` module docs) is the session id's shard tag (`ses_<tag>_…`),
 //! so a session's lease and records share its slot. Like every Redis key here they have no TTL:
 //! the app's clock decides expiry, and the purges walk `P{tokens}:due` and `P{tokens}:leases`. Two replicas over one store are tested with two `App`s in one process over one
 //! `MemoryStore` (two processes cannot open one redb file): 100 concurrent GetAccessToken calls on

@@ -12,11 +12,12 @@
 //!   exceptional events into security events (the common, valid validation records nothing).
 //! - [`Security`]: what the SecurityService RPCs call.
 //!
-//! # Security
+//! # Rate limits
 //!
-//! **Rate limits** (`src/model/limiter.rs`). Rules are named and configured under
-//! `[security.rules.NAME]` (`limit`, `period`, `burst` = `limit` by default, `backoff`,
-//! `backoff_multiplier`, `max_backoff`). Defaults:
+//! The GCRA rule, the backoff for repeat offenders, denial windows and the per-rule bound on held
+//! keys are the pure function in [`limiter`] (`src/model/limiter.rs`), whose docs give the rule.
+//! Rules are named and configured under `[security.rules.NAME]` (`limit`, `period`, `burst` =
+//! `limit` by default, `backoff`, `backoff_multiplier`, `max_backoff`). Defaults:
 //!
 //! | rule | limit | period | max backoff | key | checked by |
 //! |---|---|---|---|---|---|
@@ -25,76 +26,33 @@
 //! | `login_attempt` | 5 | 300 s | 1800 s | caller's choice | CheckRateLimit |
 //! | `validate_failure` | 30 | 60 s | 900 s | client IPv4 address, or IPv6 /64 | ValidateSession's "not valid" answers |
 //!
-//! The limiter is GCRA: per (rule, key) one theoretical arrival time (TAT); a unit costs
-//! `T = period / limit`; a request of `cost` units passes when `max(TAT, now) + cost·T − burst·T ≤ now`
-//! and moves the TAT by `cost·T`. So `burst` requests pass at once and one unit returns every `T`
-//! (no window edges to game). Backoff for repeat offenders: the first denial only waits for the
-//! GCRA; each further denial blocks the key for `period × multiplier^(v−2)` capped at `max_backoff`
-//! (session_create: 60 s wait, then 300, 600, 1200, 2400, 3600 s); blocked requests are denied
-//! uncounted; the violation count decays after `max_backoff` of good behaviour (the library never
-//! forgot). Arithmetic is integer microseconds, so the same function is a Lua script. An unknown
-//! rule in CheckRateLimit is `INVALID_ARGUMENT` naming `rule_name` (the library allowed it
-//! silently); a `cost` above the burst can never pass and is `INVALID_ARGUMENT` too. The first
-//! denial of each *denial window* is a `rate_limit_exceeded` event, with the key as `user_id`, or as
-//! `ip_address` when it is an address or a /64; the rest of the window is only counted
-//! (`rate_limit_denials_unrecorded_total{rule}`), so a key hammering a limit writes one event per
-//! window, not one per request. With backoff each counted denial opens a window (the first one's
-//! GCRA wait, then each block) and the denials while blocked are its repeats; without backoff the
-//! first denial after a grant opens one and the denials until the next grant repeat it
-//! (`Decision::repeat`, decided inside the atomic check, so replicas agree on which denial is the
-//! first). GetSecuritySummary's `rate_limit_hits` therefore counts windows.
-//!
-//! *Bounded state.* The memory and embedded stores hold at most `security.max_limiter_keys`
-//! (100 000) keys per rule (memory: a count per rule beside the states; embedded: the
-//! `rate_limit_counts` table, kept in the check's and the purge's transaction). A check or peek of a
-//! new key at the bound first drops up to 1000 states that decide nothing any more (the forget
-//! index, as the purge does); if the rule is still full the key is refused: `Decision::key_refused`,
-//! denied with the rule's period as retry hint, nothing stored, no event, counted in
-//! `rate_limit_keys_refused_total{rule}`, and `Error::LimiterFull` (`RESOURCE_EXHAUSTED`,
-//! `RATE_LIMIT_KEYS_FULL`, naming the setting) where the service enforces the rule. Held keys are
-//! never evicted: evicting one that is not limiting right now would still hand a partly spent key,
-//! or an offender's violation count, a fresh start, which is exactly what a flood of new keys would
-//! be sent for. The cost of the choice is availability for new keys of that one rule while it is
-//! full of live state. Redis and kv-rest keep limiter state in the server (its `maxmemory`; with
+//! With backoff, `session_create` waits 60 s after its first denial, then is blocked 300, 600,
+//! 1200, 2400 and 3600 s. An unknown rule in CheckRateLimit is `INVALID_ARGUMENT` naming
+//! `rule_name` (the library allowed it silently); a `cost` above the burst can never pass and is
+//! `INVALID_ARGUMENT` too. The first denial of each denial window is a `rate_limit_exceeded`
+//! event, with the key as `user_id`, or as `ip_address` when it is an address or a /64; the rest
+//! of the window is only counted (`rate_limit_denials_unrecorded_total{rule}`), so a key hammering
+//! a limit writes one event per window, not one per request (`Decision::repeat` is decided inside
+//! the atomic check, so replicas agree on which denial is the first). GetSecuritySummary's
+//! `rate_limit_hits` therefore counts windows. A new key refused because its rule is full
+//! (`Decision::key_refused`: denied with the rule's period as retry hint, nothing stored, no event)
+//! is counted in `rate_limit_keys_refused_total{rule}` and is `Error::LimiterFull`
+//! (`RESOURCE_EXHAUSTED`, `RATE_LIMIT_KEYS_FULL`, naming the setting) where the service enforces the
+//! rule. Redis and kv-rest keep limiter state in the server (bounded by its `maxmemory`; with
 //! `noeviction` a full server fails the check, and the call, closed).
 //!
-//! **Hijack detection** (`src/security/hijack.rs`): a rule table, weights under `[security.hijack]`:
+//! # Hijack detection
 //!
-//! | signal | condition | weight |
-//! |---|---|---|
-//! | IP change, same network | same /24 (IPv4) or /64 (IPv6) | 0.1 |
-//! | IP change, new network | otherwise | 0.3 |
-//! | user agent | both known, different | 0.2 |
-//! | fingerprint mismatch | digests differ and the device rule fails | 0.5 |
-//! | fingerprint changed | digests differ, the device rule still matches | 0.1 |
-//! | accept-language | differs while the device still matches (a mismatch already counts it) | 0.1 |
-//! | IP velocity | more than 3 distinct IPs within 5 min for the session | 0.3 |
-//!
-//! Capped at 1; the session ends strictly above `security.hijack_threshold` (0.7), so the library's
-//! "fingerprint + user agent = 0.7" does not end it, new network + new device (0.8) and everything
-//! at once (1.0) do. The recent IPs for velocity live in process memory (at most 8 per session, two
-//! generations of 50 000 sessions), never in the store: each replica sees the traffic it serves.
+//! The rule table, its weights (`[security.hijack]`) and the threshold are in [`hijack`].
 //! DetectHijacking uses the same table (whether or not ValidateSession runs it), by token, or by
 //! `session_id` for admins; it ends the session above the threshold through the same end path.
 //! Events: `session_hijack_attempt` when the session ends or the risk is above 0.5,
 //! `ip_change_detected` for a weaker score with an IP change; a weak signal without an IP change (a
 //! new user agent alone) is answered but not recorded, since it would repeat on every request.
 //!
-//! **Security events** (`src/security/events.rs`). The 21 types are the proto's `SecurityEventType`.
-//! Recorded by the service: `session_created` (every CreateSession), `session_terminated` /
-//! `_expired` / `_revoked` (every end that goes through `SessionManager::end_session`, evictions
-//! included), `invalid_device`, `session_hijack_attempt`, `ip_change_detected`,
-//! `rate_limit_exceeded`, `suspicious_activity` (DetectSuspiciousActivity), and `token_refreshed`
-//! with `success=false` when the token work reports `SessionEvent::RefreshFailed` through
-//! `SessionManager::report`. Callers log the rest (`login_success`, `login_failure`, `logout`, ...)
-//! with LogSecurityEvent; UNSPECIFIED or unknown types are `INVALID_ARGUMENT`. Each event is also
-//! logged at info with its type and ids. A failure to record is logged and does not fail the
-//! operation it describes. Ids are `evt_<sequence><random>` so that events of one millisecond keep
-//! their order. Events older than `security.event_retention` (30 days) are purged by the cleanup
-//! task (every `session.cleanup_interval`), with rate-limit state that no longer matters.
+//! # Summary and suspicious activity
 //!
-//! **Summary and suspicious activity.** GetSecuritySummary reads the user's events in the window
-//! through the per-user time index, 1000 at a time (so its cost grows with that user's events in the
+//! GetSecuritySummary reads the user's events in the window through the per-user time index, 1000 at a time (so its cost grows with that user's events in the
 //! window only; a unit test wraps the store and counts what it returns), the user's sessions
 //! (`list_user`), and the newest `login_success` or `session_created` for `last_login_at`.
 //! `suspicious_sessions` are active sessions named by a hijack, device or IP-change event in the
@@ -102,29 +60,6 @@
 //! (more than 3 `session_created` in 300 s +0.4, more than 3 `login_failure` in 600 s +0.5, more than
 //! 3 distinct IPs among the 10 newest +0.3, capped at 1) and records `suspicious_activity` when any
 //! fires (the caller's metadata first; the service's `activity_type` wins a clash).
-//!
-//! **Storage.** Two more traits, each operation one atomic step:
-//!
-//! | operation | guarantee | memory | embedded (redb) | Redis (one Lua script each) |
-//! |---|---|---|---|---|
-//! | `RateLimitStore::check(rule, key, cost, now)` | load, `limiter::apply`, store: concurrent checks of one key are serialised | one mutex | one write transaction (`Durability::None`: a crash may forget the last counts) on `rate_limits`, `rate_limit_forget` and `rate_limit_counts` | compare-and-set around the Rust `limiter::apply` (below): `HGET P{limits}:states <field>`, apply, script `limit_cas` writes the new state and its `forget_at` in `P{limits}:forget` only if the state is still what was read, else returns the current one and the check runs again on it |
-//! | `RateLimitStore::purge_limits(now, limit)` | drop states that decide nothing any more | forget index | `rate_limit_forget` range | script `purge_limits`: `ZRANGEBYSCORE forget -inf now LIMIT 0 n`, `HDEL` + `ZREM` each |
-//! | `SecurityEventStore::append(event)` | durable before returning | by-time map + per-user set | one transaction on `security_events` and `user_security_events` | `ZADD P{events}:time <occurred_at> u\|T\|<user hex>\|<id>` first (the purge's index, its own slot), then script `event_append` on the user's slot: `HSET P{T}:ev:<user> <id> "<type>\n<json>"`, `ZADD P{T}:evi:<user> <occurred_at> <id>`; user-less events: `HSET P{events}:nouser` and the time index in one script |
-//! | `SecurityEventStore::user_events(query)` | newest first by `(occurred_at, event_id)`, `[from, until)`, types, resume after a position, limit; cost grows with the user's events in range | `BTreeSet` range | `user_security_events` range, reversed | script `user_events` on one slot: `ZREVRANGEBYSCORE evi` from the upper bound down to `from`, 128 at a time, skipping ids at the resume time that are not below the resume id (compared bytewise: Lua's `<` follows the server's locale), `HGET` each, type filter on the `<type>` prefix (no JSON decoding in Lua), stop at `limit` |
-//! | `SecurityEventStore::purge_events(cutoff, limit)` | delete events before `cutoff` with index entries | by-time range | `security_events` range | `ZRANGEBYSCORE time -inf (cutoff LIMIT 0 n`, then per entry script `event_delete` on its slot (`HDEL` + `ZREM`, counts what existed) and `ZREM` of the time entry |
-//!
-//! *Why the limiter is a compare-and-set, not `apply` in Lua.* Exactness across replicas needs one
-//! serialisation point per key, which the script gives; it does not need the arithmetic in Lua.
-//! `apply`'s backoff uses `f64` (`powi`, `Duration::from_secs_f64`), whose last-bit behaviour a Lua
-//! copy would have to match exactly to keep every backend's decisions identical. So Rust computes,
-//! and the script only commits if nobody committed in between. Every conflict follows another
-//! check's success (lock-free), and within one replica checks of one key first take turns on a
-//! striped async mutex, so N concurrent checks cost about N round trips rather than N²/2 conflicts.
-//! All limiter state is in the `{limits}` slot: on a cluster that is one node's work, the price of
-//! an atomic forget index; a check is bounded by `storage_timeout` like every operation.
-//!
-//! *No Redis TTLs here either*: rate-limit states and events are deleted by the purges, which
-//! take `now` / `cutoff` from the service's clock (tests move it), with their own indexes.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -135,46 +70,20 @@ use crate::clock::{Clock, Millis};
 use crate::error::{Error, Result};
 use crate::revocation::RevocationKind;
 use crate::session::{
-    CreateGuard, HIJACK_REASON, RequestContext, SESSION_CREATE_RULE, SessionEvent, SessionManager, SessionObserver,
-    SessionRef, SessionState,
+    HIJACK_REASON, RequestContext, SESSION_CREATE_RULE, SessionEvent, SessionManager, SessionObserver, SessionRef,
+    SessionState,
 };
-use crate::store::{DynRateLimitStore, EndOutcome, EventQuery, Stores};
+use crate::store::{EndOutcome, EventQuery, Stores};
 
 pub mod events;
 pub mod hijack;
 pub use crate::model::limiter;
+mod limits;
+pub use limits::{Limiter, VALIDATE_FAILURE_RULE, client_network_key};
 
 use events::{EventDraft, EventType, Recorder, SecurityEvent, Severity, Summary, SummaryBuilder};
 use hijack::{HijackDetector, HijackRules};
 use limiter::{Decision, Rule};
-
-/// The rule checked per client IP when ValidateSession answers "not valid".
-pub const VALIDATE_FAILURE_RULE: &str = "validate_failure";
-
-/// The key of a client address in [`VALIDATE_FAILURE_RULE`]: an IPv4 address as it is (also when
-/// written as an IPv4-mapped IPv6 address), an IPv6 address as its /64, for example
-/// `2001:db8:1:2::/64`. A /64 is what one subscriber, one LAN or one host is given, and any
-/// address in it is the client's to pick, so an exact IPv6 key would hand a guesser 2^64 fresh
-/// allowances.
-pub fn client_network_key(ip: IpAddr) -> String {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => {
-            let network = std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX));
-            format!("{network}/64")
-        }
-    }
-}
-
-/// The address a limiter key names, for the `ip_address` of its denial events: an address, or
-/// an IPv6 /64 as [`client_network_key`] writes it.
-fn key_address(key: &str) -> Option<String> {
-    if let Ok(ip) = key.parse::<IpAddr>() {
-        return Some(ip.to_string());
-    }
-    let network = key.strip_suffix("/64")?.parse::<std::net::Ipv6Addr>().ok()?;
-    Some(format!("{network}/64"))
-}
 
 /// The risk of a recorded device mismatch (the library's value): above
 /// [`events::SUSPICIOUS_RISK`], so GetSecuritySummary counts it as suspicious.
@@ -235,165 +144,6 @@ impl SecuritySettings {
             },
             event_retention: s.event_retention,
         }
-    }
-}
-
-/// Named rate-limit rules over a [`RateLimitStore`](crate::store::RateLimitStore).
-#[derive(Debug, Clone)]
-pub struct Limiter {
-    enabled: bool,
-    rules: Arc<BTreeMap<String, Rule>>,
-    store: DynRateLimitStore,
-    recorder: Recorder,
-    clock: Arc<dyn Clock>,
-    warned_full_at: Arc<std::sync::atomic::AtomicI64>,
-}
-
-impl Limiter {
-    /// A limiter; with `enabled` false every check is allowed and nothing is stored.
-    pub fn new(
-        enabled: bool,
-        rules: BTreeMap<String, Rule>,
-        store: DynRateLimitStore,
-        recorder: Recorder,
-        clock: Arc<dyn Clock>,
-    ) -> Limiter {
-        Limiter { enabled, rules: Arc::new(rules), store, recorder, clock, warned_full_at: Arc::default() }
-    }
-
-    /// The rule named `name`, or `INVALID_ARGUMENT` naming `rule_name`.
-    pub fn rule(&self, name: &str) -> Result<&Rule> {
-        self.rules.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.rules.keys().map(String::as_str).collect();
-            Error::invalid("rule_name", format!("no rule named {name:?}; configured rules: {}", known.join(", ")))
-        })
-    }
-
-    /// Consumes `cost` units of rule `rule_name` for `key`. The first denial of each denial window
-    /// (see [`Decision::repeat`]) is recorded as a `rate_limit_exceeded` event (with the key as
-    /// user id, or as IP address when it is one); the repeats are counted in
-    /// [`crate::metrics::RATE_LIMIT_DENIALS_UNRECORDED`], so a key hammering a limit cannot turn
-    /// each request into an event write. Every denial counts in
-    /// [`crate::metrics::RATE_LIMIT_DENIED`].
-    pub async fn check(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
-        self.decide(rule_name, key, cost, true).await
-    }
-
-    /// The decision [`Limiter::check`] would give, consuming nothing and recording nothing.
-    pub async fn peek(&self, rule_name: &str, key: &str, cost: u32) -> Result<Decision> {
-        self.decide(rule_name, key, cost, false).await
-    }
-
-    async fn decide(&self, rule_name: &str, key: &str, cost: u32, consume: bool) -> Result<Decision> {
-        let rule = self.rule(rule_name)?;
-        let cost = cost.max(1);
-        if cost > rule.burst {
-            return Err(Error::invalid(
-                "cost",
-                format!("{cost} is more than rule {rule_name:?} can ever grant at once ({})", rule.burst),
-            ));
-        }
-        if !self.enabled {
-            return Ok(Decision {
-                allowed: true,
-                limit: rule.limit,
-                remaining: rule.burst,
-                retry_after: Duration::ZERO,
-                reset_after: Duration::ZERO,
-                blocked: false,
-                violations: 0,
-                repeat: false,
-                key_refused: false,
-            });
-        }
-        if !consume {
-            return self.store.peek(rule, key, cost, self.clock.now()).await;
-        }
-        let decision = self.store.check(rule, key, cost, self.clock.now()).await?;
-        if decision.key_refused {
-            // Neither an event nor a denial of this key: a flood of new keys must not become
-            // event writes, and the operator needs the count and a (rate-limited) warning.
-            metrics::counter!(crate::metrics::RATE_LIMIT_KEYS_REFUSED, "rule" => rule.name.clone()).increment(1);
-            self.warn_full(rule);
-            return Ok(decision);
-        }
-        if !decision.allowed {
-            // Rule names come from the configuration (an unknown name was refused above), so the
-            // label is bounded; the key (a user id or an address) is never a label.
-            metrics::counter!(crate::metrics::RATE_LIMIT_DENIED, "rule" => rule.name.clone()).increment(1);
-            if decision.repeat {
-                metrics::counter!(crate::metrics::RATE_LIMIT_DENIALS_UNRECORDED, "rule" => rule.name.clone())
-                    .increment(1);
-                return Ok(decision);
-            }
-            let mut draft = EventDraft::new(EventType::RateLimitExceeded)
-                .details(format!("Rate limit {rule_name:?} exceeded"))
-                .risk((0.2 * f64::from(decision.violations)).min(1.0))
-                .meta("rule", rule_name)
-                .meta("violations", decision.violations)
-                .meta("blocked", decision.blocked)
-                .meta("retry_after_ms", decision.retry_after.as_millis());
-            draft = match key_address(key) {
-                Some(address) => draft.ip(Some(address)),
-                None => draft.user(key),
-            };
-            self.recorder.record_or_log(draft).await;
-        }
-        Ok(decision)
-    }
-
-    /// Logs that `rule` refuses new keys, at most once a minute per limiter.
-    fn warn_full(&self, rule: &Rule) {
-        let now = self.clock.now();
-        let last = self.warned_full_at.load(std::sync::atomic::Ordering::Relaxed);
-        if now.saturating_sub(last) >= 60_000
-            && self
-                .warned_full_at
-                .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(
-                rule = %rule.name,
-                "rate limit holds as many keys as security.max_limiter_keys allows: new keys are refused until held state expires (raise the setting if this is ordinary traffic)"
-            );
-        }
-    }
-
-    /// [`Limiter::check`] with one unit, as an error when denied (`RESOURCE_EXHAUSTED` with
-    /// `RetryInfo` on the wire; [`Error::LimiterFull`] when the rule refused a new key). A rule
-    /// that is not configured allows.
-    pub async fn enforce(&self, rule_name: &str, key: &str) -> Result<()> {
-        if !self.rules.contains_key(rule_name) {
-            return Ok(());
-        }
-        let decision = self.check(rule_name, key, 1).await?;
-        if decision.allowed {
-            Ok(())
-        } else if decision.key_refused {
-            Err(Error::LimiterFull { rule: rule_name.to_owned(), retry_after: decision.retry_after })
-        } else {
-            Err(Error::RateLimited { rule: rule_name.to_owned(), retry_after: decision.retry_after })
-        }
-    }
-
-    /// Deletes rate-limit state that no longer matters.
-    pub async fn cleanup(&self) -> Result<usize> {
-        let now = self.clock.now();
-        let mut total = 0;
-        loop {
-            let removed = self.store.purge_limits(now, 1000).await?;
-            total += removed;
-            if removed < 1000 {
-                return Ok(total);
-            }
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl CreateGuard for Limiter {
-    async fn check(&self, rule: &str, key: &str) -> Result<()> {
-        self.enforce(rule, key).await
     }
 }
 

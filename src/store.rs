@@ -56,6 +56,29 @@
 //! index is opened; on Redis, sessions created before it are not in the index and keep the old
 //! behaviour (refused as expired on every read, purged with their retention).
 //!
+//! **Rate limits and security events**: two more traits, each operation one atomic step:
+//!
+//! | operation | guarantee | memory | embedded (redb) | Redis (one Lua script each) |
+//! |---|---|---|---|---|
+//! | `RateLimitStore::check(rule, key, cost, now)` | load, `limiter::apply`, store: concurrent checks of one key are serialised | one mutex | one write transaction (`Durability::None`: a crash may forget the last counts) on `rate_limits`, `rate_limit_forget` and `rate_limit_counts` | compare-and-set around the Rust `limiter::apply` (below): `HGET P{limits}:states <field>`, apply, script `limit_cas` writes the new state and its `forget_at` in `P{limits}:forget` only if the state is still what was read, else returns the current one and the check runs again on it |
+//! | `RateLimitStore::purge_limits(now, limit)` | drop states that decide nothing any more | forget index | `rate_limit_forget` range | script `purge_limits`: `ZRANGEBYSCORE forget -inf now LIMIT 0 n`, `HDEL` + `ZREM` each |
+//! | `SecurityEventStore::append(event)` | durable before returning | by-time map + per-user set | one transaction on `security_events` and `user_security_events` | `ZADD P{events}:time <occurred_at> u\|T\|<user hex>\|<id>` first (the purge's index, its own slot), then script `event_append` on the user's slot: `HSET P{T}:ev:<user> <id> "<type>\n<json>"`, `ZADD P{T}:evi:<user> <occurred_at> <id>`; user-less events: `HSET P{events}:nouser` and the time index in one script |
+//! | `SecurityEventStore::user_events(query)` | newest first by `(occurred_at, event_id)`, `[from, until)`, types, resume after a position, limit; cost grows with the user's events in range | `BTreeSet` range | `user_security_events` range, reversed | script `user_events` on one slot: `ZREVRANGEBYSCORE evi` from the upper bound down to `from`, 128 at a time, skipping ids at the resume time that are not below the resume id (compared bytewise: Lua's `<` follows the server's locale), `HGET` each, type filter on the `<type>` prefix (no JSON decoding in Lua), stop at `limit` |
+//! | `SecurityEventStore::purge_events(cutoff, limit)` | delete events before `cutoff` with index entries | by-time range | `security_events` range | `ZRANGEBYSCORE time -inf (cutoff LIMIT 0 n`, then per entry script `event_delete` on its slot (`HDEL` + `ZREM`, counts what existed) and `ZREM` of the time entry |
+//!
+//! *Why the limiter is a compare-and-set, not `apply` in Lua.* Exactness across replicas needs one
+//! serialisation point per key, which the script gives; it does not need the arithmetic in Lua.
+//! `apply`'s backoff uses `f64` (`powi`, `Duration::from_secs_f64`), whose last-bit behaviour a Lua
+//! copy would have to match exactly to keep every backend's decisions identical. So Rust computes,
+//! and the script only commits if nobody committed in between. Every conflict follows another
+//! check's success (lock-free), and within one replica checks of one key first take turns on a
+//! striped async mutex, so N concurrent checks cost about N round trips rather than N²/2 conflicts.
+//! All limiter state is in the `{limits}` slot: on a cluster that is one node's work, the price of
+//! an atomic forget index; a check is bounded by `storage_timeout` like every operation.
+//!
+//! *No Redis TTLs for these either*: rate-limit states and events are deleted by the purges, which
+//! take `now` / `cutoff` from the service's clock (tests move it), with their own indexes.
+//!
 //! **Why redb for the embedded default.** Pure Rust (no C library to build), ACID with
 //! copy-on-write B-trees and a single writer, so each trait method runs inside one write
 //! transaction and is therefore atomic. Writes go through a group commit

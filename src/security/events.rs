@@ -1,6 +1,19 @@
 //! Security events: the 21 types of the original library's audit log, the event record, the
 //! [`Recorder`] that appends events and logs them, and the pure computations over a user's events
 //! (the summary and the user-level suspicious-activity signals).
+//!
+//! The 21 types are the proto's `SecurityEventType`.
+//! Recorded by the service: `session_created` (every CreateSession), `session_terminated` /
+//! `_expired` / `_revoked` (every end that goes through `SessionManager::end_session`, evictions
+//! included), `invalid_device`, `session_hijack_attempt`, `ip_change_detected`,
+//! `rate_limit_exceeded`, `suspicious_activity` (DetectSuspiciousActivity), and `token_refreshed`
+//! with `success=false` when the token work reports `SessionEvent::RefreshFailed` through
+//! `SessionManager::report`. Callers log the rest (`login_success`, `login_failure`, `logout`, ...)
+//! with LogSecurityEvent; UNSPECIFIED or unknown types are `INVALID_ARGUMENT`. Each event is also
+//! logged at info with its type and ids. A failure to record is logged and does not fail the
+//! operation it describes. Ids are `evt_<sequence><random>` so that events of one millisecond keep
+//! their order. Events older than `security.event_retention` (30 days) are purged by the cleanup
+//! task (every `session.cleanup_interval`), with rate-limit state that no longer matters.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

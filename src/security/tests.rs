@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use super::limits::key_address;
 use super::*;
 use crate::clock::ManualClock;
 use crate::crypto::KeyRing;

@@ -31,7 +31,7 @@ pub const GUIDE_COUNTERS: [(&str, &str); 5] = [
     (SESSION_HIJACK_DETECTED, "Sessions ended by hijack detection (ValidateSession or DetectHijacking)"),
 ];
 
-/// Sessions active now (sampled from the store every [`ACTIVE_SAMPLE_INTERVAL`]).
+/// Sessions active now (sampled from the store every 15 s by `telemetry::prometheus`).
 pub const SESSIONS_ACTIVE: &str = "sessions_active";
 /// Revocation events this replica appended, by `kind` (revoked, terminated, evicted, hijack,
 /// refresh_failed).

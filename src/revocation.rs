@@ -175,7 +175,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::session::{SessionEvent, SessionManager, SessionRecord, SessionRef, SessionState};
-use crate::store::{EndOutcome, RevocationQuery};
+use crate::store::{DynRevocationLog, EndOutcome, RevocationQuery};
 
 pub mod feed;
 pub mod upstream;
@@ -317,6 +317,7 @@ pub struct RevocationList {
 #[derive(Debug, Clone)]
 pub struct Revocations {
     sessions: SessionManager,
+    log: DynRevocationLog,
     feed: RevocationFeed,
     settings: RevocationSettings,
     queue: Option<UpstreamQueue>,
@@ -326,7 +327,7 @@ impl Revocations {
     /// Revocation for `sessions`, with a feed (not yet running: see [`RevocationFeed::run`]).
     pub fn new(sessions: SessionManager, settings: RevocationSettings) -> Revocations {
         let feed = RevocationFeed::new(&sessions, &settings);
-        Revocations { sessions, feed, settings, queue: None }
+        Revocations { log: sessions.revocation_log(), sessions, feed, settings, queue: None }
     }
 
     /// Cascades to the provider through `queue` (and its revoker, inline for RevokeSession).
@@ -348,7 +349,7 @@ impl Revocations {
 
     /// The cursor of sequence number `seq` in this store's log.
     pub fn cursor(&self, seq: u64) -> Cursor {
-        Cursor { log_id: self.sessions.store().log_id(), seq }
+        Cursor { log_id: self.log.log_id(), seq }
     }
 
     async fn cascade(&self, session: &SessionRecord) -> UpstreamOutcome {
@@ -385,7 +386,7 @@ impl Revocations {
         };
         match outcome {
             EndOutcome::Ended(record) if record.state == SessionState::Revoked => {
-                let event = self.sessions.store().revocation_entry(&record.session_id, now).await?;
+                let event = self.log.revocation_entry(&record.session_id, now).await?;
                 // Inline, so the caller sees the provider's answer; the event is claimed for
                 // that time so the queue does not call too, and takes over if this fails.
                 let claim = match (&self.queue, &event) {
@@ -403,7 +404,7 @@ impl Revocations {
                 Ok(Revoked { session: record, event, already_ended: false, upstream })
             }
             EndOutcome::Ended(record) | EndOutcome::AlreadyEnded(record) => {
-                let event = self.sessions.store().revocation_entry(&record.session_id, now).await?;
+                let event = self.log.revocation_entry(&record.session_id, now).await?;
                 Ok(Revoked { session: record, event, already_ended: true, upstream: UpstreamOutcome::Skipped })
             }
             EndOutcome::NotFound => Err(Error::NotFound("no such session".into())),
@@ -452,7 +453,7 @@ impl Revocations {
 
     /// The live revocation-list entry of a session, if it is on the list.
     pub async fn is_revoked(&self, session_id: &str) -> Result<Option<RevocationEvent>> {
-        self.sessions.store().revocation_entry(session_id, self.sessions.now()).await
+        self.log.revocation_entry(session_id, self.sessions.now()).await
     }
 
     /// The live revocation-list entry of the session that holds (or held before its last
@@ -482,11 +483,8 @@ impl Revocations {
         };
         let page_size = page_size.max(1);
         let now = self.sessions.now();
-        let page = self
-            .sessions
-            .store()
-            .list_revocations(RevocationQuery { user_id, after, through, limit: page_size + 1, now })
-            .await?;
+        let page =
+            self.log.list_revocations(RevocationQuery { user_id, after, through, limit: page_size + 1, now }).await?;
         let snapshot = through.unwrap_or(page.position.head);
         let mut entries = page.entries;
         let next_page_token =
@@ -501,7 +499,7 @@ impl Revocations {
         let now = self.sessions.now();
         let mut total = 0;
         loop {
-            let removed = self.sessions.store().purge_revocations(now, 1000).await?;
+            let removed = self.log.purge_revocations(now, 1000).await?;
             total += removed;
             if removed < 1000 {
                 return Ok(total);

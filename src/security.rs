@@ -4,7 +4,7 @@
 //! Pieces, each usable alone:
 //! - [`limiter`]: the pure GCRA-with-backoff function, and [`Limiter`], which applies a named
 //!   rule through a [`RateLimitStore`](crate::store::RateLimitStore) and records denials. It is
-//!   the session manager's [`CreateGuard`] (`session_create`, keyed by user id).
+//!   the session manager's [`CreateGuard`](crate::session::CreateGuard) (`session_create`, keyed by user id).
 //! - [`hijack`]: the rule table and [`hijack::HijackDetector`], the session manager's
 //!   [`HijackScorer`](crate::session::HijackScorer).
 //! - [`events`]: event types, the [`events::Recorder`], and the pure summary and

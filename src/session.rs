@@ -1,5 +1,5 @@
 //! Sessions: the record every backend stores, and [`SessionManager`], which implements the
-//! lifecycle over any [`SessionStore`]: create under the per-user cap, validate (the hot path),
+//! lifecycle over any [`SessionStore`](crate::store::SessionStore): create under the per-user cap, validate (the hot path),
 //! read, list, update, terminate, and the cleanup sweep.
 //!
 //! Rules worth knowing:
@@ -281,6 +281,12 @@ impl SessionManager {
     /// The store.
     pub fn store(&self) -> &DynSessionStore {
         &self.store
+    }
+
+    /// The revocation log the store's ends append to (the same backend object, read through
+    /// [`RevocationLog`](crate::store::RevocationLog) only).
+    pub fn revocation_log(&self) -> crate::store::DynRevocationLog {
+        self.store.clone()
     }
 
     /// The settings.

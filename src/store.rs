@@ -34,6 +34,7 @@
 //! | `end(hash, end)` | active → terminal; a terminal state is never rewritten (`AlreadyEnded`) |
 //! | `take_timed_out(now, limit)` | active sessions past their deadline (the earlier of idle and absolute expiry), for the sweep to end as `EXPIRED`; walks a deadline index entered at creation and not touched by slides (an entry whose session slid is moved to the new deadline when reached), so cost grows with what is due |
 //! | `purge_expired(now, limit)` | deletes records whose `retain_until` passed, with their index entries; walks an expiry index, so cost grows with what expired |
+//! | *[`RevocationLog`], a supertrait of `SessionStore`: the log that `end` and `create` append to* | |
 //! | `log_id()` | the identity of this revocation log (changes whenever sequence numbers restart) |
 //! | `read_revocations(after, limit)` | events with a sequence number above `after`, in order, with the log position (head, highest purged) read in the same step |
 //! | `revocation_entry(session_id, now)` | the session's event while its list entry is live |
@@ -255,7 +256,7 @@ pub struct LogPosition {
     pub trimmed_through: u64,
 }
 
-/// What [`SessionStore::read_revocations`] read.
+/// What [`RevocationLog::read_revocations`] read.
 #[derive(Debug, Clone, Default)]
 pub struct LogRead {
     /// Events after the requested sequence number, in order, without gaps.
@@ -264,7 +265,7 @@ pub struct LogRead {
     pub position: LogPosition,
 }
 
-/// What [`SessionStore::list_revocations`] read.
+/// What [`RevocationLog::list_revocations`] read.
 #[derive(Debug, Clone, Default)]
 pub struct RevocationPage {
     /// Live entries, in sequence order.
@@ -315,9 +316,53 @@ pub struct Touch {
     pub ip_address: Option<String>,
 }
 
-/// Sessions, their per-user index and their expiry index.
+/// The revocation log and list that [`SessionStore::end`] and [`SessionStore::create`] append to,
+/// read on its own: the feed, the list and the purge need only this.
 #[async_trait]
-pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
+pub trait RevocationLog: Send + Sync + std::fmt::Debug + 'static {
+    /// Identity of this revocation log. Cursors carry it, so a cursor from another log (a
+    /// memory store of an earlier process, another database) is recognised instead of being
+    /// misread as a position in this one. It must change whenever sequence numbers restart.
+    /// Owned, because a shared backend learns it from the database (every replica of one
+    /// database must report the same id) and may see it change when the database is reset.
+    fn log_id(&self) -> String;
+
+    /// Up to `limit` log events with a sequence number above `after`, in order, and the log's
+    /// position read atomically with them (`limit` 0 reads only the position). Events whose
+    /// list entry expired but that are not purged yet are still returned: the log has no gaps.
+    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead>;
+
+    /// Gives the log a new id if its id is still `seen`. The feed calls it when it saw the log
+    /// go backwards under the same id (a failover that lost the tail), so that every cursor of
+    /// the old numbering is void instead of naming other events. A backend whose log cannot go
+    /// backwards keeps this default, which does nothing.
+    async fn renew_log_id(&self, seen: &str) -> Result<()> {
+        let _ = seen;
+        Ok(())
+    }
+
+    /// The live revocation-list entry of a session: its event, if it has one whose
+    /// `expires_at` is after `now`.
+    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>>;
+
+    /// The live entries `query` asks for, in sequence order, with the position read atomically
+    /// with them. Cost grows with the page (and, with a user, with that user's entries), not
+    /// with the whole list.
+    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage>;
+
+    /// Deletes up to `limit` events whose `expires_at` is at or before `now`, with their index
+    /// entries, and raises `trimmed_through` accordingly. Returns how many were deleted. Walks an
+    /// expiry index, so cost grows with what expired.
+    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize>;
+}
+
+/// A shared handle to a revocation log.
+pub type DynRevocationLog = Arc<dyn RevocationLog>;
+
+/// Sessions, their per-user index and their expiry index. Every session store is also the
+/// [`RevocationLog`] of the ends it makes: `create` and `end` append to it in their atomic step.
+#[async_trait]
+pub trait SessionStore: RevocationLog + Send + Sync + std::fmt::Debug + 'static {
     /// Atomically: counts the user's sessions that are active at `now`, ends the oldest of them
     /// (by creation time) as `Terminated` with `eviction.reason` until fewer than `cap` remain,
     /// appending one revocation event per evicted session when `eviction.kind` is set (it is
@@ -368,41 +413,6 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// index entries. Returns how many were deleted. Cost grows with what expired, not with all
     /// sessions.
     async fn purge_expired(&self, now: Millis, limit: usize) -> Result<usize>;
-
-    /// Identity of this revocation log. Cursors carry it, so a cursor from another log (a
-    /// memory store of an earlier process, another database) is recognised instead of being
-    /// misread as a position in this one. It must change whenever sequence numbers restart.
-    /// Owned, because a shared backend learns it from the database (every replica of one
-    /// database must report the same id) and may see it change when the database is reset.
-    fn log_id(&self) -> String;
-
-    /// Up to `limit` log events with a sequence number above `after`, in order, and the log's
-    /// position read atomically with them (`limit` 0 reads only the position). Events whose
-    /// list entry expired but that are not purged yet are still returned: the log has no gaps.
-    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead>;
-
-    /// Gives the log a new id if its id is still `seen`. The feed calls it when it saw the log
-    /// go backwards under the same id (a failover that lost the tail), so that every cursor of
-    /// the old numbering is void instead of naming other events. A backend whose log cannot go
-    /// backwards keeps this default, which does nothing.
-    async fn renew_log_id(&self, seen: &str) -> Result<()> {
-        let _ = seen;
-        Ok(())
-    }
-
-    /// The live revocation-list entry of a session: its event, if it has one whose
-    /// `expires_at` is after `now`.
-    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>>;
-
-    /// The live entries `query` asks for, in sequence order, with the position read atomically
-    /// with them. Cost grows with the page (and, with a user, with that user's entries), not
-    /// with the whole list.
-    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage>;
-
-    /// Deletes up to `limit` events whose `expires_at` is at or before `now`, with their index
-    /// entries, and raises `trimmed_through` accordingly. Returns how many were deleted. Walks an
-    /// expiry index, so cost grows with what expired.
-    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize>;
 
     /// Number of stored sessions (all states), for metrics and benchmarks.
     async fn count(&self) -> Result<u64>;

@@ -11,7 +11,7 @@
 //! `OTEL_TRACES_SAMPLER` and the batch settings `OTEL_BSP_*`. Only the `grpc` protocol is built in.
 //!
 //! Spans are exported from the SDK's batch thread, which has no Tokio runtime, while the tonic
-//! exporter needs one; [`OnRuntime`] runs each export on the server's runtime instead.
+//! exporter needs one; `OnRuntime` runs each export on the server's runtime instead.
 //! [`Telemetry::shutdown`] flushes what is buffered and must be called once the server stopped.
 
 pub mod prometheus;

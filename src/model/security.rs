@@ -121,7 +121,7 @@ pub const SUSPICIOUS_RISK: f64 = 0.5;
 /// One entry of the security event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecurityEvent {
-    /// `evt_` and 32 hex digits (see [`Recorder`]); unique, and ordered within a millisecond.
+    /// `evt_` and 32 hex digits (see [`Recorder`](crate::security::events::Recorder)); unique, and ordered within a millisecond.
     pub event_id: String,
     /// What happened.
     pub event_type: EventType,

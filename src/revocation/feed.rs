@@ -39,7 +39,7 @@ use crate::clock::Millis;
 use crate::error::{Error, Result};
 use crate::revocation::{Cursor, RevocationEvent, RevocationSettings};
 use crate::session::SessionManager;
-use crate::store::DynSessionStore;
+use crate::store::DynRevocationLog;
 
 /// Events read from the log per store call, by the tailer and by catching-up watchers.
 const BATCH: usize = 512;
@@ -72,6 +72,7 @@ pub enum WatchItem {
 #[derive(Debug, Clone)]
 pub struct RevocationFeed {
     sessions: SessionManager,
+    log: DynRevocationLog,
     live: broadcast::Sender<Arc<RevocationEvent>>,
     wake: Arc<Notify>,
     /// Counts the log resets the tailer saw (a new log id, a head below its position). It is
@@ -90,6 +91,7 @@ impl RevocationFeed {
         let (live, _) = broadcast::channel(settings.watch_buffer.max(1));
         RevocationFeed {
             sessions: sessions.clone(),
+            log: sessions.revocation_log(),
             live,
             wake: sessions.log_signal(),
             resets: Arc::new(watch::Sender::new(0)),
@@ -100,11 +102,11 @@ impl RevocationFeed {
     }
 
     fn cursor(&self, seq: u64) -> Cursor {
-        Cursor { log_id: self.sessions.store().log_id(), seq }
+        Cursor { log_id: self.log.log_id(), seq }
     }
 
     /// Ends every open stream (each ends with [`log_reset`]) and makes the tailer start over.
-    async fn reset(&self, store: &DynSessionStore, log_id: &str, rewound: bool) {
+    async fn reset(&self, store: &DynRevocationLog, log_id: &str, rewound: bool) {
         if rewound {
             // Same id, lower numbers: give the log a new id so old cursors are void everywhere.
             if let Err(e) = store.renew_log_id(log_id).await {
@@ -117,9 +119,9 @@ impl RevocationFeed {
     /// Tails the log and publishes every new event once, until `shutdown`. Store errors are
     /// logged and retried at the next wake-up or poll. A log that was reset (a new id) or went
     /// backwards (its head below the tailer's position) ends every open stream with
-    /// [`log_reset`], and the tailer starts over at the new head.
+    /// `log_reset`, and the tailer starts over at the new head.
     pub async fn run(self, shutdown: CancellationToken) {
-        let store = self.sessions.store().clone();
+        let store = self.log.clone();
         let mut last: Option<(String, u64)> = None;
         loop {
             if last.is_none() {
@@ -199,8 +201,8 @@ impl RevocationFeed {
         let live = self.live.subscribe();
         let resets = self.resets.subscribe();
         let generation = *resets.borrow();
-        let position = self.sessions.store().read_revocations(0, 0).await?.position;
-        let log_id = self.sessions.store().log_id();
+        let position = self.log.read_revocations(0, 0).await?.position;
+        let log_id = self.log.log_id();
         let start = match &request.after {
             None => position.head,
             Some(cursor) => {
@@ -367,11 +369,11 @@ impl Watch {
                 }
             }
             if self.catching_up {
-                let read = match self.feed.sessions.store().read_revocations(self.last, BATCH).await {
+                let read = match self.feed.log.read_revocations(self.last, BATCH).await {
                     Ok(read) => read,
                     Err(e) => return self.end(e),
                 };
-                if self.feed.sessions.store().log_id() != self.log_id || read.position.head < self.last {
+                if self.feed.log.log_id() != self.log_id || read.position.head < self.last {
                     let cursor = self.cursor(self.last);
                     return self.end(log_reset(&cursor));
                 }

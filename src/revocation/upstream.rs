@@ -3,7 +3,7 @@
 //!
 //! The queue is the revocation log itself. A session's end and its `revoked` event are one
 //! atomic step in the store, so the work is stored with the end; a worker walks the log from a
-//! checkpoint ([`TokenStore::checkpoint`], `<log id>.<seq>`), asks the provider for each
+//! checkpoint ([`TokenStore::checkpoint`](crate::store::TokenStore::checkpoint), `<log id>.<seq>`), asks the provider for each
 //! `revoked` event and moves the checkpoint past every event whose work is done. An event whose
 //! provider call failed stays pending (the checkpoint does not pass it) and is tried again with
 //! backoff, also by the next process after a restart: the checkpoint only says "everything up to
@@ -11,7 +11,7 @@
 //! write repeats the call, which RFC 7009 makes harmless (revoking a revoked token is a 200).
 //!
 //! One worker runs per store. On a shared store (Redis) the replicas elect it with a lease
-//! (the token work's [`TokenStore::acquire_lease`] under a reserved id), released on a clean
+//! (the token work's [`TokenStore::acquire_lease`](crate::store::TokenStore::acquire_lease) under a reserved id), released on a clean
 //! shutdown; a local store (embedded, memory) belongs to one process, which runs it.
 //!
 //! RevokeSession still asks the provider inline, so its caller sees the upstream revoked when
@@ -276,7 +276,7 @@ impl UpstreamQueue {
     /// The position of the checkpoint, or the log's head when there is none (a new store, or
     /// one written before the queue existed, whose revocations were cascaded inline).
     async fn load(&self) -> Result<Position> {
-        let store = self.inner.sessions.store();
+        let store = self.inner.sessions.revocation_log();
         let log_id = store.log_id();
         let saved = self.inner.tokens.checkpoint(QUEUE_NAME).await?;
         let from = saved.as_deref().and_then(|text| Cursor::parse("checkpoint", text).ok());
@@ -291,7 +291,7 @@ impl UpstreamQueue {
 
     /// Reads new events into `position.pending`.
     async fn read(&self, position: &mut Position) -> Result<()> {
-        let store = self.inner.sessions.store();
+        let store = self.inner.sessions.revocation_log();
         let log_id = store.log_id();
         if log_id != position.log_id {
             tracing::warn!("the revocation log was reset; the upstream revocation queue starts on the new log");

@@ -5,12 +5,12 @@
 //! therefore atomic; a commit with `Durability::Immediate` is on disk when it returns, so an
 //! acknowledged write survives SIGKILL; and reads run concurrently with the writer without
 //! blocking. SQLite would give the same guarantees through a C library and SQL we do not need.
-//! Operations waiting together share one transaction and one fsync ([`commit`]).
+//! Operations waiting together share one transaction and one fsync (`embedded/commit.rs`).
 //!
 //! Tables: `sessions` (token hash → record JSON), `session_ids` (session id → token hash),
 //! `user_sessions` ((user id, session id) → token hash) and `session_expiry`
 //! ((retain-until millis, token hash) → ()). Idle slides wait in memory (reads see them) and
-//! are written by the next write transaction, at most [`slides::FLUSH_AFTER`] later, many at once
+//! are written by the next write transaction, at most `slides::FLUSH_AFTER` (20 ms) later, many at once
 //! and with `Durability::None` unless that transaction is durable anyway: losing the last slides
 //! in a crash only makes a session expire a little earlier, and a validation costs no write
 //! transaction of its own. Everything else is `Immediate`.
@@ -48,8 +48,9 @@ use crate::model::limiter::{self, Decision, LimiterState, Rule};
 use crate::model::{RefreshLease, RefreshRecord};
 use crate::model::{RevocationEvent, SecurityEvent, SessionRecord};
 use crate::store::{
-    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
-    RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch, type_matches,
+    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationLog,
+    RevocationPage, RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch,
+    type_matches,
 };
 
 mod commit;

@@ -22,8 +22,8 @@ use crate::model::{RefreshLease, RefreshRecord};
 use crate::model::{RevocationEvent, SecurityEvent, SessionRecord};
 use crate::store::{
     CasOutcome, DynRateLimitStore, DynSecurityEventStore, DynSessionStore, DynTokenStore, EndOutcome, EndSession,
-    EventQuery, LeaseOutcome, LogRead, RateLimitStore, RevocationPage, RevocationQuery, SecurityEventStore,
-    SessionStore, Stores, TimedOut, TokenHash, TokenStore, Touch,
+    EventQuery, LeaseOutcome, LogRead, RateLimitStore, RevocationLog, RevocationPage, RevocationQuery,
+    SecurityEventStore, SessionStore, Stores, TimedOut, TokenHash, TokenStore, Touch,
 };
 
 /// Wraps the stores of `stores`, labelling everything with `backend`.
@@ -73,6 +73,33 @@ impl<T> Instrumented<T> {
 }
 
 #[async_trait]
+impl RevocationLog for Instrumented<DynSessionStore> {
+    fn log_id(&self) -> String {
+        self.inner.log_id()
+    }
+
+    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
+        self.observe("read_revocations", self.inner.read_revocations(after, limit)).await
+    }
+
+    async fn renew_log_id(&self, seen: &str) -> Result<()> {
+        self.observe("renew_log_id", self.inner.renew_log_id(seen)).await
+    }
+
+    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
+        self.observe("revocation_entry", self.inner.revocation_entry(session_id, now)).await
+    }
+
+    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
+        self.observe("list_revocations", self.inner.list_revocations(query)).await
+    }
+
+    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
+        self.observe("purge_revocations", self.inner.purge_revocations(now, limit)).await
+    }
+}
+
+#[async_trait]
 impl SessionStore for Instrumented<DynSessionStore> {
     async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>> {
         self.observe("create", self.inner.create(record, cap, eviction)).await
@@ -112,30 +139,6 @@ impl SessionStore for Instrumented<DynSessionStore> {
 
     async fn take_timed_out(&self, now: Millis, limit: usize) -> Result<TimedOut> {
         self.observe("take_timed_out", self.inner.take_timed_out(now, limit)).await
-    }
-
-    fn log_id(&self) -> String {
-        self.inner.log_id()
-    }
-
-    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
-        self.observe("read_revocations", self.inner.read_revocations(after, limit)).await
-    }
-
-    async fn renew_log_id(&self, seen: &str) -> Result<()> {
-        self.observe("renew_log_id", self.inner.renew_log_id(seen)).await
-    }
-
-    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
-        self.observe("revocation_entry", self.inner.revocation_entry(session_id, now)).await
-    }
-
-    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
-        self.observe("list_revocations", self.inner.list_revocations(query)).await
-    }
-
-    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
-        self.observe("purge_revocations", self.inner.purge_revocations(now, limit)).await
     }
 
     async fn count(&self) -> Result<u64> {

@@ -64,8 +64,8 @@ use crate::model::{RefreshLease, RefreshRecord};
 use crate::model::{RevocationEvent, RevocationKind, SecurityEvent, new_log_id};
 use crate::model::{SessionRecord, SessionState, shard_tag};
 use crate::store::{
-    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
-    RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch,
+    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationLog,
+    RevocationPage, RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch,
 };
 
 mod events;
@@ -144,7 +144,7 @@ pub struct KeyspaceStore<T: Transport> {
     transport: T,
     layout: Layout,
     timeout: Duration,
-    /// The log id last read from Redis (see [`SessionStore::log_id`]).
+    /// The log id last read from Redis (see [`RevocationLog::log_id`]).
     log_id: std::sync::RwLock<String>,
     /// When this replica last drained stale outboxes (Redis Cluster).
     last_drain: std::sync::Mutex<Option<std::time::Instant>>,

@@ -15,8 +15,9 @@ use crate::model::limiter::{self, Decision, LimiterState, Rule};
 use crate::model::{RefreshLease, RefreshRecord};
 use crate::model::{RevocationEvent, SecurityEvent, SessionRecord};
 use crate::store::{
-    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationPage,
-    RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch, type_matches,
+    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationLog,
+    RevocationPage, RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch,
+    type_matches,
 };
 
 /// Sessions, the revocation log, rate-limit state and security events in memory.
@@ -321,6 +322,66 @@ impl TokenStore for MemoryStore {
 }
 
 #[async_trait]
+impl RevocationLog for MemoryStore {
+    fn log_id(&self) -> String {
+        self.log_id.clone()
+    }
+
+    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
+        let inner = self.read();
+        let events = inner.log.events.range(after.saturating_add(1)..).take(limit).map(|(_, e)| e.clone()).collect();
+        Ok(LogRead { events, position: inner.log.position() })
+    }
+
+    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
+        let inner = self.read();
+        let log = &inner.log;
+        Ok(log.by_session.get(session_id).and_then(|seq| log.events.get(seq)).filter(|e| e.expires_at > now).cloned())
+    }
+
+    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
+        let RevocationQuery { user_id, after, through, limit, now } = query;
+        let inner = self.read();
+        let log = &inner.log;
+        let through = through.unwrap_or(log.head);
+        let live = |e: &&RevocationEvent| e.expires_at > now;
+        let entries = if after >= through {
+            Vec::new()
+        } else {
+            match user_id {
+                Some(user) => log
+                    .by_user
+                    .range((user.to_owned(), after + 1)..=(user.to_owned(), through))
+                    .filter_map(|(_, seq)| log.events.get(seq))
+                    .filter(live)
+                    .take(limit)
+                    .cloned()
+                    .collect(),
+                None => {
+                    log.events.range(after + 1..=through).map(|(_, e)| e).filter(live).take(limit).cloned().collect()
+                }
+            }
+        };
+        Ok(RevocationPage { entries, position: log.position() })
+    }
+
+    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
+        let mut inner = self.write();
+        let log = &mut inner.log;
+        let due: Vec<(Millis, u64)> = log.expiry.range(..=(now, u64::MAX)).take(limit).copied().collect();
+        for key in &due {
+            log.expiry.remove(key);
+            if let Some(event) = log.events.remove(&key.1) {
+                log.by_session.remove(&event.session_id);
+                log.by_user.remove(&(event.user_id, key.1));
+            }
+            log.trimmed_through = log.trimmed_through.max(key.1);
+        }
+        Ok(due.len())
+    }
+}
+
+#[async_trait]
 impl SessionStore for MemoryStore {
     async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>> {
         let mut inner = self.write();
@@ -443,63 +504,6 @@ impl SessionStore for MemoryStore {
             }
         }
         Ok(found)
-    }
-
-    fn log_id(&self) -> String {
-        self.log_id.clone()
-    }
-
-    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
-        let inner = self.read();
-        let events = inner.log.events.range(after.saturating_add(1)..).take(limit).map(|(_, e)| e.clone()).collect();
-        Ok(LogRead { events, position: inner.log.position() })
-    }
-
-    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
-        let inner = self.read();
-        let log = &inner.log;
-        Ok(log.by_session.get(session_id).and_then(|seq| log.events.get(seq)).filter(|e| e.expires_at > now).cloned())
-    }
-
-    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
-        let RevocationQuery { user_id, after, through, limit, now } = query;
-        let inner = self.read();
-        let log = &inner.log;
-        let through = through.unwrap_or(log.head);
-        let live = |e: &&RevocationEvent| e.expires_at > now;
-        let entries = if after >= through {
-            Vec::new()
-        } else {
-            match user_id {
-                Some(user) => log
-                    .by_user
-                    .range((user.to_owned(), after + 1)..=(user.to_owned(), through))
-                    .filter_map(|(_, seq)| log.events.get(seq))
-                    .filter(live)
-                    .take(limit)
-                    .cloned()
-                    .collect(),
-                None => {
-                    log.events.range(after + 1..=through).map(|(_, e)| e).filter(live).take(limit).cloned().collect()
-                }
-            }
-        };
-        Ok(RevocationPage { entries, position: log.position() })
-    }
-
-    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
-        let mut inner = self.write();
-        let log = &mut inner.log;
-        let due: Vec<(Millis, u64)> = log.expiry.range(..=(now, u64::MAX)).take(limit).copied().collect();
-        for key in &due {
-            log.expiry.remove(key);
-            if let Some(event) = log.events.remove(&key.1) {
-                log.by_session.remove(&event.session_id);
-                log.by_user.remove(&(event.user_id, key.1));
-            }
-            log.trimmed_through = log.trimmed_through.max(key.1);
-        }
-        Ok(due.len())
     }
 
     async fn count(&self) -> Result<u64> {

@@ -8,7 +8,7 @@
 //! comma-separated nodes, or `redis+cluster://h1:p1,h2:p2`): the crate's cluster client, with
 //! its own retries off (they would re-send a script whose reply was lost); the transport
 //! follows slot moves by sending again only what the cluster refused without running
-//! ([`RedisTransport::run`]). Every per-user script touches one slot thanks to the `{tag}` hash
+//! (`RedisTransport::run`). Every per-user script touches one slot thanks to the `{tag}` hash
 //! tag.
 //!
 //! Errors: a connection failure, a timeout or a server that says it is not ready (LOADING,

@@ -1237,7 +1237,7 @@ async fn the_embedded_log_survives_a_reopen_with_its_cursors() {
     // A fresh database is another log: the old cursors are foreign to it.
     let other = tempfile::tempdir().unwrap();
     let fresh = session_authority::store::embedded::EmbeddedStore::open(other.path()).unwrap();
-    assert_ne!(session_authority::store::SessionStore::log_id(&fresh), log_id);
+    assert_ne!(session_authority::store::RevocationLog::log_id(&fresh), log_id);
 }
 
 /// The per-rule key bound of the backends that hold limiter state themselves (memory,

@@ -121,6 +121,113 @@ pub(super) fn user_records(tx: &WriteTransaction, user_id: &str) -> Result<Vec<S
 }
 
 #[async_trait]
+impl RevocationLog for EmbeddedStore {
+    fn log_id(&self) -> String {
+        self.log_id.to_string()
+    }
+
+    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
+        let (tx, position) = self.position()?;
+        let log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
+        let mut events = Vec::new();
+        if limit > 0 {
+            for entry in log.range(after.saturating_add(1)..).map_err(unavailable)?.take(limit) {
+                let (_, bytes) = entry.map_err(unavailable)?;
+                events.push(parse_event(bytes.value())?);
+            }
+        }
+        Ok(LogRead { events, position })
+    }
+
+    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        let by_session = tx.open_table(REVOCATION_SESSIONS).map_err(unavailable)?;
+        let Some(seq) = by_session.get(session_id).map_err(unavailable)?.map(|v| v.value()) else { return Ok(None) };
+        let log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
+        let event = match log.get(seq).map_err(unavailable)? {
+            Some(bytes) => parse_event(bytes.value())?,
+            None => return Ok(None),
+        };
+        Ok(Some(event).filter(|e| e.expires_at > now))
+    }
+
+    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
+        let RevocationQuery { user_id, after, through, limit, now } = query;
+        let (tx, position) = self.position()?;
+        let through = through.unwrap_or(position.head);
+        let log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
+        let mut entries = Vec::new();
+        if after >= through {
+            return Ok(RevocationPage { entries, position });
+        }
+        let mut keep = |bytes: &[u8]| -> Result<bool> {
+            let event = parse_event(bytes)?;
+            if event.expires_at > now {
+                entries.push(event);
+            }
+            Ok(entries.len() < limit)
+        };
+        match user_id {
+            Some(user) => {
+                let users = tx.open_table(REVOCATION_USERS).map_err(unavailable)?;
+                for entry in users.range((user, after + 1)..=(user, through)).map_err(unavailable)? {
+                    let (key, _) = entry.map_err(unavailable)?;
+                    let Some(bytes) = log.get(key.value().1).map_err(unavailable)? else { continue };
+                    if !keep(bytes.value())? {
+                        break;
+                    }
+                }
+            }
+            None => {
+                for entry in log.range(after + 1..=through).map_err(unavailable)? {
+                    let (_, bytes) = entry.map_err(unavailable)?;
+                    if !keep(bytes.value())? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(RevocationPage { entries, position })
+    }
+
+    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
+        self.write(Durability::Immediate, move |tx| {
+            let due: Vec<(u64, u64)> = {
+                let expiry = tx.open_table(REVOCATION_EXPIRY).map_err(unavailable)?;
+                let mut due = Vec::new();
+                for entry in expiry.range(..=(at(now), u64::MAX)).map_err(unavailable)?.take(limit) {
+                    let (key, _) = entry.map_err(unavailable)?;
+                    due.push(key.value());
+                }
+                due
+            };
+            if due.is_empty() {
+                return Ok(0);
+            }
+            let mut trimmed = meta_u64(&tx.open_table(REVOCATION_META).map_err(unavailable)?, META_TRIMMED)?;
+            let mut expiry = tx.open_table(REVOCATION_EXPIRY).map_err(unavailable)?;
+            let mut log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
+            let mut by_session = tx.open_table(REVOCATION_SESSIONS).map_err(unavailable)?;
+            let mut by_user = tx.open_table(REVOCATION_USERS).map_err(unavailable)?;
+            for (until, seq) in &due {
+                expiry.remove((*until, *seq)).map_err(unavailable)?;
+                let removed = log.remove(*seq).map_err(unavailable)?;
+                if let Some(bytes) = removed {
+                    let event = parse_event(bytes.value())?;
+                    by_session.remove(event.session_id.as_str()).map_err(unavailable)?;
+                    by_user.remove((event.user_id.as_str(), *seq)).map_err(unavailable)?;
+                }
+                trimmed = trimmed.max(*seq);
+            }
+            drop((expiry, log, by_session, by_user));
+            set_meta_u64(tx, META_TRIMMED, trimmed)?;
+            Ok(due.len())
+        })
+        .await
+    }
+}
+
+#[async_trait]
 impl SessionStore for EmbeddedStore {
     async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>> {
         self.write(Durability::Immediate, move |tx| {
@@ -318,110 +425,6 @@ impl SessionStore for EmbeddedStore {
                 }
             }
             Ok(found)
-        })
-        .await
-    }
-
-    fn log_id(&self) -> String {
-        self.log_id.to_string()
-    }
-
-    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
-        let (tx, position) = self.position()?;
-        let log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
-        let mut events = Vec::new();
-        if limit > 0 {
-            for entry in log.range(after.saturating_add(1)..).map_err(unavailable)?.take(limit) {
-                let (_, bytes) = entry.map_err(unavailable)?;
-                events.push(parse_event(bytes.value())?);
-            }
-        }
-        Ok(LogRead { events, position })
-    }
-
-    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
-        let tx = self.db.begin_read().map_err(unavailable)?;
-        let by_session = tx.open_table(REVOCATION_SESSIONS).map_err(unavailable)?;
-        let Some(seq) = by_session.get(session_id).map_err(unavailable)?.map(|v| v.value()) else { return Ok(None) };
-        let log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
-        let event = match log.get(seq).map_err(unavailable)? {
-            Some(bytes) => parse_event(bytes.value())?,
-            None => return Ok(None),
-        };
-        Ok(Some(event).filter(|e| e.expires_at > now))
-    }
-
-    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
-        let RevocationQuery { user_id, after, through, limit, now } = query;
-        let (tx, position) = self.position()?;
-        let through = through.unwrap_or(position.head);
-        let log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
-        let mut entries = Vec::new();
-        if after >= through {
-            return Ok(RevocationPage { entries, position });
-        }
-        let mut keep = |bytes: &[u8]| -> Result<bool> {
-            let event = parse_event(bytes)?;
-            if event.expires_at > now {
-                entries.push(event);
-            }
-            Ok(entries.len() < limit)
-        };
-        match user_id {
-            Some(user) => {
-                let users = tx.open_table(REVOCATION_USERS).map_err(unavailable)?;
-                for entry in users.range((user, after + 1)..=(user, through)).map_err(unavailable)? {
-                    let (key, _) = entry.map_err(unavailable)?;
-                    let Some(bytes) = log.get(key.value().1).map_err(unavailable)? else { continue };
-                    if !keep(bytes.value())? {
-                        break;
-                    }
-                }
-            }
-            None => {
-                for entry in log.range(after + 1..=through).map_err(unavailable)? {
-                    let (_, bytes) = entry.map_err(unavailable)?;
-                    if !keep(bytes.value())? {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(RevocationPage { entries, position })
-    }
-
-    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
-        self.write(Durability::Immediate, move |tx| {
-            let due: Vec<(u64, u64)> = {
-                let expiry = tx.open_table(REVOCATION_EXPIRY).map_err(unavailable)?;
-                let mut due = Vec::new();
-                for entry in expiry.range(..=(at(now), u64::MAX)).map_err(unavailable)?.take(limit) {
-                    let (key, _) = entry.map_err(unavailable)?;
-                    due.push(key.value());
-                }
-                due
-            };
-            if due.is_empty() {
-                return Ok(0);
-            }
-            let mut trimmed = meta_u64(&tx.open_table(REVOCATION_META).map_err(unavailable)?, META_TRIMMED)?;
-            let mut expiry = tx.open_table(REVOCATION_EXPIRY).map_err(unavailable)?;
-            let mut log = tx.open_table(REVOCATION_LOG).map_err(unavailable)?;
-            let mut by_session = tx.open_table(REVOCATION_SESSIONS).map_err(unavailable)?;
-            let mut by_user = tx.open_table(REVOCATION_USERS).map_err(unavailable)?;
-            for (until, seq) in &due {
-                expiry.remove((*until, *seq)).map_err(unavailable)?;
-                let removed = log.remove(*seq).map_err(unavailable)?;
-                if let Some(bytes) = removed {
-                    let event = parse_event(bytes.value())?;
-                    by_session.remove(event.session_id.as_str()).map_err(unavailable)?;
-                    by_user.remove((event.user_id.as_str(), *seq)).map_err(unavailable)?;
-                }
-                trimmed = trimmed.max(*seq);
-            }
-            drop((expiry, log, by_session, by_user));
-            set_meta_u64(tx, META_TRIMMED, trimmed)?;
-            Ok(due.len())
         })
         .await
     }

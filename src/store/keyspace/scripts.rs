@@ -60,7 +60,7 @@ pub(super) const DRAIN: &str = concat!(lua_sink!(), include_str!("lua/drain.lua"
 /// read (`<after + 1>-0`), limit. Returns {log id, head, trimmed, XRANGE entries}.
 pub(super) const READ_LOG: &str = include_str!("lua/read_log.lua");
 
-/// A new log id if the id is still the one seen (see [`SessionStore::renew_log_id`]).
+/// A new log id if the id is still the one seen (see [`RevocationLog::renew_log_id`]).
 /// KEYS: meta. ARGV: the id seen, a fresh log id. Returns the id now.
 pub(super) const RENEW_LOG_ID: &str = include_str!("lua/renew_log_id.lua");
 
@@ -152,15 +152,15 @@ pub struct Scripts {
     pub purge: Lua,
     /// Outbox entries into the log (Redis Cluster).
     pub drain: Lua,
-    /// [`SessionStore::read_revocations`].
+    /// [`RevocationLog::read_revocations`].
     pub read_log: Lua,
-    /// [`SessionStore::list_revocations`].
+    /// [`RevocationLog::list_revocations`].
     pub list_log: Lua,
-    /// [`SessionStore::revocation_entry`].
+    /// [`RevocationLog::revocation_entry`].
     pub log_entry: Lua,
-    /// [`SessionStore::purge_revocations`].
+    /// [`RevocationLog::purge_revocations`].
     pub purge_log: Lua,
-    /// [`SessionStore::renew_log_id`].
+    /// [`RevocationLog::renew_log_id`].
     pub renew_log_id: Lua,
     /// Forgets a drained outbox tag.
     pub forget_dirty: Lua,

@@ -3,6 +3,89 @@
 use super::*;
 
 #[async_trait]
+impl<T: Transport> RevocationLog for KeyspaceStore<T> {
+    fn log_id(&self) -> String {
+        self.log_id.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
+        self.bounded("read_revocations", async {
+            if let Err(e) = self.drain_stale().await {
+                tracing::warn!(error = %e, "stale revocation outboxes not drained; will retry");
+            }
+            let keys = vec![self.layout.log("meta"), self.layout.log("stream")];
+            let args = vec![new_log_id(), format!("{}-0", after.saturating_add(1)), limit.to_string()];
+            let mut reply = items(self.transport.eval(&SCRIPTS.read_log, keys, args, true).await?)?;
+            let position = self.position(&reply)?;
+            let entries = reply.pop().ok_or_else(|| malformed("log reply"))?;
+            let events = items(entries)?.into_iter().map(log_event).collect::<Result<Vec<_>>>()?;
+            Ok(LogRead { events, position })
+        })
+        .await
+    }
+
+    async fn renew_log_id(&self, seen: &str) -> Result<()> {
+        self.bounded("renew_log_id", async {
+            let keys = vec![self.layout.log("meta")];
+            let reply =
+                self.transport.eval(&SCRIPTS.renew_log_id, keys, vec![seen.to_owned(), new_log_id()], false).await?;
+            self.remember_log_id(&reply)
+        })
+        .await
+    }
+
+    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
+        self.bounded("revocation_entry", async {
+            let keys = vec![self.layout.log("meta"), self.layout.log("sess"), self.layout.log("stream")];
+            let args = vec![new_log_id(), session_id.to_owned()];
+            let mut reply = items(self.transport.eval(&SCRIPTS.log_entry, keys, args, true).await?)?.into_iter();
+            let (Some(id), Some(entries)) = (reply.next(), reply.next()) else {
+                return Err(malformed("log entry reply"));
+            };
+            self.remember_log_id(&id)?;
+            match items(entries)?.into_iter().next() {
+                Some(entry) => Ok(Some(log_event(entry)?).filter(|e| e.expires_at > now)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
+        let RevocationQuery { user_id, after, through, limit, now } = query;
+        self.bounded("list_revocations", async {
+            let stream = self.layout.log("stream");
+            let index = user_id.map_or_else(|| stream.clone(), |user| self.layout.log(&format!("u:{user}")));
+            let keys = vec![self.layout.log("meta"), stream, index];
+            let args = vec![
+                new_log_id(),
+                after.to_string(),
+                through.map(|t| t.to_string()).unwrap_or_default(),
+                limit.to_string(),
+                now.to_string(),
+                if user_id.is_some() { "1" } else { "0" }.into(),
+                format!("{}-0", after.saturating_add(1)),
+            ];
+            let mut reply = items(self.transport.eval(&SCRIPTS.list_log, keys, args, true).await?)?;
+            let position = self.position(&reply)?;
+            let entries = reply.pop().ok_or_else(|| malformed("list reply"))?;
+            let entries = items(entries)?.into_iter().map(log_event).collect::<Result<Vec<_>>>()?;
+            Ok(RevocationPage { entries, position })
+        })
+        .await
+    }
+
+    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
+        self.bounded("purge_revocations", async {
+            let args = vec![now.to_string(), limit.to_string(), self.layout.log("u:")];
+            let n = integer(&self.transport.eval(&SCRIPTS.purge_log, self.log_keys(), args, false).await?)?;
+            Ok(usize::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+}
+
+#[async_trait]
 impl<T: Transport> SessionStore for KeyspaceStore<T> {
     async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>> {
         let tag = hash_tag(&record.token_hash);
@@ -243,86 +326,6 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
                 found.sessions.extend(record?);
             }
             Ok(found)
-        })
-        .await
-    }
-
-    fn log_id(&self) -> String {
-        self.log_id.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    async fn read_revocations(&self, after: u64, limit: usize) -> Result<LogRead> {
-        self.bounded("read_revocations", async {
-            if let Err(e) = self.drain_stale().await {
-                tracing::warn!(error = %e, "stale revocation outboxes not drained; will retry");
-            }
-            let keys = vec![self.layout.log("meta"), self.layout.log("stream")];
-            let args = vec![new_log_id(), format!("{}-0", after.saturating_add(1)), limit.to_string()];
-            let mut reply = items(self.transport.eval(&SCRIPTS.read_log, keys, args, true).await?)?;
-            let position = self.position(&reply)?;
-            let entries = reply.pop().ok_or_else(|| malformed("log reply"))?;
-            let events = items(entries)?.into_iter().map(log_event).collect::<Result<Vec<_>>>()?;
-            Ok(LogRead { events, position })
-        })
-        .await
-    }
-
-    async fn renew_log_id(&self, seen: &str) -> Result<()> {
-        self.bounded("renew_log_id", async {
-            let keys = vec![self.layout.log("meta")];
-            let reply =
-                self.transport.eval(&SCRIPTS.renew_log_id, keys, vec![seen.to_owned(), new_log_id()], false).await?;
-            self.remember_log_id(&reply)
-        })
-        .await
-    }
-
-    async fn revocation_entry(&self, session_id: &str, now: Millis) -> Result<Option<RevocationEvent>> {
-        self.bounded("revocation_entry", async {
-            let keys = vec![self.layout.log("meta"), self.layout.log("sess"), self.layout.log("stream")];
-            let args = vec![new_log_id(), session_id.to_owned()];
-            let mut reply = items(self.transport.eval(&SCRIPTS.log_entry, keys, args, true).await?)?.into_iter();
-            let (Some(id), Some(entries)) = (reply.next(), reply.next()) else {
-                return Err(malformed("log entry reply"));
-            };
-            self.remember_log_id(&id)?;
-            match items(entries)?.into_iter().next() {
-                Some(entry) => Ok(Some(log_event(entry)?).filter(|e| e.expires_at > now)),
-                None => Ok(None),
-            }
-        })
-        .await
-    }
-
-    async fn list_revocations(&self, query: RevocationQuery<'_>) -> Result<RevocationPage> {
-        let RevocationQuery { user_id, after, through, limit, now } = query;
-        self.bounded("list_revocations", async {
-            let stream = self.layout.log("stream");
-            let index = user_id.map_or_else(|| stream.clone(), |user| self.layout.log(&format!("u:{user}")));
-            let keys = vec![self.layout.log("meta"), stream, index];
-            let args = vec![
-                new_log_id(),
-                after.to_string(),
-                through.map(|t| t.to_string()).unwrap_or_default(),
-                limit.to_string(),
-                now.to_string(),
-                if user_id.is_some() { "1" } else { "0" }.into(),
-                format!("{}-0", after.saturating_add(1)),
-            ];
-            let mut reply = items(self.transport.eval(&SCRIPTS.list_log, keys, args, true).await?)?;
-            let position = self.position(&reply)?;
-            let entries = reply.pop().ok_or_else(|| malformed("list reply"))?;
-            let entries = items(entries)?.into_iter().map(log_event).collect::<Result<Vec<_>>>()?;
-            Ok(RevocationPage { entries, position })
-        })
-        .await
-    }
-
-    async fn purge_revocations(&self, now: Millis, limit: usize) -> Result<usize> {
-        self.bounded("purge_revocations", async {
-            let args = vec![now.to_string(), limit.to_string(), self.layout.log("u:")];
-            let n = integer(&self.transport.eval(&SCRIPTS.purge_log, self.log_keys(), args, false).await?)?;
-            Ok(usize::try_from(n).unwrap_or(0))
         })
         .await
     }

@@ -7,7 +7,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY src ./src
-RUN cargo build --release --locked --bin session-authority
+# Without the default bench-seed feature: no benchmark seeding commands in the image.
+RUN cargo build --release --locked --no-default-features --bin session-authority
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \

@@ -38,6 +38,8 @@ pub mod model;
 pub mod paging;
 pub mod revocation;
 pub mod security;
+#[cfg(feature = "bench-seed")]
+pub mod seeding;
 pub mod session;
 pub mod sidecar;
 pub mod store;

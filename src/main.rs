@@ -41,6 +41,7 @@ enum Command {
     /// Offline: write COUNT sessions straight into the embedded store of DATA_DIR (the server
     /// must not be running) and their session tokens to FILE, for benchmarks. Never use this on
     /// production data: the tokens file holds bearer secrets.
+    #[cfg(feature = "bench-seed")]
     Seed {
         /// Data directory of the embedded store.
         #[arg(long, default_value = "./data")]
@@ -126,9 +127,11 @@ struct ServeArgs {
     log_format: Option<String>,
     /// Benchmarks only, memory storage only: store N sessions (one user each) in process before
     /// serving and write their tokens to --seed-tokens-out. That file holds bearer secrets.
+    #[cfg(feature = "bench-seed")]
     #[arg(long, hide = true, requires = "seed_tokens_out")]
     seed_sessions: Option<usize>,
     /// Where --seed-sessions writes the tokens, one per line.
+    #[cfg(feature = "bench-seed")]
     #[arg(long, hide = true, requires = "seed_sessions")]
     seed_tokens_out: Option<std::path::PathBuf>,
 }
@@ -170,6 +173,7 @@ async fn shutdown_signal() {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let flags = args.flags();
     let config = Config::load(&flags, &|name| std::env::var(name).ok())?;
+    #[cfg(feature = "bench-seed")]
     if args.seed_sessions.is_some() && config.storage.kind != session_authority::config::StorageKind::Memory {
         anyhow::bail!(
             "--seed-sessions works only with memory storage; seed the embedded store with `session-authority seed`"
@@ -178,8 +182,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let telemetry = session_authority::telemetry::init(config.log_format, &|name| std::env::var(name).ok())?;
     let result = async {
         let app = App::build(config).await?;
+        #[cfg(feature = "bench-seed")]
         if let (Some(count), Some(out)) = (args.seed_sessions, &args.seed_tokens_out) {
-            seed_in_process(app.sessions(), count, out)
+            session_authority::seeding::seed_in_process(app.sessions(), count, out)
                 .await
                 .map_err(|e| session_authority::config::ConfigError(format!("--seed-sessions: {e:#}")))?;
         }
@@ -190,79 +195,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Flush the spans still buffered (the exports run on this runtime, so not on its threads).
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     Ok(result?)
-}
-
-/// Stores `count` sessions through the running app's manager and writes their tokens to `out`.
-async fn seed_in_process(
-    sessions: &session_authority::session::SessionManager,
-    count: usize,
-    out: &std::path::Path,
-) -> anyhow::Result<()> {
-    use secrecy::{ExposeSecret as _, SecretString};
-    let started = std::time::Instant::now();
-    let rss = || session_authority::metrics::rss_bytes(std::process::id());
-    let rss_before = rss();
-    let mut file = std::io::BufWriter::new(std::fs::File::create(out)?);
-    let run = std::process::id();
-    // One worker per core takes chunks of indexes; the tokens file is in no particular order.
-    const CHUNK: usize = 10_000;
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<String>>(4);
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    for _ in 0..workers {
-        let (sessions, next, tx) = (sessions.clone(), next.clone(), tx.clone());
-        tokio::spawn(async move {
-            loop {
-                let start = next.fetch_add(CHUNK, std::sync::atomic::Ordering::Relaxed);
-                if start >= count {
-                    return;
-                }
-                let mut lines = String::with_capacity(CHUNK * 48);
-                for n in start..(start + CHUNK).min(count) {
-                    let seeded = sessions
-                        .seed(session_authority::session::NewSession {
-                            user_id: format!("seed-{run}-{n}"),
-                            access_token: SecretString::from("bench-access-token".to_string()),
-                            refresh_token: Some(SecretString::from("bench-refresh-token".to_string())),
-                            expires_in: Some(Duration::from_secs(3600)),
-                            ip_address: Some(std::net::IpAddr::from([203, 0, 113, 9])),
-                            user_agent: Some("loadgen".into()),
-                            ..Default::default()
-                        })
-                        .await;
-                    match seeded {
-                        Ok(token) => {
-                            lines.push_str(token.expose_secret());
-                            lines.push('\n');
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e.into())).await;
-                            return;
-                        }
-                    }
-                }
-                if tx.send(Ok(lines)).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    drop(tx);
-    while let Some(lines) = rx.recv().await {
-        file.write_all(lines?.as_bytes())?;
-    }
-    file.flush()?;
-    let rss_after = rss();
-    let bytes_per_session = rss_before.zip(rss_after).map(|(b, a)| a.saturating_sub(b) / count.max(1) as u64);
-    tracing::info!(
-        sessions = count,
-        seconds = started.elapsed().as_secs_f64(),
-        rss_before,
-        rss_after,
-        bytes_per_session,
-        "seeded sessions in process"
-    );
-    Ok(())
 }
 
 /// Rotates API keys without a restart: on SIGHUP the configuration (its file, above all) is read
@@ -303,51 +235,6 @@ async fn health(target: String, service: String) -> anyhow::Result<()> {
     let status = ServingStatus::try_from(response.status).unwrap_or(ServingStatus::Unknown);
     println!("{}", status.as_str_name());
     anyhow::ensure!(status == ServingStatus::Serving, "{target} is {}", status.as_str_name());
-    Ok(())
-}
-
-fn seed(data_dir: String, count: usize, tokens_out: std::path::PathBuf) -> anyhow::Result<()> {
-    use secrecy::{ExposeSecret as _, SecretString};
-    use session_authority::session::{NewSession, SessionManager, SessionSettings};
-    use session_authority::store::embedded::EmbeddedStore;
-    use std::io::Write as _;
-    use std::sync::Arc;
-
-    // Key generation warns through the log.
-    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
-    let flags: Flags =
-        [("data_dir".to_string(), data_dir.clone()), ("storage".to_string(), "embedded".to_string())].into();
-    let config = Config::load(&flags, &|name| std::env::var(name).ok())?;
-    let secrets = session_authority::bootstrap::prepare(&config)?;
-    let store = Arc::new(EmbeddedStore::open(std::path::Path::new(&data_dir))?);
-    let manager = SessionManager::new(
-        store.clone(),
-        secrets.key_ring.clone(),
-        Arc::new(session_authority::clock::SystemClock),
-        SessionSettings::from_config(&config),
-    );
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&tokens_out)?);
-    let run = std::process::id();
-    let mut written = 0;
-    while written < count {
-        let batch = (count - written).min(10_000);
-        let mut records = Vec::with_capacity(batch);
-        for n in written..written + batch {
-            let (record, token) = manager.prepare(NewSession {
-                user_id: format!("seed-{run}-{n}"),
-                access_token: SecretString::from("bench-access-token".to_string()),
-                refresh_token: Some(SecretString::from("bench-refresh-token".to_string())),
-                expires_in: Some(std::time::Duration::from_secs(3600)),
-                ..Default::default()
-            });
-            writeln!(out, "{}", token.expose_secret())?;
-            records.push(record);
-        }
-        store.insert_batch(&records)?;
-        written += batch;
-    }
-    out.flush()?;
-    eprintln!("seeded {written} sessions into {data_dir}; tokens in {}", tokens_out.display());
     Ok(())
 }
 
@@ -518,7 +405,10 @@ fn main() -> ExitCode {
             println!("{}", base64::engine::general_purpose::STANDARD.encode(crypto::random_bytes()));
             Ok(())
         }
-        Command::Seed { data_dir, count, tokens_out } => seed(data_dir, count, tokens_out),
+        #[cfg(feature = "bench-seed")]
+        Command::Seed { data_dir, count, tokens_out } => {
+            session_authority::seeding::seed_embedded(data_dir, count, tokens_out)
+        }
         Command::Watch { target, after, user } => {
             match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(runtime) => runtime.block_on(watch(target, after, user)),

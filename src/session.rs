@@ -345,18 +345,8 @@ impl SessionManager {
         Ok(Created { session: record, token, evicted })
     }
 
-    /// Stores a new session directly, without the create rate limit, the security log or
-    /// metrics, and with no per-user cap (so it never evicts): for seeding a benchmark's memory
-    /// store in process.
-    pub async fn seed(&self, new: NewSession) -> Result<SecretString> {
-        let (record, token) = self.prepare(new);
-        let eviction = self.eviction(record.created_at);
-        self.store.create(record, u32::MAX, eviction).await?;
-        Ok(token)
-    }
-
     /// How a create at `at` ends the sessions it evicts over the per-user cap.
-    fn eviction(&self, at: Millis) -> EndSession {
+    pub(crate) fn eviction(&self, at: Millis) -> EndSession {
         EndSession {
             state: SessionState::Terminated,
             reason: EVICTION_REASON.into(),
@@ -367,9 +357,9 @@ impl SessionManager {
         }
     }
 
-    /// Builds the record of a new session and its token, without storing anything (the
-    /// offline seeding tool stores such records in bulk).
-    pub fn prepare(&self, new: NewSession) -> (SessionRecord, SecretString) {
+    /// Builds the record of a new session and its token, without storing anything (`create`
+    /// stores it; the benchmark seeding stores such records in bulk).
+    pub(crate) fn prepare(&self, new: NewSession) -> (SessionRecord, SecretString) {
         let now = self.clock.now();
         let tag = shard_tag(&new.user_id);
         let session_id = new_session_id(&tag);

@@ -241,6 +241,7 @@ impl EmbeddedStore {
 
     /// Inserts new sessions in one transaction, without the per-user cap: for the offline
     /// seeding tool (`session-authority seed`), never for serving.
+    #[cfg(feature = "bench-seed")]
     pub fn insert_batch(&self, records: &[SessionRecord]) -> Result<()> {
         self.write_now(Durability::Immediate, |tx| {
             let mut sessions = tx.open_table(SESSIONS).map_err(unavailable)?;

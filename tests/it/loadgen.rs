@@ -108,6 +108,7 @@ async fn its_counts_match_the_servers_counters() {
 
 /// The benchmark's in-process seeding (`serve --seed-sessions`): every token it writes is a
 /// valid session of the running server, and it is refused on any storage but memory.
+#[cfg(feature = "bench-seed")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_seeding_writes_tokens_that_validate_and_is_refused_off_memory() {
     use session_authority::grpc::pb;

@@ -42,6 +42,8 @@
 //! `main` shuts the provider down after the server stops, which flushes buffered spans. Storage
 //! spans carry the backend and operation only, never a key or an id.
 
+#![warn(missing_docs)]
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! Time as the domain sees it: milliseconds since the Unix epoch, UTC, from a [`Clock`] that
 //! tests can move by hand instead of sleeping.
 
+#![warn(missing_docs)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

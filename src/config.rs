@@ -303,7 +303,6 @@ pub struct SecurityConfig {
 pub struct RateRuleConfig {
     /// Requests per period.
     pub limit: u32,
-    /// The period.
     pub period: Duration,
     /// Requests allowed at once (default: `limit`).
     pub burst: u32,
@@ -332,7 +331,6 @@ pub struct HijackConfig {
     pub accept_language: f64,
     /// Many IPs within the velocity window.
     pub ip_velocity: f64,
-    /// The velocity window.
     pub velocity_window: Duration,
     /// Distinct IPs allowed within the window.
     pub velocity_max_ips: u32,
@@ -377,15 +375,12 @@ pub struct AuthConfig {
 pub struct Config {
     /// The gRPC server.
     pub server: ServerConfig,
-    /// Storage.
     pub storage: StorageConfig,
     /// Session lifecycle.
     pub session: SessionConfig,
     /// Upstream tokens.
     pub token: TokenConfig,
-    /// Revocation.
     pub revocation: RevocationConfig,
-    /// Security.
     pub security: SecurityConfig,
     /// Callers and keys.
     pub auth: AuthConfig,
@@ -393,7 +388,6 @@ pub struct Config {
     pub envoy: EnvoyConfig,
     /// Address of the Prometheus `/metrics` listener; off when unset.
     pub metrics_listen: Option<SocketAddr>,
-    /// Log format.
     pub log_format: LogFormat,
 }
 

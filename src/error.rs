@@ -4,6 +4,8 @@
 //! exactly one place (`grpc::status`). Variants are semantic (what went wrong for the caller),
 //! not technical (which library failed), so the mapping to status codes is a plain match.
 
+#![warn(missing_docs)]
+
 use std::time::Duration;
 
 /// Result with the crate's [`Error`].

@@ -3,6 +3,8 @@
 //! refresh lease and history. The store traits speak only these; the domain modules re-export
 //! the ones their callers name (`session::SessionRecord`, `security::limiter`, ...).
 
+#![warn(missing_docs)]
+
 pub mod fingerprint;
 pub mod limiter;
 pub mod revocation;

@@ -188,7 +188,6 @@ pub use crate::model::revocation::{RevocationEvent, RevocationKind, new_log_id};
 /// A position in a revocation log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
-    /// The log.
     pub log_id: String,
     /// The last sequence number seen (0: before the first event).
     pub seq: u64,

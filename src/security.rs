@@ -243,7 +243,6 @@ pub struct HijackAnswer {
     pub is_suspicious: bool,
     /// Risk in [0, 1].
     pub risk_score: f64,
-    /// Reasons.
     pub reasons: Vec<String>,
     /// The score passed the threshold and this call ended the session.
     pub session_terminated: bool,
@@ -256,14 +255,12 @@ pub struct ActivityAnswer {
     pub is_suspicious: bool,
     /// Risk in [0, 1].
     pub risk_score: f64,
-    /// Reasons.
     pub reasons: Vec<String>,
 }
 
 /// A query of ListSecurityEvents.
 #[derive(Debug, Clone, Default)]
 pub struct ListEvents {
-    /// The user.
     pub user_id: String,
     /// At or after (default: the start of retention).
     pub start: Option<Millis>,
@@ -271,7 +268,6 @@ pub struct ListEvents {
     pub end: Option<Millis>,
     /// Only these types.
     pub types: Vec<EventType>,
-    /// Page size.
     pub page_size: usize,
     /// A token from a previous page.
     pub page_token: Option<String>,
@@ -327,12 +323,10 @@ impl Security {
         (sessions, security)
     }
 
-    /// The limiter.
     pub fn limiter(&self) -> &Limiter {
         &self.limiter
     }
 
-    /// The recorder.
     pub fn recorder(&self) -> &Recorder {
         &self.recorder
     }

@@ -97,7 +97,6 @@ pub struct NewSession {
     pub token_type: String,
     /// Access-token lifetime.
     pub expires_in: Option<Duration>,
-    /// Scopes.
     pub scopes: Vec<String>,
     /// Device at login.
     pub fingerprint: Option<Fingerprint>,
@@ -111,7 +110,6 @@ pub struct NewSession {
     pub idle_timeout: Option<Duration>,
     /// Absolute timeout override.
     pub absolute_timeout: Option<Duration>,
-    /// Metadata.
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -278,7 +276,6 @@ impl SessionManager {
         self
     }
 
-    /// The store.
     pub fn store(&self) -> &DynSessionStore {
         &self.store
     }
@@ -289,7 +286,6 @@ impl SessionManager {
         self.store.clone()
     }
 
-    /// The settings.
     pub fn settings(&self) -> &SessionSettings {
         &self.settings
     }

@@ -185,6 +185,8 @@
 //! `session.device_match_threshold` (0.8). A field absent on both sides is no evidence; if nothing
 //! at all can be compared, the device is not recognised.
 
+#![warn(missing_docs)]
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -487,7 +489,7 @@ pub struct RevocationQuery<'a> {
 /// A query of one user's security events.
 #[derive(Debug, Clone, Default)]
 pub struct EventQuery {
-    /// The user.
+    /// Whose events (the per-user index is the only way in: cost grows with this user's events).
     pub user_id: String,
     /// Events at or after this time.
     pub from: Millis,
@@ -581,7 +583,7 @@ pub type DynTokenStore = Arc<dyn TokenStore>;
 /// The four stores of one backend, usually one object behind four handles.
 #[derive(Debug, Clone)]
 pub struct Stores {
-    /// Sessions.
+    /// Sessions and, through its supertrait, their revocation log.
     pub sessions: DynSessionStore,
     /// Rate-limit state.
     pub limits: DynRateLimitStore,

@@ -244,13 +244,11 @@ impl TokenSettings {
 pub struct AccessToken {
     /// The upstream access token.
     pub token: SecretString,
-    /// Its type.
     pub token_type: String,
     /// Its expiry, when known.
     pub expires_at: Option<Millis>,
     /// Whether this call refreshed it first (or waited for a refresh in flight).
     pub refreshed: bool,
-    /// Scopes.
     pub scopes: Vec<String>,
 }
 

@@ -53,9 +53,9 @@ pub struct ProxiedRequest {
     pub token: Option<String>,
     /// The client's address.
     pub client_ip: Option<IpAddr>,
-    /// `user-agent`.
+    /// The `user-agent` header.
     pub user_agent: Option<String>,
-    /// `accept-language`.
+    /// The `accept-language` header.
     pub accept_language: Option<String>,
 }
 

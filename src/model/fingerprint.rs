@@ -38,7 +38,7 @@ pub struct Fingerprint {
     pub color_depth: Option<i32>,
     /// Device pixel ratio.
     pub pixel_ratio: Option<f64>,
-    /// Touch support.
+    /// Whether the device reports a touch screen.
     pub touch_support: Option<bool>,
     /// Device memory in GiB.
     pub device_memory: Option<i32>,

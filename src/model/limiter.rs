@@ -61,7 +61,7 @@ pub struct Rule {
     pub name: String,
     /// Units per period.
     pub limit: u32,
-    /// The period.
+    /// The time in which `limit` units return (one every `period / limit`).
     pub period: Duration,
     /// Units that may be spent at once (the bucket size); usually `limit`.
     pub burst: u32,

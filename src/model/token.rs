@@ -8,7 +8,7 @@ use crate::clock::Millis;
 /// The refresh lease of one session in storage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefreshLease {
-    /// The session.
+    /// The session whose tokens the lease holder may refresh.
     pub session_id: String,
     /// Who holds it: random per attempt (never a secret).
     pub holder: String,
@@ -25,7 +25,7 @@ pub struct RefreshLease {
 pub struct RefreshRecord {
     /// `rr_<13-digit millis>_<random>`: sorts by time.
     pub record_id: String,
-    /// The session.
+    /// The session whose tokens were refreshed.
     pub session_id: String,
     /// Its owner.
     pub user_id: String,

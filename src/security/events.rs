@@ -29,15 +29,11 @@ pub use crate::model::security::*;
 pub struct EventDraft {
     /// What happened.
     pub event_type: EventType,
-    /// The user.
     pub user_id: Option<String>,
-    /// The session.
     pub session_id: Option<String>,
-    /// The IP address.
     pub ip_address: Option<String>,
     /// Severity; from the type and the risk when `None`.
     pub severity: Option<Severity>,
-    /// Details.
     pub details: String,
     /// Risk from 0 to 1.
     pub risk_score: f64,
@@ -138,7 +134,6 @@ impl Recorder {
         Recorder { store, clock }
     }
 
-    /// The store.
     pub fn store(&self) -> &DynSecurityEventStore {
         &self.store
     }
@@ -183,7 +178,6 @@ impl Recorder {
 /// A user's security posture over a window (GetSecuritySummary).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
-    /// The user.
     pub user_id: String,
     /// Window in hours.
     pub period_hours: u32,

@@ -47,7 +47,6 @@ pub struct HijackRules {
     pub accept_language: f64,
     /// Too many IPs within the velocity window.
     pub ip_velocity: f64,
-    /// The velocity window.
     pub velocity_window: Duration,
     /// Distinct IPs allowed within the window.
     pub velocity_max_ips: u32,
@@ -213,7 +212,6 @@ impl HijackDetector {
         HijackDetector { rules, recent: Mutex::new(RecentIps::new(50_000)), clock }
     }
 
-    /// The rules.
     pub fn rules(&self) -> &HijackRules {
         &self.rules
     }

@@ -145,7 +145,6 @@ pub struct Introspection {
     pub client_id: String,
     /// Resource owner's name.
     pub username: String,
-    /// Token type.
     pub token_type: String,
     /// Expiry.
     pub exp: Option<Millis>,
@@ -272,7 +271,6 @@ impl Provider {
         &self.settings.name
     }
 
-    /// Its settings.
     pub fn settings(&self) -> &ProviderSettings {
         &self.settings
     }

@@ -282,22 +282,9 @@ impl<T: Transport> KeyspaceStore<T> {
         }
         let before = wall_clock_ms() - crate::clock::millis(OUTBOX_GRACE);
         let dirty = self.layout.log("dirty");
-        let args = vec![
-            "ZRANGEBYSCORE".into(),
-            dirty.clone(),
-            "-inf".into(),
-            format!("({before}"),
-            "WITHSCORES".into(),
-            "LIMIT".into(),
-            "0".into(),
-            "64".into(),
-        ];
-        let marks = items(self.transport.command(args, true).await?)?;
-        for pair in marks.chunks(2) {
-            let [tag, score] = pair else { return Err(malformed("odd ZRANGEBYSCORE reply")) };
-            let tag = text(tag)?.to_owned();
+        for (tag, score) in self.due_with_scores(dirty.clone(), format!("({before}"), 64).await? {
             self.drain_outbox(&tag).await?;
-            let args = vec![tag, text(score)?.to_owned()];
+            let args = vec![tag, score];
             self.transport.eval(&SCRIPTS.forget_dirty, vec![dirty.clone()], args, false).await?;
         }
         Ok(())
@@ -308,6 +295,35 @@ impl<T: Transport> KeyspaceStore<T> {
         let [id, head, trimmed, ..] = reply else { return Err(malformed("log reply")) };
         self.remember_log_id(id)?;
         Ok(LogPosition { head: unsigned(head)?, trimmed_through: unsigned(trimmed)? })
+    }
+
+    /// The first `limit` members of the sorted set `key` scored at or below `max` (a
+    /// ZRANGEBYSCORE bound: `"123"` includes 123, `"(123"` does not), lowest score first.
+    async fn due(&self, key: String, max: String, limit: usize) -> Result<Vec<String>> {
+        let args = vec!["ZRANGEBYSCORE".into(), key, "-inf".into(), max, "LIMIT".into(), "0".into(), limit.to_string()];
+        items(self.transport.command(args, true).await?)?.iter().map(|m| text(m).map(str::to_owned)).collect()
+    }
+
+    /// [`KeyspaceStore::due`] with each member's score.
+    async fn due_with_scores(&self, key: String, max: String, limit: usize) -> Result<Vec<(String, String)>> {
+        let args = vec![
+            "ZRANGEBYSCORE".into(),
+            key,
+            "-inf".into(),
+            max,
+            "WITHSCORES".into(),
+            "LIMIT".into(),
+            "0".into(),
+            limit.to_string(),
+        ];
+        let replies = items(self.transport.command(args, true).await?)?;
+        replies
+            .chunks(2)
+            .map(|pair| match pair {
+                [member, score] => Ok((text(member)?.to_owned(), text(score)?.to_owned())),
+                _ => Err(malformed("odd ZRANGEBYSCORE reply")),
+            })
+            .collect()
     }
 
     /// The transport (tests inspect it).

@@ -60,19 +60,9 @@ impl<T: Transport> SecurityEventStore for KeyspaceStore<T> {
     async fn purge_events(&self, cutoff: Millis, limit: usize) -> Result<usize> {
         self.bounded("purge_events", async {
             let time = self.layout.events("time");
-            let args = vec![
-                "ZRANGEBYSCORE".into(),
-                time.clone(),
-                "-inf".into(),
-                format!("({cutoff}"),
-                "LIMIT".into(),
-                "0".into(),
-                limit.to_string(),
-            ];
-            let due = items(self.transport.command(args, true).await?)?;
+            let due = self.due(time.clone(), format!("({cutoff}"), limit).await?;
             let mut deleted = 0;
             for member in due {
-                let member = text(&member)?.to_owned();
                 let parts: Vec<&str> = member.splitn(4, '|').collect();
                 let n = match parts.as_slice() {
                     ["n", id] => {

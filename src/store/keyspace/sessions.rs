@@ -272,19 +272,7 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
 
     async fn purge_expired(&self, now: Millis, limit: usize) -> Result<usize> {
         self.bounded("purge_expired", async {
-            let args = vec![
-                "ZRANGEBYSCORE".into(),
-                self.layout.due(),
-                "-inf".into(),
-                now.to_string(),
-                "LIMIT".into(),
-                "0".into(),
-                limit.to_string(),
-            ];
-            let due = items(self.transport.command(args, true).await?)?
-                .iter()
-                .map(|m| text(m).map(str::to_owned))
-                .collect::<Result<Vec<_>>>()?;
+            let due = self.due(self.layout.due(), now.to_string(), limit).await?;
             let results: Vec<Result<bool>> = futures_util::stream::iter(due)
                 .map(|member| self.purge_one(member, now))
                 .buffer_unordered(PURGE_CONCURRENCY)
@@ -303,19 +291,7 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
 
     async fn take_timed_out(&self, now: Millis, limit: usize) -> Result<TimedOut> {
         self.bounded("take_timed_out", async {
-            let args = vec![
-                "ZRANGEBYSCORE".into(),
-                self.layout.deadlines(),
-                "-inf".into(),
-                now.to_string(),
-                "LIMIT".into(),
-                "0".into(),
-                limit.to_string(),
-            ];
-            let due = items(self.transport.command(args, true).await?)?
-                .iter()
-                .map(|m| text(m).map(str::to_owned))
-                .collect::<Result<Vec<_>>>()?;
+            let due = self.due(self.layout.deadlines(), now.to_string(), limit).await?;
             let mut found = TimedOut { sessions: Vec::new(), walked: due.len() };
             let looked: Vec<Result<Option<SessionRecord>>> = futures_util::stream::iter(due)
                 .map(|member| self.look_at_deadline(member, now))

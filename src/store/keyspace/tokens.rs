@@ -26,20 +26,7 @@ impl<T: Transport> KeyspaceStore<T> {
     /// releasing them). An index entry is dropped only if no acquisition re-marked it meanwhile.
     async fn purge_leases(&self, now: Millis, limit: usize) -> Result<()> {
         let index = self.layout.tokens("leases");
-        let args = vec![
-            "ZRANGEBYSCORE".into(),
-            index.clone(),
-            "-inf".into(),
-            now.to_string(),
-            "WITHSCORES".into(),
-            "LIMIT".into(),
-            "0".into(),
-            limit.to_string(),
-        ];
-        let entries = items(self.transport.command(args, true).await?)?;
-        for pair in entries.chunks(2) {
-            let [session_id, score] = pair else { return Err(malformed("odd ZRANGEBYSCORE reply")) };
-            let session_id = text(session_id)?.to_owned();
+        for (session_id, score) in self.due_with_scores(index.clone(), now.to_string(), limit).await? {
             let keys = vec![self.layout.lease(&session_id)];
             let (code, rest) =
                 coded(self.transport.eval(&SCRIPTS.purge_lease, keys, vec![now.to_string()], false).await?)?;
@@ -48,7 +35,7 @@ impl<T: Transport> KeyspaceStore<T> {
                 let args = vec!["ZADD".into(), index.clone(), at.to_string(), session_id];
                 self.transport.command(args, false).await?;
             } else {
-                let args = vec![session_id, text(score)?.to_owned()];
+                let args = vec![session_id, score];
                 self.transport.eval(&SCRIPTS.forget_dirty, vec![index.clone()], args, false).await?;
             }
         }
@@ -162,19 +149,7 @@ impl<T: Transport> TokenStore for KeyspaceStore<T> {
             let due = self.layout.tokens("due");
             let mut deleted = 0;
             while deleted < limit {
-                let args = vec![
-                    "ZRANGEBYSCORE".into(),
-                    due.clone(),
-                    "-inf".into(),
-                    now.to_string(),
-                    "LIMIT".into(),
-                    "0".into(),
-                    (limit - deleted).to_string(),
-                ];
-                let members = items(self.transport.command(args, true).await?)?
-                    .iter()
-                    .map(|m| text(m).map(str::to_owned))
-                    .collect::<Result<Vec<_>>>()?;
+                let members = self.due(due.clone(), now.to_string(), limit - deleted).await?;
                 if members.is_empty() {
                     break;
                 }

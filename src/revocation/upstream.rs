@@ -1,18 +1,20 @@
 //! The upstream revocation queue: every revocation asks the session's provider to revoke its
 //! upstream tokens (RFC 7009), off the request path and durably.
 //!
-//! The queue is the revocation log itself. A session's end and its `revoked` event are one
-//! atomic step in the store, so the work is stored with the end; a worker walks the log from a
-//! checkpoint ([`TokenStore::checkpoint`](crate::store::TokenStore::checkpoint), `<log id>.<seq>`), asks the provider for each
-//! `revoked` event and moves the checkpoint past every event whose work is done. An event whose
-//! provider call failed stays pending (the checkpoint does not pass it) and is tried again with
-//! backoff, also by the next process after a restart: the checkpoint only says "everything up to
-//! here is done". Work is done at least once: a crash between a provider call and the checkpoint
-//! write repeats the call, which RFC 7009 makes harmless (revoking a revoked token is a 200).
+//! The queue is the revocation log itself. A session's end and its `revoked` event are one atomic
+//! step in the store, so the work is stored with the end; a worker walks the log from a checkpoint
+//! ([`TokenStore::checkpoint`](crate::store::TokenStore::checkpoint), `<log id>.<seq>`), asks the
+//! provider for each `revoked` event and moves the checkpoint past every event whose work is done.
+//! An event whose provider call failed stays pending (the checkpoint does not pass it) and is tried
+//! again with backoff, also by the next process after a restart: the checkpoint only says
+//! "everything up to here is done". Work is done at least once: a crash between a provider call and
+//! the checkpoint write repeats the call, which RFC 7009 makes harmless (revoking a revoked token
+//! is a 200).
 //!
 //! One worker runs per store. On a shared store (Redis) the replicas elect it with a lease
-//! (the token work's [`TokenStore::acquire_lease`](crate::store::TokenStore::acquire_lease) under a reserved id), released on a clean
-//! shutdown; a local store (embedded, memory) belongs to one process, which runs it.
+//! (the token work's [`TokenStore::acquire_lease`](crate::store::TokenStore::acquire_lease)
+//! under a reserved id), released on a clean shutdown; a local store (embedded, memory) belongs
+//! to one process, which runs it.
 //!
 //! RevokeSession still asks the provider inline, so its caller sees the upstream revoked when
 //! the provider is healthy; it claims the event for that time ([`UpstreamQueue::claim`]), and

@@ -76,11 +76,7 @@ pub fn state_filter(states: &[i32]) -> Vec<SessionState> {
 /// timeout is reported expired even before that is written), and never a token.
 pub fn session(record: &SessionRecord, now: Millis) -> pb::Session {
     let (effective, reason) = record.effective_state(now);
-    let ended_at = match (record.ended_at, effective) {
-        (Some(at), _) => Some(at),
-        (None, SessionState::Expired) => Some(record.idle_expires_at.min(record.absolute_expires_at)),
-        _ => None,
-    };
+    let ended_at = record.effective_ended_at(now);
     pb::Session {
         session_id: record.session_id.clone(),
         user_id: record.user_id.clone(),

@@ -161,6 +161,16 @@ impl SessionRecord {
         }
     }
 
+    /// When the session ended, as reported at `now`: the recorded end, or for an active record
+    /// past a timeout (expired before that is written) its deadline; `None` while it is active.
+    pub fn effective_ended_at(&self, now: Millis) -> Option<Millis> {
+        match (self.ended_at, self.effective_state(now).0) {
+            (Some(at), _) => Some(at),
+            (None, SessionState::Expired) => Some(self.deadline()),
+            _ => None,
+        }
+    }
+
     /// Whether the session is usable at `now`.
     pub fn is_active_at(&self, now: Millis) -> bool {
         self.effective_state(now).0 == SessionState::Active

@@ -120,6 +120,12 @@ fn effective_state_expires_at_the_instant() {
     assert_eq!(record.effective_state(100), (SessionState::Expired, Some("idle_timeout")));
     let revoked = SessionRecord { state: SessionState::Revoked, end_reason: Some("x".into()), ..record.clone() };
     assert_eq!(revoked.effective_state(1_000), (SessionState::Revoked, Some("x")));
+    assert_eq!(record.effective_ended_at(99), None, "active: not ended");
+    assert_eq!(record.effective_ended_at(150), Some(100), "expired unwritten: ended at its deadline");
+    let past_both = SessionRecord { idle_expires_at: 250, ..record.clone() };
+    assert_eq!(past_both.effective_ended_at(300), Some(200), "the earlier of the two timeouts");
+    let ended = SessionRecord { ended_at: Some(42), ..revoked.clone() };
+    assert_eq!(ended.effective_ended_at(1_000), Some(42), "a written end is reported as written");
     assert_eq!(SessionRecord::from_bytes(&record.to_bytes().unwrap()).unwrap(), record);
 }
 

@@ -70,13 +70,13 @@ use crate::grpc::revocation::RevocationAdapter;
 use crate::grpc::security::SecurityAdapter;
 use crate::grpc::session::SessionAdapter;
 use crate::grpc::token::TokenAdapter;
-use crate::revocation::{RevocationSettings, Revocations, UpstreamQueue};
-use crate::security::{Security, SecuritySettings};
-use crate::session::{SessionManager, SessionSettings};
+use crate::revocation::{Revocations, UpstreamQueue};
+use crate::security::Security;
+use crate::session::SessionManager;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::memory::MemoryStore;
 use crate::store::{DynSessionStore, Stores};
-use crate::token::{ProviderRevoker, Providers, TokenManager, TokenSettings};
+use crate::token::{ProviderRevoker, Providers, TokenManager};
 
 /// The fully qualified names of the four services, as health and reflection report them.
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -167,30 +167,22 @@ impl App {
             stores.sessions.clone(),
             secrets.key_ring.clone(),
             clock.clone(),
-            SessionSettings::from_config(&config),
+            config.session.clone(),
         );
         // Security wraps the manager (create guard, hijack scorer, event observer); revocations
         // are built on the wrapped one so that every end they cause is observed too.
-        let (sessions, security) =
-            Security::install(SecuritySettings::from_config(&config), &stores, clock.clone(), sessions);
+        let (sessions, security) = Security::install(config.security.clone(), &stores, clock.clone(), sessions);
         let http = crate::token::provider::http_client()
             .map_err(|e| StartError::runtime("building the HTTP client for OAuth2 providers", e))?;
-        let providers = Arc::new(Providers::new(config.token.providers.clone(), http));
-        let tokens = TokenManager::new(
-            sessions.clone(),
-            stores.tokens.clone(),
-            providers,
-            TokenSettings::from_config(&config),
-            clock,
-        );
+        let providers = Arc::new(Providers::new(config.providers.clone(), http));
+        let tokens = TokenManager::new(sessions.clone(), stores.tokens.clone(), providers, config.token.clone(), clock);
         let queue = UpstreamQueue::new(
             sessions.clone(),
             stores.tokens.clone(),
             Arc::new(ProviderRevoker(tokens.clone())),
             config.revocation.cascade,
         );
-        let revocations =
-            Revocations::new(sessions.clone(), RevocationSettings::from_config(&config)).with_upstream_queue(queue);
+        let revocations = Revocations::new(sessions.clone(), config.revocation.clone()).with_upstream_queue(queue);
         Ok(App {
             config: Arc::new(config),
             secrets,
@@ -417,12 +409,12 @@ async fn bind(config: &Config) -> Result<tokio::net::TcpListener, ConfigError> {
 fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
     match config.storage.kind {
         StorageKind::Memory => {
-            Ok(Stores::of(MemoryStore::new().with_max_limiter_keys(config.security.max_limiter_keys))
+            Ok(Stores::of(MemoryStore::new().with_max_limiter_keys(config.storage.max_limiter_keys))
                 .instrumented(config.storage.kind.as_str()))
         }
         StorageKind::Embedded => EmbeddedStore::open(&config.storage.data_dir)
             .map(|store| {
-                Stores::of(store.with_max_limiter_keys(config.security.max_limiter_keys))
+                Stores::of(store.with_max_limiter_keys(config.storage.max_limiter_keys))
                     .instrumented(config.storage.kind.as_str())
             })
             .map_err(|e| ConfigError(format!("setting `data_dir`: {e}"))),
@@ -575,7 +567,7 @@ async fn next_sweep(ticker: &mut tokio::time::Interval, shutdown: &CancellationT
 }
 
 /// Logs one sweep's outcome. A failed sweep is retried at the next tick: the loop goes on.
-fn log_sweep(what: &'static str, result: crate::Result<usize>) {
+fn log_sweep(what: &'static str, result: crate::error::Result<usize>) {
     match result {
         Ok(0) => {}
         Ok(removed) => tracing::info!(removed, what, "purged"),

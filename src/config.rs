@@ -15,6 +15,15 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use crate::revocation::RevocationSettings;
+use crate::security::SecuritySettings;
+use crate::security::hijack::HijackRules;
+use crate::security::limiter::{Backoff, Rule};
+use crate::session::SessionSettings;
+use crate::token::TokenSettings;
+use crate::token::provider::ProviderSettings;
+use crate::token::retry::RetryPolicy;
+
 mod resolve;
 
 pub use resolve::*;
@@ -157,68 +166,12 @@ pub struct StorageConfig {
     pub kv_rest_token: Option<SecretString>,
     /// Longest time one storage operation may take before the call fails UNAVAILABLE.
     pub operation_timeout: Duration,
+    /// Keys of live state one rate-limit rule may hold in a backend that keeps limiter state in
+    /// this process (memory) or its data directory (embedded); at the bound new keys are refused
+    /// (`security.max_limiter_keys`).
+    pub max_limiter_keys: usize,
     /// Why this backend: where `storage` was set, or the variable that chose it when it was not.
     pub chosen_by: String,
-}
-
-/// Session lifecycle.
-#[derive(Debug, Clone)]
-pub struct SessionConfig {
-    /// Idle timeout (sliding).
-    pub idle_timeout: Duration,
-    /// Absolute timeout from creation.
-    pub absolute_timeout: Duration,
-    /// Active sessions one user may hold; creating one more evicts the oldest.
-    pub max_sessions_per_user: u32,
-    /// Whether presented device fingerprints are checked.
-    pub device_validation: bool,
-    /// Share of scored fingerprint fields that must agree (0 to 1).
-    pub device_match_threshold: f64,
-    /// A session that stored a fingerprint requires one: an empty presented fingerprint is a
-    /// device mismatch (`false`: it skips the device check, the earlier rule).
-    pub device_fingerprint_required: bool,
-    /// The idle expiry is rewritten only when it would move by more than this.
-    pub idle_slide_step: Duration,
-    /// How often expired sessions are swept.
-    pub cleanup_interval: Duration,
-}
-
-/// Upstream token handling.
-#[derive(Debug, Clone)]
-pub struct TokenConfig {
-    /// Refresh when the access token expires within this window.
-    pub proactive_refresh: Duration,
-    /// After a refresh, further refresh requests within this window reuse its result.
-    pub grace_period: Duration,
-    /// Retries after a failed upstream call.
-    pub max_retries: u32,
-    /// First backoff delay.
-    pub retry_initial_delay: Duration,
-    /// Largest backoff delay.
-    pub retry_max_delay: Duration,
-    /// OAuth2 client id (`OAUTH_CLIENT_ID`, or the guide's `OPENROUTER_CLIENT_ID`).
-    pub client_id: Option<String>,
-    /// OAuth2 client secret (`OAUTH_CLIENT_SECRET`, or `OPENROUTER_CLIENT_SECRET`).
-    pub client_secret: Option<SecretString>,
-    /// Token endpoint of the default provider.
-    pub token_endpoint: Option<String>,
-    /// Introspection endpoint of the default provider.
-    pub introspection_endpoint: Option<String>,
-    /// Revocation endpoint of the default provider.
-    pub revocation_endpoint: Option<String>,
-    /// Issuer URL, resolved through OpenID discovery.
-    pub issuer: Option<String>,
-    /// Client authentication of the default provider.
-    pub client_auth: crate::token::ClientAuth,
-    /// Timeout of one HTTP request to a provider.
-    pub request_timeout: Duration,
-    /// Lifetime of the refresh lease (renewed while the provider call runs).
-    pub lease_ttl: Duration,
-    /// Longest time an active introspection answer is cached (never past the token's `exp`).
-    pub introspection_cache_ttl: Duration,
-    /// Every configured provider: `default` from the flat settings (when it has a token
-    /// endpoint or an issuer), then each `[token.providers.NAME]`.
-    pub providers: Vec<crate::token::ProviderSettings>,
 }
 
 /// The fields of a `[token.providers.NAME]` table.
@@ -238,23 +191,6 @@ fn provider_key(key: &str) -> Option<&str> {
     let (name, field) = rest.rsplit_once('.')?;
     let valid_name = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     (valid_name && PROVIDER_FIELDS.contains(&field)).then_some(name)
-}
-
-/// Revocation list and feed.
-#[derive(Debug, Clone)]
-pub struct RevocationConfig {
-    /// Revoking a session also revokes its upstream tokens; revoking a user revokes each session.
-    pub cascade: bool,
-    /// How long an entry stays on the revocation list (and an ended session's tombstone lives).
-    pub list_ttl: Duration,
-    /// How often expired entries are swept.
-    pub cleanup_interval: Duration,
-    /// Events the per-replica live feed buffers; a watcher further behind is ended with
-    /// ABORTED and resumes from its cursor.
-    pub watch_buffer: usize,
-    /// WatchRevocations streams this replica serves at once; more are refused with
-    /// RESOURCE_EXHAUSTED.
-    pub max_watchers: usize,
 }
 
 /// The Envoy integration: how the ext_authz `Check` reads a request and what it adds to it, and
@@ -278,76 +214,8 @@ pub struct EnvoyConfig {
     pub key_entry: String,
 }
 
-/// Rate limits and hijack detection.
-#[derive(Debug, Clone)]
-pub struct SecurityConfig {
-    /// Whether rate-limit rules are enforced.
-    pub rate_limiting: bool,
-    /// Whether ValidateSession scores requests for hijacking.
-    pub hijack_detection: bool,
-    /// Risk score above which a session is terminated.
-    pub hijack_threshold: f64,
-    /// How long security events are kept.
-    pub event_retention: Duration,
-    /// Rate-limit rules by name (`[security.rules.NAME]`).
-    pub rules: BTreeMap<String, RateRuleConfig>,
-    /// Keys of live state one rule may hold in a backend that keeps limiter state in this
-    /// process (memory) or its data directory (embedded); at the bound new keys are refused.
-    pub max_limiter_keys: usize,
-    /// Weights of the hijack rule table (`[security.hijack]`).
-    pub hijack: HijackConfig,
-}
-
-/// One rate-limit rule (`[security.rules.NAME]`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RateRuleConfig {
-    /// Requests per period.
-    pub limit: u32,
-    pub period: Duration,
-    /// Requests allowed at once (default: `limit`).
-    pub burst: u32,
-    /// Exponential backoff for repeat offenders.
-    pub backoff: bool,
-    /// Factor between successive backoff blocks.
-    pub backoff_multiplier: f64,
-    /// Longest backoff block.
-    pub max_backoff: Duration,
-}
-
-/// Weights and thresholds of hijack detection (`[security.hijack]`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct HijackConfig {
-    /// IP changed within the same /24 or /64.
-    pub ip_same_network: f64,
-    /// IP changed to another network.
-    pub ip_new_network: f64,
-    /// User agent changed.
-    pub user_agent: f64,
-    /// Device fingerprint mismatch.
-    pub fingerprint_mismatch: f64,
-    /// Fingerprint changed but still the same device.
-    pub fingerprint_changed: f64,
-    /// Accept-Language changed.
-    pub accept_language: f64,
-    /// Many IPs within the velocity window.
-    pub ip_velocity: f64,
-    pub velocity_window: Duration,
-    /// Distinct IPs allowed within the window.
-    pub velocity_max_ips: u32,
-}
-
 /// The fields of a `[security.rules.NAME]` table.
 const RULE_FIELDS: &[&str] = &["limit", "period", "burst", "backoff", "backoff_multiplier", "max_backoff"];
-
-/// The rules every deployment has unless configured otherwise: (name, limit, period s, max
-/// backoff s). The first three are the original library's; `validate_failure` counts "not valid"
-/// ValidateSession answers per client IP.
-const DEFAULT_RULES: &[(&str, u32, u64, u64)] = &[
-    ("token_refresh", 10, 60, 3600),
-    ("session_create", 5, 300, 3600),
-    ("login_attempt", 5, 300, 1800),
-    ("validate_failure", 30, 60, 900),
-];
 
 /// The rule name of a `security.rules.NAME.FIELD` key whose field is known.
 fn rule_key(key: &str) -> Option<&str> {
@@ -377,11 +245,14 @@ pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
     /// Session lifecycle.
-    pub session: SessionConfig,
-    /// Upstream tokens.
-    pub token: TokenConfig,
-    pub revocation: RevocationConfig,
-    pub security: SecurityConfig,
+    pub session: SessionSettings,
+    /// Upstream token work.
+    pub token: TokenSettings,
+    /// Every configured OAuth2 provider: `default` from the flat `token.*` settings (when they
+    /// name a token endpoint or an issuer), then each `[token.providers.NAME]`.
+    pub providers: Vec<ProviderSettings>,
+    pub revocation: RevocationSettings,
+    pub security: SecuritySettings,
     /// Callers and keys.
     pub auth: AuthConfig,
     /// The Envoy ext_authz and rate-limit services.
@@ -428,16 +299,17 @@ impl Config {
                     "setting `token.rotation` in {path:?} was removed: a rotated refresh token is always stored and the old one kept when the provider sends none; delete the setting"
                 )));
             }
-            let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
-            if let Some(unknown) =
-                file.keys().find(|k| !known.contains(k.as_str()) && rule_key(k).is_none() && provider_key(k).is_none())
-            {
-                return Err(err(format!("setting `{unknown}` in {path:?} is not a known setting")));
-            }
             file_name = format!("config file {path:?}");
         }
-        let r = Resolver { flags, env, file, file_name };
-        Config::resolve(&r, api_keys)
+        let r = Resolver { flags, env, file, file_name, asked: Default::default() };
+        let config = Config::resolve(&r, api_keys)?;
+        // Resolving asked for every setting there is, so a file key it never asked for is a typo
+        // or a setting of another version: an error, instead of a silently kept default.
+        let asked = r.asked.borrow();
+        if let Some(unknown) = r.file.keys().find(|k| !asked.contains(k.as_str())) {
+            return Err(err(format!("setting `{unknown}` in the {} is not a known setting", r.file_name)));
+        }
+        Ok(config)
     }
 
     /// The configuration with every default and the given flags only (no environment).
@@ -446,9 +318,9 @@ impl Config {
     }
 
     fn resolve(r: &Resolver<'_>, api_keys: Vec<ApiKeyEntry>) -> Result<Config, ConfigError> {
-        let minutes = |m: u64| Duration::from_secs(m * 60);
-
         let listen = r.socket_addr("listen")?.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
+        let client_cert_role =
+            r.parsed("tls.client_cert_role", &[], Role::Service, "service, admin, watcher or proxy", Role::parse)?;
         let tls = match (r.file_bytes("tls.cert")?, r.file_bytes("tls.key")?) {
             (None, None) => {
                 if r.raw("tls.client_ca", &[]).is_some() {
@@ -456,18 +328,9 @@ impl Config {
                 }
                 None
             }
-            (Some(cert_pem), Some(key_pem)) => Some(TlsConfig {
-                cert_pem,
-                key_pem,
-                client_ca_pem: r.file_bytes("tls.client_ca")?,
-                client_cert_role: r.parsed(
-                    "tls.client_cert_role",
-                    &[],
-                    Role::Service,
-                    "service, admin, watcher or proxy",
-                    Role::parse,
-                )?,
-            }),
+            (Some(cert_pem), Some(key_pem)) => {
+                Some(TlsConfig { cert_pem, key_pem, client_ca_pem: r.file_bytes("tls.client_ca")?, client_cert_role })
+            }
             (Some(_), None) => {
                 return Err(err("setting `tls.key`: missing while `tls.cert` is set"));
             }
@@ -528,8 +391,12 @@ impl Config {
             kv_rest_url: kv_rest_url.map(|(v, _)| v),
             kv_rest_token: kv_rest_token.map(SecretString::from),
             operation_timeout: r.positive_duration("storage_timeout", Duration::from_secs(2))?,
+            max_limiter_keys: r.number("security.max_limiter_keys", crate::security::limiter::DEFAULT_MAX_KEYS)?,
             chosen_by,
         };
+        if storage.max_limiter_keys == 0 {
+            return Err(err("setting `security.max_limiter_keys`: must be at least 1"));
+        }
         match kind {
             StorageKind::Redis if storage.redis_url.is_none() => {
                 return Err(err("setting `redis.url` (REDIS_URL): required when storage is redis"));
@@ -542,48 +409,50 @@ impl Config {
             _ => {}
         }
 
-        let session = SessionConfig {
-            idle_timeout: r.positive_duration("session.idle_timeout", minutes(30))?,
-            absolute_timeout: r.positive_duration("session.absolute_timeout", minutes(480))?,
-            max_sessions_per_user: r.number("session.max_sessions_per_user", 5u32)?,
-            device_validation: r.bool("session.device_validation", true)?,
-            device_match_threshold: r.fraction("session.device_match_threshold", 0.8)?,
-            device_fingerprint_required: r.bool("session.device_fingerprint_required", true)?,
-            idle_slide_step: r.duration("session.idle_slide_step", Duration::from_secs(60))?,
-            cleanup_interval: r.positive_duration("session.cleanup_interval", minutes(15))?,
+        let d = SessionSettings::default();
+        let session = SessionSettings {
+            idle_timeout: r.positive_duration("session.idle_timeout", d.idle_timeout)?,
+            absolute_timeout: r.positive_duration("session.absolute_timeout", d.absolute_timeout)?,
+            max_sessions_per_user: r.number("session.max_sessions_per_user", d.max_sessions_per_user)?,
+            device_validation: r.bool("session.device_validation", d.device_validation)?,
+            device_match_threshold: r.fraction("session.device_match_threshold", d.device_match_threshold)?,
+            device_fingerprint_required: r
+                .bool("session.device_fingerprint_required", d.device_fingerprint_required)?,
+            idle_slide_step: r.duration("session.idle_slide_step", d.idle_slide_step)?,
+            tombstone_ttl: r.positive_duration("revocation.list_ttl", d.tombstone_ttl)?,
+            proactive_refresh: r.duration("token.proactive_refresh", d.proactive_refresh)?,
+            cleanup_interval: r.positive_duration("session.cleanup_interval", d.cleanup_interval)?,
         };
         if session.max_sessions_per_user == 0 {
             return Err(err("setting `session.max_sessions_per_user`: must be at least 1"));
         }
 
-        let token = TokenConfig {
-            proactive_refresh: r.duration("token.proactive_refresh", minutes(5))?,
-            grace_period: r.duration("token.grace_period", minutes(5))?,
-            max_retries: r.number("token.max_retries", 3u32)?,
-            retry_initial_delay: r.positive_duration("token.retry_initial_delay", Duration::from_secs(1))?,
-            retry_max_delay: r.positive_duration("token.retry_max_delay", Duration::from_secs(30))?,
-            client_id: r.string("token.client_id", &["OAUTH_CLIENT_ID", "OPENROUTER_CLIENT_ID"]),
-            client_secret: r
-                .string("token.client_secret", &["OAUTH_CLIENT_SECRET", "OPENROUTER_CLIENT_SECRET"])
-                .map(SecretString::from),
-            token_endpoint: r.string("token.token_endpoint", &[]),
-            introspection_endpoint: r.string("token.introspection_endpoint", &[]),
-            revocation_endpoint: r.string("token.revocation_endpoint", &[]),
-            issuer: r.string("token.issuer", &[]),
-            client_auth: client_auth(r, "token.client_auth")?,
-            request_timeout: r.positive_duration("token.request_timeout", Duration::from_secs(10))?,
-            lease_ttl: r.positive_duration("token.lease_ttl", Duration::from_secs(15))?,
-            introspection_cache_ttl: r.duration("token.introspection_cache_ttl", Duration::from_secs(30))?,
-            providers: Vec::new(),
+        let d = TokenSettings::default();
+        let lease_ttl = r.positive_duration("token.lease_ttl", d.lease_ttl)?;
+        let token = TokenSettings {
+            proactive_refresh: session.proactive_refresh,
+            grace_period: r.duration("token.grace_period", d.grace_period)?,
+            retry: RetryPolicy {
+                max_retries: r.number("token.max_retries", d.retry.max_retries)?,
+                initial_delay: r.positive_duration("token.retry_initial_delay", d.retry.initial_delay)?,
+                max_delay: r.positive_duration("token.retry_max_delay", d.retry.max_delay)?,
+            },
+            lease_ttl,
+            // Another replica's refresh holds the lease for at most a few renewals.
+            wait_timeout: lease_ttl.saturating_mul(4).max(d.wait_timeout),
+            introspection_cache_ttl: r.duration("token.introspection_cache_ttl", d.introspection_cache_ttl)?,
+            history_keep: d.history_keep,
         };
-        let token = TokenConfig { providers: resolve_providers(r, &token)?, ..token };
+        let providers = resolve_providers(r)?;
 
-        let revocation = RevocationConfig {
-            cascade: r.bool("revocation.cascade", true)?,
-            list_ttl: r.positive_duration("revocation.list_ttl", Duration::from_secs(24 * 3600))?,
-            cleanup_interval: r.positive_duration("revocation.cleanup_interval", Duration::from_secs(3600))?,
-            watch_buffer: r.number("revocation.watch_buffer", 4096usize)?,
-            max_watchers: r.number("revocation.max_watchers", crate::revocation::DEFAULT_MAX_WATCHERS)?,
+        let d = RevocationSettings::default();
+        let revocation = RevocationSettings {
+            cascade: r.bool("revocation.cascade", d.cascade)?,
+            watch_buffer: r.number("revocation.watch_buffer", d.watch_buffer)?,
+            max_watchers: r.number("revocation.max_watchers", d.max_watchers)?,
+            default_heartbeat: d.default_heartbeat,
+            list_ttl: session.tombstone_ttl,
+            cleanup_interval: r.positive_duration("revocation.cleanup_interval", d.cleanup_interval)?,
         };
         if revocation.watch_buffer < 16 {
             return Err(err("setting `revocation.watch_buffer`: must be at least 16"));
@@ -592,28 +461,27 @@ impl Config {
             return Err(err("setting `revocation.max_watchers`: must be at least 1"));
         }
 
-        let security = SecurityConfig {
-            rate_limiting: r.bool("security.rate_limiting", true)?,
-            hijack_detection: r.bool("security.hijack_detection", true)?,
-            hijack_threshold: r.fraction("security.hijack_threshold", 0.7)?,
-            event_retention: r.positive_duration("security.event_retention", Duration::from_secs(30 * 24 * 3600))?,
-            rules: resolve_rules(r)?,
-            max_limiter_keys: r.number("security.max_limiter_keys", crate::security::limiter::DEFAULT_MAX_KEYS)?,
-            hijack: HijackConfig {
-                ip_same_network: r.fraction("security.hijack.ip_same_network", 0.1)?,
-                ip_new_network: r.fraction("security.hijack.ip_new_network", 0.3)?,
-                user_agent: r.fraction("security.hijack.user_agent", 0.2)?,
-                fingerprint_mismatch: r.fraction("security.hijack.fingerprint_mismatch", 0.5)?,
-                fingerprint_changed: r.fraction("security.hijack.fingerprint_changed", 0.1)?,
-                accept_language: r.fraction("security.hijack.accept_language", 0.1)?,
-                ip_velocity: r.fraction("security.hijack.ip_velocity", 0.3)?,
-                velocity_window: r.positive_duration("security.hijack.velocity_window", minutes(5))?,
-                velocity_max_ips: r.number("security.hijack.velocity_max_ips", 3u32)?,
+        let d = SecuritySettings::default();
+        let h = HijackRules::default();
+        let security = SecuritySettings {
+            rate_limiting: r.bool("security.rate_limiting", d.rate_limiting)?,
+            hijack_detection: r.bool("security.hijack_detection", d.hijack_detection)?,
+            rules: resolve_rules(r, &d.rules)?,
+            hijack: HijackRules {
+                ip_same_network: r.fraction("security.hijack.ip_same_network", h.ip_same_network)?,
+                ip_new_network: r.fraction("security.hijack.ip_new_network", h.ip_new_network)?,
+                user_agent: r.fraction("security.hijack.user_agent", h.user_agent)?,
+                fingerprint_mismatch: r.fraction("security.hijack.fingerprint_mismatch", h.fingerprint_mismatch)?,
+                fingerprint_changed: r.fraction("security.hijack.fingerprint_changed", h.fingerprint_changed)?,
+                accept_language: r.fraction("security.hijack.accept_language", h.accept_language)?,
+                ip_velocity: r.fraction("security.hijack.ip_velocity", h.ip_velocity)?,
+                velocity_window: r.positive_duration("security.hijack.velocity_window", h.velocity_window)?,
+                velocity_max_ips: r.number("security.hijack.velocity_max_ips", h.velocity_max_ips)?,
+                device_match_threshold: session.device_match_threshold,
+                threshold: r.fraction("security.hijack_threshold", h.threshold)?,
             },
+            event_retention: r.positive_duration("security.event_retention", d.event_retention)?,
         };
-        if security.max_limiter_keys == 0 {
-            return Err(err("setting `security.max_limiter_keys`: must be at least 1"));
-        }
 
         let envoy = EnvoyConfig {
             cookie: r.header_name("envoy.cookie", "session_id", false)?,
@@ -656,6 +524,7 @@ impl Config {
             storage,
             session,
             token,
+            providers,
             revocation,
             security,
             auth,

@@ -237,7 +237,8 @@ pub trait UpstreamRevoker: Send + Sync + fmt::Debug + 'static {
     async fn revoke(&self, session: &SessionRecord) -> UpstreamOutcome;
 }
 
-/// Settings of revocation (from `revocation.*`).
+/// Settings of revocation (the configuration builds them from `revocation.*`; [`Default`] is its
+/// defaults).
 #[derive(Debug, Clone)]
 pub struct RevocationSettings {
     /// Revoke upstream tokens when a session is revoked.
@@ -248,18 +249,10 @@ pub struct RevocationSettings {
     pub max_watchers: usize,
     /// Heartbeat interval when the watcher asks for none.
     pub default_heartbeat: Duration,
-}
-
-impl RevocationSettings {
-    /// The settings a configuration describes.
-    pub fn from_config(config: &crate::Config) -> RevocationSettings {
-        RevocationSettings {
-            cascade: config.revocation.cascade,
-            watch_buffer: config.revocation.watch_buffer,
-            max_watchers: config.revocation.max_watchers,
-            default_heartbeat: DEFAULT_HEARTBEAT,
-        }
-    }
+    /// How long an entry stays on the revocation list.
+    pub list_ttl: Duration,
+    /// How often expired list entries are swept.
+    pub cleanup_interval: Duration,
 }
 
 impl Default for RevocationSettings {
@@ -269,6 +262,8 @@ impl Default for RevocationSettings {
             watch_buffer: 4096,
             max_watchers: DEFAULT_MAX_WATCHERS,
             default_heartbeat: DEFAULT_HEARTBEAT,
+            list_ttl: Duration::from_secs(24 * 3600),
+            cleanup_interval: Duration::from_secs(3600),
         }
     }
 }

@@ -79,7 +79,7 @@ pub mod events;
 pub mod hijack;
 pub use crate::model::limiter;
 mod limits;
-pub use limits::{Limiter, VALIDATE_FAILURE_RULE, client_network_key};
+pub use limits::{Limiter, VALIDATE_FAILURE_RULE, client_network_key, default_rules};
 
 use events::{EventDraft, EventType, Recorder, SecurityEvent, Severity, Summary, SummaryBuilder};
 use hijack::{HijackDetector, HijackRules};
@@ -89,7 +89,8 @@ use limiter::{Decision, Rule};
 /// [`events::SUSPICIOUS_RISK`], so GetSecuritySummary counts it as suspicious.
 pub const DEVICE_MISMATCH_RISK: f64 = 0.8;
 
-/// Settings of the security work (from `security.*`).
+/// Settings of the security work (the configuration builds them from `security.*`, with
+/// `session.device_match_threshold` in the hijack table; [`Default`] is its defaults).
 #[derive(Debug, Clone)]
 pub struct SecuritySettings {
     /// Enforce rate limits.
@@ -104,45 +105,14 @@ pub struct SecuritySettings {
     pub event_retention: Duration,
 }
 
-impl SecuritySettings {
-    /// The settings a configuration describes.
-    pub fn from_config(config: &crate::Config) -> SecuritySettings {
-        let s = &config.security;
-        let rules = s
-            .rules
-            .iter()
-            .map(|(name, r)| {
-                let rule = Rule {
-                    name: name.clone(),
-                    limit: r.limit,
-                    period: r.period,
-                    burst: r.burst,
-                    backoff: r
-                        .backoff
-                        .then_some(limiter::Backoff { multiplier: r.backoff_multiplier, max: r.max_backoff }),
-                };
-                (name.clone(), rule)
-            })
-            .collect();
-        let h = &s.hijack;
+impl Default for SecuritySettings {
+    fn default() -> Self {
         SecuritySettings {
-            rate_limiting: s.rate_limiting,
-            hijack_detection: s.hijack_detection,
-            rules,
-            hijack: HijackRules {
-                ip_same_network: h.ip_same_network,
-                ip_new_network: h.ip_new_network,
-                user_agent: h.user_agent,
-                fingerprint_mismatch: h.fingerprint_mismatch,
-                fingerprint_changed: h.fingerprint_changed,
-                accept_language: h.accept_language,
-                ip_velocity: h.ip_velocity,
-                velocity_window: h.velocity_window,
-                velocity_max_ips: h.velocity_max_ips,
-                device_match_threshold: config.session.device_match_threshold,
-                threshold: s.hijack_threshold,
-            },
-            event_retention: s.event_retention,
+            rate_limiting: true,
+            hijack_detection: true,
+            rules: limits::default_rules(),
+            hijack: HijackRules::default(),
+            event_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::config::{Config, Flags};
 use crate::error::Result;
-use crate::session::{NewSession, SessionManager, SessionSettings};
+use crate::session::{NewSession, SessionManager};
 use crate::store::embedded::EmbeddedStore;
 
 /// Stores one new session directly (no rate limit, no cap, no log) and returns its token.
@@ -107,7 +107,7 @@ pub fn seed_embedded(data_dir: String, count: usize, tokens_out: std::path::Path
         store.clone(),
         secrets.key_ring.clone(),
         Arc::new(crate::clock::SystemClock),
-        SessionSettings::from_config(&config),
+        config.session.clone(),
     );
     let mut out = std::io::BufWriter::new(std::fs::File::create(&tokens_out)?);
     let run = std::process::id();

@@ -37,8 +37,9 @@ pub use device::Fingerprint;
 pub use hooks::*;
 use record::*;
 
-/// Settings of the session lifecycle (from `session.*`, `revocation.list_ttl` and
-/// `token.proactive_refresh`).
+/// Settings of the session lifecycle. The configuration builds them from `session.*`, with
+/// `revocation.list_ttl` as the tombstone lifetime and `token.proactive_refresh` as the refresh
+/// window; [`Default`] is the integration guide's values, which are also the configuration's.
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
     /// Default idle timeout.
@@ -49,7 +50,7 @@ pub struct SessionSettings {
     pub max_sessions_per_user: u32,
     /// Compare presented fingerprints.
     pub device_validation: bool,
-    /// Fingerprint threshold.
+    /// Share of scored fingerprint fields that must agree (0 to 1).
     pub device_match_threshold: f64,
     /// A session that stored a fingerprint requires one: an empty presented fingerprint is a
     /// mismatch instead of a skipped check.
@@ -60,21 +61,24 @@ pub struct SessionSettings {
     pub tombstone_ttl: Duration,
     /// `needs_refresh` when the access token expires within this.
     pub proactive_refresh: Duration,
+    /// How often expired sessions are swept.
+    pub cleanup_interval: Duration,
 }
 
-impl SessionSettings {
-    /// The settings a configuration describes.
-    pub fn from_config(config: &crate::Config) -> SessionSettings {
+impl Default for SessionSettings {
+    fn default() -> Self {
+        let minutes = |m: u64| Duration::from_secs(m * 60);
         SessionSettings {
-            idle_timeout: config.session.idle_timeout,
-            absolute_timeout: config.session.absolute_timeout,
-            max_sessions_per_user: config.session.max_sessions_per_user,
-            device_validation: config.session.device_validation,
-            device_match_threshold: config.session.device_match_threshold,
-            device_fingerprint_required: config.session.device_fingerprint_required,
-            idle_slide_step: config.session.idle_slide_step,
-            tombstone_ttl: config.revocation.list_ttl,
-            proactive_refresh: config.token.proactive_refresh,
+            idle_timeout: minutes(30),
+            absolute_timeout: minutes(480),
+            max_sessions_per_user: 5,
+            device_validation: true,
+            device_match_threshold: 0.8,
+            device_fingerprint_required: true,
+            idle_slide_step: Duration::from_secs(60),
+            tombstone_ttl: minutes(24 * 60),
+            proactive_refresh: minutes(5),
+            cleanup_interval: minutes(15),
         }
     }
 }

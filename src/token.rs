@@ -187,7 +187,8 @@ fn outcome_unknown_cause(cause: &str) -> bool {
     matches!(cause, "timeout" | "network" | "server_error" | OUTCOME_UNKNOWN)
 }
 
-/// Settings of the token work (from `token.*`).
+/// Settings of the token work (the configuration builds them from `token.*`; [`Default`] is
+/// its defaults).
 #[derive(Debug, Clone)]
 pub struct TokenSettings {
     /// Refresh when the access token expires within this.
@@ -215,26 +216,6 @@ impl Default for TokenSettings {
             lease_ttl: Duration::from_secs(15),
             wait_timeout: Duration::from_secs(60),
             introspection_cache_ttl: Duration::from_secs(30),
-            history_keep: 100,
-        }
-    }
-}
-
-impl TokenSettings {
-    /// The settings a configuration describes.
-    pub fn from_config(config: &crate::Config) -> TokenSettings {
-        let t = &config.token;
-        TokenSettings {
-            proactive_refresh: t.proactive_refresh,
-            grace_period: t.grace_period,
-            retry: RetryPolicy {
-                max_retries: t.max_retries,
-                initial_delay: t.retry_initial_delay,
-                max_delay: t.retry_max_delay,
-            },
-            lease_ttl: t.lease_ttl,
-            wait_timeout: t.lease_ttl.saturating_mul(4).max(Duration::from_secs(60)),
-            introspection_cache_ttl: t.introspection_cache_ttl,
             history_keep: 100,
         }
     }

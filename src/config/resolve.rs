@@ -1,81 +1,10 @@
-//! How a setting is resolved: the known keys, flags then the environment then the file, and
-//! the parsers of the structured settings (API keys, rate rules, providers).
+//! How a setting is resolved: flags, then the environment, then the file; and the parsers of
+//! the structured settings (API keys, rate rules, providers). The resolver records every key it
+//! is asked for, so the calls that resolve the settings are their only list: a file key that
+//! none of them asked for is unknown.
 
 use super::*;
-
-/// Every setting the file may contain, so that a typo is an error instead of a silent default.
-pub(super) const KNOWN_KEYS: &[&str] = &[
-    "listen",
-    "storage",
-    "data_dir",
-    "metrics_listen",
-    "log_format",
-    "server.request_timeout",
-    "server.concurrency_limit",
-    "server.max_health_watch_streams",
-    "server.max_message_bytes",
-    "server.shutdown_grace",
-    "tls.cert",
-    "tls.key",
-    "tls.client_ca",
-    "tls.client_cert_role",
-    "redis.url",
-    "redis.key_prefix",
-    "kv_rest.url",
-    "kv_rest.token",
-    "storage_timeout",
-    "session.idle_timeout",
-    "session.absolute_timeout",
-    "session.max_sessions_per_user",
-    "session.device_validation",
-    "session.device_match_threshold",
-    "session.device_fingerprint_required",
-    "session.idle_slide_step",
-    "session.cleanup_interval",
-    "token.proactive_refresh",
-    "token.grace_period",
-    "token.max_retries",
-    "token.retry_initial_delay",
-    "token.retry_max_delay",
-    "token.client_id",
-    "token.client_secret",
-    "token.token_endpoint",
-    "token.introspection_endpoint",
-    "token.revocation_endpoint",
-    "token.issuer",
-    "token.client_auth",
-    "token.request_timeout",
-    "token.lease_ttl",
-    "token.introspection_cache_ttl",
-    "revocation.cascade",
-    "revocation.list_ttl",
-    "revocation.cleanup_interval",
-    "revocation.watch_buffer",
-    "revocation.max_watchers",
-    "security.rate_limiting",
-    "security.hijack_detection",
-    "security.hijack_threshold",
-    "security.event_retention",
-    "security.max_limiter_keys",
-    "security.hijack.ip_same_network",
-    "security.hijack.ip_new_network",
-    "security.hijack.user_agent",
-    "security.hijack.fingerprint_mismatch",
-    "security.hijack.fingerprint_changed",
-    "security.hijack.accept_language",
-    "security.hijack.ip_velocity",
-    "security.hijack.velocity_window",
-    "security.hijack.velocity_max_ips",
-    "encryption_key",
-    "previous_encryption_keys",
-    "envoy.cookie",
-    "envoy.trusted_hops",
-    "envoy.user_id_header",
-    "envoy.session_id_header",
-    "envoy.forward_access_token",
-    "envoy.ratelimit.rule_entry",
-    "envoy.ratelimit.key_entry",
-];
+use crate::token::ClientAuth;
 
 /// Resolves one setting through flags, then the environment, then the file.
 pub(super) struct Resolver<'a> {
@@ -83,6 +12,8 @@ pub(super) struct Resolver<'a> {
     pub(super) env: &'a dyn Fn(&str) -> Option<String>,
     pub(super) file: BTreeMap<String, toml::Value>,
     pub(super) file_name: String,
+    /// Every key resolution asked for.
+    pub(super) asked: std::cell::RefCell<BTreeSet<String>>,
 }
 
 /// The environment variable of a setting: `SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT`.
@@ -93,6 +24,9 @@ pub fn env_name(key: &str) -> String {
 impl Resolver<'_> {
     /// The raw value and a description of where it came from.
     pub(super) fn raw(&self, key: &str, aliases: &[&str]) -> Option<(String, String)> {
+        if !self.asked.borrow().contains(key) {
+            self.asked.borrow_mut().insert(key.to_owned());
+        }
         if let Some(value) = self.flags.get(key) {
             return Some((value.clone(), format!("flag --{}", key.replace(['.', '_'], "-"))));
         }
@@ -279,66 +213,55 @@ pub(super) fn parse_plaintext_keys(text: &str) -> Result<Vec<(Role, SecretString
     Ok(keys)
 }
 
-/// The rate-limit rules: the defaults, overridden field by field, plus every rule named in the
+/// The rate-limit rules: the `defaults`, overridden field by field, plus every rule named in the
 /// file. A new rule needs at least `limit` and `period`.
-pub(super) fn resolve_rules(r: &Resolver<'_>) -> Result<BTreeMap<String, RateRuleConfig>, ConfigError> {
-    let mut names: BTreeSet<String> = DEFAULT_RULES.iter().map(|(name, ..)| (*name).to_owned()).collect();
+pub(super) fn resolve_rules(
+    r: &Resolver<'_>,
+    defaults: &BTreeMap<String, Rule>,
+) -> Result<BTreeMap<String, Rule>, ConfigError> {
+    let mut names: BTreeSet<String> = defaults.keys().cloned().collect();
     names.extend(r.file.keys().filter_map(|k| rule_key(k)).map(str::to_owned));
     let mut rules = BTreeMap::new();
     for name in names {
         let key = |field: &str| format!("security.rules.{name}.{field}");
-        let default = DEFAULT_RULES.iter().find(|(n, ..)| *n == name);
-        let (limit, period, max_backoff) = match default {
-            Some((_, limit, period, max)) => (
-                r.number(&key("limit"), *limit)?,
-                r.positive_duration(&key("period"), Duration::from_secs(*period))?,
-                r.positive_duration(&key("max_backoff"), Duration::from_secs(*max))?,
-            ),
+        let default = match defaults.get(&name) {
+            Some(rule) => rule.clone(),
             None => {
                 for field in ["limit", "period"] {
                     if r.raw(&key(field), &[]).is_none() {
                         return Err(err(format!("setting `{}`: required for the new rule {name:?}", key(field))));
                     }
                 }
-                let period = r.positive_duration(&key("period"), Duration::from_secs(60))?;
-                (
-                    r.number(&key("limit"), 1u32)?,
-                    period,
-                    r.positive_duration(&key("max_backoff"), Duration::from_secs(3600))?,
-                )
+                let backoff = Backoff { multiplier: 2.0, max: Duration::from_secs(3600) };
+                Rule { name: name.clone(), limit: 1, period: Duration::from_secs(60), burst: 1, backoff: Some(backoff) }
             }
         };
+        let default_backoff =
+            default.backoff.clone().unwrap_or(Backoff { multiplier: 2.0, max: Duration::from_secs(3600) });
+        let limit = r.number(&key("limit"), default.limit)?;
+        let period = r.positive_duration(&key("period"), default.period)?;
+        let max_backoff = r.positive_duration(&key("max_backoff"), default_backoff.max)?;
         if limit == 0 {
             return Err(err(format!("setting `{}`: must be at least 1", key("limit"))));
         }
+        // The bucket follows the limit unless it is set.
         let burst = r.number(&key("burst"), limit)?;
         if burst == 0 {
             return Err(err(format!("setting `{}`: must be at least 1", key("burst"))));
         }
-        let backoff_multiplier = r.parsed(&key("backoff_multiplier"), &[], 2.0, "a number of at least 1", |s| {
-            s.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 1.0)
-        })?;
-        let rule = RateRuleConfig {
-            limit,
-            period,
-            burst,
-            backoff: r.bool(&key("backoff"), true)?,
-            backoff_multiplier,
-            max_backoff,
-        };
-        rules.insert(name, rule);
+        let multiplier =
+            r.parsed(&key("backoff_multiplier"), &[], default_backoff.multiplier, "a number of at least 1", |s| {
+                s.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 1.0)
+            })?;
+        let backoff =
+            r.bool(&key("backoff"), default.backoff.is_some())?.then_some(Backoff { multiplier, max: max_backoff });
+        rules.insert(name.clone(), Rule { name, limit, period, burst, backoff });
     }
     Ok(rules)
 }
 
-pub(super) fn client_auth(r: &Resolver<'_>, key: &str) -> Result<crate::token::ClientAuth, ConfigError> {
-    r.parsed(
-        key,
-        &[],
-        crate::token::ClientAuth::Basic,
-        "client_secret_basic or client_secret_post",
-        crate::token::ClientAuth::parse,
-    )
+pub(super) fn client_auth(r: &Resolver<'_>, key: &str) -> Result<ClientAuth, ConfigError> {
+    r.parsed(key, &[], ClientAuth::Basic, "client_secret_basic or client_secret_post", ClientAuth::parse)
 }
 
 pub(super) fn check_url(key: &str, value: &Option<String>) -> Result<(), ConfigError> {
@@ -359,28 +282,29 @@ pub const ENV_PROVIDERS: &[&str] = &["openrouter"];
 /// The providers: `default` from the flat `token.*` settings when they name an endpoint or an
 /// issuer, then every `[token.providers.NAME]` of the file (whose fields also resolve from flags
 /// and the environment, e.g. `SESSION_AUTHORITY_TOKEN_PROVIDERS_NAME_CLIENT_SECRET`).
-pub(super) fn resolve_providers(
-    r: &Resolver<'_>,
-    flat: &TokenConfig,
-) -> Result<Vec<crate::token::ProviderSettings>, ConfigError> {
-    use crate::token::{DEFAULT_PROVIDER, ProviderSettings};
+pub(super) fn resolve_providers(r: &Resolver<'_>) -> Result<Vec<ProviderSettings>, ConfigError> {
+    use crate::token::DEFAULT_PROVIDER;
+    let request_timeout = r.positive_duration("token.request_timeout", Duration::from_secs(10))?;
+    let flat = ProviderSettings {
+        name: DEFAULT_PROVIDER.into(),
+        client_id: r.string("token.client_id", &["OAUTH_CLIENT_ID", "OPENROUTER_CLIENT_ID"]),
+        client_secret: r
+            .string("token.client_secret", &["OAUTH_CLIENT_SECRET", "OPENROUTER_CLIENT_SECRET"])
+            .map(SecretString::from),
+        token_endpoint: r.string("token.token_endpoint", &[]),
+        introspection_endpoint: r.string("token.introspection_endpoint", &[]),
+        revocation_endpoint: r.string("token.revocation_endpoint", &[]),
+        issuer: r.string("token.issuer", &[]),
+        client_auth: client_auth(r, "token.client_auth")?,
+        request_timeout,
+    };
     let mut providers = Vec::new();
     if flat.token_endpoint.is_some() || flat.issuer.is_some() {
         for key in ["token.token_endpoint", "token.introspection_endpoint", "token.revocation_endpoint", "token.issuer"]
         {
             check_url(key, &r.string(key, &[]))?;
         }
-        providers.push(ProviderSettings {
-            name: DEFAULT_PROVIDER.into(),
-            client_id: flat.client_id.clone(),
-            client_secret: flat.client_secret.clone(),
-            token_endpoint: flat.token_endpoint.clone(),
-            introspection_endpoint: flat.introspection_endpoint.clone(),
-            revocation_endpoint: flat.revocation_endpoint.clone(),
-            issuer: flat.issuer.clone(),
-            client_auth: flat.client_auth,
-            request_timeout: flat.request_timeout,
-        });
+        providers.push(flat);
     } else if flat.introspection_endpoint.is_some() || flat.revocation_endpoint.is_some() {
         return Err(err(
             "setting `token.token_endpoint`: required (or `token.issuer`) when other token endpoints are set",
@@ -420,7 +344,7 @@ pub(super) fn resolve_providers(
             revocation_endpoint: string("revocation_endpoint"),
             issuer: string("issuer"),
             client_auth: client_auth(r, &key("client_auth"))?,
-            request_timeout: flat.request_timeout,
+            request_timeout,
         };
         if settings.token_endpoint.is_none() && settings.issuer.is_none() {
             return Err(err(format!("setting `{}`: required (or `{}`)", key("token_endpoint"), key("issuer"))));

@@ -22,16 +22,16 @@ fn defaults_are_the_guides() {
     assert_eq!(c.session.cleanup_interval, Duration::from_secs(15 * 60));
     assert_eq!(c.token.proactive_refresh, Duration::from_secs(300));
     assert_eq!(c.token.grace_period, Duration::from_secs(300));
-    assert_eq!(c.token.max_retries, 3);
-    assert_eq!(c.token.retry_initial_delay, Duration::from_secs(1));
-    assert_eq!(c.token.retry_max_delay, Duration::from_secs(30));
+    assert_eq!(c.token.retry.max_retries, 3);
+    assert_eq!(c.token.retry.initial_delay, Duration::from_secs(1));
+    assert_eq!(c.token.retry.max_delay, Duration::from_secs(30));
     assert_eq!(c.revocation.list_ttl, Duration::from_secs(24 * 3600));
     assert!(c.revocation.cascade);
     assert_eq!(c.revocation.watch_buffer, 4096);
     assert_eq!(c.revocation.max_watchers, 20_000);
     assert_eq!(c.server.concurrency_limit, 1024);
     assert_eq!(c.server.max_health_watch_streams, 4096);
-    assert_eq!(c.security.hijack_threshold, 0.7);
+    assert_eq!(c.security.hijack.threshold, 0.7);
     assert_eq!(c.log_format, LogFormat::Text);
     assert!(c.metrics_listen.is_none());
 }
@@ -56,12 +56,13 @@ fn flags_beat_environment_which_beats_the_file() {
 #[test]
 fn guide_environment_names_work() {
     let c = load(
-        &[("storage", "redis")],
+        &[("storage", "redis"), ("token.token_endpoint", "https://idp.example/token")],
         &[("REDIS_URL", "redis://127.0.0.1:6379"), ("OPENROUTER_CLIENT_ID", "cid"), ("KV_REST_API_URL", "https://kv")],
     )
     .unwrap();
     assert_eq!(c.storage.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
-    assert_eq!(c.token.client_id.as_deref(), Some("cid"));
+    assert_eq!(c.providers.len(), 1, "{:?}", c.providers);
+    assert_eq!(c.providers[0].client_id.as_deref(), Some("cid"));
     assert_eq!(c.storage.kv_rest_url.as_deref(), Some("https://kv"));
 }
 
@@ -119,11 +120,11 @@ fn rate_limit_rules_have_defaults_overrides_and_new_names() {
     assert_eq!(rules["token_refresh"].period, Duration::from_secs(60));
     assert_eq!(rules["session_create"].limit, 5);
     assert_eq!(rules["session_create"].period, Duration::from_secs(300));
-    assert_eq!(rules["session_create"].max_backoff, Duration::from_secs(3600));
-    assert_eq!(rules["login_attempt"].max_backoff, Duration::from_secs(1800));
+    assert_eq!(rules["session_create"].backoff.as_ref().unwrap().max, Duration::from_secs(3600));
+    assert_eq!(rules["login_attempt"].backoff.as_ref().unwrap().max, Duration::from_secs(1800));
     assert_eq!(rules["validate_failure"].burst, 30);
-    assert_eq!(c.security.max_limiter_keys, 100_000);
-    assert!(rules.values().all(|r| r.backoff && r.backoff_multiplier == 2.0));
+    assert_eq!(c.storage.max_limiter_keys, 100_000);
+    assert!(rules.values().all(|r| r.backoff.as_ref().is_some_and(|b| b.multiplier == 2.0)));
     assert_eq!(c.security.hijack.ip_new_network, 0.3);
 
     let dir = tempfile::tempdir().unwrap();
@@ -141,7 +142,7 @@ fn rate_limit_rules_have_defaults_overrides_and_new_names() {
     assert_eq!(rules["session_create"].period, Duration::from_secs(300));
     assert_eq!(rules["api_call"].limit, 50);
     assert_eq!(rules["api_call"].burst, 20);
-    assert!(!rules["api_call"].backoff);
+    assert!(rules["api_call"].backoff.is_none());
     assert_eq!(c.security.hijack.ip_new_network, 0.4);
 }
 
@@ -183,4 +184,45 @@ fn hashed_and_plaintext_keys_load() {
     assert_eq!(c.auth.api_keys[0].sha256, [0xab; 32]);
     assert_eq!(c.auth.plaintext_api_keys.len(), 2);
     assert_eq!(c.auth.plaintext_api_keys[1].0, Role::Watcher);
+}
+
+#[test]
+fn the_configurations_defaults_are_the_domains() {
+    let c = load(&[], &[]).unwrap();
+    let session = crate::session::SessionSettings::default();
+    assert_eq!(c.session.idle_timeout, session.idle_timeout);
+    assert_eq!(c.session.tombstone_ttl, session.tombstone_ttl);
+    assert_eq!(c.session.cleanup_interval, session.cleanup_interval);
+    assert_eq!(c.revocation.list_ttl, c.session.tombstone_ttl);
+    assert_eq!(c.revocation.cleanup_interval, Duration::from_secs(3600));
+    assert_eq!(c.token.proactive_refresh, c.session.proactive_refresh);
+    assert_eq!(c.token.wait_timeout, crate::token::TokenSettings::default().wait_timeout);
+    assert_eq!(c.security.rules, crate::security::default_rules());
+    assert_eq!(c.security.hijack, crate::security::hijack::HijackRules::default());
+    assert_eq!(c.security.event_retention, crate::security::SecuritySettings::default().event_retention);
+    assert!(c.providers.is_empty());
+}
+
+#[test]
+fn a_setting_read_only_in_some_cases_is_still_known() {
+    // `tls.client_cert_role` matters only with a certificate, and a new rule's `burst` only
+    // with its rule; neither is an unknown key in a file that leaves the rest out.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[tls]\nclient_cert_role = \"admin\"\n[token]\nlease_ttl = \"20s\"\n").unwrap();
+    let c = load(&[("config", path.to_str().unwrap())], &[]).unwrap();
+    assert!(c.server.tls.is_none());
+    assert_eq!(c.token.lease_ttl, Duration::from_secs(20));
+    assert_eq!(c.token.wait_timeout, Duration::from_secs(80));
+    std::fs::write(&path, "[security.rules.api]\nlimit = 4\nperiod = \"1s\"\nmax_backoff = \"5s\"\n").unwrap();
+    let c = load(&[("config", path.to_str().unwrap())], &[]).unwrap();
+    let api = &c.security.rules["api"];
+    assert_eq!((api.limit, api.burst, api.backoff.as_ref().unwrap().max), (4, 4, Duration::from_secs(5)));
+    std::fs::write(
+        &path,
+        "[token.providers.acme]\nclient_id = \"c\"\ntoken_endpoint = \"https://a/t\"\nscope = \"x\"\n",
+    )
+    .unwrap();
+    let e = load(&[("config", path.to_str().unwrap())], &[]).unwrap_err().to_string();
+    assert!(e.contains("`token.providers.acme.scope`") && e.contains("not a known setting"), "{e}");
 }

@@ -13,10 +13,38 @@ use crate::session::CreateGuard;
 use crate::store::DynRateLimitStore;
 
 use super::events::{EventDraft, EventType, Recorder};
-use super::limiter::{Decision, Rule};
+use super::limiter::{Backoff, Decision, Rule};
 
 /// The rule checked per client IP when ValidateSession answers "not valid".
 pub const VALIDATE_FAILURE_RULE: &str = "validate_failure";
+
+/// (name, limit, period s, max backoff s) of [`default_rules`].
+const DEFAULT_RULES: &[(&str, u32, u64, u64)] = &[
+    ("token_refresh", 10, 60, 3600),
+    (crate::session::SESSION_CREATE_RULE, 5, 300, 3600),
+    ("login_attempt", 5, 300, 1800),
+    (VALIDATE_FAILURE_RULE, 30, 60, 900),
+];
+
+/// The rules every deployment has unless configured otherwise, with the bucket as large as the
+/// limit and backoff doubling up to its maximum. The first three are the original library's;
+/// `validate_failure` counts "not valid" ValidateSession answers per client IP.
+pub fn default_rules() -> BTreeMap<String, Rule> {
+    DEFAULT_RULES
+        .iter()
+        .map(|&(name, limit, period, max_backoff)| {
+            let backoff = Backoff { multiplier: 2.0, max: Duration::from_secs(max_backoff) };
+            let rule = Rule {
+                name: name.to_owned(),
+                limit,
+                period: Duration::from_secs(period),
+                burst: limit,
+                backoff: Some(backoff),
+            };
+            (name.to_owned(), rule)
+        })
+        .collect()
+}
 
 /// The key of a client address in [`VALIDATE_FAILURE_RULE`]: an IPv4 address as it is (also when
 /// written as an IPv4-mapped IPv6 address), an IPv6 address as its /64, for example

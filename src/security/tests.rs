@@ -47,8 +47,7 @@ fn other_device(user_agent: &str) -> Fingerprint {
 }
 
 fn settings() -> SecuritySettings {
-    let config = crate::Config::from_flags(&BTreeMap::new()).unwrap();
-    SecuritySettings::from_config(&config)
+    crate::Config::from_flags(&BTreeMap::new()).unwrap().security
 }
 
 struct World {
@@ -67,17 +66,7 @@ fn world_with(settings: SecuritySettings, events: Option<DynSecurityEventStore>)
         events: events.unwrap_or_else(|| memory.clone()),
         tokens: memory.clone(),
     };
-    let session_settings = SessionSettings {
-        idle_timeout: Duration::from_secs(1800),
-        absolute_timeout: Duration::from_secs(8 * 3600),
-        max_sessions_per_user: 5,
-        device_validation: true,
-        device_match_threshold: 0.8,
-        device_fingerprint_required: true,
-        idle_slide_step: Duration::from_secs(60),
-        tombstone_ttl: Duration::from_secs(86400),
-        proactive_refresh: Duration::from_secs(300),
-    };
+    let session_settings = SessionSettings { ..SessionSettings::default() };
     let clock_arc: Arc<dyn Clock> = Arc::new(clock.clone());
     let sessions = SessionManager::new(
         stores.sessions.clone(),

@@ -22,17 +22,7 @@ impl CreateGuard for Recording {
 }
 
 fn manager(guard: Arc<Recording>) -> SessionManager {
-    let settings = SessionSettings {
-        idle_timeout: Duration::from_secs(1800),
-        absolute_timeout: Duration::from_secs(8 * 3600),
-        max_sessions_per_user: 5,
-        device_validation: true,
-        device_match_threshold: 0.8,
-        device_fingerprint_required: true,
-        idle_slide_step: Duration::from_secs(60),
-        tombstone_ttl: Duration::from_secs(86400),
-        proactive_refresh: Duration::from_secs(300),
-    };
+    let settings = SessionSettings { ..SessionSettings::default() };
     SessionManager::new(
         Arc::new(MemoryStore::new()),
         Arc::new(KeyRing::new(&[1; 32], &[])),

@@ -283,17 +283,7 @@ mod tests {
     use crate::session::{NewSession, SessionManager, SessionSettings};
 
     fn settings() -> SessionSettings {
-        SessionSettings {
-            idle_timeout: Duration::from_secs(1800),
-            absolute_timeout: Duration::from_secs(8 * 3600),
-            max_sessions_per_user: 5,
-            device_validation: true,
-            device_fingerprint_required: true,
-            device_match_threshold: 0.8,
-            idle_slide_step: Duration::from_secs(60),
-            tombstone_ttl: Duration::from_secs(3600),
-            proactive_refresh: Duration::from_secs(300),
-        }
+        SessionSettings { tombstone_ttl: Duration::from_secs(3600), ..SessionSettings::default() }
     }
 
     /// A session of `user` created through the manager, as stored.
@@ -440,17 +430,7 @@ mod tests {
     async fn a_database_written_before_the_deadline_index_gets_one_when_opened() {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(1_800_000_000_000);
-        let settings = SessionSettings {
-            idle_timeout: Duration::from_secs(1800),
-            absolute_timeout: Duration::from_secs(8 * 3600),
-            max_sessions_per_user: 5,
-            device_validation: true,
-            device_fingerprint_required: true,
-            device_match_threshold: 0.8,
-            idle_slide_step: Duration::from_secs(60),
-            tombstone_ttl: Duration::from_secs(3600),
-            proactive_refresh: Duration::from_secs(300),
-        };
+        let settings = settings();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let manager = SessionManager::new(
             Arc::new(store.clone()),

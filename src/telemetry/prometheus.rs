@@ -131,13 +131,7 @@ mod tests {
                 let settings = SessionSettings {
                     idle_timeout: Duration::from_secs(60),
                     absolute_timeout: Duration::from_secs(3600),
-                    max_sessions_per_user: 5,
-                    device_validation: true,
-                    device_match_threshold: 0.8,
-                    device_fingerprint_required: true,
-                    idle_slide_step: Duration::from_secs(60),
-                    tombstone_ttl: Duration::from_secs(86400),
-                    proactive_refresh: Duration::from_secs(300),
+                    ..SessionSettings::default()
                 };
                 let manager = SessionManager::new(
                     Arc::new(MemoryStore::new()),

@@ -36,6 +36,7 @@ pub fn settings(cap: u32) -> SessionSettings {
         idle_slide_step: MINUTE,
         tombstone_ttl: 24 * 60 * MINUTE,
         proactive_refresh: 5 * MINUTE,
+        cleanup_interval: 15 * MINUTE,
     }
 }
 

@@ -1,7 +1,8 @@
 //! The layer order of `src/`: the ```layers block of ARCHITECTURE.md lists the top-level modules
 //! from the top of the stack to the bottom, and a module may name (`crate::x`) only modules on
-//! lower lines. Two modules on one line may not name each other. With a strict order there is
-//! no cycle. Test code (`tests.rs` files and what follows `#[cfg(test)]`) may name anything.
+//! lower lines. Two modules on one line may not name each other, and no module may name a
+//! re-export of the crate root (`crate::Config`), which would hide the edge. With a strict order
+//! there is no cycle. Test code (`tests.rs` files and what follows `#[cfg(test)]`) may name anything.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,9 @@ fn module_of(relative: &Path) -> Option<String> {
     (module != "lib" && module != "main").then_some(module)
 }
 
+/// What a reference to a re-export of the crate root is recorded as.
+const ROOT: &str = "(the crate root)";
+
 /// Every `crate::x` a file's non-test code names, with its line number.
 fn crate_references(source: &str) -> Vec<(usize, String)> {
     let mut found = Vec::new();
@@ -64,8 +68,14 @@ fn crate_references(source: &str) -> Vec<(usize, String)> {
             if preceded_by_word {
                 continue; // `session_authority::crate::`-like text or an identifier ending in `crate`.
             }
-            let name: String =
-                line[at + "crate::".len()..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+            let rest = &line[at + "crate::".len()..];
+            // A re-export of the crate root (`crate::Config`) hides the module it comes from, so
+            // it is recorded as the root, which no module may name.
+            if rest.starts_with(|c: char| c.is_ascii_uppercase()) {
+                found.push((number + 1, ROOT.to_owned()));
+                continue;
+            }
+            let name: String = rest.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
             if !name.is_empty() {
                 found.push((number + 1, name));
             }
@@ -97,6 +107,13 @@ fn every_module_names_only_modules_below_it() {
                 continue;
             }
             edges += 1;
+            if target == ROOT {
+                upward.push(format!(
+                    "src/{}:{line}: `{module}` names a re-export of the crate root; name its module instead",
+                    relative.display()
+                ));
+                continue;
+            }
             match order.get(&target) {
                 Some(&below) if below < height => {}
                 Some(_) => {
@@ -119,9 +136,9 @@ fn every_module_names_only_modules_below_it() {
 
 #[test]
 fn the_scan_sees_an_upward_reference() {
-    let source = "use crate::store::DynSessionStore;\n// crate::app in a comment\nfn f() { crate::grpc::x(); }\n#[cfg(test)]\nmod tests { use crate::app; }\n";
+    let source = "use crate::store::DynSessionStore;\n// crate::app in a comment\nfn f() { crate::grpc::x(); }\nfn g(c: &crate::Config) {}\n#[cfg(test)]\nmod tests { use crate::app; }\n";
     let names: Vec<String> = crate_references(source).into_iter().map(|(_, n)| n).collect();
-    assert_eq!(names, ["store", "grpc"]);
+    assert_eq!(names, ["store", "grpc", ROOT]);
     assert_eq!(module_of(Path::new("store/embedded/commit.rs")).as_deref(), Some("store"));
     assert_eq!(module_of(Path::new("session/tests.rs")), None);
     assert_eq!(module_of(Path::new("bin/loadgen/main.rs")), None);

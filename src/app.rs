@@ -168,7 +168,8 @@ impl App {
             secrets.key_ring.clone(),
             clock.clone(),
             config.session.clone(),
-        );
+        )
+        .with_providers(config.providers.iter().map(|p| p.name.clone()).collect());
         // Security wraps the manager (create guard, hijack scorer, event observer); revocations
         // are built on the wrapped one so that every end they cause is observed too.
         let (sessions, security) = Security::install(config.security.clone(), &stores, clock.clone(), sessions);
@@ -301,13 +302,9 @@ impl App {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
-                SessionServiceServer::new(
-                    SessionAdapter::new(sessions.clone())
-                        .with_security(security.clone())
-                        .with_providers(tokens.providers().names().map(str::to_owned).collect()),
-                )
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
+                SessionServiceServer::new(SessionAdapter::new(sessions.clone()))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
             )
             .add_service(
                 TokenServiceServer::new(TokenAdapter::new(tokens.clone()))
@@ -325,14 +322,9 @@ impl App {
                     .max_encoding_message_size(max_message),
             )
             .add_service(
-                AuthorizationServer::new(ExtAuthzAdapter::new(
-                    sessions.clone(),
-                    security.clone(),
-                    tokens.clone(),
-                    config.envoy.clone(),
-                ))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
+                AuthorizationServer::new(ExtAuthzAdapter::new(sessions.clone(), tokens.clone(), config.envoy.clone()))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
             )
             .add_service(
                 RateLimitServiceServer::new(RateLimitAdapter::new(security.clone(), config.envoy.clone()))

@@ -4,7 +4,7 @@
 //! Pieces, each usable alone:
 //! - [`limiter`]: the pure GCRA-with-backoff function, and [`Limiter`], which applies a named
 //!   rule through a [`RateLimitStore`](crate::store::RateLimitStore) and records denials. It is
-//!   the session manager's [`CreateGuard`](crate::session::CreateGuard) (`session_create`, keyed by user id).
+//!   the session manager's [`LimitGuard`](crate::session::LimitGuard) (`session_create`, keyed by user id).
 //! - [`hijack`]: the rule table and [`hijack::HijackDetector`], the session manager's
 //!   [`HijackScorer`](crate::session::HijackScorer).
 //! - [`events`]: event types, the [`events::Recorder`], and the pure summary and
@@ -22,7 +22,7 @@
 //! | rule | limit | period | max backoff | key | checked by |
 //! |---|---|---|---|---|---|
 //! | `token_refresh` | 10 | 60 s | 3600 s | caller's choice | CheckRateLimit (the token work) |
-//! | `session_create` | 5 | 300 s | 3600 s | user id | CreateSession (`CreateGuard`) and CheckRateLimit |
+//! | `session_create` | 5 | 300 s | 3600 s | user id | CreateSession (`LimitGuard`) and CheckRateLimit |
 //! | `login_attempt` | 5 | 300 s | 1800 s | caller's choice | CheckRateLimit |
 //! | `validate_failure` | 30 | 60 s | 900 s | client IPv4 address, or IPv6 /64 | ValidateSession's "not valid" answers |
 //!
@@ -79,7 +79,8 @@ pub mod events;
 pub mod hijack;
 pub use crate::model::limiter;
 mod limits;
-pub use limits::{Limiter, VALIDATE_FAILURE_RULE, client_network_key, default_rules};
+pub use crate::session::{VALIDATE_FAILURE_RULE, client_network_key};
+pub use limits::{Limiter, default_rules};
 
 use events::{EventDraft, EventType, Recorder, SecurityEvent, Severity, Summary, SummaryBuilder};
 use hijack::{HijackDetector, HijackRules};
@@ -283,7 +284,7 @@ impl Security {
         );
         let detector = Arc::new(HijackDetector::new(settings.hijack.clone(), clock.clone()));
         let mut sessions = sessions
-            .with_create_guard(Arc::new(limiter.clone()))
+            .with_limit_guard(Arc::new(limiter.clone()))
             .with_observer(Arc::new(EventObserver::new(recorder.clone())));
         if settings.hijack_detection {
             sessions = sessions.with_hijack_scorer(detector.clone());
@@ -326,16 +327,6 @@ impl Security {
             self.limiter.check(rule_name, key, cost).await
         } else {
             self.limiter.peek(rule_name, key, cost).await
-        }
-    }
-
-    /// Counts a "not valid" ValidateSession answer against the client (its IPv4 address, or its
-    /// IPv6 /64: [`client_network_key`]); beyond the `validate_failure` rule the caller gets
-    /// `RESOURCE_EXHAUSTED`.
-    pub async fn validation_refused(&self, ip: Option<IpAddr>) -> Result<()> {
-        match ip {
-            Some(ip) => self.limiter.enforce(VALIDATE_FAILURE_RULE, &client_network_key(ip)).await,
-            None => Ok(()),
         }
     }
 

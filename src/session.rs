@@ -86,6 +86,29 @@ impl Default for SessionSettings {
 /// The name of the rate-limit rule checked on creation, keyed by user id.
 pub const SESSION_CREATE_RULE: &str = "session_create";
 
+/// The rule checked per client network when ValidateSession answers "not valid" for a reason
+/// that [counts against the client](InvalidReason::counts_against_client).
+pub const VALIDATE_FAILURE_RULE: &str = "validate_failure";
+
+/// The name of the provider the flat `token.*` settings describe, which a session that names
+/// none uses.
+pub const DEFAULT_PROVIDER: &str = "default";
+
+/// The key of a client address in [`VALIDATE_FAILURE_RULE`]: an IPv4 address as it is (also when
+/// written as an IPv4-mapped IPv6 address), an IPv6 address as its /64, for example
+/// `2001:db8:1:2::/64`. A /64 is what one subscriber, one LAN or one host is given, and any
+/// address in it is the client's to pick, so an exact IPv6 key would hand a guesser 2^64 fresh
+/// allowances.
+pub fn client_network_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let network = std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX));
+            format!("{network}/64")
+        }
+    }
+}
+
 /// Everything needed to create a session.
 #[derive(Debug, Default)]
 pub struct NewSession {
@@ -143,6 +166,16 @@ pub enum InvalidReason {
     DeviceMismatch,
     /// Hijack detection ended the session.
     HijackSuspected,
+}
+
+impl InvalidReason {
+    /// Whether this answer counts against the client's [`VALIDATE_FAILURE_RULE`] allowance: a
+    /// token that names no session, or a session presented from the wrong device. Sessions
+    /// that ended normally (expired, revoked, terminated) do not count: a stale cookie behind a
+    /// shared NAT must not lock out its neighbours.
+    pub fn counts_against_client(self) -> bool {
+        matches!(self, InvalidReason::NotFound | InvalidReason::DeviceMismatch | InvalidReason::HijackSuspected)
+    }
 }
 
 /// The answer of [`SessionManager::validate`].
@@ -229,7 +262,9 @@ pub struct SessionManager {
     keys: Arc<KeyRing>,
     clock: Arc<dyn Clock>,
     settings: SessionSettings,
-    guard: Arc<dyn CreateGuard>,
+    guard: Arc<dyn LimitGuard>,
+    // The provider names CreateSession accepts, when the token work has said which exist.
+    providers: Option<Arc<std::collections::BTreeSet<String>>>,
     hijack: Option<Arc<dyn HijackScorer>>,
     // Woken after every write that may append to the revocation log, so this replica's feed
     // publishes at once instead of at its next poll.
@@ -251,6 +286,7 @@ impl SessionManager {
             clock,
             settings,
             guard: Arc::new(NoRateLimit),
+            providers: None,
             hijack: None,
             log_signal: Arc::new(tokio::sync::Notify::new()),
             observer: Arc::new(NoObserver),
@@ -268,10 +304,37 @@ impl SessionManager {
         self.observer.observe(event).await;
     }
 
-    /// Checks `guard` before every creation.
-    pub fn with_create_guard(mut self, guard: Arc<dyn CreateGuard>) -> Self {
+    /// Applies `guard`'s rate limits (see [`LimitGuard`]).
+    pub fn with_limit_guard(mut self, guard: Arc<dyn LimitGuard>) -> Self {
         self.guard = guard;
         self
+    }
+
+    /// Accepts only these provider names in [`create`](Self::create), besides the empty name
+    /// of the default; when exactly one is configured and it is not [`DEFAULT_PROVIDER`], a
+    /// session that names none gets that one.
+    pub fn with_providers(mut self, names: std::collections::BTreeSet<String>) -> Self {
+        self.providers = Some(Arc::new(names));
+        self
+    }
+
+    /// The provider a new session that asked for `requested` gets, or `INVALID_ARGUMENT` for a
+    /// name that is not configured.
+    fn provider_for(&self, requested: String) -> Result<String> {
+        let Some(known) = &self.providers else { return Ok(requested) };
+        if requested.is_empty() {
+            let only = (known.len() == 1).then(|| known.first()).flatten();
+            return Ok(only.filter(|name| name.as_str() != DEFAULT_PROVIDER).cloned().unwrap_or_default());
+        }
+        if known.contains(&requested) {
+            return Ok(requested);
+        }
+        let names = known.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
+        let configured = if names.is_empty() { "none" } else { &names };
+        Err(Error::invalid(
+            "provider",
+            format!("no provider named {requested:?} is configured (configured: {configured})"),
+        ))
     }
 
     /// Scores every validation with `scorer`.
@@ -327,7 +390,8 @@ impl SessionManager {
     }
 
     /// Creates a session under the per-user cap.
-    pub async fn create(&self, new: NewSession) -> Result<Created> {
+    pub async fn create(&self, mut new: NewSession) -> Result<Created> {
+        new.provider = self.provider_for(std::mem::take(&mut new.provider))?;
         self.guard.check(SESSION_CREATE_RULE, &new.user_id).await?;
         let (record, token) = self.prepare(new);
         let eviction = self.eviction(record.created_at);

@@ -304,15 +304,14 @@ impl Decision {
 #[derive(Clone, Debug)]
 pub struct ExtAuthzAdapter {
     sessions: SessionManager,
-    security: Security,
     tokens: TokenManager,
     settings: Arc<EnvoyConfig>,
 }
 
 impl ExtAuthzAdapter {
     /// The service over the authority's domain.
-    pub fn new(sessions: SessionManager, security: Security, tokens: TokenManager, settings: EnvoyConfig) -> Self {
-        ExtAuthzAdapter { sessions, security, tokens, settings: Arc::new(settings) }
+    pub fn new(sessions: SessionManager, tokens: TokenManager, settings: EnvoyConfig) -> Self {
+        ExtAuthzAdapter { sessions, tokens, settings: Arc::new(settings) }
     }
 
     /// Decides one proxied request.
@@ -332,31 +331,15 @@ impl ExtAuthzAdapter {
             ..Fingerprint::default()
         });
         let context = RequestContext { fingerprint, ip_address: request.client_ip, user_agent: request.user_agent };
-        let validation = if validate::session_token("session_token", &token).is_err() {
-            Ok(Validation::Invalid {
-                reason: InvalidReason::NotFound,
-                end_reason: None,
-                risk_score: 0.0,
-                reasons: Vec::new(),
-            })
-        } else {
-            self.sessions.validate(&token, &context).await
-        };
-        let session = match validation {
-            Err(e) => return Decision::Deny(unavailable(&e)),
+        // A token of any shape is looked up: one that is not a session token names none, and
+        // that answer counts against the client like any other unknown token.
+        let session = match self.sessions.validate(&token, &context).await {
             Ok(Validation::Valid { session, .. }) => session,
-            Ok(Validation::Invalid { reason, .. }) => {
-                if crate::grpc::session::counts_as_failure(reason) {
-                    match self.security.validation_refused(context.ip_address).await {
-                        Ok(()) => {}
-                        Err(Error::RateLimited { retry_after, .. } | Error::LimiterFull { retry_after, .. }) => {
-                            return Decision::Deny(Denial::rate_limited(retry_after));
-                        }
-                        Err(e) => return Decision::Deny(unavailable(&e)),
-                    }
-                }
-                return Decision::Deny(invalid(reason));
+            Ok(Validation::Invalid { reason, .. }) => return Decision::Deny(invalid(reason)),
+            Err(Error::RateLimited { retry_after, .. } | Error::LimiterFull { retry_after, .. }) => {
+                return Decision::Deny(Denial::rate_limited(retry_after));
             }
+            Err(e) => return Decision::Deny(unavailable(&e)),
         };
         let mut valid_until = session.deadline();
         let access_token = if self.settings.forward_access_token {

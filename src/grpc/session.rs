@@ -1,5 +1,7 @@
-//! SessionService adapter: validates every field, checks the finer authorisation (acting on a
-//! session by id needs the admin role), calls [`SessionManager`], and maps the answer.
+//! SessionService adapter: checks and parses every field once (a CreateSession request becomes a
+//! [`NewSession`] through `TryFrom`), checks the finer authorisation (acting on a session by id
+//! needs the admin role), calls [`SessionManager`], and maps the answer. The rules about what
+//! the request asks for (the provider, the validate_failure limit) are the manager's.
 
 use std::collections::BTreeMap;
 
@@ -12,66 +14,53 @@ use crate::grpc::convert::SessionSelector as _;
 use crate::grpc::pb;
 use crate::grpc::pb::session_service_server::SessionService;
 use crate::grpc::{convert, validate};
-use crate::security::Security;
 use crate::session::{InvalidReason, NewSession, RequestContext, SessionManager, SessionRef, Validation};
 
 /// The SessionService implementation.
 #[derive(Clone, Debug)]
 pub struct SessionAdapter {
     sessions: SessionManager,
-    security: Option<Security>,
-    providers: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
 }
 
 impl SessionAdapter {
     /// An adapter over `sessions`.
     pub fn new(sessions: SessionManager) -> SessionAdapter {
-        SessionAdapter { sessions, security: None, providers: None }
-    }
-
-    /// Accepts only these provider names in CreateSession (besides the empty default).
-    pub fn with_providers(mut self, names: std::collections::BTreeSet<String>) -> SessionAdapter {
-        self.providers = Some(std::sync::Arc::new(names));
-        self
-    }
-
-    /// Counts suspicious "not valid" answers per client IP against the `validate_failure` rule.
-    pub fn with_security(mut self, security: Security) -> SessionAdapter {
-        self.security = Some(security);
-        self
+        SessionAdapter { sessions }
     }
 }
 
-/// Answers that count against the client IP's `validate_failure` allowance: a token that names
-/// no session, or a session presented from the wrong device. Sessions that ended normally
-/// (expired, revoked, terminated) do not count: a stale cookie behind a shared NAT must not lock
-/// out its neighbours.
-pub(crate) fn counts_as_failure(reason: InvalidReason) -> bool {
-    matches!(reason, InvalidReason::NotFound | InvalidReason::DeviceMismatch | InvalidReason::HijackSuspected)
-}
+/// A CreateSession request as the domain's command: each field checked within its limits and
+/// parsed, once.
+impl TryFrom<pb::CreateSessionRequest> for NewSession {
+    type Error = Error;
 
-/// Every field of a CreateSession request within its limits.
-fn validate_create(r: &pb::CreateSessionRequest) -> Result<(), Error> {
-    validate::required_id("user_id", &r.user_id)?;
-    validate::upstream_token("access_token", &r.access_token, true)?;
-    validate::upstream_token("refresh_token", &r.refresh_token, false)?;
-    validate::upstream_token("id_token", &r.id_token, false)?;
-    validate::duration("expires_in", r.expires_in.as_ref())?;
-    validate::string_list("scopes", &r.scopes)?;
-    if let Some(fp) = &r.device_fingerprint {
-        validate::fingerprint("device_fingerprint", fp)?;
+    fn try_from(r: pb::CreateSessionRequest) -> Result<NewSession, Error> {
+        validate::required_id("user_id", &r.user_id)?;
+        validate::upstream_token("access_token", &r.access_token, true)?;
+        validate::upstream_token("refresh_token", &r.refresh_token, false)?;
+        validate::upstream_token("id_token", &r.id_token, false)?;
+        validate::string_list("scopes", &r.scopes)?;
+        validate::text("user_agent", &r.user_agent)?;
+        validate::optional_id("provider", &r.provider)?;
+        validate::optional_id("token_type", &r.token_type)?;
+        validate::metadata("metadata", &r.metadata)?;
+        Ok(NewSession {
+            user_id: r.user_id,
+            access_token: SecretString::from(r.access_token),
+            refresh_token: secret(&r.refresh_token),
+            id_token: secret(&r.id_token),
+            token_type: r.token_type,
+            expires_in: validate::duration("expires_in", r.expires_in.as_ref())?,
+            scopes: r.scopes,
+            fingerprint: optional_fingerprint("device_fingerprint", r.device_fingerprint.as_ref())?,
+            ip_address: validate::ip_address("ip_address", &r.ip_address)?,
+            user_agent: (!r.user_agent.is_empty()).then_some(r.user_agent),
+            provider: r.provider,
+            idle_timeout: validate::positive_duration("idle_timeout", r.idle_timeout.as_ref())?,
+            absolute_timeout: validate::positive_duration("absolute_timeout", r.absolute_timeout.as_ref())?,
+            metadata: r.metadata.into_iter().collect(),
+        })
     }
-    validate::ip_address("ip_address", &r.ip_address)?;
-    validate::text("user_agent", &r.user_agent)?;
-    validate::optional_id("provider", &r.provider)?;
-    validate::optional_id("token_type", &r.token_type)?;
-    if validate::duration("idle_timeout", r.idle_timeout.as_ref())?.is_some_and(|d| d.is_zero()) {
-        return Err(Error::invalid("idle_timeout", "must be greater than zero when set"));
-    }
-    if validate::duration("absolute_timeout", r.absolute_timeout.as_ref())?.is_some_and(|d| d.is_zero()) {
-        return Err(Error::invalid("absolute_timeout", "must be greater than zero when set"));
-    }
-    validate::metadata("metadata", &r.metadata)
 }
 
 /// A session named by token (any caller of the service) or by id (admin only).
@@ -133,47 +122,7 @@ impl SessionService for SessionAdapter {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let mut r = request.into_inner();
-        validate_create(&r)?;
-        if let Some(known) = &self.providers
-            && r.provider.is_empty()
-            && known.len() == 1
-            && !known.contains(crate::token::DEFAULT_PROVIDER)
-        {
-            // No provider named and exactly one configured: that one.
-            r.provider = known.iter().next().cloned().unwrap_or_default();
-        }
-        if let Some(known) = &self.providers
-            && !r.provider.is_empty()
-            && !known.contains(&r.provider)
-        {
-            let names = known.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
-            return Err(Error::invalid(
-                "provider",
-                format!(
-                    "no provider named {:?} is configured (configured: {})",
-                    r.provider,
-                    if names.is_empty() { "none" } else { &names }
-                ),
-            )
-            .into());
-        }
-        let new = NewSession {
-            user_id: r.user_id,
-            access_token: SecretString::from(r.access_token),
-            refresh_token: secret(&r.refresh_token),
-            id_token: secret(&r.id_token),
-            token_type: r.token_type,
-            expires_in: validate::duration("expires_in", r.expires_in.as_ref())?,
-            scopes: r.scopes,
-            fingerprint: r.device_fingerprint.as_ref().map(convert::fingerprint),
-            ip_address: validate::ip_address("ip_address", &r.ip_address)?,
-            user_agent: (!r.user_agent.is_empty()).then_some(r.user_agent),
-            provider: r.provider,
-            idle_timeout: validate::duration("idle_timeout", r.idle_timeout.as_ref())?,
-            absolute_timeout: validate::duration("absolute_timeout", r.absolute_timeout.as_ref())?,
-            metadata: r.metadata.into_iter().collect(),
-        };
+        let new = NewSession::try_from(request.into_inner())?;
         let created = self.sessions.create(new).await?;
         let now = self.sessions.now();
         Ok(Response::new(pb::CreateSessionResponse {
@@ -199,11 +148,6 @@ impl SessionService for SessionAdapter {
         let context =
             RequestContext { ip_address: validate::ip_address("ip_address", &r.ip_address)?, fingerprint, user_agent };
         let validation = self.sessions.validate(&r.session_token, &context).await?;
-        if let (Validation::Invalid { reason, .. }, Some(security)) = (&validation, &self.security)
-            && counts_as_failure(*reason)
-        {
-            security.validation_refused(context.ip_address).await?;
-        }
         let response = match validation {
             Validation::Valid { session, needs_refresh, risk_score, reasons } => pb::ValidateSessionResponse {
                 valid: true,

@@ -127,6 +127,14 @@ pub fn string_list(field: &str, values: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// A duration that must be greater than zero when set.
+pub fn positive_duration(field: &str, value: Option<&prost_types::Duration>) -> Result<Option<Duration>> {
+    match duration(field, value)? {
+        Some(d) if d.is_zero() => Err(Error::invalid(field, "must be greater than zero when set")),
+        other => Ok(other),
+    }
+}
+
 /// An optional non-negative, bounded duration; `None` when unset.
 pub fn duration(field: &str, value: Option<&prost_types::Duration>) -> Result<Option<Duration>> {
     let Some(value) = value else { return Ok(None) };

@@ -1,6 +1,6 @@
 //! [`Limiter`]: the named rate-limit rules applied through a
 //! [`RateLimitStore`](crate::store::RateLimitStore), each counted denial window recorded as one
-//! `rate_limit_exceeded` event; and the key of a client address in `validate_failure`.
+//! `rate_limit_exceeded` event; the default rules.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -9,14 +9,11 @@ use std::time::Duration;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::session::CreateGuard;
+use crate::session::{LimitGuard, VALIDATE_FAILURE_RULE};
 use crate::store::DynRateLimitStore;
 
 use super::events::{EventDraft, EventType, Recorder};
 use super::limiter::{Backoff, Decision, Rule};
-
-/// The rule checked per client IP when ValidateSession answers "not valid".
-pub const VALIDATE_FAILURE_RULE: &str = "validate_failure";
 
 /// (name, limit, period s, max backoff s) of [`default_rules`].
 const DEFAULT_RULES: &[(&str, u32, u64, u64)] = &[
@@ -46,23 +43,8 @@ pub fn default_rules() -> BTreeMap<String, Rule> {
         .collect()
 }
 
-/// The key of a client address in [`VALIDATE_FAILURE_RULE`]: an IPv4 address as it is (also when
-/// written as an IPv4-mapped IPv6 address), an IPv6 address as its /64, for example
-/// `2001:db8:1:2::/64`. A /64 is what one subscriber, one LAN or one host is given, and any
-/// address in it is the client's to pick, so an exact IPv6 key would hand a guesser 2^64 fresh
-/// allowances.
-pub fn client_network_key(ip: IpAddr) -> String {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => {
-            let network = std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX));
-            format!("{network}/64")
-        }
-    }
-}
-
 /// The address a limiter key names, for the `ip_address` of its denial events: an address, or
-/// an IPv6 /64 as [`client_network_key`] writes it.
+/// an IPv6 /64 as [`client_network_key`](crate::session::client_network_key) writes it.
 pub(super) fn key_address(key: &str) -> Option<String> {
     if let Ok(ip) = key.parse::<IpAddr>() {
         return Some(ip.to_string());
@@ -224,7 +206,7 @@ impl Limiter {
 }
 
 #[async_trait::async_trait]
-impl CreateGuard for Limiter {
+impl LimitGuard for Limiter {
     async fn check(&self, rule: &str, key: &str) -> Result<()> {
         self.enforce(rule, key).await
     }

@@ -1,22 +1,24 @@
-//! What the security and token work plug into the session lifecycle: the create guard, the
+//! What the security and token work plug into the session lifecycle: the limit guard, the
 //! hijack scorer and the observer of session events.
 
 use super::*;
 
-/// Checked before a session is created: the `session_create` rate limit. The security work
-/// plugs its limiter in here; until then [`NoRateLimit`] allows everything.
+/// The rate limits of the lifecycle: [`SESSION_CREATE_RULE`] per user before a creation, and
+/// [`VALIDATE_FAILURE_RULE`] per client network after a validation that counts against the
+/// client ([`InvalidReason::counts_against_client`]). The security work plugs its limiter in
+/// here; until then [`NoRateLimit`] allows everything.
 #[async_trait::async_trait]
-pub trait CreateGuard: Send + Sync + std::fmt::Debug + 'static {
+pub trait LimitGuard: Send + Sync + std::fmt::Debug + 'static {
     /// `Ok` to proceed, `Err(Error::RateLimited { .. })` to refuse.
     async fn check(&self, rule: &str, key: &str) -> Result<()>;
 }
 
-/// A [`CreateGuard`] that allows everything.
+/// A [`LimitGuard`] that allows everything.
 #[derive(Debug, Default)]
 pub struct NoRateLimit;
 
 #[async_trait::async_trait]
-impl CreateGuard for NoRateLimit {
+impl LimitGuard for NoRateLimit {
     async fn check(&self, _rule: &str, _key: &str) -> Result<()> {
         Ok(())
     }

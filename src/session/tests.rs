@@ -11,7 +11,7 @@ struct Recording {
 }
 
 #[async_trait::async_trait]
-impl CreateGuard for Recording {
+impl LimitGuard for Recording {
     async fn check(&self, rule: &str, key: &str) -> Result<()> {
         self.calls.lock().unwrap().push((rule.to_owned(), key.to_owned()));
         if self.deny {
@@ -29,7 +29,7 @@ fn manager(guard: Arc<Recording>) -> SessionManager {
         Arc::new(ManualClock::new(1_000_000)),
         settings,
     )
-    .with_create_guard(guard)
+    .with_limit_guard(guard)
 }
 
 fn new(user: &str) -> NewSession {
@@ -150,4 +150,56 @@ fn records_keep_unknown_fields_and_default_missing_ones() {
     let record = SessionRecord::from_bytes(&serde_json::to_vec(&older).unwrap()).unwrap();
     assert_eq!((record.schema_version, record.refresh_count, record.fingerprint), (0, 0, None));
     assert!(record.extra.is_empty());
+}
+
+#[tokio::test]
+async fn refused_validations_count_against_the_clients_network_and_ended_sessions_do_not() {
+    let guard = Arc::new(Recording::default());
+    let m = manager(guard.clone());
+    let from = |ip: &str| RequestContext { ip_address: Some(ip.parse().unwrap()), ..Default::default() };
+    let v = m.validate("sa_unknown", &from("2001:db8:1:2::7")).await.unwrap();
+    assert!(matches!(v, Validation::Invalid { reason: InvalidReason::NotFound, .. }), "{v:?}");
+    let created = m.create(new("alice")).await.unwrap();
+    let token = created.token.expose_secret().to_owned();
+    m.terminate(&SessionRef::Token(token.clone()), "user_logout").await.unwrap();
+    let v = m.validate(&token, &from("192.0.2.1")).await.unwrap();
+    assert!(matches!(v, Validation::Invalid { reason: InvalidReason::Terminated, .. }), "{v:?}");
+    // Without a client address there is nothing to count against.
+    m.validate("sa_unknown", &RequestContext::default()).await.unwrap();
+    let calls = guard.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        vec![
+            (VALIDATE_FAILURE_RULE.to_string(), "2001:db8:1:2::/64".to_string()),
+            (SESSION_CREATE_RULE.to_string(), "alice".to_string()),
+        ]
+    );
+
+    // Beyond the allowance the caller gets the limiter's error, not the answer.
+    let m = manager(Arc::new(Recording { deny: true, ..Default::default() }));
+    let e = m.validate("sa_unknown", &from("192.0.2.1")).await.unwrap_err();
+    assert!(matches!(e, Error::RateLimited { ref rule, .. } if rule == VALIDATE_FAILURE_RULE), "{e:?}");
+}
+
+#[tokio::test]
+async fn a_new_session_gets_a_configured_provider_or_invalid_argument() {
+    let only = |names: &[&str]| manager(Arc::default()).with_providers(names.iter().map(|n| n.to_string()).collect());
+    let with = |provider: &str| NewSession { provider: provider.into(), ..new("alice") };
+    // No provider named and exactly one configured: that one.
+    let created = only(&["acme"]).create(with("")).await.unwrap();
+    assert_eq!(created.session.provider, "acme");
+    // The default provider is the empty name.
+    let created = only(&[DEFAULT_PROVIDER]).create(with("")).await.unwrap();
+    assert_eq!(created.session.provider, "");
+    let created = only(&["acme", "other"]).create(with("other")).await.unwrap();
+    assert_eq!(created.session.provider, "other");
+    let m = only(&["acme", "other"]);
+    let e = m.create(with("nope")).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { ref field, .. } if field == "provider"), "{e:?}");
+    assert!(e.to_string().contains("acme, other"), "{e}");
+    assert_eq!(m.store().count().await.unwrap(), 0, "a refused creation writes nothing");
+    let e = only(&[]).create(with("acme")).await.unwrap_err();
+    assert!(e.to_string().contains("configured: none"), "{e}");
+    // A manager that was told nothing about providers takes any name (the token work decides).
+    assert_eq!(manager(Arc::default()).create(with("any")).await.unwrap().session.provider, "any");
 }

@@ -4,8 +4,21 @@
 use super::*;
 
 impl SessionManager {
-    /// The hot path: is this token a usable session for this request?
+    /// The hot path: is this token a usable session for this request? An answer that
+    /// [counts against the client](InvalidReason::counts_against_client) is counted against the
+    /// client's network in [`VALIDATE_FAILURE_RULE`]; beyond it the caller gets
+    /// `RESOURCE_EXHAUSTED` instead of the answer.
     pub async fn validate(&self, token: &str, request: &RequestContext) -> Result<Validation> {
+        let validation = self.validate_once(token, request).await?;
+        if let (Validation::Invalid { reason, .. }, Some(ip)) = (&validation, request.ip_address)
+            && reason.counts_against_client()
+        {
+            self.guard.check(VALIDATE_FAILURE_RULE, &client_network_key(ip)).await?;
+        }
+        Ok(validation)
+    }
+
+    async fn validate_once(&self, token: &str, request: &RequestContext) -> Result<Validation> {
         let now = self.clock.now();
         let invalid = |reason, end_reason: Option<&str>| Validation::Invalid {
             reason,

@@ -528,8 +528,7 @@ pub struct Providers {
     by_name: BTreeMap<String, Arc<Provider>>,
 }
 
-/// The name of the provider the flat `token.*` settings describe.
-pub const DEFAULT_PROVIDER: &str = "default";
+pub use crate::session::DEFAULT_PROVIDER;
 
 impl Providers {
     /// The providers of `settings` over one HTTP client.

@@ -150,6 +150,20 @@ mod hex_32 {
 }
 
 impl SessionRecord {
+    /// The record a compare-and-swap writes over `current` (whose version the caller expected):
+    /// this one at the next version, with the identity, state and retention of `current`, which
+    /// are not the caller's to change through a swap.
+    pub fn swapped_over(&self, current: &SessionRecord) -> SessionRecord {
+        SessionRecord {
+            version: current.version + 1,
+            session_id: current.session_id.clone(),
+            user_id: current.user_id.clone(),
+            state: current.state,
+            retain_until: current.retain_until,
+            ..self.clone()
+        }
+    }
+
     /// The state at `now`, and the end reason: an active record past a timeout is expired.
     pub fn effective_state(&self, now: Millis) -> (SessionState, Option<&str>) {
         match self.state {

@@ -457,13 +457,7 @@ impl SessionStore for MemoryStore {
         if current.version != expected_version || current.state.is_terminal() {
             return Ok(CasOutcome::Conflict(current.clone()));
         }
-        let mut next = record.clone();
-        next.version = expected_version + 1;
-        // Identity, state and retention are not the caller's to change through a swap.
-        next.session_id = current.session_id.clone();
-        next.user_id = current.user_id.clone();
-        next.state = current.state;
-        next.retain_until = current.retain_until;
+        let next = record.swapped_over(current);
         let replaced = std::mem::replace(&mut **current, next);
         let hash = record.token_hash;
         let kept = &record.upstream_hashes;

@@ -103,9 +103,11 @@ pub(super) fn purge_limit_states(tx: &WriteTransaction, now: Millis, limit: usiz
     Ok(due.len())
 }
 
-#[async_trait]
-impl RateLimitStore for EmbeddedStore {
-    async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+impl EmbeddedStore {
+    /// One limiter decision in one write transaction; with `keep` the new state is stored (a
+    /// `check`), without it nothing is (a `peek`, which at the bound may still drop state that
+    /// decides nothing any more, changing no decision).
+    async fn decide(&self, rule: &Rule, key: &str, cost: u32, now: Millis, keep: bool) -> Result<Decision> {
         let rule = rule.clone();
         let key = key.to_owned();
         let max_keys = self.max_limiter_keys;
@@ -115,7 +117,7 @@ impl RateLimitStore for EmbeddedStore {
                 return Ok(limiter::refused(&rule));
             }
             let (decision, next) = limiter::apply(stored.as_ref().map(|s| s.state), &rule, cost, now);
-            if let Some(state) = next {
+            if let Some(state) = next.filter(|_| keep) {
                 if stored.is_none() {
                     add_held_keys(tx, &rule.name, 1)?;
                 }
@@ -133,21 +135,16 @@ impl RateLimitStore for EmbeddedStore {
         })
         .await
     }
+}
+
+#[async_trait]
+impl RateLimitStore for EmbeddedStore {
+    async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
+        self.decide(rule, key, cost, now, true).await
+    }
 
     async fn peek(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
-        let rule = rule.clone();
-        let key = key.to_owned();
-        let max_keys = self.max_limiter_keys;
-        // The same path as `check`, storing nothing; at the bound it may drop state that decides
-        // nothing any more, which changes no decision.
-        self.write(Durability::None, move |tx| {
-            let stored = read_limit(tx, &rule.name, &key)?;
-            if stored.is_none() && !has_room(tx, &rule.name, max_keys, now)? {
-                return Ok(limiter::refused(&rule));
-            }
-            Ok(limiter::apply(stored.as_ref().map(|s| s.state), &rule, cost, now).0)
-        })
-        .await
+        self.decide(rule, key, cost, now, false).await
     }
 
     async fn purge_limits(&self, now: Millis, limit: usize) -> Result<usize> {

@@ -342,13 +342,7 @@ impl SessionStore for EmbeddedStore {
             if current.version != expected_version || current.state.is_terminal() {
                 return Ok(CasOutcome::Conflict(Box::new(current)));
             }
-            let mut next = next.clone();
-            next.version = expected_version + 1;
-            // Identity, state and retention are not the caller's to change through a swap.
-            next.session_id = current.session_id.clone();
-            next.user_id = current.user_id.clone();
-            next.state = current.state;
-            next.retain_until = current.retain_until;
+            let next = next.swapped_over(&current);
             save(tx, &next, current.retain_until)?;
             reindex_upstream(tx, &next.token_hash, &current.upstream_hashes, &next.upstream_hashes)?;
             Ok(CasOutcome::Swapped)

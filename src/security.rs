@@ -68,10 +68,9 @@ use std::time::Duration;
 
 use crate::clock::{Clock, Millis};
 use crate::error::{Error, Result};
-use crate::revocation::RevocationKind;
 use crate::session::{
-    HIJACK_REASON, RequestContext, SESSION_CREATE_RULE, SessionEvent, SessionManager, SessionObserver, SessionRef,
-    SessionState,
+    HIJACK_REASON, HijackScore, RequestContext, SESSION_CREATE_RULE, SessionEvent, SessionManager, SessionObserver,
+    SessionRef, SessionState,
 };
 use crate::store::{EndOutcome, EventQuery, Stores};
 
@@ -334,7 +333,6 @@ impl Security {
     /// ValidateSession, whether or not that runs it) and ends the session above the threshold.
     /// With `security.hijack_detection` off: `FAILED_PRECONDITION`, and nothing is scored or ended.
     pub async fn detect_hijacking(&self, by: &SessionRef, request: &RequestContext) -> Result<HijackAnswer> {
-        use crate::session::HijackScorer as _;
         if !self.settings.hijack_detection {
             return Err(Error::FailedPrecondition("hijack detection is off (security.hijack_detection)".into()));
         }
@@ -342,24 +340,10 @@ impl Security {
         if !session.is_active_at(self.clock.now()) {
             return Err(Error::FailedPrecondition("the session has already ended".into()));
         }
-        let (risk_score, reasons) = self.detector.score(&session, request);
-        let over = risk_score > self.detector.threshold();
-        if risk_score > 0.0 {
-            let scored = SessionEvent::HijackScored {
-                session: &session,
-                ip: request.ip_address,
-                risk_score,
-                reasons: &reasons,
-                ended: over,
-            };
-            self.sessions.report(scored).await;
-        }
-        let mut session_terminated = false;
-        if over {
-            // The same end as ValidateSession's: a `hijack` revocation event, and the hijack counter.
-            let outcome = self.sessions.end_as(&session, RevocationKind::Hijack, HIJACK_REASON, None).await?;
-            session_terminated = matches!(outcome, EndOutcome::Ended(_));
-        }
+        // The same judgement as ValidateSession's: the event, and above the threshold the end.
+        let scored = self.sessions.score_hijack(&session, request, self.detector.as_ref()).await?;
+        let session_terminated = matches!(scored.ended, Some(EndOutcome::Ended(_)));
+        let HijackScore { risk_score, reasons, .. } = scored;
         Ok(HijackAnswer { is_suspicious: !reasons.is_empty(), risk_score, reasons, session_terminated })
     }
 

@@ -36,6 +36,7 @@ pub use crate::model::session::*;
 pub use device::Fingerprint;
 pub use hooks::*;
 use record::*;
+pub use validate::HijackScore;
 
 /// Settings of the session lifecycle. The configuration builds them from `session.*`, with
 /// `revocation.list_ttl` as the tombstone lifetime and `token.proactive_refresh` as the refresh

@@ -3,7 +3,46 @@
 
 use super::*;
 
+/// What [`SessionManager::score_hijack`] found and did.
+#[derive(Debug)]
+pub struct HijackScore {
+    /// Risk in [0, 1].
+    pub risk_score: f64,
+    /// Why, one line per signal.
+    pub reasons: Vec<String>,
+    /// The end of the session when the score was above the threshold.
+    pub ended: Option<EndOutcome>,
+}
+
 impl SessionManager {
+    /// Scores `request` against `session` as stored with `scorer`, reports a score above zero to
+    /// the observer, and above the scorer's threshold ends the session (`suspected_hijacking`,
+    /// a `hijack` revocation). ValidateSession and DetectHijacking both judge through this.
+    pub async fn score_hijack(
+        &self,
+        session: &SessionRecord,
+        request: &RequestContext,
+        scorer: &dyn HijackScorer,
+    ) -> Result<HijackScore> {
+        let (risk_score, reasons) = scorer.score(session, request);
+        let over_threshold = risk_score > scorer.threshold();
+        if risk_score > 0.0 {
+            let scored = SessionEvent::HijackScored {
+                session,
+                ip: request.ip_address,
+                risk_score,
+                reasons: &reasons,
+                ended: over_threshold,
+            };
+            self.observer.observe(scored).await;
+        }
+        let ended = match over_threshold {
+            true => Some(self.end_as(session, RevocationKind::Hijack, HIJACK_REASON, None).await?),
+            false => None,
+        };
+        Ok(HijackScore { risk_score, reasons, ended })
+    }
+
     /// The hot path: is this token a usable session for this request? An answer that
     /// [counts against the client](InvalidReason::counts_against_client) is counted against the
     /// client's network in [`VALIDATE_FAILURE_RULE`]; beyond it the caller gets
@@ -42,29 +81,20 @@ impl SessionManager {
 
         // Hijack detection compares with what was stored before this request changes anything.
         let (risk_score, reasons) = match &self.hijack {
-            Some(scorer) => scorer.score(&session, request),
+            Some(scorer) => {
+                let scored = self.score_hijack(&session, request, scorer.as_ref()).await?;
+                if scored.ended.is_some() {
+                    return Ok(Validation::Invalid {
+                        reason: InvalidReason::HijackSuspected,
+                        end_reason: Some(HIJACK_REASON.into()),
+                        risk_score: scored.risk_score,
+                        reasons: scored.reasons,
+                    });
+                }
+                (scored.risk_score, scored.reasons)
+            }
             None => (0.0, Vec::new()),
         };
-        let over_threshold = self.hijack.as_ref().is_some_and(|scorer| risk_score > scorer.threshold());
-        if risk_score > 0.0 {
-            let scored = SessionEvent::HijackScored {
-                session: &session,
-                ip: request.ip_address,
-                risk_score,
-                reasons: &reasons,
-                ended: over_threshold,
-            };
-            self.observer.observe(scored).await;
-        }
-        if over_threshold {
-            self.end_as(&session, RevocationKind::Hijack, HIJACK_REASON, None).await?;
-            return Ok(Validation::Invalid {
-                reason: InvalidReason::HijackSuspected,
-                end_reason: Some(HIJACK_REASON.into()),
-                risk_score,
-                reasons,
-            });
-        }
 
         if let Some(presented) = &request.fingerprint
             && !self.device_matches(&session, presented)

@@ -290,6 +290,13 @@ impl App {
             builder = builder.tls_config(tls_config).map_err(|e| ConfigError(format!("setting `tls.cert`: {e}")))?;
         }
 
+        // Every service's messages are bounded by `server.max_message_bytes`, both ways (each
+        // generated server type has its own methods for it, so this is a macro, not a function).
+        macro_rules! sized {
+            ($server:expr) => {
+                $server.max_decoding_message_size(max_message).max_encoding_message_size(max_message)
+            };
+        }
         // The first layer is the outermost. Metrics come first so that every call is counted
         // with the status it ended with, those refused by the layers below included.
         let router = builder
@@ -301,36 +308,19 @@ impl App {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(
-                SessionServiceServer::new(SessionAdapter::new(sessions.clone()))
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
-            )
-            .add_service(
-                TokenServiceServer::new(TokenAdapter::new(tokens.clone()))
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
-            )
-            .add_service(
-                RevocationServiceServer::new(RevocationAdapter::new(revocations.clone()))
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
-            )
-            .add_service(
-                SecurityServiceServer::new(SecurityAdapter::new(security.clone()))
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
-            )
-            .add_service(
-                AuthorizationServer::new(ExtAuthzAdapter::new(sessions.clone(), tokens.clone(), config.envoy.clone()))
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
-            )
-            .add_service(
-                RateLimitServiceServer::new(RateLimitAdapter::new(security.clone(), config.envoy.clone()))
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
-            );
+            .add_service(sized!(SessionServiceServer::new(SessionAdapter::new(sessions.clone()))))
+            .add_service(sized!(TokenServiceServer::new(TokenAdapter::new(tokens.clone()))))
+            .add_service(sized!(RevocationServiceServer::new(RevocationAdapter::new(revocations.clone()))))
+            .add_service(sized!(SecurityServiceServer::new(SecurityAdapter::new(security.clone()))))
+            .add_service(sized!(AuthorizationServer::new(ExtAuthzAdapter::new(
+                sessions.clone(),
+                tokens.clone(),
+                config.envoy.clone()
+            ))))
+            .add_service(sized!(RateLimitServiceServer::new(RateLimitAdapter::new(
+                security.clone(),
+                config.envoy.clone()
+            ))));
 
         let sampler = config.metrics_listen.map(|_| {
             let clock = sessions.clone();

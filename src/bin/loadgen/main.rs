@@ -267,30 +267,25 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<Value> {
         ),
     });
     runs.extend([&closed_health, &closed_validate, &open_health, &open_validate].map(Outcome::to_json));
-    if args.with_create {
-        let create = env.run(Workload::Create, &args.shape, &args.tokens, None).await?;
-        println!("{}", create.line());
-        ratios["create_over_check_throughput"] = ratio(create.throughput(), closed_health.throughput());
-        runs.push(create.to_json());
-    }
-    if args.with_rate_limit {
-        let limit = env.run(Workload::CheckRateLimit, &args.shape, &args.tokens, None).await?;
-        println!("{}", limit.line());
-        ratios["check_rate_limit_over_check_throughput"] = ratio(limit.throughput(), closed_health.throughput());
-        runs.push(limit.to_json());
-    }
-    if args.with_access_token {
-        let access = env.run(Workload::GetAccessToken, &args.shape, &args.tokens, None).await?;
-        println!("{}", access.line());
-        ratios["get_access_token_over_check_throughput"] = ratio(access.throughput(), closed_health.throughput());
-        runs.push(access.to_json());
-    }
-    if args.with_ext_authz {
-        let check = env.run(Workload::ExtAuthz, &args.shape, &args.tokens, None).await?;
-        println!("{}", check.line());
-        ratios["ext_authz_check_over_check_throughput"] = ratio(check.throughput(), closed_health.throughput());
-        ratios["ext_authz_check_over_validate_throughput"] = ratio(check.throughput(), closed_validate.throughput());
-        runs.push(check.to_json());
+    // The optional unary workloads, each as a ratio of the same run's health Check.
+    let optional = [
+        (args.with_create, Workload::Create, "create_over_check_throughput"),
+        (args.with_rate_limit, Workload::CheckRateLimit, "check_rate_limit_over_check_throughput"),
+        (args.with_access_token, Workload::GetAccessToken, "get_access_token_over_check_throughput"),
+        (args.with_ext_authz, Workload::ExtAuthz, "ext_authz_check_over_check_throughput"),
+    ];
+    for (wanted, workload, name) in optional {
+        if !wanted {
+            continue;
+        }
+        let outcome = env.run(workload, &args.shape, &args.tokens, None).await?;
+        println!("{}", outcome.line());
+        ratios[name] = ratio(outcome.throughput(), closed_health.throughput());
+        if workload == Workload::ExtAuthz {
+            ratios["ext_authz_check_over_validate_throughput"] =
+                ratio(outcome.throughput(), closed_validate.throughput());
+        }
+        runs.push(outcome.to_json());
     }
     println!("ratios: {ratios}");
     Ok(json!({

@@ -10,14 +10,15 @@
 //! (acting on a session by id needs `admin`) are checked by the service adapters with [`Caller`].
 
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use secrecy::ExposeSecret;
 use tonic::body::Body;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-use tower::{Layer, Service};
+use tower::Service;
+
+use crate::grpc::layers::{Intercept, intercepting_layer};
 
 use crate::config::{AuthConfig, Role};
 use crate::crypto::{digest_eq, sha256};
@@ -215,19 +216,7 @@ impl AuthLayer {
     }
 }
 
-impl<S> Layer<S> for AuthLayer {
-    type Service = Auth<S>;
-    fn layer(&self, inner: S) -> Auth<S> {
-        Auth { inner, layer: self.clone() }
-    }
-}
-
-/// The service [`AuthLayer`] produces.
-#[derive(Clone, Debug)]
-pub struct Auth<S> {
-    inner: S,
-    layer: AuthLayer,
-}
+intercepting_layer!(AuthLayer);
 
 fn bearer(request: &Request<Body>) -> Option<&str> {
     let value = request.headers().get(http::header::AUTHORIZATION)?.to_str().ok()?;
@@ -243,7 +232,7 @@ fn has_client_certificate(request: &Request<Body>) -> bool {
         .is_some_and(|certs| !certs.is_empty())
 }
 
-impl<S> Auth<S> {
+impl AuthLayer {
     fn check(&self, request: &Request<Body>) -> Result<Option<Caller>, tonic::Status> {
         let path = request.uri().path();
         let (path, roles) = match method(path) {
@@ -252,12 +241,12 @@ impl<S> Auth<S> {
             Some((path, Access::Roles(roles))) => (path, roles),
         };
         let caller = match bearer(request) {
-            Some(key) => self.layer.keys.authenticate(key).ok_or_else(|| {
+            Some(key) => self.keys.authenticate(key).ok_or_else(|| {
                 tonic::Status::unauthenticated(
                     "the API key is not valid; check the `authorization: Bearer <key>` header",
                 )
             })?,
-            None => match self.layer.client_cert_role {
+            None => match self.client_cert_role {
                 Some(role) if has_client_certificate(request) => Caller { name: Arc::from("client-certificate"), role },
                 _ => {
                     return Err(tonic::Status::unauthenticated(
@@ -285,26 +274,18 @@ fn roles_text(roles: &[Role]) -> String {
     names.join(" or ")
 }
 
-impl<S> Service<Request<Body>> for Auth<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+impl Intercept for AuthLayer {
+    fn call<S>(&self, inner: &mut S, mut request: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>>,
+        S::Future: Send + 'static,
+    {
         match self.check(&request) {
             Ok(caller) => {
                 if let Some(caller) = caller {
                     request.extensions_mut().insert(caller);
                 }
-                Box::pin(self.inner.call(request))
+                Box::pin(inner.call(request))
             }
             Err(status) => Box::pin(async move { Ok(status.into_http()) }),
         }

@@ -16,9 +16,68 @@ use http_body::Frame;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::body::Body;
-use tower::{Layer, Service};
+use tower::Service;
 
 use crate::error::Error;
+
+/// What one of our layers does with a call: answer it itself, or hand it (perhaps with more in
+/// its extensions) to the service it wraps and perhaps wrap the answer. Every layer here, and
+/// the authentication and metrics layers, is an `Intercept` over the same [`Intercepted`]
+/// service, so the tower plumbing is written once.
+pub trait Intercept: Clone + Send + Sync + 'static {
+    /// Handles one call; `inner` is ready (its `poll_ready` said so).
+    fn call<S>(&self, inner: &mut S, request: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>>,
+        S::Future: Send + 'static;
+}
+
+/// The service an [`Intercept`] layer produces: the layer's policy around `inner`.
+#[derive(Clone, Debug)]
+pub struct Intercepted<P, S> {
+    policy: P,
+    inner: S,
+}
+
+impl<P, S> Intercepted<P, S> {
+    /// `policy` around `inner`.
+    pub fn new(policy: P, inner: S) -> Self {
+        Intercepted { policy, inner }
+    }
+}
+
+impl<P, S> Service<Request<Body>> for Intercepted<P, S>
+where
+    P: Intercept,
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        self.policy.call(&mut self.inner, request)
+    }
+}
+
+/// Makes an [`Intercept`] type a tower `Layer` producing [`Intercepted`] (a blanket impl is not
+/// allowed for a foreign trait).
+macro_rules! intercepting_layer {
+    ($policy:ty) => {
+        impl<S> tower::Layer<S> for $policy {
+            type Service = $crate::grpc::layers::Intercepted<$policy, S>;
+            fn layer(&self, inner: S) -> Self::Service {
+                $crate::grpc::layers::Intercepted::new(self.clone(), inner)
+            }
+        }
+    };
+}
+pub(crate) use intercepting_layer;
 
 /// Limits calls in flight across all connections. A call over the limit is answered
 /// RESOURCE_EXHAUSTED immediately instead of queueing without bound. The permit lives in the
@@ -32,69 +91,65 @@ use crate::error::Error;
 /// streams have a ceiling of their own, [`HealthWatchCapLayer`].
 #[derive(Clone, Debug)]
 pub struct LoadShedLayer {
-    permits: Arc<Semaphore>,
-    limit: usize,
+    permits: Slots,
 }
 
 impl LoadShedLayer {
     /// At most `limit` calls in flight (capped at what a semaphore can count).
     pub fn new(limit: usize) -> LoadShedLayer {
-        let limit = limit.min(Semaphore::MAX_PERMITS);
-        LoadShedLayer { permits: Arc::new(Semaphore::new(limit)), limit }
+        LoadShedLayer { permits: Slots::new(limit) }
     }
 }
 
-impl<S> Layer<S> for LoadShedLayer {
-    type Service = LoadShed<S>;
-    fn layer(&self, inner: S) -> LoadShed<S> {
-        LoadShed { inner, permits: self.permits.clone(), limit: self.limit }
-    }
-}
-
-/// The service [`LoadShedLayer`] produces.
+/// A fixed number of places, taken without waiting.
 #[derive(Clone, Debug)]
-pub struct LoadShed<S> {
-    inner: S,
-    permits: Arc<Semaphore>,
+struct Slots {
+    semaphore: Arc<Semaphore>,
     limit: usize,
 }
+
+impl Slots {
+    fn new(limit: usize) -> Slots {
+        let limit = limit.min(Semaphore::MAX_PERMITS);
+        Slots { semaphore: Arc::new(Semaphore::new(limit)), limit }
+    }
+
+    /// A place, held until it is dropped; `None` when all `limit` are taken.
+    fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.semaphore.clone().try_acquire_owned().ok()
+    }
+}
+
+intercepting_layer!(LoadShedLayer);
 
 /// Calls that never wait for a permit: health checks.
 fn never_shed(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
 }
 
-impl<S> Service<Request<Body>> for LoadShed<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+impl Intercept for LoadShedLayer {
+    fn call<S>(&self, inner: &mut S, request: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>>,
+        S::Future: Send + 'static,
+    {
         if never_shed(request.uri().path()) {
-            return Box::pin(self.inner.call(request));
+            return Box::pin(inner.call(request));
         }
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let future = self.inner.call(request);
+        match self.permits.take() {
+            Some(permit) => {
+                let future = inner.call(request);
                 Box::pin(async move {
                     let response = future.await;
                     drop(permit);
                     response
                 })
             }
-            Err(_) => {
+            None => {
                 let status = tonic::Status::from(Error::ResourceExhausted(format!(
                     "server overloaded: all {} call slots are in use (server.concurrency_limit); \
                      retry with backoff, or through another replica",
-                    self.limit
+                    self.permits.limit
                 )));
                 Box::pin(async move { Ok(status.into_http()) })
             }
@@ -112,59 +167,37 @@ const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 /// client cancels, or shutdown ends it. `Check` is not limited.
 #[derive(Clone, Debug)]
 pub struct HealthWatchCapLayer {
-    places: Arc<Semaphore>,
-    limit: usize,
+    places: Slots,
 }
 
 impl HealthWatchCapLayer {
     /// At most `limit` open Watch streams (capped at what a semaphore can count).
     pub fn new(limit: usize) -> HealthWatchCapLayer {
-        let limit = limit.min(Semaphore::MAX_PERMITS);
-        HealthWatchCapLayer { places: Arc::new(Semaphore::new(limit)), limit }
+        HealthWatchCapLayer { places: Slots::new(limit) }
     }
 }
 
-impl<S> Layer<S> for HealthWatchCapLayer {
-    type Service = HealthWatchCap<S>;
-    fn layer(&self, inner: S) -> HealthWatchCap<S> {
-        HealthWatchCap { inner, layer: self.clone() }
-    }
-}
+intercepting_layer!(HealthWatchCapLayer);
 
-/// The service [`HealthWatchCapLayer`] produces.
-#[derive(Clone, Debug)]
-pub struct HealthWatchCap<S> {
-    inner: S,
-    layer: HealthWatchCapLayer,
-}
-
-impl<S> Service<Request<Body>> for HealthWatchCap<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+impl Intercept for HealthWatchCapLayer {
+    fn call<S>(&self, inner: &mut S, request: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>>,
+        S::Future: Send + 'static,
+    {
         if request.uri().path() != HEALTH_WATCH {
-            return Box::pin(self.inner.call(request));
+            return Box::pin(inner.call(request));
         }
-        let Ok(place) = self.layer.places.clone().try_acquire_owned() else {
+        let Some(place) = self.places.take() else {
             let status = tonic::Status::from(Error::ResourceExhausted(format!(
                 "this replica already serves its maximum of {} health Watch streams \
                  (server.max_health_watch_streams); poll grpc.health.v1.Health/Check instead, \
                  or retry with backoff",
-                self.layer.limit
+                self.places.limit
             )));
             return Box::pin(async move { Ok(status.into_http()) });
         };
-        let future = self.inner.call(request);
+        let future = inner.call(request);
         Box::pin(async move {
             let response = future.await?;
             Ok(response.map(|body| Body::new(HoldingPlace { inner: body, _place: place })))
@@ -217,36 +250,16 @@ impl ShutdownStreamsLayer {
     }
 }
 
-impl<S> Layer<S> for ShutdownStreamsLayer {
-    type Service = ShutdownStreams<S>;
-    fn layer(&self, inner: S) -> ShutdownStreams<S> {
-        ShutdownStreams { inner, shutdown: self.shutdown.clone() }
-    }
-}
+intercepting_layer!(ShutdownStreamsLayer);
 
-/// The service [`ShutdownStreamsLayer`] produces.
-#[derive(Clone, Debug)]
-pub struct ShutdownStreams<S> {
-    inner: S,
-    shutdown: CancellationToken,
-}
-
-impl<S> Service<Request<Body>> for ShutdownStreams<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+impl Intercept for ShutdownStreamsLayer {
+    fn call<S>(&self, inner: &mut S, request: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>>,
+        S::Future: Send + 'static,
+    {
         let streaming = is_server_stream(request.uri().path());
-        let future = self.inner.call(request);
+        let future = inner.call(request);
         let shutdown = self.shutdown.clone();
         Box::pin(async move {
             let response = future.await?;

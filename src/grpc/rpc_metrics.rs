@@ -10,8 +10,9 @@ use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body::Frame;
 use tonic::body::Body;
-use tower::{Layer, Service};
+use tower::Service;
 
+use crate::grpc::layers::{Intercept, intercepting_layer};
 use crate::metrics::{RPC_HANDLED, RPC_SECONDS};
 
 /// The `grpc_service` and `grpc_method` labels of a call to `path`: the method's own when the
@@ -29,18 +30,7 @@ fn call_labels(path: &str) -> (&'static str, &'static str) {
 #[derive(Clone, Debug, Default)]
 pub struct RpcMetricsLayer;
 
-impl<S> Layer<S> for RpcMetricsLayer {
-    type Service = RpcMetrics<S>;
-    fn layer(&self, inner: S) -> RpcMetrics<S> {
-        RpcMetrics { inner }
-    }
-}
-
-/// The service [`RpcMetricsLayer`] produces.
-#[derive(Clone, Debug)]
-pub struct RpcMetrics<S> {
-    inner: S,
-}
+intercepting_layer!(RpcMetricsLayer);
 
 /// The labels of one call, shared by the response body that reports its end. Both come from
 /// the role table's own copy of the path, so they are one of its entries or `unknown`.
@@ -82,23 +72,15 @@ fn code_name(status: &http::HeaderValue) -> &'static str {
     }
 }
 
-impl<S> Service<Request<Body>> for RpcMetrics<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+impl Intercept for RpcMetricsLayer {
+    fn call<S>(&self, inner: &mut S, request: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, S::Error>>
+    where
+        S: Service<Request<Body>, Response = Response<Body>>,
+        S::Future: Send + 'static,
+    {
         let (service, method) = call_labels(request.uri().path());
         let labels = Arc::new(CallLabels { service, method, started: Instant::now() });
-        let future = self.inner.call(request);
+        let future = inner.call(request);
         Box::pin(async move {
             let response = future.await?;
             // A trailers-only response (every error, and any empty stream) carries the status in

@@ -480,14 +480,8 @@ async fn align_clock(clock: &AlignedClock, store: &DynSessionStore) -> Option<cr
 
 /// Re-aligns the clock every [`CLOCK_ALIGN_INTERVAL`] until shutdown.
 async fn clock_alignment_loop(clock: Arc<AlignedClock>, store: DynSessionStore, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(CLOCK_ALIGN_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
+    let mut ticker = sweep_ticker(CLOCK_ALIGN_INTERVAL).await;
+    while next_sweep(&mut ticker, &shutdown).await {
         align_clock(&clock, &store).await;
     }
 }
@@ -499,14 +493,8 @@ async fn storage_health_loop(
     gate: Arc<tokio::sync::Mutex<()>>,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(STORAGE_CHECK_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
+    let mut ticker = sweep_ticker(STORAGE_CHECK_INTERVAL).await;
+    while next_sweep(&mut ticker, &shutdown).await {
         let result = store.ping().await;
         let now_serving = result.is_ok();
         let _gate = gate.lock().await;
@@ -532,7 +520,8 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
     }
 }
 
-/// A ticker for a periodic sweep whose first tick is one `interval` from now.
+/// A ticker for a periodic task (a sweep, the clock alignment, the storage check) whose first
+/// tick is one `interval` from now.
 async fn sweep_ticker(interval: std::time::Duration) -> tokio::time::Interval {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -540,7 +529,7 @@ async fn sweep_ticker(interval: std::time::Duration) -> tokio::time::Interval {
     ticker
 }
 
-/// Waits for the next sweep; `false` once shutdown begins.
+/// Waits for the next tick; `false` once shutdown begins.
 async fn next_sweep(ticker: &mut tokio::time::Interval, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         _ = ticker.tick() => true,

@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body::Frame;
+use http_body_util::BodyExt as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::body::Body;
@@ -200,34 +201,14 @@ impl Intercept for HealthWatchCapLayer {
         let future = inner.call(request);
         Box::pin(async move {
             let response = future.await?;
-            Ok(response.map(|body| Body::new(HoldingPlace { inner: body, _place: place })))
+            // The place is held by the body (its closure owns the permit) until the body is dropped.
+            Ok(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _held = &place;
+                    frame
+                }))
+            }))
         })
-    }
-}
-
-/// A response body that holds one place of a stream ceiling until it is dropped.
-struct HoldingPlace {
-    inner: Body,
-    _place: OwnedSemaphorePermit,
-}
-
-impl http_body::Body for HoldingPlace {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

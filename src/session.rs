@@ -280,8 +280,10 @@ impl SessionManager {
     fn provider_for(&self, requested: String) -> Result<String> {
         let Some(known) = &self.providers else { return Ok(requested) };
         if requested.is_empty() {
-            let only = (known.len() == 1).then(|| known.first()).flatten();
-            return Ok(only.filter(|name| name.as_str() != DEFAULT_PROVIDER).cloned().unwrap_or_default());
+            return Ok(match known.first() {
+                Some(only) if known.len() == 1 && only != DEFAULT_PROVIDER => only.clone(),
+                _ => String::new(),
+            });
         }
         if known.contains(&requested) {
             return Ok(requested);

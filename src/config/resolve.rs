@@ -222,6 +222,8 @@ pub(super) fn resolve_rules(
     let mut names: BTreeSet<String> = defaults.keys().cloned().collect();
     names.extend(r.file.keys().filter_map(|k| rule_key(k)).map(str::to_owned));
     let mut rules = BTreeMap::new();
+    // The backoff of a new rule, and the max and multiplier of a rule that has none by default.
+    let fallback = Backoff { multiplier: 2.0, max: Duration::from_secs(3600) };
     for name in names {
         let key = |field: &str| format!("security.rules.{name}.{field}");
         let default = match defaults.get(&name) {
@@ -232,12 +234,11 @@ pub(super) fn resolve_rules(
                         return Err(err(format!("setting `{}`: required for the new rule {name:?}", key(field))));
                     }
                 }
-                let backoff = Backoff { multiplier: 2.0, max: Duration::from_secs(3600) };
-                Rule { name: name.clone(), limit: 1, period: Duration::from_secs(60), burst: 1, backoff: Some(backoff) }
+                let backoff = Some(fallback.clone());
+                Rule { name: name.clone(), limit: 1, period: Duration::from_secs(60), burst: 1, backoff }
             }
         };
-        let default_backoff =
-            default.backoff.clone().unwrap_or(Backoff { multiplier: 2.0, max: Duration::from_secs(3600) });
+        let default_backoff = default.backoff.clone().unwrap_or_else(|| fallback.clone());
         let limit = r.number(&key("limit"), default.limit)?;
         let period = r.positive_duration(&key("period"), default.period)?;
         let max_backoff = r.positive_duration(&key("max_backoff"), default_backoff.max)?;

@@ -6,6 +6,7 @@
 //! honours the client's `grpc-timeout`) and the tracing span per call (`Server::trace_fn`). The
 //! authentication layer is in `auth.rs`.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -247,57 +248,55 @@ impl Intercept for ShutdownStreamsLayer {
             if !streaming {
                 return Ok(response);
             }
-            Ok(response.map(|body| {
-                Body::new(EndOnShutdown { inner: body, shutdown: Box::pin(shutdown.cancelled_owned()), ended: false })
-            }))
+            Ok(response
+                .map(|body| Hooked::wrap(body, EndOnShutdown { shutdown: Box::pin(shutdown.cancelled_owned()) })))
         })
     }
 }
 
-/// A response body that finishes with an UNAVAILABLE status once shutdown begins.
-struct EndOnShutdown {
+/// What a [`Hooked`] response body does around the frames of the body it wraps.
+pub(crate) trait FrameHook: Send + Unpin + 'static {
+    /// Runs before each poll of the inner body; a frame returned here ends the body.
+    fn before(&mut self, _cx: &mut Context<'_>) -> Option<Frame<bytes::Bytes>> {
+        None
+    }
+    /// Sees every frame (or end, or error) the inner body yields, before it is passed on.
+    fn after(&mut self, _polled: &Option<Result<Frame<bytes::Bytes>, tonic::Status>>) {}
+}
+
+/// A response body that passes the inner body's frames through its hook and ends after
+/// trailers, an error or the inner end. Both body wrappers (stream shutdown and the RPC
+/// metrics) are hooks over it, so the `http_body::Body` plumbing is written once.
+pub(crate) struct Hooked<H> {
     inner: Body,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    hook: H,
     ended: bool,
 }
 
-impl http_body::Body for EndOnShutdown {
+impl<H: FrameHook> Hooked<H> {
+    /// `inner` with `hook` around its frames, boxed as tonic's body.
+    pub(crate) fn wrap(inner: Body, hook: H) -> Body {
+        Body::new(Hooked { inner, hook, ended: false })
+    }
+}
+
+impl<H: FrameHook> http_body::Body for Hooked<H> {
     type Data = bytes::Bytes;
     type Error = tonic::Status;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        if self.ended {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.ended {
             return Poll::Ready(None);
         }
-        if self.shutdown.as_mut().poll(cx).is_ready() {
-            self.ended = true;
-            let status = tonic::Status::unavailable("server shutting down; reconnect and resume from your last cursor");
-            let mut trailers = http::HeaderMap::new();
-            if let Err(e) = status.add_header(&mut trailers) {
-                tracing::warn!(error = %e, "could not encode the shutdown status");
-            }
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        if let Some(last) = this.hook.before(cx) {
+            this.ended = true;
+            return Poll::Ready(Some(Ok(last)));
         }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if frame.is_trailers() {
-                    self.ended = true;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(status))) => {
-                self.ended = true;
-                Poll::Ready(Some(Err(status)))
-            }
-            Poll::Ready(None) => {
-                self.ended = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        let polled = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        this.ended = !matches!(&polled, Some(Ok(frame)) if !frame.is_trailers());
+        this.hook.after(&polled);
+        Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -305,4 +304,21 @@ impl http_body::Body for EndOnShutdown {
     }
 }
 
-use std::future::Future as _;
+/// Ends a server stream with an UNAVAILABLE status once shutdown begins.
+struct EndOnShutdown {
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl FrameHook for EndOnShutdown {
+    fn before(&mut self, cx: &mut Context<'_>) -> Option<Frame<bytes::Bytes>> {
+        if self.shutdown.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        let status = tonic::Status::unavailable("server shutting down; reconnect and resume from your last cursor");
+        let mut trailers = http::HeaderMap::new();
+        if let Err(e) = status.add_header(&mut trailers) {
+            tracing::warn!(error = %e, "could not encode the shutdown status");
+        }
+        Some(Frame::trailers(trailers))
+    }
+}

@@ -1,9 +1,7 @@
 //! The tower layer that counts every RPC by method and status code (`grpc_server_handled_total`)
 //! and times it (`grpc_server_handling_seconds`), outermost, so refused calls count too.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
@@ -12,7 +10,7 @@ use http_body::Frame;
 use tonic::body::Body;
 use tower::Service;
 
-use crate::grpc::layers::{Intercept, intercepting_layer};
+use crate::grpc::layers::{FrameHook, Hooked, Intercept, intercepting_layer};
 use crate::metrics::{RPC_HANDLED, RPC_SECONDS};
 
 /// The `grpc_service` and `grpc_method` labels of a call to `path`: the method's own when the
@@ -89,55 +87,34 @@ impl Intercept for RpcMetricsLayer {
                 labels.record(code_name(status));
                 return Ok(response);
             }
-            Ok(response.map(|body| Body::new(ObservedBody { inner: body, labels: Some(labels) })))
+            Ok(response.map(|body| Hooked::wrap(body, Observed { labels: Some(labels) })))
         })
     }
 }
 
-/// A response body that records the call when its trailers (or its end) pass through.
-struct ObservedBody {
-    inner: Body,
+/// Records the call when its trailers (or its end, or an error) pass through, or as
+/// `Canceled` when the body is dropped first.
+struct Observed {
     labels: Option<Arc<CallLabels>>,
 }
 
-impl http_body::Body for ObservedBody {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref()
-                    && let Some(labels) = self.labels.take()
-                {
-                    labels.record(trailers.get("grpc-status").map_or("Unknown", code_name));
-                }
-            }
-            Poll::Ready(Some(Err(status))) => {
-                if let Some(labels) = self.labels.take() {
-                    labels.record(code_name(&http::HeaderValue::from(status.code() as i32)));
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(labels) = self.labels.take() {
-                    labels.record("Unknown");
-                }
-            }
-            Poll::Pending => {}
+impl FrameHook for Observed {
+    fn after(&mut self, polled: &Option<Result<Frame<bytes::Bytes>, tonic::Status>>) {
+        let code = match polled {
+            Some(Ok(frame)) => match frame.trailers_ref() {
+                Some(trailers) => trailers.get("grpc-status").map_or("Unknown", code_name),
+                None => return,
+            },
+            Some(Err(status)) => code_name(&http::HeaderValue::from(status.code() as i32)),
+            None => "Unknown",
+        };
+        if let Some(labels) = self.labels.take() {
+            labels.record(code);
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
     }
 }
 
-impl Drop for ObservedBody {
+impl Drop for Observed {
     fn drop(&mut self) {
         // The client went away before the call finished.
         if let Some(labels) = self.labels.take() {

@@ -142,14 +142,21 @@ struct Tokens {
     invalid_share: f64,
 }
 
+/// Where to send load, how much, and with which session tokens.
 #[derive(clap::Args, Debug)]
-struct RunArgs {
+struct Load {
     #[command(flatten)]
     target: Target,
     #[command(flatten)]
     shape: Shape,
     #[command(flatten)]
     tokens: Tokens,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    load: Load,
     /// What to call.
     #[arg(long, value_enum)]
     workload: Workload,
@@ -188,11 +195,7 @@ struct FanoutArgs {
 #[derive(clap::Args, Debug)]
 struct SuiteArgs {
     #[command(flatten)]
-    target: Target,
-    #[command(flatten)]
-    shape: Shape,
-    #[command(flatten)]
-    tokens: Tokens,
+    load: Load,
     /// Name of this run in the report (for example the backend).
     #[arg(long, default_value = "server")]
     label: String,
@@ -247,17 +250,18 @@ fn ratio(a: f64, b: f64) -> Value {
 }
 
 async fn suite(args: SuiteArgs) -> anyhow::Result<Value> {
-    let env = env(&args.target, &args.tokens, true).await?;
+    let Load { target, shape, tokens } = &args.load;
+    let env = env(target, tokens, true).await?;
     let mut runs = Vec::new();
-    let closed_health = env.run(Workload::Health, &args.shape, &args.tokens, None).await?;
+    let closed_health = env.run(Workload::Health, shape, tokens, None).await?;
     println!("{}", closed_health.line());
-    let closed_validate = env.run(Workload::Validate, &args.shape, &args.tokens, None).await?;
+    let closed_validate = env.run(Workload::Validate, shape, tokens, None).await?;
     println!("{}", closed_validate.line());
     // Open loop at half of Check's peak, for both, to compare latency under equal load.
     let half = (closed_health.throughput() / 2.0).max(100.0);
-    let open_health = env.run(Workload::Health, &args.shape, &args.tokens, Some(half)).await?;
+    let open_health = env.run(Workload::Health, shape, tokens, Some(half)).await?;
     println!("{}", open_health.line());
-    let open_validate = env.run(Workload::Validate, &args.shape, &args.tokens, Some(half)).await?;
+    let open_validate = env.run(Workload::Validate, shape, tokens, Some(half)).await?;
     println!("{}", open_validate.line());
     let mut ratios = json!({
         "validate_over_check_throughput": ratio(closed_validate.throughput(), closed_health.throughput()),
@@ -278,7 +282,7 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<Value> {
         if !wanted {
             continue;
         }
-        let outcome = env.run(workload, &args.shape, &args.tokens, None).await?;
+        let outcome = env.run(workload, shape, tokens, None).await?;
         println!("{}", outcome.line());
         ratios[name] = ratio(outcome.throughput(), closed_health.throughput());
         if workload == Workload::ExtAuthz {
@@ -292,14 +296,14 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<Value> {
         "label": args.label,
         "machine": machine(),
         "config": {
-            "shape": shape_json(&args.shape),
+            "shape": shape_json(shape),
             "sessions": env.tokens.len(),
-            "pick": format!("{:?}", args.tokens.pick).to_lowercase(),
-            "invalid_share": args.tokens.invalid_share,
+            "pick": format!("{:?}", tokens.pick).to_lowercase(),
+            "invalid_share": tokens.invalid_share,
         },
         "runs": runs,
         "ratios": ratios,
-        "server_rss_bytes": args.target.server_pid.and_then(rss_bytes),
+        "server_rss_bytes": target.server_pid.and_then(rss_bytes),
         "server_bytes_per_session_seeded": env.seed_rss.map(|(before, after)| {
             (after.saturating_sub(before) as f64 / env.tokens.len().max(1) as f64).round()
         }),
@@ -323,12 +327,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             let need_tokens =
                 matches!(args.workload, Workload::Validate | Workload::GetAccessToken | Workload::ExtAuthz);
-            let env = env(&args.target, &args.tokens, need_tokens).await?;
-            let outcome = env.run(args.workload, &args.shape, &args.tokens, args.rate).await?;
+            let Load { target, shape, tokens } = &args.load;
+            let env = env(target, tokens, need_tokens).await?;
+            let outcome = env.run(args.workload, shape, tokens, args.rate).await?;
             println!("{}", outcome.line());
             let mut value = outcome.to_json();
             value["machine"] = machine();
-            value["config"] = shape_json(&args.shape);
+            value["config"] = shape_json(shape);
             write_json(&args.json, &value)?;
         }
         Command::Suite(args) => {

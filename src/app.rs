@@ -62,11 +62,10 @@ use crate::grpc::auth::AuthLayer;
 use crate::grpc::envoy::{ExtAuthzAdapter, RateLimitAdapter};
 use crate::grpc::layers::{HealthWatchCapLayer, LoadShedLayer, ShutdownStreamsLayer};
 use crate::grpc::pb;
-use crate::grpc::pb::revocation_service_server::RevocationServiceServer;
 use crate::grpc::pb::security_service_server::SecurityServiceServer;
 use crate::grpc::pb::session_service_server::SessionServiceServer;
 use crate::grpc::pb::token_service_server::TokenServiceServer;
-use crate::grpc::revocation::RevocationAdapter;
+use crate::grpc::revocation::{RevocationAdapter, RevocationServer};
 use crate::grpc::security::SecurityAdapter;
 use crate::grpc::session::SessionAdapter;
 use crate::grpc::token::TokenAdapter;
@@ -310,7 +309,7 @@ impl App {
             .add_service(reflection_v1alpha)
             .add_service(sized!(SessionServiceServer::new(SessionAdapter::new(sessions.clone()))))
             .add_service(sized!(TokenServiceServer::new(TokenAdapter::new(tokens.clone()))))
-            .add_service(sized!(RevocationServiceServer::new(RevocationAdapter::new(revocations.clone()))))
+            .add_service(sized!(RevocationServer::new(RevocationAdapter::new(revocations.clone()))))
             .add_service(sized!(SecurityServiceServer::new(SecurityAdapter::new(security.clone()))))
             .add_service(sized!(AuthorizationServer::new(ExtAuthzAdapter::new(
                 sessions.clone(),

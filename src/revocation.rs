@@ -180,7 +180,7 @@ use crate::store::{DynRevocationLog, EndOutcome, RevocationQuery};
 pub mod feed;
 pub mod upstream;
 
-pub use feed::{RevocationFeed, WatchItem, WatchRequest};
+pub use feed::{RevocationFeed, SharedEvent, WatchItem, WatchRequest};
 pub use upstream::UpstreamQueue;
 
 pub use crate::model::revocation::{RevocationEvent, RevocationKind, new_log_id};

@@ -25,6 +25,9 @@ use crate::revocation::{
 };
 use crate::session::SessionRef;
 
+mod wire;
+pub use wire::RevocationServer;
+
 /// The RevocationService implementation.
 #[derive(Clone, Debug)]
 pub struct RevocationAdapter {
@@ -168,7 +171,17 @@ impl RevocationService for RevocationAdapter {
         &self,
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let r = request.into_inner();
+        let items = self.watch_items(request.into_inner()).await?;
+        Ok(Response::new(Box::pin(items.map(|item| Ok(watch_response(&item?))))))
+    }
+}
+
+impl RevocationAdapter {
+    /// Opens the feed for a WatchRevocations request, each field checked once.
+    async fn watch_items(
+        &self,
+        r: pb::WatchRevocationsRequest,
+    ) -> Result<impl Stream<Item = Result<WatchItem, Error>> + Send + 'static, Status> {
         validate::optional_id("after_cursor", &r.after_cursor)?;
         validate::optional_id("user_id", &r.user_id)?;
         let heartbeat = validate::duration("heartbeat_interval", r.heartbeat_interval.as_ref())?
@@ -177,21 +190,20 @@ impl RevocationService for RevocationAdapter {
             .transpose()?;
         let after = non_empty(&r.after_cursor).map(|c| Cursor::parse("after_cursor", c)).transpose()?;
         let watch = WatchRequest { after, user_id: non_empty(&r.user_id).map(str::to_owned), heartbeat };
-        let stream = self.revocations.feed().watch(watch).await?;
-        let stream = stream.map(|item| match item {
-            Ok(WatchItem::Event(cursor, e)) => Ok(pb::WatchRevocationsResponse {
-                message: Some(pb::watch_revocations_response::Message::Event(event(&cursor, &e))),
-            }),
-            Ok(WatchItem::Heartbeat(cursor, at)) => Ok(pb::WatchRevocationsResponse {
-                message: Some(pb::watch_revocations_response::Message::Heartbeat(pb::Heartbeat {
-                    cursor: cursor.to_string(),
-                    sent_at: Some(convert::timestamp(at)),
-                })),
-            }),
-            Err(e) => Err(Status::from(e)),
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(self.revocations.feed().watch(watch).await?)
     }
+}
+
+/// One message of a watch stream as the contract sends it.
+fn watch_response(item: &WatchItem) -> pb::WatchRevocationsResponse {
+    use pb::watch_revocations_response::Message;
+    let message = match item {
+        WatchItem::Event(cursor, e) => Message::Event(event(cursor, e)),
+        WatchItem::Heartbeat(cursor, at) => {
+            Message::Heartbeat(pb::Heartbeat { cursor: cursor.to_string(), sent_at: Some(convert::timestamp(*at)) })
+        }
+    };
+    pb::WatchRevocationsResponse { message: Some(message) }
 }
 
 /// A requested heartbeat interval, refused outside 1 s..5 min rather than silently changed.

@@ -26,10 +26,11 @@
 //! number of open streams, and with it the memory they hold, has a configured ceiling.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::time::Instant;
@@ -61,11 +62,51 @@ pub struct WatchRequest {
 #[derive(Debug, Clone)]
 pub enum WatchItem {
     /// A revocation, with its cursor.
-    Event(Cursor, Arc<RevocationEvent>),
+    Event(Cursor, Arc<SharedEvent>),
     /// A keep-alive carrying the stream's resume point: every event up to it was delivered or
     /// filtered out. The first message of every stream is one, so a watcher that started "from
     /// now" has a cursor before it has seen any event.
     Heartbeat(Cursor, Millis),
+}
+
+/// An event as the feed hands it to every stream of the replica, with room for the one
+/// encoding of it that all of them send: the adapter encodes a live event once, not once per
+/// watcher, so the cost of an event does not grow with the number of streams.
+#[derive(Debug)]
+pub struct SharedEvent {
+    event: RevocationEvent,
+    encoded: OnceLock<(Cursor, Bytes)>,
+}
+
+impl SharedEvent {
+    /// A new event with no encoding yet.
+    pub fn new(event: RevocationEvent) -> Arc<SharedEvent> {
+        Arc::new(SharedEvent { event, encoded: OnceLock::new() })
+    }
+
+    /// The event's encoding at `cursor`: made by `encode` for the first stream that asks, and
+    /// shared by every later stream at the same cursor. A stream at another cursor (another
+    /// log's numbering) gets its own.
+    pub fn encoded(&self, cursor: &Cursor, encode: impl FnOnce() -> Bytes) -> Bytes {
+        match self.encoded.get() {
+            Some((at, bytes)) if at == cursor => bytes.clone(),
+            Some(_) => encode(),
+            None => {
+                let bytes = encode();
+                // Two streams may race here; either encoding is the same message.
+                let (at, kept) = self.encoded.get_or_init(|| (cursor.clone(), bytes.clone()));
+                if at == cursor { kept.clone() } else { bytes }
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for SharedEvent {
+    type Target = RevocationEvent;
+
+    fn deref(&self) -> &RevocationEvent {
+        &self.event
+    }
 }
 
 /// The replica's fan-out of the revocation log.
@@ -73,7 +114,7 @@ pub enum WatchItem {
 pub struct RevocationFeed {
     sessions: SessionManager,
     log: DynRevocationLog,
-    live: broadcast::Sender<Arc<RevocationEvent>>,
+    live: broadcast::Sender<Arc<SharedEvent>>,
     wake: Arc<Notify>,
     /// Counts the log resets the tailer saw (a new log id, a head below its position). It is
     /// raised before any event of the new log is published, so a watcher that sees it changed
@@ -160,7 +201,7 @@ impl RevocationFeed {
                             for event in read.events {
                                 seq = event.seq;
                                 // No receiver is not an error: nobody is watching.
-                                let _ = self.live.send(Arc::new(event));
+                                let _ = self.live.send(SharedEvent::new(event));
                             }
                             if !full {
                                 break;
@@ -266,7 +307,7 @@ fn out_of_retention(cursor: &Cursor) -> Error {
 /// The state of one watch stream.
 struct Watch {
     feed: RevocationFeed,
-    live: broadcast::Receiver<Arc<RevocationEvent>>,
+    live: broadcast::Receiver<Arc<SharedEvent>>,
     /// The feed's reset counter, as of the stream's start.
     resets: watch::Receiver<u64>,
     generation: u64,
@@ -278,7 +319,7 @@ struct Watch {
     heartbeat: Duration,
     next_heartbeat: Instant,
     /// Events in order, starting at `last + 1`, not yet delivered.
-    pending: VecDeque<Arc<RevocationEvent>>,
+    pending: VecDeque<Arc<SharedEvent>>,
     /// Reading from the log rather than the broadcast.
     catching_up: bool,
     started: bool,
@@ -329,7 +370,7 @@ impl Watch {
 
     /// Takes a live event: already delivered ones are skipped, the next one is queued, and one
     /// beyond it means a gap, which the log fills.
-    fn accept_live(&mut self, event: Arc<RevocationEvent>) {
+    fn accept_live(&mut self, event: Arc<SharedEvent>) {
         let expected = self.last + 1 + self.pending.len() as u64;
         if event.seq < expected {
             return;
@@ -382,7 +423,7 @@ impl Watch {
                     return self.end(out_of_retention(&cursor));
                 }
                 if !read.events.is_empty() {
-                    self.pending.extend(read.events.into_iter().map(Arc::new));
+                    self.pending.extend(read.events.into_iter().map(SharedEvent::new));
                     continue;
                 }
                 // Caught up with the log: take what the broadcast holds, then go live.
@@ -431,6 +472,39 @@ impl Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(seq: u64) -> RevocationEvent {
+        RevocationEvent {
+            seq,
+            session_id: "s".into(),
+            user_id: "u".into(),
+            kind: crate::revocation::RevocationKind::Revoked,
+            reason: "r".into(),
+            revoked_by: None,
+            revoked_at: 1,
+            expires_at: 2,
+        }
+    }
+
+    #[test]
+    fn an_event_is_encoded_once_per_cursor_and_shared() {
+        let shared = SharedEvent::new(event(7));
+        let at = Cursor { log_id: "log-a".into(), seq: 7 };
+        let mut calls = 0;
+        let first = shared.encoded(&at, || {
+            calls += 1;
+            Bytes::from_static(b"a7")
+        });
+        let second = shared.encoded(&at, || {
+            calls += 1;
+            Bytes::from_static(b"other")
+        });
+        assert_eq!((first.as_ref(), second.as_ref(), calls), (&b"a7"[..], &b"a7"[..], 1));
+        assert_eq!(first.as_ptr(), second.as_ptr(), "the second stream gets the same bytes, not a copy");
+        let elsewhere = Cursor { log_id: "log-b".into(), seq: 7 };
+        assert_eq!(shared.encoded(&elsewhere, || Bytes::from_static(b"b7")).as_ref(), b"b7");
+        assert_eq!(shared.encoded(&at, || Bytes::from_static(b"again")).as_ref(), b"a7", "the first stays");
+    }
 
     #[test]
     fn slots_are_bounded_and_given_back_on_drop() {

@@ -10,6 +10,7 @@
 //! reports ratios.
 
 mod fanout;
+mod raw;
 mod recorder;
 mod runner;
 
@@ -21,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use envoy_types::ext_authz::v3::pb::CheckRequest;
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use hdrhistogram::Histogram;
+use prost::Message as _;
 use rand::Rng as _;
 use rand_distr::Distribution as _;
 use serde_json::{Value, json};
@@ -38,6 +40,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use raw::RawChannel;
 use recorder::*;
 use runner::*;
 
@@ -57,6 +60,13 @@ enum Command {
     /// Revocation fan-out: revoke-to-delivery latency for K watch streams, beside a bare
     /// tokio-broadcast reference served from this process.
     Fanout(FanoutArgs),
+    /// Serve the bare reference: tonic's health service alone, with none of the server's
+    /// layers, so `suite --bare-target` can price them (`check_over_bare_check_throughput`).
+    BareCheck {
+        /// Address to listen on; the bound address is printed as `listening on ADDR`.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
     /// Merge suite outputs into one report.
     Merge {
         /// The merged report to write.
@@ -97,6 +107,19 @@ struct Shape {
     /// Unmeasured warm-up before it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     warmup: Duration,
+    /// What sends the unary calls.
+    #[arg(long, value_enum, default_value_t = Driver::H2)]
+    driver: Driver,
+}
+
+/// What sends the unary calls.
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+enum Driver {
+    /// gRPC frames written straight onto HTTP/2 (the h2 crate): cheap enough that the server
+    /// saturates first.
+    H2,
+    /// tonic's generated clients, as an application would call.
+    Tonic,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
@@ -211,6 +234,12 @@ struct SuiteArgs {
     /// Also run Envoy's ext_authz Check (needs --proxy-key).
     #[arg(long)]
     with_ext_authz: bool,
+    /// A bare health server (`loadgen bare-check`) to run the same Check against.
+    #[arg(long)]
+    bare_target: Option<String>,
+    /// PID of the bare server, for its CPU time.
+    #[arg(long)]
+    bare_pid: Option<u32>,
     /// Write the suite result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -242,6 +271,7 @@ fn shape_json(shape: &Shape) -> Value {
         "in_flight_per_connection": shape.in_flight,
         "duration_s": shape.duration.as_secs_f64(),
         "warmup_s": shape.warmup.as_secs_f64(),
+        "driver": format!("{:?}", shape.driver).to_lowercase(),
     })
 }
 
@@ -271,6 +301,15 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<Value> {
         ),
     });
     runs.extend([&closed_health, &closed_validate, &open_health, &open_validate].map(Outcome::to_json));
+    if let Some(bare) = &args.bare_target {
+        let bare = Target { target: bare.clone(), server_pid: args.bare_pid, ..target.clone() };
+        let outcome = env_for(&bare, &env).run(Workload::Health, shape, tokens, None).await?;
+        println!("{} (bare tonic health server)", outcome.line());
+        ratios["check_over_bare_check_throughput"] = ratio(closed_health.throughput(), outcome.throughput());
+        let mut value = outcome.to_json();
+        value["workload"] = json!("bare_check");
+        runs.push(value);
+    }
     // The optional unary workloads, each as a ratio of the same run's health Check.
     let optional = [
         (args.with_create, Workload::Create, "create_over_check_throughput"),
@@ -285,12 +324,19 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<Value> {
         let outcome = env.run(workload, shape, tokens, None).await?;
         println!("{}", outcome.line());
         ratios[name] = ratio(outcome.throughput(), closed_health.throughput());
+        if workload == Workload::Create {
+            ratios["create_throughput_rps"] = json!(outcome.throughput().round());
+            ratios["create_p99_ms"] = json!(outcome.latency_us.value_at_quantile(0.99) as f64 / 1000.0);
+        }
         if workload == Workload::ExtAuthz {
             ratios["ext_authz_check_over_validate_throughput"] =
                 ratio(outcome.throughput(), closed_validate.throughput());
         }
         runs.push(outcome.to_json());
     }
+    // Whether every figure above measured the server: its driver used less CPU than it did.
+    let client_over_server = runs.iter().filter_map(|r| r["client_over_server_cpu"].as_f64()).fold(0.0, f64::max);
+    ratios["max_client_over_server_cpu"] = json!(client_over_server);
     println!("ratios: {ratios}");
     Ok(json!({
         "label": args.label,
@@ -367,6 +413,19 @@ async fn main() -> anyhow::Result<()> {
                 runs.push(server.to_json(&args.label, k, args.connections));
                 runs.push(bare.to_json("broadcast-reference", k, args.connections));
             }
+            // The goal's figures, at the largest watcher count.
+            if let Some(last) = runs.iter().rev().find(|r| r["label"] == json!(args.label)) {
+                ratios.insert(
+                    "last_watcher_p99_ms".into(),
+                    last["to_last_subscriber_us"]["p99"].as_f64().map(|us| us / 1000.0).into(),
+                );
+            }
+            if let Some(&k) = args.watchers.iter().max() {
+                ratios.insert(
+                    "last_over_broadcast_p99".into(),
+                    ratios.get(&format!("to_last_p99_over_broadcast_{k}_watchers")).cloned().unwrap_or(Value::Null),
+                );
+            }
             let value = json!({
                 "label": format!("{}-fanout", args.label),
                 "machine": machine(),
@@ -376,6 +435,13 @@ async fn main() -> anyhow::Result<()> {
             });
             println!("ratios: {}", value["ratios"]);
             write_json(&args.json, &value)?;
+        }
+        Command::BareCheck { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!("listening on {}", listener.local_addr()?);
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let (_reporter, health) = tonic_health::server::health_reporter();
+            tonic::transport::Server::builder().add_service(health).serve_with_incoming(incoming).await?;
         }
         Command::Merge { out, inputs } => {
             let mut suites = Vec::new();

@@ -13,6 +13,9 @@ pub(super) struct Outcome {
     pub(super) elapsed: Duration,
     pub(super) offered_rate: Option<f64>,
     pub(super) server_cpu_seconds: Option<f64>,
+    /// The load generator's own CPU time over the same window.
+    pub(super) client_cpu_seconds: Option<f64>,
+    pub(super) driver: Driver,
 }
 
 impl Outcome {
@@ -38,8 +41,22 @@ impl Outcome {
             "offered_rps": self.offered_rate,
             "achieved_rps": self.throughput(),
             "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": h.max() },
-            "server_cpu_us_per_request": self.server_cpu_seconds.map(|s| s * 1e6 / self.completed().max(1) as f64),
+            "server_cpu_us_per_request": self.per_request_us(self.server_cpu_seconds),
+            "client_cpu_us_per_request": self.per_request_us(self.client_cpu_seconds),
+            "client_over_server_cpu": self.client_over_server_cpu(),
+            "driver": format!("{:?}", self.driver).to_lowercase(),
         })
+    }
+
+    fn per_request_us(&self, seconds: Option<f64>) -> Option<f64> {
+        seconds.map(|s| s * 1e6 / self.completed().max(1) as f64)
+    }
+
+    /// The client's CPU over the server's in the measured window: below 1, the server
+    /// saturated first and the ratios measure it, not the client.
+    pub(super) fn client_over_server_cpu(&self) -> Option<f64> {
+        let (client, server) = self.client_cpu_seconds.zip(self.server_cpu_seconds)?;
+        (server > 0.0).then(|| (client / server * 1000.0).round() / 1000.0)
     }
 
     pub(super) fn line(&self) -> String {
@@ -55,9 +72,11 @@ impl Outcome {
             h.value_at_quantile(0.999),
             h.max(),
             self.errors.values().sum::<u64>(),
-            self.server_cpu_seconds
-                .map(|s| format!("  cpu {:.1}us/req", s * 1e6 / self.completed().max(1) as f64))
-                .unwrap_or_default()
+            self.per_request_us(self.server_cpu_seconds).map(|us| format!("  cpu {us:.1}us/req")).unwrap_or_default()
+                + &self
+                    .per_request_us(self.client_cpu_seconds)
+                    .map(|us| format!("  client {us:.1}us/req"))
+                    .unwrap_or_default()
         )
     }
 }

@@ -19,6 +19,8 @@ pub(super) struct Caller {
     pub(super) zipf: Option<rand_distr::Zipf<f64>>,
     pub(super) invalid_share: f64,
     pub(super) counter: Arc<AtomicU64>,
+    /// Set when the h2 driver sends the calls instead of the tonic clients.
+    pub(super) raw: Option<RawChannel>,
 }
 
 impl Caller {
@@ -43,35 +45,25 @@ impl Caller {
     }
 
     pub(super) async fn call(&mut self) -> Result<(), tonic::Code> {
+        if let Some(raw) = &self.raw {
+            return self.call_raw(raw).await;
+        }
         let result = match self.workload {
             Workload::Health => self.health.check(HealthCheckRequest { service: String::new() }).await.map(|_| ()),
             Workload::Validate => {
-                let request = self.authed(pb::ValidateSessionRequest {
-                    session_token: self.pick_token(),
-                    ip_address: "203.0.113.9".into(),
-                    ..Default::default()
-                });
+                let request = self.authed(validate_request(self.pick_token()));
                 self.sessions.validate_session(request).await.map(|_| ())
             }
             Workload::Create => {
-                let n = self.counter.fetch_add(1, Ordering::Relaxed);
-                let request = self.authed(create_request(&format!("load-{}-{n}", std::process::id())));
+                let request = self.authed(create_request(&self.next_user()));
                 self.sessions.create_session(request).await.map(|_| ())
             }
             Workload::GetAccessToken => {
-                let request = self.authed(pb::GetAccessTokenRequest {
-                    selector: Some(pb::get_access_token_request::Selector::SessionToken(self.pick_token())),
-                });
+                let request = self.authed(access_token_request(self.pick_token()));
                 self.upstream.get_access_token(request).await.map(|_| ())
             }
             Workload::CheckRateLimit => {
-                let n = self.counter.fetch_add(1, Ordering::Relaxed);
-                let request = self.authed(pb::CheckRateLimitRequest {
-                    rule_name: "token_refresh".into(),
-                    key: format!("key-{}", n % 10_000),
-                    cost: 1,
-                    consume: None,
-                });
+                let request = self.authed(rate_limit_request(self.counter.fetch_add(1, Ordering::Relaxed)));
                 self.security.check_rate_limit(request).await.map(|_| ())
             }
             Workload::ExtAuthz => {
@@ -80,16 +72,84 @@ impl Caller {
                     request.metadata_mut().insert("authorization", auth.clone());
                 }
                 match self.ext_authz.check(request).await {
-                    // A denial is an answer too; count it as the HTTP status Envoy would send.
-                    Ok(response) => match response.into_inner().status.map_or(0, |s| s.code) {
-                        0 => Ok(()),
-                        code => Err(tonic::Status::new(tonic::Code::from(code), "denied")),
-                    },
+                    Ok(response) => denial(&response.into_inner()),
                     Err(status) => Err(status),
                 }
             }
         };
         result.map_err(|status| status.code())
+    }
+
+    fn next_user(&self) -> String {
+        format!("load-{}-{}", std::process::id(), self.counter.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The same calls through the h2 driver.
+    async fn call_raw(&self, raw: &RawChannel) -> Result<(), tonic::Code> {
+        let auth = self.auth.as_ref().map(|a| a.as_bytes());
+        match self.workload {
+            Workload::Health => {
+                raw.unary("/grpc.health.v1.Health/Check", None, &HealthCheckRequest { service: String::new() }).await?;
+            }
+            Workload::Validate => {
+                raw.unary(
+                    "/atoms.session.v1.SessionService/ValidateSession",
+                    auth,
+                    &validate_request(self.pick_token()),
+                )
+                .await?;
+            }
+            Workload::Create => {
+                raw.unary("/atoms.session.v1.SessionService/CreateSession", auth, &create_request(&self.next_user()))
+                    .await?;
+            }
+            Workload::GetAccessToken => {
+                raw.unary(
+                    "/atoms.session.v1.TokenService/GetAccessToken",
+                    auth,
+                    &access_token_request(self.pick_token()),
+                )
+                .await?;
+            }
+            Workload::CheckRateLimit => {
+                let request = rate_limit_request(self.counter.fetch_add(1, Ordering::Relaxed));
+                raw.unary("/atoms.session.v1.SecurityService/CheckRateLimit", auth, &request).await?;
+            }
+            Workload::ExtAuthz => {
+                let proxy = self.proxy_auth.as_ref().map(|a| a.as_bytes());
+                let answer = raw
+                    .unary("/envoy.service.auth.v3.Authorization/Check", proxy, &proxied_request(&self.pick_token()))
+                    .await?;
+                let response = CheckResponse::decode(answer).map_err(|_| tonic::Code::Internal)?;
+                denial(&response).map_err(|status| status.code())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A denial is an answer too; it counts as the code Envoy would act on.
+fn denial(response: &CheckResponse) -> Result<(), tonic::Status> {
+    match response.status.as_ref().map_or(0, |s| s.code) {
+        0 => Ok(()),
+        code => Err(tonic::Status::new(tonic::Code::from(code), "denied")),
+    }
+}
+
+fn validate_request(session_token: String) -> pb::ValidateSessionRequest {
+    pb::ValidateSessionRequest { session_token, ip_address: "203.0.113.9".into(), ..Default::default() }
+}
+
+fn access_token_request(token: String) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest { selector: Some(pb::get_access_token_request::Selector::SessionToken(token)) }
+}
+
+fn rate_limit_request(n: u64) -> pb::CheckRateLimitRequest {
+    pb::CheckRateLimitRequest {
+        rule_name: "token_refresh".into(),
+        key: format!("key-{}", n % 10_000),
+        cost: 1,
+        consume: None,
     }
 }
 
@@ -190,11 +250,13 @@ impl Env {
     pub(super) fn caller(
         &self,
         channel: Channel,
+        raw: Option<RawChannel>,
         workload: Workload,
         tokens: &Tokens,
         counter: Arc<AtomicU64>,
     ) -> Caller {
         Caller {
+            raw,
             workload,
             health: HealthClient::new(channel.clone()),
             sessions: SessionServiceClient::new(channel.clone()),
@@ -219,7 +281,15 @@ impl Env {
         tokens: &Tokens,
         rate: Option<f64>,
     ) -> anyhow::Result<Outcome> {
-        let channels = connect(&self.target.target, shape.connections).await?;
+        let (channels, raw) = match shape.driver {
+            Driver::Tonic => (connect(&self.target.target, shape.connections).await?, vec![None; shape.connections]),
+            Driver::H2 => {
+                // The tonic clients are built but never called, so never connect.
+                let lazy = Endpoint::from_shared(self.target.target.clone())?.connect_lazy();
+                let raw = raw::connect(&self.target.target, shape.connections).await?;
+                (vec![lazy; shape.connections], raw.into_iter().map(Some).collect())
+            }
+        };
         let recorder = Recorder::new();
         let counter = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
@@ -229,9 +299,9 @@ impl Env {
         let mut tasks = Vec::new();
         match rate {
             None => {
-                for channel in &channels {
+                for (channel, raw) in channels.iter().zip(&raw) {
                     for _ in 0..shape.in_flight {
-                        let mut caller = self.caller(channel.clone(), workload, tokens, counter.clone());
+                        let mut caller = self.caller(channel.clone(), raw.clone(), workload, tokens, counter.clone());
                         let recorder = recorder.clone();
                         tasks.push(tokio::spawn(async move {
                             let mut local = Local::new();
@@ -254,8 +324,8 @@ impl Env {
                 // Each connection sends at rate / N, its schedule offset so the arrivals interleave.
                 let per_connection = rate / shape.connections as f64;
                 let interval = Duration::from_secs_f64(1.0 / per_connection);
-                for (index, channel) in channels.iter().enumerate() {
-                    let caller = self.caller(channel.clone(), workload, tokens, counter.clone());
+                for (index, (channel, raw)) in channels.iter().zip(&raw).enumerate() {
+                    let caller = self.caller(channel.clone(), raw.clone(), workload, tokens, counter.clone());
                     let recorder = recorder.clone();
                     let permits = Arc::new(tokio::sync::Semaphore::new(shape.in_flight));
                     let offset = interval.mul_f64(index as f64 / shape.connections as f64);
@@ -294,8 +364,10 @@ impl Env {
         if let Some(pid) = self.target.server_pid {
             cpu_start = cpu_seconds(pid);
         }
+        let client_start = cpu_seconds(std::process::id());
         tokio::time::sleep_until(end.into()).await;
         let cpu_end = self.target.server_pid.and_then(cpu_seconds);
+        let client_end = cpu_seconds(std::process::id());
         for task in tasks {
             task.await?;
         }
@@ -311,6 +383,8 @@ impl Env {
             elapsed,
             offered_rate: rate,
             server_cpu_seconds: cpu_start.zip(cpu_end).map(|(a, b)| b - a),
+            client_cpu_seconds: client_start.zip(client_end).map(|(a, b)| b - a),
+            driver: shape.driver,
         })
     }
 }
@@ -383,4 +457,9 @@ pub(super) async fn env(target: &Target, tokens: &Tokens, need_tokens: bool) -> 
         (None, false) => Vec::new(),
     };
     Ok(Env { target: target.clone(), auth, proxy_auth, tokens: Arc::new(list), seed_rss })
+}
+
+/// The environment of a reference server at `target`: no keys, the same tokens.
+pub(super) fn env_for(target: &Target, like: &Env) -> Env {
+    Env { target: target.clone(), auth: None, proxy_auth: None, tokens: like.tokens.clone(), seed_rss: None }
 }

@@ -68,6 +68,26 @@ async fn its_counts_match_the_servers_counters() {
     assert_eq!(health["requests"].as_u64().unwrap(), served);
     assert_eq!(health["errors"].as_object().unwrap().len(), 0);
     assert!(health["server_cpu_us_per_request"].as_f64().unwrap() > 0.0);
+    assert_eq!(health["driver"], "h2", "the h2 driver is the default");
+    assert!(health["client_cpu_us_per_request"].as_f64().unwrap() > 0.0, "{health}");
+    assert!(health["client_over_server_cpu"].as_f64().unwrap() > 0.0, "{health}");
+
+    // The same counts through tonic's clients.
+    let target = server.url();
+    let pid = server.child.id().to_string();
+    let tonic_health = tokio::task::spawn_blocking(move || {
+        let mut args = vec!["run", "--workload", "health", "--driver", "tonic"];
+        args.extend(["--target", target.as_str(), "--key", SERVICE_KEY, "--server-pid", pid.as_str()]);
+        args.extend(shape);
+        loadgen(&args)
+    })
+    .await
+    .unwrap();
+    let metrics = scrape(metrics_port);
+    let served_now = sample(&metrics, "grpc_server_handled_total", &[("grpc_method", "Check")]);
+    assert_eq!(tonic_health["driver"], "tonic");
+    assert!(tonic_health["requests"].as_u64().unwrap() > 100, "{tonic_health}");
+    assert_eq!(tonic_health["requests"].as_u64().unwrap(), served_now - served);
 
     let target = server.url();
     let pid = server.child.id().to_string();
@@ -104,6 +124,44 @@ async fn its_counts_match_the_servers_counters() {
     assert_eq!(check["errors"].as_object().unwrap().len(), 0, "{check}");
     assert_eq!(check["requests"].as_u64().unwrap(), sample(&metrics, "ext_authz_checks_total", &[("decision", "ok")]));
     assert_eq!(sample(&metrics, "ext_authz_checks_total", &[("decision", "unauthenticated")]), 0);
+}
+
+/// `loadgen bare-check` serves the health Check with no key and none of the server's layers,
+/// and an unknown method is UNIMPLEMENTED there as anywhere (the h2 driver reports the code).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bare_reference_answers_check_and_the_h2_driver_reports_codes() {
+    use std::io::BufRead as _;
+    let mut bare = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["bare-check", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(bare.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line:?}")).to_owned();
+    let target = format!("http://{addr}");
+    let bare_pid = bare.id().to_string();
+    let shape = ["--connections", "1", "--in-flight", "4", "--duration", "1s", "--warmup", "0s"];
+    let (health, validate) = tokio::task::spawn_blocking(move || {
+        let mut args =
+            vec!["run", "--workload", "health", "--target", target.as_str(), "--server-pid", bare_pid.as_str()];
+        args.extend(shape);
+        let health = loadgen(&args);
+        // The bare server has no SessionService: every call fails with the code it answers.
+        let mut args = vec!["run", "--workload", "validate", "--sessions", "0", "--target", target.as_str()];
+        args.extend(["--tokens-file", "/dev/null"]);
+        args.extend(shape);
+        (health, loadgen(&args))
+    })
+    .await
+    .unwrap();
+    let _ = bare.kill();
+    assert!(health["requests"].as_u64().unwrap() > 100, "{health}");
+    assert_eq!(health["errors"].as_object().unwrap().len(), 0, "{health}");
+    assert!(health["server_cpu_us_per_request"].as_f64().unwrap() > 0.0, "{health}");
+    let errors = validate["errors"].as_object().unwrap();
+    assert_eq!(validate["ok"], 0, "{validate}");
+    assert_eq!(errors.keys().collect::<Vec<_>>(), ["Unimplemented"], "{validate}");
 }
 
 /// The benchmark's in-process seeding (`serve --seed-sessions`): every token it writes is a

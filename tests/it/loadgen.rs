@@ -156,6 +156,7 @@ async fn the_bare_reference_answers_check_and_the_h2_driver_reports_codes() {
     .await
     .unwrap();
     let _ = bare.kill();
+    let _ = bare.wait();
     assert!(health["requests"].as_u64().unwrap() > 100, "{health}");
     assert_eq!(health["errors"].as_object().unwrap().len(), 0, "{health}");
     assert!(health["server_cpu_us_per_request"].as_f64().unwrap() > 0.0, "{health}");

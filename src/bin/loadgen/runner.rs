@@ -216,14 +216,19 @@ pub(super) async fn connect(target: &str, n: usize) -> anyhow::Result<Vec<Channe
     Ok(channels)
 }
 
+/// The kernel's clock ticks per second (`getconf CLK_TCK`), asked once per process and before
+/// a run's measured window, so no process is spawned while calls are being timed.
 pub(super) fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// utime + stime of a process, in seconds.
@@ -290,6 +295,7 @@ impl Env {
                 (vec![lazy; shape.connections], raw.into_iter().map(Some).collect())
             }
         };
+        clock_ticks_per_second(); // asked now, not inside the measured window
         let recorder = Recorder::new();
         let counter = Arc::new(AtomicU64::new(0));
         let start = Instant::now();

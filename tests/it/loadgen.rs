@@ -131,16 +131,26 @@ async fn its_counts_match_the_servers_counters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bare_reference_answers_check_and_the_h2_driver_reports_codes() {
     use std::io::BufRead as _;
-    let mut bare = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["bare-check", "--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    /// Stops the reference however the test ends.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut bare = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .args(["bare-check", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
-    std::io::BufReader::new(bare.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    std::io::BufReader::new(bare.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line:?}")).to_owned();
     let target = format!("http://{addr}");
-    let bare_pid = bare.id().to_string();
+    let bare_pid = bare.0.id().to_string();
     let shape = ["--connections", "1", "--in-flight", "4", "--duration", "1s", "--warmup", "0s"];
     let (health, validate) = tokio::task::spawn_blocking(move || {
         let mut args =
@@ -155,8 +165,7 @@ async fn the_bare_reference_answers_check_and_the_h2_driver_reports_codes() {
     })
     .await
     .unwrap();
-    let _ = bare.kill();
-    let _ = bare.wait();
+    drop(bare);
     assert!(health["requests"].as_u64().unwrap() > 100, "{health}");
     assert_eq!(health["errors"].as_object().unwrap().len(), 0, "{health}");
     assert!(health["server_cpu_us_per_request"].as_f64().unwrap() > 0.0, "{health}");

@@ -69,6 +69,17 @@ impl RawChannel {
         let (response, mut stream) = send.send_request(request, false).map_err(transport)?;
         stream.send_data(body.freeze(), true).map_err(transport)?;
         let response = response.await.map_err(transport)?;
+        if response.status() != http::StatusCode::OK {
+            // What a gRPC client makes of an HTTP error without a gRPC status.
+            return Err(match response.status().as_u16() {
+                400 => tonic::Code::Internal,
+                401 => tonic::Code::Unauthenticated,
+                403 => tonic::Code::PermissionDenied,
+                404 => tonic::Code::Unimplemented,
+                429 | 502..=504 => tonic::Code::Unavailable,
+                _ => tonic::Code::Unknown,
+            });
+        }
         if let Some(status) = response.headers().get("grpc-status") {
             // Trailers-only: an error (or an empty OK, which no unary method answers).
             return match status_code(Some(status)) {

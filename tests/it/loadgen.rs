@@ -42,6 +42,20 @@ fn loadgen(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap()
 }
 
+/// `loadgen run` with `extra`, as the service key, against `server` (whose CPU it reads), in a
+/// short shape, off the async runtime.
+async fn run_against(server: &crate::support::Process, extra: &[&'static str]) -> serde_json::Value {
+    let (target, pid, extra) = (server.url(), server.child.id().to_string(), extra.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let mut args = vec!["run", "--target", &target, "--key", SERVICE_KEY, "--server-pid", &pid];
+        args.extend(["--connections", "2", "--in-flight", "4", "--duration", "2s", "--warmup", "0s"]);
+        args.extend(extra);
+        loadgen(&args)
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn its_counts_match_the_servers_counters() {
     let metrics_port = free_port();
@@ -51,17 +65,7 @@ async fn its_counts_match_the_servers_counters() {
         .arg("--metrics-listen")
         .arg(format!("127.0.0.1:{metrics_port}"))
         .start();
-    let target = server.url();
-    let pid = server.child.id().to_string();
-    let shape = ["--connections", "2", "--in-flight", "4", "--duration", "2s", "--warmup", "0s"];
-
-    let health = tokio::task::spawn_blocking(move || {
-        let mut args = vec!["run", "--workload", "health"];
-        args.extend(["--target", target.as_str(), "--key", SERVICE_KEY, "--server-pid", pid.as_str()]);
-        args.extend(shape);
-        loadgen(&args)
-    });
-    let health = health.await.unwrap();
+    let health = run_against(&server, &["--workload", "health"]).await;
     let metrics = scrape(metrics_port);
     let served = sample(&metrics, "grpc_server_handled_total", &[("grpc_method", "Check")]);
     assert!(health["requests"].as_u64().unwrap() > 100, "{health}");
@@ -73,32 +77,15 @@ async fn its_counts_match_the_servers_counters() {
     assert!(health["client_over_server_cpu"].as_f64().unwrap() > 0.0, "{health}");
 
     // The same counts through tonic's clients.
-    let target = server.url();
-    let pid = server.child.id().to_string();
-    let tonic_health = tokio::task::spawn_blocking(move || {
-        let mut args = vec!["run", "--workload", "health", "--driver", "tonic"];
-        args.extend(["--target", target.as_str(), "--key", SERVICE_KEY, "--server-pid", pid.as_str()]);
-        args.extend(shape);
-        loadgen(&args)
-    })
-    .await
-    .unwrap();
+    let tonic_health = run_against(&server, &["--workload", "health", "--driver", "tonic"]).await;
     let metrics = scrape(metrics_port);
     let served_now = sample(&metrics, "grpc_server_handled_total", &[("grpc_method", "Check")]);
     assert_eq!(tonic_health["driver"], "tonic");
     assert!(tonic_health["requests"].as_u64().unwrap() > 100, "{tonic_health}");
     assert_eq!(tonic_health["requests"].as_u64().unwrap(), served_now - served);
 
-    let target = server.url();
-    let pid = server.child.id().to_string();
-    let validate = tokio::task::spawn_blocking(move || {
-        let mut args = vec!["run", "--workload", "validate", "--sessions", "300", "--invalid-share", "0.25"];
-        args.extend(["--target", target.as_str(), "--key", SERVICE_KEY, "--server-pid", pid.as_str()]);
-        args.extend(shape);
-        loadgen(&args)
-    })
-    .await
-    .unwrap();
+    let validate =
+        run_against(&server, &["--workload", "validate", "--sessions", "300", "--invalid-share", "0.25"]).await;
     let metrics = scrape(metrics_port);
     let validated = sample(&metrics, "grpc_server_handled_total", &[("grpc_method", "ValidateSession")]);
     assert_eq!(validate["requests"].as_u64().unwrap(), validated);
@@ -109,16 +96,7 @@ async fn its_counts_match_the_servers_counters() {
     assert!(p50 > 0 && p50 <= p99, "{validate}");
 
     // Envoy's ext_authz Check with the proxy key: every call answered OK, as the server counted.
-    let target = server.url();
-    let pid = server.child.id().to_string();
-    let check = tokio::task::spawn_blocking(move || {
-        let mut args = vec!["run", "--workload", "ext-authz", "--sessions", "200", "--proxy-key", PROXY_KEY];
-        args.extend(["--target", target.as_str(), "--key", SERVICE_KEY, "--server-pid", pid.as_str()]);
-        args.extend(shape);
-        loadgen(&args)
-    })
-    .await
-    .unwrap();
+    let check = run_against(&server, &["--workload", "ext-authz", "--sessions", "200", "--proxy-key", PROXY_KEY]).await;
     let metrics = scrape(metrics_port);
     assert!(check["requests"].as_u64().unwrap() > 100, "{check}");
     assert_eq!(check["errors"].as_object().unwrap().len(), 0, "{check}");

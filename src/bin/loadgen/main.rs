@@ -40,7 +40,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use raw::RawChannel;
+use raw::{RawChannel, frame};
 use recorder::*;
 use runner::*;
 

@@ -36,6 +36,15 @@ pub(super) async fn connect(target: &str, n: usize) -> anyhow::Result<Vec<RawCha
     Ok(channels)
 }
 
+/// `message` as one gRPC length-prefixed frame (uncompressed).
+pub(super) fn frame(message: &impl Message) -> Bytes {
+    let mut body = BytesMut::with_capacity(5 + message.encoded_len());
+    body.put_u8(0);
+    body.put_u32(message.encoded_len() as u32);
+    message.encode_raw(&mut body);
+    body.freeze()
+}
+
 /// A call's failure as the gRPC code a client would see.
 fn transport(_: h2::Error) -> tonic::Code {
     tonic::Code::Unavailable
@@ -47,17 +56,13 @@ fn status_code(value: Option<&HeaderValue>) -> tonic::Code {
 }
 
 impl RawChannel {
-    /// Calls `path` with `message`; the answer's message bytes on OK, its code otherwise.
+    /// Calls `path` with a [`frame`]d message; the answer's message bytes on OK, its code otherwise.
     pub(super) async fn unary(
         &self,
         path: &str,
         authorization: Option<&[u8]>,
-        message: &impl Message,
+        body: Bytes,
     ) -> Result<Bytes, tonic::Code> {
-        let mut body = BytesMut::with_capacity(5 + message.encoded_len());
-        body.put_u8(0);
-        body.put_u32(message.encoded_len() as u32);
-        message.encode(&mut body).map_err(|_| tonic::Code::Internal)?;
         let mut request = http::Request::post(format!("{}{path}", self.base))
             .header("content-type", "application/grpc")
             .header("te", "trailers");
@@ -67,7 +72,7 @@ impl RawChannel {
         let request = request.body(()).map_err(|_| tonic::Code::Internal)?;
         let mut send = self.send.clone().ready().await.map_err(transport)?;
         let (response, mut stream) = send.send_request(request, false).map_err(transport)?;
-        stream.send_data(body.freeze(), true).map_err(transport)?;
+        stream.send_data(body, true).map_err(transport)?;
         let response = response.await.map_err(transport)?;
         if response.status() != http::StatusCode::OK {
             // What a gRPC client makes of an HTTP error without a gRPC status.

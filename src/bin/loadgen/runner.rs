@@ -86,43 +86,34 @@ impl Caller {
 
     /// The same calls through the h2 driver.
     async fn call_raw(&self, raw: &RawChannel) -> Result<(), tonic::Code> {
-        let auth = self.auth.as_ref().map(|a| a.as_bytes());
-        match self.workload {
-            Workload::Health => {
-                raw.unary("/grpc.health.v1.Health/Check", None, &HealthCheckRequest { service: String::new() }).await?;
-            }
+        let (path, body) = match self.workload {
+            Workload::Health => ("/grpc.health.v1.Health/Check", frame(&HealthCheckRequest { service: String::new() })),
             Workload::Validate => {
-                raw.unary(
-                    "/atoms.session.v1.SessionService/ValidateSession",
-                    auth,
-                    &validate_request(self.pick_token()),
-                )
-                .await?;
+                ("/atoms.session.v1.SessionService/ValidateSession", frame(&validate_request(self.pick_token())))
             }
             Workload::Create => {
-                raw.unary("/atoms.session.v1.SessionService/CreateSession", auth, &create_request(&self.next_user()))
-                    .await?;
+                ("/atoms.session.v1.SessionService/CreateSession", frame(&create_request(&self.next_user())))
             }
             Workload::GetAccessToken => {
-                raw.unary(
-                    "/atoms.session.v1.TokenService/GetAccessToken",
-                    auth,
-                    &access_token_request(self.pick_token()),
-                )
-                .await?;
+                ("/atoms.session.v1.TokenService/GetAccessToken", frame(&access_token_request(self.pick_token())))
             }
-            Workload::CheckRateLimit => {
-                let request = rate_limit_request(self.counter.fetch_add(1, Ordering::Relaxed));
-                raw.unary("/atoms.session.v1.SecurityService/CheckRateLimit", auth, &request).await?;
-            }
+            Workload::CheckRateLimit => (
+                "/atoms.session.v1.SecurityService/CheckRateLimit",
+                frame(&rate_limit_request(self.counter.fetch_add(1, Ordering::Relaxed))),
+            ),
             Workload::ExtAuthz => {
-                let proxy = self.proxy_auth.as_ref().map(|a| a.as_bytes());
-                let answer = raw
-                    .unary("/envoy.service.auth.v3.Authorization/Check", proxy, &proxied_request(&self.pick_token()))
-                    .await?;
-                let response = CheckResponse::decode(answer).map_err(|_| tonic::Code::Internal)?;
-                denial(&response).map_err(|status| status.code())?;
+                ("/envoy.service.auth.v3.Authorization/Check", frame(&proxied_request(&self.pick_token())))
             }
+        };
+        let key = match self.workload {
+            Workload::Health => None,
+            Workload::ExtAuthz => self.proxy_auth.as_ref(),
+            _ => self.auth.as_ref(),
+        };
+        let answer = raw.unary(path, key.map(|k| k.as_bytes()), body).await?;
+        if self.workload == Workload::ExtAuthz {
+            let response = CheckResponse::decode(answer).map_err(|_| tonic::Code::Internal)?;
+            denial(&response).map_err(|status| status.code())?;
         }
         Ok(())
     }

@@ -393,12 +393,14 @@ fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
             Ok(Stores::of(MemoryStore::new().with_max_limiter_keys(config.storage.max_limiter_keys))
                 .instrumented(config.storage.kind.as_str()))
         }
-        StorageKind::Embedded => EmbeddedStore::open(&config.storage.data_dir)
-            .map(|store| {
-                Stores::of(store.with_max_limiter_keys(config.storage.max_limiter_keys))
-                    .instrumented(config.storage.kind.as_str())
-            })
-            .map_err(|e| ConfigError(format!("setting `data_dir`: {e}"))),
+        StorageKind::Embedded => {
+            EmbeddedStore::open_with_cache(&config.storage.data_dir, config.storage.embedded_cache_bytes)
+                .map(|store| {
+                    Stores::of(store.with_max_limiter_keys(config.storage.max_limiter_keys))
+                        .instrumented(config.storage.kind.as_str())
+                })
+                .map_err(|e| ConfigError(format!("setting `data_dir`: {e}")))
+        }
         StorageKind::Redis => {
             let url = config.storage.redis_url.as_deref().unwrap_or_default();
             crate::store::redis::open(url, &config.storage.key_prefix, config.storage.operation_timeout)

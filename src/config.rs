@@ -170,8 +170,20 @@ pub struct StorageConfig {
     /// this process (memory) or its data directory (embedded); at the bound new keys are refused
     /// (`security.max_limiter_keys`).
     pub max_limiter_keys: usize,
+    /// Bytes of database pages the embedded store keeps in memory (`embedded.cache_mb`); pages
+    /// beyond it are read from the file again (from the OS page cache, one syscall each).
+    pub embedded_cache_bytes: usize,
     /// Why this backend: where `storage` was set, or the variable that chose it when it was not.
     pub chosen_by: String,
+}
+
+/// `embedded.cache_mb` in bytes: at least 1 MiB, and not more than this machine can address.
+fn embedded_cache_bytes(mb: usize) -> Result<usize, ConfigError> {
+    if mb == 0 {
+        return Err(err("setting `embedded.cache_mb`: must be at least 1"));
+    }
+    mb.checked_mul(1024 * 1024)
+        .ok_or_else(|| err(format!("setting `embedded.cache_mb`: {mb} MiB is more than this machine can address")))
 }
 
 /// The fields of a `[token.providers.NAME]` table.
@@ -392,6 +404,9 @@ impl Config {
             kv_rest_token: kv_rest_token.map(SecretString::from),
             operation_timeout: r.positive_duration("storage_timeout", Duration::from_secs(2))?,
             max_limiter_keys: r.number("security.max_limiter_keys", crate::security::limiter::DEFAULT_MAX_KEYS)?,
+            embedded_cache_bytes: embedded_cache_bytes(
+                r.number("embedded.cache_mb", crate::store::embedded::DEFAULT_CACHE_MB)?,
+            )?,
             chosen_by,
         };
         if storage.max_limiter_keys == 0 {

@@ -13,6 +13,7 @@ fn defaults_are_the_guides() {
     assert_eq!(c.storage.kind, StorageKind::Embedded);
     assert_eq!(c.storage.data_dir, PathBuf::from("./data"));
     assert_eq!(c.storage.key_prefix, "atoms:session:");
+    assert_eq!(c.storage.embedded_cache_bytes, 1024 * 1024 * 1024);
     assert_eq!(c.session.idle_timeout, Duration::from_secs(30 * 60));
     assert_eq!(c.session.absolute_timeout, Duration::from_secs(480 * 60));
     assert_eq!(c.session.max_sessions_per_user, 5);
@@ -90,6 +91,12 @@ fn errors_name_the_setting() {
     assert!(e.contains("server.max_health_watch_streams"), "{e}");
     let c = load(&[], &[("SESSION_AUTHORITY_SERVER_MAX_HEALTH_WATCH_STREAMS", "2")]).unwrap();
     assert_eq!(c.server.max_health_watch_streams, 2);
+    for bad in ["0", "-1", "lots", "18446744073709551615"] {
+        let e = load(&[], &[("SESSION_AUTHORITY_EMBEDDED_CACHE_MB", bad)]).unwrap_err().to_string();
+        assert!(e.contains("embedded.cache_mb"), "{bad}: {e}");
+    }
+    let c = load(&[], &[("SESSION_AUTHORITY_EMBEDDED_CACHE_MB", "64")]).unwrap();
+    assert_eq!(c.storage.embedded_cache_bytes, 64 * 1024 * 1024);
 }
 
 #[test]

@@ -141,12 +141,22 @@ fn index_deadlines_once(tx: &WriteTransaction) -> Result<()> {
     Ok(())
 }
 
+/// Megabytes of database pages kept in memory when `embedded.cache_mb` is unset. The cache
+/// fills only as pages are read, so a small store never holds this much.
+pub const DEFAULT_CACHE_MB: usize = 1024;
+
 impl EmbeddedStore {
-    /// Opens (or creates) `sessions.redb` in `dir`.
+    /// Opens (or creates) `sessions.redb` in `dir`, with the default page cache.
     pub fn open(dir: &Path) -> Result<EmbeddedStore> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_MB * 1024 * 1024)
+    }
+
+    /// Opens (or creates) `sessions.redb` in `dir`, keeping up to `cache_bytes` of its pages in
+    /// memory.
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<EmbeddedStore> {
         let path = dir.join("sessions.redb");
         let db = Database::builder()
-            .set_cache_size(256 * 1024 * 1024)
+            .set_cache_size(cache_bytes)
             .create(&path)
             .map_err(|e| Error::unavailable(format!("cannot open {}: {e}", path.display())))?;
         let db = Arc::new(db);

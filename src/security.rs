@@ -70,7 +70,7 @@ use crate::clock::{Clock, Millis};
 use crate::error::{Error, Result};
 use crate::session::{
     HIJACK_REASON, HijackScore, RequestContext, SESSION_CREATE_RULE, SessionEvent, SessionManager, SessionObserver,
-    SessionRef, SessionState,
+    SessionRecord, SessionRef, SessionState,
 };
 use crate::store::{EndOutcome, EventQuery, Stores};
 
@@ -130,16 +130,29 @@ impl EventObserver {
     }
 }
 
+/// The `session_created` event of `s`.
+fn created_draft(s: &SessionRecord) -> EventDraft {
+    EventDraft::new(EventType::SessionCreated)
+        .user(&s.user_id)
+        .session(&s.session_id)
+        .ip(s.ip_address.clone())
+        .details("Session created")
+        .meta("provider", &s.provider)
+}
+
 #[async_trait::async_trait]
 impl SessionObserver for EventObserver {
+    fn creation_event(&self, session: &SessionRecord) -> Option<SecurityEvent> {
+        Some(self.recorder.build(created_draft(session)))
+    }
+
+    fn creation_recorded(&self, event: &SecurityEvent) {
+        Recorder::recorded(event);
+    }
+
     async fn observe(&self, event: SessionEvent<'_>) {
         let draft = match event {
-            SessionEvent::Created(s) => EventDraft::new(EventType::SessionCreated)
-                .user(&s.user_id)
-                .session(&s.session_id)
-                .ip(s.ip_address.clone())
-                .details("Session created")
-                .meta("provider", &s.provider),
+            SessionEvent::Created(s) => created_draft(s),
             SessionEvent::Ended(s) => {
                 let event_type = match s.state {
                     SessionState::Expired => EventType::SessionExpired,

@@ -24,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::clock::{self, Clock, Millis};
 use crate::crypto::{self, KeyRing};
 use crate::error::{Error, Result};
-use crate::model::RevocationKind;
+use crate::model::{RevocationKind, SecurityEvent};
 use crate::store::{CasOutcome, DynSessionStore, EndOutcome, EndSession, Touch};
 
 pub use crate::model::fingerprint as device;
@@ -354,14 +354,22 @@ impl SessionManager {
         self.guard.check(SESSION_CREATE_RULE, &new.user_id).await?;
         let (record, token) = self.prepare(new);
         let eviction = self.eviction(record.created_at);
-        let evicted = self.store.create(record.clone(), self.settings.max_sessions_per_user, eviction).await?;
+        let cap = self.settings.max_sessions_per_user;
+        let event = self.observer.creation_event(&record);
+        let evicted = match &event {
+            Some(event) => self.store.create_recorded(record.clone(), cap, eviction, event).await?,
+            None => self.store.create(record.clone(), cap, eviction).await?,
+        };
         if !evicted.is_empty() {
             self.log_signal.notify_one();
             metrics::counter!(crate::metrics::REVOCATIONS_ISSUED, "kind" => RevocationKind::Evicted.as_str())
                 .increment(evicted.len() as u64);
         }
         metrics::counter!(crate::metrics::SESSION_CREATED).increment(1);
-        self.observer.observe(SessionEvent::Created(&record)).await;
+        match &event {
+            Some(event) => self.observer.creation_recorded(event),
+            None => self.observer.observe(SessionEvent::Created(&record)).await,
+        }
         for ended in &evicted {
             self.observer.observe(SessionEvent::Ended(ended)).await;
         }

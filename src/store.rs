@@ -372,6 +372,19 @@ pub trait SessionStore: RevocationLog + Send + Sync + std::fmt::Debug + 'static 
     /// Concurrent creates for one user never leave more than `cap` active sessions.
     async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>>;
 
+    /// [`SessionStore::create`], with `event` (the creation's security event) appended to this
+    /// backend's security log in the same atomic write where the backend has one: on the
+    /// embedded store one transaction and one fsync, so a create costs one commit and the event
+    /// exists exactly when the session does. Redis and kv-rest append it just after the create;
+    /// a failure there is logged, not returned, as the session already exists.
+    async fn create_recorded(
+        &self,
+        record: SessionRecord,
+        cap: u32,
+        eviction: EndSession,
+        event: &SecurityEvent,
+    ) -> Result<Vec<SessionRecord>>;
+
     /// The session stored under a token hash: the hot path, one read.
     async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>>;
 

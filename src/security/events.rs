@@ -140,8 +140,17 @@ impl Recorder {
 
     /// Records `draft` now and returns the stored event.
     pub async fn record(&self, draft: EventDraft) -> Result<SecurityEvent> {
+        let event = self.build(draft);
+        self.store.append(&event).await?;
+        Self::recorded(&event);
+        Ok(event)
+    }
+
+    /// The event `draft` describes, stamped now, not yet stored (a store that writes it together
+    /// with what it describes takes it from here; [`Recorder::recorded`] logs it afterwards).
+    pub fn build(&self, draft: EventDraft) -> SecurityEvent {
         let severity = draft.severity_or_default();
-        let event = SecurityEvent {
+        SecurityEvent {
             event_id: new_event_id(),
             event_type: draft.event_type,
             user_id: draft.user_id,
@@ -152,8 +161,11 @@ impl Recorder {
             risk_score: draft.risk_score,
             metadata: draft.metadata,
             occurred_at: self.clock.now(),
-        };
-        self.store.append(&event).await?;
+        }
+    }
+
+    /// Logs a stored event at info (type and ids, no secrets).
+    pub fn recorded(event: &SecurityEvent) {
         tracing::info!(
             event_type = event.event_type.as_str(),
             event_id = %event.event_id,
@@ -162,7 +174,6 @@ impl Recorder {
             risk_score = event.risk_score,
             "security event"
         );
-        Ok(event)
     }
 
     /// Records `draft`; a storage failure is logged, not returned: the action the event describes

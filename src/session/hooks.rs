@@ -82,6 +82,17 @@ pub enum SessionEvent<'a> {
 pub trait SessionObserver: Send + Sync + std::fmt::Debug + 'static {
     /// Called after the event happened.
     async fn observe(&self, event: SessionEvent<'_>);
+
+    /// The security event a creation of `session` records, built before the session is stored so
+    /// that the store writes both in one step ([`crate::store::SessionStore::create_recorded`]);
+    /// `None` (the default) records nothing and the creation is reported to
+    /// [`SessionObserver::observe`] afterwards instead.
+    fn creation_event(&self, _session: &SessionRecord) -> Option<SecurityEvent> {
+        None
+    }
+
+    /// Called once the store holds `event`, from [`SessionObserver::creation_event`].
+    fn creation_recorded(&self, _event: &SecurityEvent) {}
 }
 
 /// A [`SessionObserver`] that ignores everything.

@@ -249,6 +249,15 @@ impl EmbeddedStore {
         self.committer.submit(matches!(durability, Durability::Immediate), f).await
     }
 
+    /// A `Durability::None` write answered once its transaction has run, before the commit
+    /// (rate-limit decisions; see `commit`).
+    async fn write_early<T: Send + 'static>(
+        &self,
+        f: impl FnMut(&WriteTransaction) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.committer.submit_early(f).await
+    }
+
     /// Inserts new sessions in one transaction, without the per-user cap: for the offline
     /// seeding tool (`session-authority seed`), never for serving.
     #[cfg(feature = "bench-seed")]
@@ -434,6 +443,72 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(checkpoint(&store, "after").as_deref(), Some("v"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn limiter_decisions_answered_before_the_commit_stay_exact_when_their_batch_reruns() {
+        use crate::model::limiter::Rule;
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let rule = Rule { name: "r".into(), limit: 10, period: Duration::from_secs(60), burst: 10, backoff: None };
+        let now = 1_800_000_000_000;
+        // Hold the writer so that every job below waits for the same transaction; a failing
+        // durable write in the middle makes the committer abort it and run the others again.
+        let held = store.db.begin_write().unwrap();
+        let mut checks = Vec::new();
+        for n in 0..40 {
+            let (checker, rule) = (store.clone(), rule.clone());
+            checks.push(tokio::spawn(async move { checker.check(&rule, "k", 1, now).await }));
+            if n == 20 {
+                let store = store.clone();
+                checks.push(tokio::spawn(async move {
+                    store
+                        .write(Durability::Immediate, |_tx| -> Result<Decision> { Err(Error::invalid("n", "fails")) })
+                        .await
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(checks.iter().all(|c| !c.is_finished()), "nothing is answered before its transaction runs");
+        held.abort().unwrap();
+        let mut allowed = 0;
+        let mut failed = 0;
+        for check in checks {
+            match check.await.unwrap() {
+                Ok(decision) => allowed += usize::from(decision.allowed),
+                Err(Error::InvalidArgument { .. }) => failed += 1,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert_eq!((allowed, failed), (10, 1), "ten of forty allowed, across the aborted attempt");
+        // The state stands: the next check is refused.
+        assert!(!store.check(&rule, "k", 1, now).await.unwrap().allowed);
+    }
+
+    #[tokio::test]
+    async fn a_create_and_its_security_event_are_one_commit() {
+        use crate::security::EventObserver;
+        use crate::security::events::Recorder;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_800_000_000_000);
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let clock_dyn = Arc::new(clock.clone()) as Arc<dyn Clock>;
+        let recorder = Recorder::new(Arc::new(store.clone()), clock_dyn.clone());
+        let manager = SessionManager::new(
+            Arc::new(store.clone()),
+            Arc::new(KeyRing::new(&[7u8; 32], &[])),
+            clock_dyn,
+            settings(),
+        )
+        .with_observer(Arc::new(EventObserver::new(recorder)));
+        let before = store.committer.commits();
+        let created = manager.create(NewSession { user_id: "ada".into(), ..Default::default() }).await.unwrap();
+        assert_eq!(store.committer.commits() - before, 1, "one transaction, one fsync");
+        let query =
+            crate::store::EventQuery { user_id: "ada".into(), until: i64::MAX, limit: 10, ..Default::default() };
+        let events = store.user_events(&query).await.unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].session_id.as_deref(), Some(created.session.session_id.as_str()));
     }
 
     #[tokio::test]

@@ -105,6 +105,16 @@ impl SessionStore for Instrumented<DynSessionStore> {
         self.observe("create", self.inner.create(record, cap, eviction)).await
     }
 
+    async fn create_recorded(
+        &self,
+        record: SessionRecord,
+        cap: u32,
+        eviction: EndSession,
+        event: &SecurityEvent,
+    ) -> Result<Vec<SessionRecord>> {
+        self.observe("create", self.inner.create_recorded(record, cap, eviction, event)).await
+    }
+
     async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>> {
         self.observe("get_by_token", self.inner.get_by_token(token_hash)).await
     }

@@ -412,6 +412,18 @@ impl SessionStore for MemoryStore {
         Ok(evicted)
     }
 
+    async fn create_recorded(
+        &self,
+        record: SessionRecord,
+        cap: u32,
+        eviction: EndSession,
+        event: &SecurityEvent,
+    ) -> Result<Vec<SessionRecord>> {
+        let evicted = self.create(record, cap, eviction).await?;
+        self.append(event).await?;
+        Ok(evicted)
+    }
+
     async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>> {
         Ok(self.read().sessions.get(token_hash).map(|r| (**r).clone()))
     }

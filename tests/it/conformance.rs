@@ -911,6 +911,34 @@ fn event(id: &str, event_type: EventType, user: Option<&str>, at: i64) -> Securi
     }
 }
 
+/// A create through the security log's observer stores the session and its `session_created`
+/// event together (`SessionStore::create_recorded`), and an eviction still records its end.
+pub async fn a_create_records_its_event_with_the_session(backend: Backend) {
+    use session_authority::security::EventObserver;
+    use session_authority::security::events::Recorder;
+    let clock = ManualClock::new(START);
+    let recorder = Recorder::new(backend.events.clone(), Arc::new(clock.clone()) as Arc<dyn Clock>);
+    let m = manager(&backend, 1, &clock).with_observer(Arc::new(EventObserver::new(recorder)));
+    let first = m.create(new_session("frank")).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    let second = m.create(new_session("frank")).await.unwrap();
+    assert_eq!(second.evicted.len(), 1, "the cap of one evicts the first session");
+    let stored = backend.store.get_by_id(&id(&second)).await.unwrap().expect("the second session is stored");
+    assert_eq!(stored.user_id, "frank");
+    let query = EventQuery { user_id: "frank".into(), from: 0, until: i64::MAX, limit: 100, ..EventQuery::default() };
+    let events = backend.events.user_events(&query).await.unwrap();
+    let of = |kind: EventType, session: &str| {
+        events.iter().filter(|e| e.event_type == kind && e.session_id.as_deref() == Some(session)).count()
+    };
+    assert_eq!(of(EventType::SessionCreated, &id(&first)), 1, "{events:?}");
+    assert_eq!(of(EventType::SessionCreated, &id(&second)), 1, "{events:?}");
+    assert_eq!(of(EventType::SessionTerminated, &id(&first)), 1, "the eviction is recorded: {events:?}");
+    let created = events.iter().find(|e| e.session_id.as_deref() == Some(id(&second).as_str())).unwrap();
+    assert_eq!(created.occurred_at, START + 1000);
+    assert_eq!(created.metadata.get("provider"), Some(&stored.provider));
+    assert_eq!(events.len(), 3, "{events:?}");
+}
+
 fn ids(events: &[SecurityEvent]) -> Vec<&str> {
     events.iter().map(|e| e.event_id.as_str()).collect()
 }
@@ -1174,6 +1202,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn limiter_state_is_purged_when_it_no_longer_matters() {
                 suite::limiter_state_is_purged_when_it_no_longer_matters($make).await
+            }
+            #[tokio::test]
+            async fn a_create_records_its_event_with_the_session() {
+                suite::a_create_records_its_event_with_the_session($make).await
             }
             #[tokio::test]
             async fn events_are_listed_per_user_by_time_and_purged() {

@@ -16,6 +16,13 @@
 //! transaction: they see exactly the state they would have seen had the failing job never
 //! been sent. That is why a durable write's closure is `FnMut` (it may run more than once and
 //! must give the same result on the same state).
+//!
+//! A rate-limit decision is answered before the commit, once every job of its transaction has
+//! run ([`Committer::submit_early`]): limiter state is read and written only by jobs on this
+//! thread, which run in order in the same transaction, so no decision can see a state that
+//! another decision did not leave. Without this a CreateSession waited for two commits (its
+//! `session_create` check, then the session). If the commit then fails, the counts of that
+//! transaction are forgotten, as a crash forgets the last counts of `Durability::None`.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +37,10 @@ pub(super) const MAX_BATCH: usize = 256;
 trait Job: Send {
     /// Whether the write must be on disk before it is answered.
     fn durable(&self) -> bool;
+    /// Whether the caller is answered once the transaction has run, before its commit.
+    fn early(&self) -> bool;
+    /// Answers the caller now with the value of its last run (an early job, before the commit).
+    fn answer_now(&mut self);
     /// Runs the write in `tx` and keeps its value for [`Job::answer`].
     fn run(&mut self, tx: &WriteTransaction) -> Result<()>;
     /// Answers the caller: its value if `committed` is `Ok`, else the error.
@@ -38,9 +49,11 @@ trait Job: Send {
 
 struct Typed<T, F> {
     durable: bool,
+    early: bool,
     write: F,
     value: Option<T>,
-    reply: tokio::sync::oneshot::Sender<Result<T>>,
+    /// Taken by the answer: an early job answered before the commit is not answered again.
+    reply: Option<tokio::sync::oneshot::Sender<Result<T>>>,
 }
 
 impl<T, F> Job for Typed<T, F>
@@ -52,6 +65,16 @@ where
         self.durable
     }
 
+    fn early(&self) -> bool {
+        self.early
+    }
+
+    fn answer_now(&mut self) {
+        if let (Some(reply), Some(value)) = (self.reply.take(), self.value.take()) {
+            let _ = reply.send(Ok(value));
+        }
+    }
+
     fn run(&mut self, tx: &WriteTransaction) -> Result<()> {
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (self.write)(tx)))
             .unwrap_or_else(|_| Err(Error::internal("embedded store: a write panicked")))?;
@@ -60,11 +83,12 @@ where
     }
 
     fn answer(self: Box<Self>, committed: Result<()>) {
+        let Some(reply) = self.reply else { return };
         let value = self.value;
         let result = committed
             .and_then(|()| value.ok_or_else(|| Error::internal("embedded store: a committed write has no value")));
         // The caller may have gone (a cancelled call); its write stands either way.
-        let _ = self.reply.send(result);
+        let _ = reply.send(result);
     }
 }
 
@@ -116,9 +140,27 @@ impl Committer {
         T: Send + 'static,
         F: FnMut(&WriteTransaction) -> Result<T> + Send + 'static,
     {
+        self.send(durable, false, write).await
+    }
+
+    /// Runs `write` (not durable) in the next transaction and answers once every job of that
+    /// transaction has run, before its commit: see the module's notes.
+    pub(super) async fn submit_early<T, F>(&self, write: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&WriteTransaction) -> Result<T> + Send + 'static,
+    {
+        self.send(false, true, write).await
+    }
+
+    async fn send<T, F>(&self, durable: bool, early: bool, write: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&WriteTransaction) -> Result<T> + Send + 'static,
+    {
         let stopped = || Error::unavailable("embedded store: the committer has stopped");
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job: Box<dyn Job> = Box::new(Typed { durable, write, value: None, reply });
+        let job: Box<dyn Job> = Box::new(Typed { durable, early, write, value: None, reply: Some(reply) });
         self.jobs.as_ref().ok_or_else(stopped)?.send(job).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
@@ -176,6 +218,9 @@ fn commit_batch(
             slides.restore(pending);
             batch.remove(index).answer(Err(error));
             continue;
+        }
+        for job in batch.iter_mut().filter(|job| job.early()) {
+            job.answer_now();
         }
         let committed = tx.commit();
         commits.fetch_add(1, Ordering::Relaxed);

@@ -2,26 +2,28 @@
 
 use super::*;
 
+/// Writes `event` (serialised as `bytes`) and its user index entry in `tx`.
+pub(super) fn append_in(tx: &WriteTransaction, event: &SecurityEvent, bytes: &[u8]) -> Result<()> {
+    let when = at(event.occurred_at);
+    tx.open_table(SECURITY_EVENTS)
+        .map_err(unavailable)?
+        .insert((when, event.event_id.as_str()), bytes)
+        .map_err(unavailable)?;
+    if let Some(user) = &event.user_id {
+        tx.open_table(USER_SECURITY_EVENTS)
+            .map_err(unavailable)?
+            .insert((user.as_str(), when, event.event_id.as_str()), ())
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl SecurityEventStore for EmbeddedStore {
     async fn append(&self, event: &SecurityEvent) -> Result<()> {
         let event = event.clone();
         let bytes = event.to_bytes()?;
-        self.write(Durability::Immediate, move |tx| {
-            let when = at(event.occurred_at);
-            tx.open_table(SECURITY_EVENTS)
-                .map_err(unavailable)?
-                .insert((when, event.event_id.as_str()), bytes.as_slice())
-                .map_err(unavailable)?;
-            if let Some(user) = &event.user_id {
-                tx.open_table(USER_SECURITY_EVENTS)
-                    .map_err(unavailable)?
-                    .insert((user.as_str(), when, event.event_id.as_str()), ())
-                    .map_err(unavailable)?;
-            }
-            Ok(())
-        })
-        .await
+        self.write(Durability::Immediate, move |tx| append_in(tx, &event, &bytes)).await
     }
 
     async fn user_events(&self, query: &EventQuery) -> Result<Vec<SecurityEvent>> {

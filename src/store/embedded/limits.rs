@@ -104,14 +104,14 @@ pub(super) fn purge_limit_states(tx: &WriteTransaction, now: Millis, limit: usiz
 }
 
 impl EmbeddedStore {
-    /// One limiter decision in one write transaction; with `keep` the new state is stored (a
-    /// `check`), without it nothing is (a `peek`, which at the bound may still drop state that
-    /// decides nothing any more, changing no decision).
+    /// One limiter decision in the committer's next transaction, answered before its commit;
+    /// with `keep` the new state is stored (a `check`), without it nothing is (a `peek`, which at
+    /// the bound may still drop state that decides nothing any more, changing no decision).
     async fn decide(&self, rule: &Rule, key: &str, cost: u32, now: Millis, keep: bool) -> Result<Decision> {
         let rule = rule.clone();
         let key = key.to_owned();
         let max_keys = self.max_limiter_keys;
-        self.write(Durability::None, move |tx| {
+        self.write_early(move |tx| {
             let stored = read_limit(tx, &rule.name, &key)?;
             if stored.is_none() && !has_room(tx, &rule.name, max_keys, now)? {
                 return Ok(limiter::refused(&rule));

@@ -227,42 +227,61 @@ impl RevocationLog for EmbeddedStore {
     }
 }
 
+/// Ends the oldest of `record`'s user's active sessions beyond `cap - 1` with `eviction`, then
+/// inserts `record` with its index entries, in `tx`.
+fn create_in(
+    tx: &WriteTransaction,
+    record: &SessionRecord,
+    cap: u32,
+    eviction: &EndSession,
+) -> Result<Vec<SessionRecord>> {
+    let mut active: Vec<SessionRecord> =
+        user_records(tx, &record.user_id)?.into_iter().filter(|s| s.is_active_at(eviction.at)).collect();
+    active.sort_by(|a, b| (a.created_at, &a.session_id).cmp(&(b.created_at, &b.session_id)));
+    let excess = (active.len() + 1).saturating_sub(cap as usize);
+    let mut evicted = Vec::with_capacity(excess);
+    for old in active.iter().take(excess) {
+        if let EndOutcome::Ended(ended) = end_in(tx, &old.token_hash, eviction)? {
+            evicted.push(ended);
+        }
+    }
+    let hash = record.token_hash.as_slice();
+    tx.open_table(SESSIONS).map_err(unavailable)?.insert(hash, record.to_bytes()?.as_slice()).map_err(unavailable)?;
+    tx.open_table(SESSION_IDS).map_err(unavailable)?.insert(record.session_id.as_str(), hash).map_err(unavailable)?;
+    tx.open_table(USER_SESSIONS)
+        .map_err(unavailable)?
+        .insert((record.user_id.as_str(), record.session_id.as_str()), hash)
+        .map_err(unavailable)?;
+    tx.open_table(SESSION_EXPIRY)
+        .map_err(unavailable)?
+        .insert((at(record.retain_until), hash), ())
+        .map_err(unavailable)?;
+    tx.open_table(SESSION_DEADLINES)
+        .map_err(unavailable)?
+        .insert((at(record.deadline()), hash), ())
+        .map_err(unavailable)?;
+    reindex_upstream(tx, &record.token_hash, &[], &record.upstream_hashes)?;
+    Ok(evicted)
+}
+
 #[async_trait]
 impl SessionStore for EmbeddedStore {
     async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>> {
+        self.write(Durability::Immediate, move |tx| create_in(tx, &record, cap, &eviction)).await
+    }
+
+    async fn create_recorded(
+        &self,
+        record: SessionRecord,
+        cap: u32,
+        eviction: EndSession,
+        event: &SecurityEvent,
+    ) -> Result<Vec<SessionRecord>> {
+        let event = event.clone();
+        let event_bytes = event.to_bytes()?;
         self.write(Durability::Immediate, move |tx| {
-            let mut active: Vec<SessionRecord> =
-                user_records(tx, &record.user_id)?.into_iter().filter(|s| s.is_active_at(eviction.at)).collect();
-            active.sort_by(|a, b| (a.created_at, &a.session_id).cmp(&(b.created_at, &b.session_id)));
-            let excess = (active.len() + 1).saturating_sub(cap as usize);
-            let mut evicted = Vec::with_capacity(excess);
-            for old in active.iter().take(excess) {
-                if let EndOutcome::Ended(ended) = end_in(tx, &old.token_hash, &eviction)? {
-                    evicted.push(ended);
-                }
-            }
-            let hash = record.token_hash.as_slice();
-            tx.open_table(SESSIONS)
-                .map_err(unavailable)?
-                .insert(hash, record.to_bytes()?.as_slice())
-                .map_err(unavailable)?;
-            tx.open_table(SESSION_IDS)
-                .map_err(unavailable)?
-                .insert(record.session_id.as_str(), hash)
-                .map_err(unavailable)?;
-            tx.open_table(USER_SESSIONS)
-                .map_err(unavailable)?
-                .insert((record.user_id.as_str(), record.session_id.as_str()), hash)
-                .map_err(unavailable)?;
-            tx.open_table(SESSION_EXPIRY)
-                .map_err(unavailable)?
-                .insert((at(record.retain_until), hash), ())
-                .map_err(unavailable)?;
-            tx.open_table(SESSION_DEADLINES)
-                .map_err(unavailable)?
-                .insert((at(record.deadline()), hash), ())
-                .map_err(unavailable)?;
-            reindex_upstream(tx, &record.token_hash, &[], &record.upstream_hashes)?;
+            let evicted = create_in(tx, &record, cap, &eviction)?;
+            events::append_in(tx, &event, &event_bytes)?;
             Ok(evicted)
         })
         .await

@@ -87,6 +87,21 @@ impl<T: Transport> RevocationLog for KeyspaceStore<T> {
 
 #[async_trait]
 impl<T: Transport> SessionStore for KeyspaceStore<T> {
+    async fn create_recorded(
+        &self,
+        record: SessionRecord,
+        cap: u32,
+        eviction: EndSession,
+        event: &SecurityEvent,
+    ) -> Result<Vec<SessionRecord>> {
+        let evicted = self.create(record, cap, eviction).await?;
+        // The session exists now: a lost event must not report the creation as failed.
+        if let Err(error) = self.append(event).await {
+            tracing::warn!(event_type = event.event_type.as_str(), %error, "security event could not be recorded");
+        }
+        Ok(evicted)
+    }
+
     async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>> {
         let tag = hash_tag(&record.token_hash);
         if tag != shard_tag(&record.user_id) || id_tag(&record.session_id) != Some(tag.as_str()) {

@@ -121,12 +121,21 @@ impl Default for SecuritySettings {
 #[derive(Debug, Clone)]
 pub struct EventObserver {
     recorder: Recorder,
+    with_sessions: bool,
 }
 
 impl EventObserver {
     /// An observer writing through `recorder`.
     pub fn new(recorder: Recorder) -> EventObserver {
-        EventObserver { recorder }
+        EventObserver { recorder, with_sessions: false }
+    }
+
+    /// With `yes`, the recorder's store is the session store's own log
+    /// ([`Stores::events_with_sessions`]): a creation's event is handed to the session store to
+    /// write with the session.
+    pub fn recording_with_sessions(mut self, yes: bool) -> EventObserver {
+        self.with_sessions = yes;
+        self
     }
 }
 
@@ -143,7 +152,7 @@ fn created_draft(s: &SessionRecord) -> EventDraft {
 #[async_trait::async_trait]
 impl SessionObserver for EventObserver {
     fn creation_event(&self, session: &SessionRecord) -> Option<SecurityEvent> {
-        Some(self.recorder.build(created_draft(session)))
+        self.with_sessions.then(|| self.recorder.build(created_draft(session)))
     }
 
     fn creation_recorded(&self, event: &SecurityEvent) {
@@ -295,9 +304,9 @@ impl Security {
             clock.clone(),
         );
         let detector = Arc::new(HijackDetector::new(settings.hijack.clone(), clock.clone()));
-        let mut sessions = sessions
-            .with_limit_guard(Arc::new(limiter.clone()))
-            .with_observer(Arc::new(EventObserver::new(recorder.clone())));
+        let mut sessions = sessions.with_limit_guard(Arc::new(limiter.clone())).with_observer(Arc::new(
+            EventObserver::new(recorder.clone()).recording_with_sessions(stores.events_with_sessions),
+        ));
         if settings.hijack_detection {
             sessions = sessions.with_hijack_scorer(detector.clone());
         }

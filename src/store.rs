@@ -604,6 +604,9 @@ pub struct Stores {
     pub events: DynSecurityEventStore,
     /// Refresh leases and refresh records.
     pub tokens: DynTokenStore,
+    /// Whether `events` is the log that `sessions` writes a creation's event into
+    /// ([`SessionStore::create_recorded`]): true for one backend behind every handle.
+    pub events_with_sessions: bool,
 }
 
 impl Stores {
@@ -614,7 +617,13 @@ impl Stores {
 
     /// Handles onto one backend object that is already shared (two replicas over one store).
     pub fn shared<S: SessionStore + RateLimitStore + SecurityEventStore + TokenStore>(store: Arc<S>) -> Stores {
-        Stores { sessions: store.clone(), limits: store.clone(), events: store.clone(), tokens: store }
+        Stores {
+            sessions: store.clone(),
+            limits: store.clone(),
+            events: store.clone(),
+            tokens: store,
+            events_with_sessions: true,
+        }
     }
 
     /// The same stores, each call timed, counted on failure and run inside a `storage` span,

@@ -63,6 +63,7 @@ fn world_with(settings: SecuritySettings, events: Option<DynSecurityEventStore>)
     let stores = Stores {
         sessions: memory.clone(),
         limits: memory.clone(),
+        events_with_sessions: events.is_none(),
         events: events.unwrap_or_else(|| memory.clone()),
         tokens: memory.clone(),
     };

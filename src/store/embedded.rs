@@ -500,7 +500,7 @@ mod tests {
             clock_dyn,
             settings(),
         )
-        .with_observer(Arc::new(EventObserver::new(recorder)));
+        .with_observer(Arc::new(EventObserver::new(recorder).recording_with_sessions(true)));
         let before = store.committer.commits();
         let created = manager.create(NewSession { user_id: "ada".into(), ..Default::default() }).await.unwrap();
         assert_eq!(store.committer.commits() - before, 1, "one transaction, one fsync");

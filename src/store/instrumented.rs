@@ -33,6 +33,7 @@ pub(crate) fn wrap(stores: Stores, backend: &'static str) -> Stores {
         limits: std::sync::Arc::new(Instrumented { inner: stores.limits, backend }),
         events: std::sync::Arc::new(Instrumented { inner: stores.events, backend }),
         tokens: std::sync::Arc::new(Instrumented { inner: stores.tokens, backend }),
+        events_with_sessions: stores.events_with_sessions,
     }
 }
 

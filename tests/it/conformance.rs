@@ -918,7 +918,8 @@ pub async fn a_create_records_its_event_with_the_session(backend: Backend) {
     use session_authority::security::events::Recorder;
     let clock = ManualClock::new(START);
     let recorder = Recorder::new(backend.events.clone(), Arc::new(clock.clone()) as Arc<dyn Clock>);
-    let m = manager(&backend, 1, &clock).with_observer(Arc::new(EventObserver::new(recorder)));
+    let m = manager(&backend, 1, &clock)
+        .with_observer(Arc::new(EventObserver::new(recorder).recording_with_sessions(true)));
     let first = m.create(new_session("frank")).await.unwrap();
     clock.advance(Duration::from_secs(1));
     let second = m.create(new_session("frank")).await.unwrap();

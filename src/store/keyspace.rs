@@ -55,7 +55,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt as _;
-use serde_json::{Map, Value};
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
@@ -485,5 +484,52 @@ mod tests {
         assert_eq!(r.end_reason.as_deref(), Some("user_logout"));
         assert_eq!(r.ip_address.as_deref(), Some("192.0.2.1"));
         assert!(record(Reply::Array(vec![])).unwrap().is_none());
+
+        // Every field a script writes beside the doc, as Redis returns them (text or integers).
+        let reply = Reply::Array(vec![
+            data("session_id"),
+            data("ses_0000_b"),
+            data("user_id"),
+            data("v"),
+            data("created_at"),
+            Reply::Int(2),
+            data("absolute_expires_at"),
+            data("21"),
+            data("idle_expires_at"),
+            data("11"),
+            data("last_accessed_at"),
+            data("3"),
+            data("retain_until"),
+            data("31"),
+            data("ip_address"),
+            data("198.51.100.7"),
+            data("state"),
+            data("revoked"),
+            data("doc"),
+            data(doc),
+            data("unknown_field"),
+            data("ignored"),
+        ]);
+        let r = record(reply).unwrap().unwrap();
+        assert_eq!((r.session_id.as_str(), r.user_id.as_str(), r.state), ("ses_0000_b", "v", SessionState::Revoked));
+        assert_eq!(
+            (r.created_at, r.absolute_expires_at, r.idle_expires_at, r.last_accessed_at, r.retain_until),
+            (2, 21, 11, 3, 31)
+        );
+        assert_eq!(r.ip_address.as_deref(), Some("198.51.100.7"));
+        assert_eq!((r.version, r.idle_timeout_ms, r.tokens.access.as_str()), (1, 9, "x"), "the rest from the doc");
+
+        // Malformed replies are errors, never panics.
+        for bad in [
+            vec![data("state"), data("active")],
+            vec![data("doc"), data("[1]")],
+            vec![data("doc"), data(doc), data("state"), data("sleeping")],
+            vec![data("doc"), data(doc), data("version"), data("-1")],
+            vec![data("doc"), data(doc), data("created_at"), data("soon")],
+            vec![data("doc"), data(doc), data("user_id")],
+            vec![data("doc"), Reply::Int(1)],
+        ] {
+            assert!(record(Reply::Array(bad.clone())).is_err(), "{bad:?}");
+        }
     }
 }

@@ -2,22 +2,6 @@
 
 use super::*;
 
-/// Hash fields that override the same-named member of `doc`, and whether they are numbers.
-pub(super) const FIELDS: [(&str, bool); 12] = [
-    ("session_id", false),
-    ("user_id", false),
-    ("state", false),
-    ("version", true),
-    ("created_at", true),
-    ("absolute_expires_at", true),
-    ("idle_expires_at", true),
-    ("last_accessed_at", true),
-    ("retain_until", true),
-    ("ip_address", false),
-    ("end_reason", false),
-    ("ended_at", true),
-];
-
 pub(super) fn malformed(what: &str) -> Error {
     Error::internal(format!("stored session is unreadable: {what}"))
 }
@@ -45,32 +29,51 @@ pub(super) fn items(reply: Reply) -> Result<Vec<Reply>> {
     }
 }
 
-/// A record from an HGETALL reply; an empty reply is `None`.
+/// A record from an HGETALL reply; an empty reply is `None`. The `doc` is decoded straight into
+/// the record (one pass, no intermediate JSON tree), then each field beside it overrides the
+/// same-named member (the fields scripts change without re-encoding `doc`).
 pub(super) fn record(reply: Reply) -> Result<Option<SessionRecord>> {
     let items = items(reply)?;
     if items.is_empty() {
         return Ok(None);
     }
-    let mut doc: Option<Map<String, Value>> = None;
-    let mut fields = Vec::with_capacity(items.len() / 2);
+    let doc_at = items.chunks(2).position(|pair| matches!(&pair[0], Reply::Data(name) if name == b"doc"));
+    let doc = doc_at.and_then(|i| items.get(2 * i + 1)).ok_or_else(|| malformed("no `doc` field"))?;
+    let mut record: SessionRecord = match doc {
+        Reply::Data(bytes) => serde_json::from_slice(bytes).map_err(|_| malformed("`doc` is not a JSON object"))?,
+        _ => return Err(malformed("`doc` is not a JSON object")),
+    };
     for pair in items.chunks(2) {
         let [name, value] = pair else { return Err(malformed("odd number of hash items")) };
-        let name = text(name)?;
-        if name == "doc" {
-            match serde_json::from_str(text(value)?) {
-                Ok(Value::Object(map)) => doc = Some(map),
-                _ => return Err(malformed("`doc` is not a JSON object")),
-            }
-        } else if let Some((field, numeric)) = FIELDS.iter().find(|(f, _)| *f == name) {
-            let value = if *numeric { Value::from(integer(value)?) } else { Value::from(text(value)?) };
-            fields.push((*field, value));
+        override_field(&mut record, text(name)?, value)?;
+    }
+    Ok(Some(record))
+}
+
+/// Sets the member `name` of `record` from the hash field of that name; other fields (`doc`,
+/// anything a newer version added) change nothing.
+fn override_field(record: &mut SessionRecord, name: &str, value: &Reply) -> Result<()> {
+    match name {
+        "session_id" => record.session_id = text(value)?.to_owned(),
+        "user_id" => record.user_id = text(value)?.to_owned(),
+        "state" => {
+            use serde::de::IntoDeserializer as _;
+            let state: std::result::Result<SessionState, serde::de::value::Error> =
+                serde::Deserialize::deserialize(text(value)?.into_deserializer());
+            record.state = state.map_err(|e| malformed(&e.to_string()))?;
         }
+        "version" => record.version = u64::try_from(integer(value)?).map_err(|_| malformed("negative version"))?,
+        "created_at" => record.created_at = integer(value)?,
+        "absolute_expires_at" => record.absolute_expires_at = integer(value)?,
+        "idle_expires_at" => record.idle_expires_at = integer(value)?,
+        "last_accessed_at" => record.last_accessed_at = integer(value)?,
+        "retain_until" => record.retain_until = integer(value)?,
+        "ip_address" => record.ip_address = Some(text(value)?.to_owned()),
+        "end_reason" => record.end_reason = Some(text(value)?.to_owned()),
+        "ended_at" => record.ended_at = Some(integer(value)?),
+        _ => {}
     }
-    let mut doc = doc.ok_or_else(|| malformed("no `doc` field"))?;
-    for (field, value) in fields {
-        doc.insert(field.to_owned(), value);
-    }
-    serde_json::from_value(Value::Object(doc)).map(Some).map_err(|e| malformed(&e.to_string()))
+    Ok(())
 }
 
 pub(super) fn required(reply: Reply) -> Result<SessionRecord> {

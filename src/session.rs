@@ -24,8 +24,9 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::clock::{self, Clock, Millis};
 use crate::crypto::{self, KeyRing};
 use crate::error::{Error, Result};
+use crate::model::limiter::Decision;
 use crate::model::{RevocationKind, SecurityEvent};
-use crate::store::{CasOutcome, DynSessionStore, EndOutcome, EndSession, Touch};
+use crate::store::{CasOutcome, CreateOutcome, CreateWith, DynSessionStore, EndOutcome, EndSession, LimitCheck, Touch};
 
 pub use crate::model::fingerprint as device;
 mod hooks;
@@ -351,14 +352,26 @@ impl SessionManager {
     /// Creates a session under the per-user cap.
     pub async fn create(&self, mut new: NewSession) -> Result<Created> {
         new.provider = self.provider_for(std::mem::take(&mut new.provider))?;
-        self.guard.check(SESSION_CREATE_RULE, &new.user_id).await?;
+        // The session_create check is decided in the create's own write where the guard allows
+        // (one commit on the embedded store), else first, on its own.
+        let limit = self.guard.planned(SESSION_CREATE_RULE, &new.user_id);
+        if limit.is_none() {
+            self.guard.check(SESSION_CREATE_RULE, &new.user_id).await?;
+        }
         let (record, token) = self.prepare(new);
         let eviction = self.eviction(record.created_at);
         let cap = self.settings.max_sessions_per_user;
         let event = self.observer.creation_event(&record);
-        let evicted = match &event {
-            Some(event) => self.store.create_recorded(record.clone(), cap, eviction, event).await?,
-            None => self.store.create(record.clone(), cap, eviction).await?,
+        let evicted = if event.is_none() && limit.is_none() {
+            self.store.create(record.clone(), cap, eviction).await?
+        } else {
+            let with = CreateWith { event: event.clone(), limit };
+            match self.store.create_recorded(record.clone(), cap, eviction, with).await? {
+                CreateOutcome::Created(evicted) => evicted,
+                CreateOutcome::Refused(decision) => {
+                    return Err(self.guard.refused(SESSION_CREATE_RULE, &record.user_id, decision).await);
+                }
+            }
         };
         if !evicted.is_empty() {
             self.log_signal.notify_one();

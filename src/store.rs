@@ -296,6 +296,35 @@ pub enum EndOutcome {
     NotFound,
 }
 
+/// What [`SessionStore::create_recorded`] writes with a new session.
+#[derive(Debug, Clone, Default)]
+pub struct CreateWith {
+    /// The creation's security event, appended to this backend's log.
+    pub event: Option<SecurityEvent>,
+    /// A rate-limit check that must allow before the session is stored.
+    pub limit: Option<LimitCheck>,
+}
+
+/// One unit of `rule` for `key` at `now`, as [`RateLimitStore::check`] takes it.
+#[derive(Debug, Clone)]
+pub struct LimitCheck {
+    /// The rule.
+    pub rule: Rule,
+    /// The key it limits (a user id, an address).
+    pub key: String,
+    /// When the check is made.
+    pub now: Millis,
+}
+
+/// What [`SessionStore::create_recorded`] did.
+#[derive(Debug, Clone)]
+pub enum CreateOutcome {
+    /// Stored, evicting these sessions (oldest first, in their ended form).
+    Created(Vec<SessionRecord>),
+    /// The limit check refused: nothing was stored but the limiter's state.
+    Refused(Decision),
+}
+
 /// What [`SessionStore::compare_and_swap`] did.
 #[derive(Debug, Clone)]
 pub enum CasOutcome {
@@ -372,18 +401,19 @@ pub trait SessionStore: RevocationLog + Send + Sync + std::fmt::Debug + 'static 
     /// Concurrent creates for one user never leave more than `cap` active sessions.
     async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>>;
 
-    /// [`SessionStore::create`], with `event` (the creation's security event) appended to this
-    /// backend's security log in the same atomic write where the backend has one: on the
-    /// embedded store one transaction and one fsync, so a create costs one commit and the event
-    /// exists exactly when the session does. Redis and kv-rest append it just after the create;
-    /// a failure there is logged, not returned, as the session already exists.
+    /// [`SessionStore::create`] after `with.limit` allowed (a refusal stores nothing but the
+    /// limiter's state), with `with.event` (the creation's security event) appended to this
+    /// backend's security log. Where the backend has one atomic write for all of it (the
+    /// embedded store: one transaction and one fsync) a create costs one commit and the event
+    /// exists exactly when the session does. Redis and kv-rest check, create and append one
+    /// after the other; a failed append there is logged, not returned, as the session exists.
     async fn create_recorded(
         &self,
         record: SessionRecord,
         cap: u32,
         eviction: EndSession,
-        event: &SecurityEvent,
-    ) -> Result<Vec<SessionRecord>>;
+        with: CreateWith,
+    ) -> Result<CreateOutcome>;
 
     /// The session stored under a token hash: the hot path, one read.
     async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>>;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::session::{LimitGuard, VALIDATE_FAILURE_RULE};
-use crate::store::DynRateLimitStore;
+use crate::store::{DynRateLimitStore, LimitCheck};
 
 use super::events::{EventDraft, EventType, Recorder};
 use super::limiter::{Backoff, Decision, Rule};
@@ -125,6 +125,13 @@ impl Limiter {
             return self.store.peek(rule, key, cost, self.clock.now()).await;
         }
         let decision = self.store.check(rule, key, cost, self.clock.now()).await?;
+        self.settle(rule, key, decision).await
+    }
+
+    /// What a consuming check does with the store's `decision` for `key`: counts a refusal and
+    /// records its security event (once per block window).
+    async fn settle(&self, rule: &Rule, key: &str, decision: Decision) -> Result<Decision> {
+        let rule_name = rule.name.as_str();
         if decision.key_refused {
             // Neither an event nor a denial of this key: a flood of new keys must not become
             // event writes, and the operator needs the count and a (rate-limited) warning.
@@ -157,6 +164,14 @@ impl Limiter {
         Ok(decision)
     }
 
+    /// The check [`Limiter::enforce`] would ask the store for, when it asks one (limiting on, the
+    /// rule configured).
+    fn planned_check(&self, rule_name: &str, key: &str) -> Option<LimitCheck> {
+        // A rule that cannot grant one unit is refused by `decide` as an invalid cost: not planned.
+        let rule = self.rules.get(rule_name).filter(|rule| self.enabled && rule.burst >= 1)?;
+        Some(LimitCheck { rule: rule.clone(), key: key.to_owned(), now: self.clock.now() })
+    }
+
     /// Logs that `rule` refuses new keys, at most once a minute per limiter.
     fn warn_full(&self, rule: &Rule) {
         let now = self.clock.now();
@@ -182,13 +197,7 @@ impl Limiter {
             return Ok(());
         }
         let decision = self.check(rule_name, key, 1).await?;
-        if decision.allowed {
-            Ok(())
-        } else if decision.key_refused {
-            Err(Error::LimiterFull { rule: rule_name.to_owned(), retry_after: decision.retry_after })
-        } else {
-            Err(Error::RateLimited { rule: rule_name.to_owned(), retry_after: decision.retry_after })
-        }
+        denial(rule_name, &decision).map_or(Ok(()), Err)
     }
 
     /// Deletes rate-limit state that no longer matters.
@@ -209,5 +218,31 @@ impl Limiter {
 impl LimitGuard for Limiter {
     async fn check(&self, rule: &str, key: &str) -> Result<()> {
         self.enforce(rule, key).await
+    }
+
+    fn planned(&self, rule: &str, key: &str) -> Option<LimitCheck> {
+        self.planned_check(rule, key)
+    }
+
+    async fn refused(&self, rule_name: &str, key: &str, decision: Decision) -> Error {
+        let Some(rule) = self.rules.get(rule_name) else {
+            return Error::internal(format!("rate limit {rule_name:?} is not configured"));
+        };
+        match self.settle(rule, key, decision).await {
+            Ok(decision) => denial(rule_name, &decision)
+                .unwrap_or_else(|| Error::internal(format!("rate limit {rule_name:?} refused without a denial"))),
+            Err(e) => e,
+        }
+    }
+}
+
+/// The error of a denied `decision` of `rule_name`; `None` when it allowed.
+fn denial(rule_name: &str, decision: &Decision) -> Option<Error> {
+    if decision.allowed {
+        None
+    } else if decision.key_refused {
+        Some(Error::LimiterFull { rule: rule_name.to_owned(), retry_after: decision.retry_after })
+    } else {
+        Some(Error::RateLimited { rule: rule_name.to_owned(), retry_after: decision.retry_after })
     }
 }

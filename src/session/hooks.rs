@@ -11,6 +11,21 @@ use super::*;
 pub trait LimitGuard: Send + Sync + std::fmt::Debug + 'static {
     /// `Ok` to proceed, `Err(Error::RateLimited { .. })` to refuse.
     async fn check(&self, rule: &str, key: &str) -> Result<()>;
+
+    /// The store-level check that [`LimitGuard::check`] of `rule` for `key` makes now, for a
+    /// store to decide in the same write as the action it guards
+    /// ([`crate::store::SessionStore::create_recorded`]); `None` (the default) when the guard
+    /// decides itself (or nothing: the rule is not configured, limiting is off), and the caller
+    /// calls `check` instead.
+    fn planned(&self, _rule: &str, _key: &str) -> Option<LimitCheck> {
+        None
+    }
+
+    /// Completes a check whose refusal a store decided: what [`LimitGuard::check`] does with a
+    /// refusal (its metrics and security event), and the error it returns.
+    async fn refused(&self, rule: &str, _key: &str, _decision: Decision) -> Error {
+        Error::internal(format!("rate limit {rule:?} was decided by the store but this guard plans no checks"))
+    }
 }
 
 /// A [`LimitGuard`] that allows everything.

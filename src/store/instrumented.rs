@@ -21,9 +21,9 @@ use crate::model::limiter::{Decision, Rule};
 use crate::model::{RefreshLease, RefreshRecord};
 use crate::model::{RevocationEvent, SecurityEvent, SessionRecord};
 use crate::store::{
-    CasOutcome, DynRateLimitStore, DynSecurityEventStore, DynSessionStore, DynTokenStore, EndOutcome, EndSession,
-    EventQuery, LeaseOutcome, LogRead, RateLimitStore, RevocationLog, RevocationPage, RevocationQuery,
-    SecurityEventStore, SessionStore, Stores, TimedOut, TokenHash, TokenStore, Touch,
+    CasOutcome, CreateOutcome, CreateWith, DynRateLimitStore, DynSecurityEventStore, DynSessionStore, DynTokenStore,
+    EndOutcome, EndSession, EventQuery, LeaseOutcome, LogRead, RateLimitStore, RevocationLog, RevocationPage,
+    RevocationQuery, SecurityEventStore, SessionStore, Stores, TimedOut, TokenHash, TokenStore, Touch,
 };
 
 /// Wraps the stores of `stores`, labelling everything with `backend`.
@@ -111,9 +111,9 @@ impl SessionStore for Instrumented<DynSessionStore> {
         record: SessionRecord,
         cap: u32,
         eviction: EndSession,
-        event: &SecurityEvent,
-    ) -> Result<Vec<SessionRecord>> {
-        self.observe("create", self.inner.create_recorded(record, cap, eviction, event)).await
+        with: CreateWith,
+    ) -> Result<CreateOutcome> {
+        self.observe("create", self.inner.create_recorded(record, cap, eviction, with)).await
     }
 
     async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>> {

@@ -63,8 +63,9 @@ use crate::model::{RefreshLease, RefreshRecord};
 use crate::model::{RevocationEvent, RevocationKind, SecurityEvent, new_log_id};
 use crate::model::{SessionRecord, SessionState, shard_tag};
 use crate::store::{
-    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationLog,
-    RevocationPage, RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch,
+    CasOutcome, CreateOutcome, CreateWith, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead,
+    RateLimitStore, RevocationLog, RevocationPage, RevocationQuery, SecurityEventStore, SessionStore, TimedOut,
+    TokenHash, TokenStore, Touch,
 };
 
 mod events;

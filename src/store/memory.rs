@@ -15,9 +15,9 @@ use crate::model::limiter::{self, Decision, LimiterState, Rule};
 use crate::model::{RefreshLease, RefreshRecord};
 use crate::model::{RevocationEvent, SecurityEvent, SessionRecord};
 use crate::store::{
-    CasOutcome, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead, RateLimitStore, RevocationLog,
-    RevocationPage, RevocationQuery, SecurityEventStore, SessionStore, TimedOut, TokenHash, TokenStore, Touch,
-    type_matches,
+    CasOutcome, CreateOutcome, CreateWith, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead,
+    RateLimitStore, RevocationLog, RevocationPage, RevocationQuery, SecurityEventStore, SessionStore, TimedOut,
+    TokenHash, TokenStore, Touch, type_matches,
 };
 
 /// Sessions, the revocation log, rate-limit state and security events in memory.
@@ -417,11 +417,19 @@ impl SessionStore for MemoryStore {
         record: SessionRecord,
         cap: u32,
         eviction: EndSession,
-        event: &SecurityEvent,
-    ) -> Result<Vec<SessionRecord>> {
+        with: CreateWith,
+    ) -> Result<CreateOutcome> {
+        if let Some(limit) = &with.limit {
+            let decision = self.check(&limit.rule, &limit.key, 1, limit.now).await?;
+            if !decision.allowed {
+                return Ok(CreateOutcome::Refused(decision));
+            }
+        }
         let evicted = self.create(record, cap, eviction).await?;
-        self.append(event).await?;
-        Ok(evicted)
+        if let Some(event) = &with.event {
+            self.append(event).await?;
+        }
+        Ok(CreateOutcome::Created(evicted))
     }
 
     async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>> {

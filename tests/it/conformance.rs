@@ -940,6 +940,37 @@ pub async fn a_create_records_its_event_with_the_session(backend: Backend) {
     assert_eq!(events.len(), 3, "{events:?}");
 }
 
+/// The `session_create` limit decided with the create (in its transaction on the embedded
+/// store): a refusal stores no session and records one `rate_limit_exceeded` event; other users
+/// keep their own allowance.
+pub async fn a_create_over_its_limit_stores_nothing(backend: Backend) {
+    use session_authority::error::Error;
+    use session_authority::security::events::Recorder;
+    use session_authority::security::{EventObserver, Limiter};
+    let clock = ManualClock::new(START);
+    let clock_dyn = Arc::new(clock.clone()) as Arc<dyn Clock>;
+    let recorder = Recorder::new(backend.events.clone(), clock_dyn.clone());
+    let rule = Rule { name: "session_create".into(), ..per_minute(2) };
+    let rules = BTreeMap::from([(rule.name.clone(), rule)]);
+    let limiter = Limiter::new(true, rules, backend.limits.clone(), recorder.clone(), clock_dyn);
+    let m = manager(&backend, 5, &clock)
+        .with_limit_guard(Arc::new(limiter))
+        .with_observer(Arc::new(EventObserver::new(recorder).recording_with_sessions(true)));
+    m.create(new_session("gina")).await.unwrap();
+    m.create(new_session("gina")).await.unwrap();
+    let third = m.create(new_session("gina")).await;
+    assert!(matches!(&third, Err(Error::RateLimited { rule, .. }) if rule == "session_create"), "{third:?}");
+    assert_eq!(backend.store.list_user("gina").await.unwrap().len(), 2, "the refused create stored nothing");
+    let query = EventQuery { user_id: "gina".into(), from: 0, until: i64::MAX, limit: 100, ..EventQuery::default() };
+    let events = backend.events.user_events(&query).await.unwrap();
+    let count = |kind: EventType| events.iter().filter(|e| e.event_type == kind).count();
+    assert_eq!((count(EventType::SessionCreated), count(EventType::RateLimitExceeded)), (2, 1), "{events:?}");
+    m.create(new_session("hal")).await.unwrap();
+    // The allowance returns with time: one unit per 30 s.
+    clock.advance(Duration::from_secs(30));
+    m.create(new_session("gina")).await.unwrap();
+}
+
 fn ids(events: &[SecurityEvent]) -> Vec<&str> {
     events.iter().map(|e| e.event_id.as_str()).collect()
 }
@@ -1203,6 +1234,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn limiter_state_is_purged_when_it_no_longer_matters() {
                 suite::limiter_state_is_purged_when_it_no_longer_matters($make).await
+            }
+            #[tokio::test]
+            async fn a_create_over_its_limit_stores_nothing() {
+                suite::a_create_over_its_limit_stores_nothing($make).await
             }
             #[tokio::test]
             async fn a_create_records_its_event_with_the_session() {

@@ -111,30 +111,40 @@ impl EmbeddedStore {
         let rule = rule.clone();
         let key = key.to_owned();
         let max_keys = self.max_limiter_keys;
-        self.write_early(move |tx| {
-            let stored = read_limit(tx, &rule.name, &key)?;
-            if stored.is_none() && !has_room(tx, &rule.name, max_keys, now)? {
-                return Ok(limiter::refused(&rule));
-            }
-            let (decision, next) = limiter::apply(stored.as_ref().map(|s| s.state), &rule, cost, now);
-            if let Some(state) = next.filter(|_| keep) {
-                if stored.is_none() {
-                    add_held_keys(tx, &rule.name, 1)?;
-                }
-                let mut limits = tx.open_table(RATE_LIMITS).map_err(unavailable)?;
-                let mut forget = tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
-                if let Some(old) = &stored {
-                    forget.remove((at(old.forget_at), rule.name.as_str(), key.as_str())).map_err(unavailable)?;
-                }
-                let forget_at = state.forget_at(&rule);
-                forget.insert((at(forget_at), rule.name.as_str(), key.as_str()), ()).map_err(unavailable)?;
-                let bytes = serde_json::to_vec(&StoredLimit { state, forget_at }).map_err(Error::internal)?;
-                limits.insert((rule.name.as_str(), key.as_str()), bytes.as_slice()).map_err(unavailable)?;
-            }
-            Ok(decision)
-        })
-        .await
+        self.write_early(move |tx| decide_in(tx, &rule, &key, cost, now, keep, max_keys)).await
     }
+}
+
+/// One limiter decision in `tx` (see [`EmbeddedStore::decide`]); at most `max_keys` keys per rule.
+pub(super) fn decide_in(
+    tx: &WriteTransaction,
+    rule: &Rule,
+    key: &str,
+    cost: u32,
+    now: Millis,
+    keep: bool,
+    max_keys: usize,
+) -> Result<Decision> {
+    let stored = read_limit(tx, &rule.name, key)?;
+    if stored.is_none() && !has_room(tx, &rule.name, max_keys, now)? {
+        return Ok(limiter::refused(rule));
+    }
+    let (decision, next) = limiter::apply(stored.as_ref().map(|s| s.state), rule, cost, now);
+    if let Some(state) = next.filter(|_| keep) {
+        if stored.is_none() {
+            add_held_keys(tx, &rule.name, 1)?;
+        }
+        let mut limits = tx.open_table(RATE_LIMITS).map_err(unavailable)?;
+        let mut forget = tx.open_table(RATE_LIMIT_FORGET).map_err(unavailable)?;
+        if let Some(old) = &stored {
+            forget.remove((at(old.forget_at), rule.name.as_str(), key)).map_err(unavailable)?;
+        }
+        let forget_at = state.forget_at(rule);
+        forget.insert((at(forget_at), rule.name.as_str(), key), ()).map_err(unavailable)?;
+        let bytes = serde_json::to_vec(&StoredLimit { state, forget_at }).map_err(Error::internal)?;
+        limits.insert((rule.name.as_str(), key), bytes.as_slice()).map_err(unavailable)?;
+    }
+    Ok(decision)
 }
 
 #[async_trait]

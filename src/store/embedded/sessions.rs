@@ -275,14 +275,29 @@ impl SessionStore for EmbeddedStore {
         record: SessionRecord,
         cap: u32,
         eviction: EndSession,
-        event: &SecurityEvent,
-    ) -> Result<Vec<SessionRecord>> {
-        let event = event.clone();
-        let event_bytes = event.to_bytes()?;
+        with: CreateWith,
+    ) -> Result<CreateOutcome> {
+        let event = match with.event {
+            Some(event) => {
+                let bytes = event.to_bytes()?;
+                Some((event, bytes))
+            }
+            None => None,
+        };
+        let limit = with.limit;
+        let max_keys = self.max_limiter_keys;
         self.write(Durability::Immediate, move |tx| {
+            if let Some(limit) = &limit {
+                let decision = limits::decide_in(tx, &limit.rule, &limit.key, 1, limit.now, true, max_keys)?;
+                if !decision.allowed {
+                    return Ok(CreateOutcome::Refused(decision));
+                }
+            }
             let evicted = create_in(tx, &record, cap, &eviction)?;
-            events::append_in(tx, &event, &event_bytes)?;
-            Ok(evicted)
+            if let Some((event, bytes)) = &event {
+                events::append_in(tx, event, bytes)?;
+            }
+            Ok(CreateOutcome::Created(evicted))
         })
         .await
     }

@@ -209,8 +209,9 @@ async fn metrics_after_a_scripted_flow_have_exact_values_and_parse() {
     };
     assert_eq!(storage("create"), Some(4.0));
     assert_eq!(storage("end"), Some(4.0));
-    // Six CheckRateLimit calls, four session_create checks and the hijack's validate_failure unit.
-    assert_eq!(storage("rate_limit_check"), Some(11.0));
+    // Six CheckRateLimit calls and the hijack's validate_failure unit; the four session_create
+    // checks are decided inside their `create` (one transaction with the session).
+    assert_eq!(storage("rate_limit_check"), Some(7.0));
     assert!(m.samples.iter().all(|s| s.name != "storage_operation_errors_total"), "no storage call failed");
     assert_eq!(m.types.get("storage_operation_seconds").map(String::as_str), Some("histogram"));
     assert_eq!(m.types.get("sessions_active").map(String::as_str), Some("gauge"));

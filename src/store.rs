@@ -325,6 +325,35 @@ pub enum CreateOutcome {
     Refused(Decision),
 }
 
+/// [`SessionStore::create_recorded`] for a backend without one atomic write for all of it:
+/// the limit check, then the create, then the event's append, one after the other. The session
+/// exists once the create returns, so a failed append is logged, not returned: a lost event must
+/// not report the creation as failed.
+pub(crate) async fn create_in_steps<S>(
+    store: &S,
+    record: SessionRecord,
+    cap: u32,
+    eviction: EndSession,
+    with: CreateWith,
+) -> Result<CreateOutcome>
+where
+    S: SessionStore + RateLimitStore + SecurityEventStore + ?Sized,
+{
+    if let Some(limit) = &with.limit {
+        let decision = store.check(&limit.rule, &limit.key, 1, limit.now).await?;
+        if !decision.allowed {
+            return Ok(CreateOutcome::Refused(decision));
+        }
+    }
+    let evicted = store.create(record, cap, eviction).await?;
+    if let Some(event) = &with.event
+        && let Err(error) = store.append(event).await
+    {
+        tracing::warn!(event_type = event.event_type.as_str(), %error, "security event could not be recorded");
+    }
+    Ok(CreateOutcome::Created(evicted))
+}
+
 /// What [`SessionStore::compare_and_swap`] did.
 #[derive(Debug, Clone)]
 pub enum CasOutcome {
@@ -405,8 +434,9 @@ pub trait SessionStore: RevocationLog + Send + Sync + std::fmt::Debug + 'static 
     /// limiter's state), with `with.event` (the creation's security event) appended to this
     /// backend's security log. Where the backend has one atomic write for all of it (the
     /// embedded store: one transaction and one fsync) a create costs one commit and the event
-    /// exists exactly when the session does. Redis and kv-rest check, create and append one
-    /// after the other; a failed append there is logged, not returned, as the session exists.
+    /// exists exactly when the session does. The memory store, Redis and kv-rest check, create
+    /// and append one after the other ([`create_in_steps`]); a failed append there is logged, not
+    /// returned, as the session exists.
     async fn create_recorded(
         &self,
         record: SessionRecord,

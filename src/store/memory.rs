@@ -419,17 +419,7 @@ impl SessionStore for MemoryStore {
         eviction: EndSession,
         with: CreateWith,
     ) -> Result<CreateOutcome> {
-        if let Some(limit) = &with.limit {
-            let decision = self.check(&limit.rule, &limit.key, 1, limit.now).await?;
-            if !decision.allowed {
-                return Ok(CreateOutcome::Refused(decision));
-            }
-        }
-        let evicted = self.create(record, cap, eviction).await?;
-        if let Some(event) = &with.event {
-            self.append(event).await?;
-        }
-        Ok(CreateOutcome::Created(evicted))
+        crate::store::create_in_steps(self, record, cap, eviction, with).await
     }
 
     async fn get_by_token(&self, token_hash: &TokenHash) -> Result<Option<SessionRecord>> {

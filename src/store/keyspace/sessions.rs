@@ -94,20 +94,7 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
         eviction: EndSession,
         with: CreateWith,
     ) -> Result<CreateOutcome> {
-        if let Some(limit) = &with.limit {
-            let decision = self.check(&limit.rule, &limit.key, 1, limit.now).await?;
-            if !decision.allowed {
-                return Ok(CreateOutcome::Refused(decision));
-            }
-        }
-        let evicted = self.create(record, cap, eviction).await?;
-        if let Some(event) = &with.event {
-            // The session exists now: a lost event must not report the creation as failed.
-            if let Err(error) = self.append(event).await {
-                tracing::warn!(event_type = event.event_type.as_str(), %error, "security event could not be recorded");
-            }
-        }
-        Ok(CreateOutcome::Created(evicted))
+        crate::store::create_in_steps(self, record, cap, eviction, with).await
     }
 
     async fn create(&self, record: SessionRecord, cap: u32, eviction: EndSession) -> Result<Vec<SessionRecord>> {

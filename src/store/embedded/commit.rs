@@ -243,3 +243,146 @@ fn fail_all(batch: Vec<Box<dyn Job>>, error: &dyn std::fmt::Display) {
         job.answer(Err(unavailable(&message)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    use redb::backends::InMemoryBackend;
+    use redb::{StorageBackend, TableDefinition};
+
+    use super::*;
+
+    const TABLE: TableDefinition<&str, &str> = TableDefinition::new("t");
+
+    /// Syncs wait for permits the test hands out, one at a time: it can hold a commit in its
+    /// fsync and watch what is answered meanwhile.
+    #[derive(Debug, Default)]
+    struct Gate {
+        state: Mutex<(usize, usize)>,
+        changed: Condvar,
+    }
+
+    impl Gate {
+        fn grant(&self, permits: usize) {
+            self.state.lock().unwrap().0 += permits;
+            self.changed.notify_all();
+        }
+
+        /// True once a sync is waiting and no permit is left for it.
+        fn blocked(&self) -> bool {
+            let (permits, waiting) = *self.state.lock().unwrap();
+            waiting > 0 && permits == 0
+        }
+    }
+
+    /// Opens the gate when dropped, so that a failing test ends instead of leaving the
+    /// committer's thread (which the committer joins on drop) waiting in a sync.
+    struct OpenOnDrop(Arc<Gate>);
+
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.grant(usize::MAX / 2);
+        }
+    }
+
+    #[derive(Debug)]
+    struct GatedBackend {
+        inner: InMemoryBackend,
+        gate: Arc<Gate>,
+    }
+
+    impl StorageBackend for GatedBackend {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.inner.write(offset, data)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            let mut state = self.gate.state.lock().unwrap();
+            state.1 += 1;
+            self.gate.changed.notify_all();
+            while state.0 == 0 {
+                state = self.gate.changed.wait(state).unwrap();
+            }
+            state.0 -= 1;
+            state.1 -= 1;
+            drop(state);
+            self.inner.sync_data()
+        }
+    }
+
+    async fn eventually(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn insert(key: &'static str) -> impl FnMut(&WriteTransaction) -> Result<&'static str> + Send + 'static {
+        move |tx| {
+            tx.open_table(TABLE).map_err(unavailable)?.insert(key, "v").map_err(unavailable)?;
+            Ok(key)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_early_answer_comes_before_the_fsync_and_a_durable_one_after_it() {
+        let gate = Arc::new(Gate::default());
+        gate.grant(usize::MAX / 2);
+        let backend = GatedBackend { inner: InMemoryBackend::new(), gate: gate.clone() };
+        let db = Arc::new(Database::builder().create_with_backend(backend).unwrap());
+        let committer = Arc::new(Committer::start(db, Arc::default()).unwrap());
+        gate.state.lock().unwrap().0 = 0;
+        let _open = OpenOnDrop(gate.clone());
+
+        // A durable write holds the committer in its fsync while the next two queue behind it.
+        let first = tokio::spawn({
+            let committer = committer.clone();
+            async move { committer.submit(true, insert("first")).await }
+        });
+        eventually("the first commit waits for its fsync", || gate.blocked()).await;
+        let durable = tokio::spawn({
+            let committer = committer.clone();
+            async move { committer.submit(true, insert("durable")).await }
+        });
+        let early = tokio::spawn({
+            let committer = committer.clone();
+            async move { committer.submit_early(insert("early")).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!durable.is_finished() && !early.is_finished(), "both wait behind the first commit");
+
+        // Let the first commit finish, one sync at a time, and no further (the count of commits
+        // moves before the committer starts the next transaction).
+        while committer.commits() == 0 {
+            gate.grant(1);
+            eventually("the sync ran and another waits, or the first commit is done", || {
+                committer.commits() > 0 || gate.blocked()
+            })
+            .await;
+        }
+        assert_eq!(first.await.unwrap().unwrap(), "first");
+
+        // The next transaction holds both; its commit waits for a sync that is not granted.
+        let early = tokio::time::timeout(Duration::from_secs(10), early)
+            .await
+            .expect("the early write is answered while its commit waits for the fsync");
+        assert_eq!(early.unwrap().unwrap(), "early");
+        eventually("the shared commit waits for its fsync", || gate.blocked()).await;
+        assert!(!durable.is_finished(), "a durable write is answered only after its fsync");
+        let before = committer.commits();
+        gate.grant(usize::MAX / 2);
+        assert_eq!(durable.await.unwrap().unwrap(), "durable");
+        assert_eq!(committer.commits(), before + 1, "the early and the durable write shared one commit");
+    }
+}

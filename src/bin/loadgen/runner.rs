@@ -319,41 +319,39 @@ impl Env {
             }
             Some(rate) => {
                 // Each connection sends at rate / N, its schedule offset so the arrivals interleave.
+                // Its `in_flight` workers take the schedule's slots in turn: a free worker claims the
+                // next slot, waits for its time and sends; when every worker is busy the next slot
+                // waits for one to finish, and its latency still counts from the slot's time (no
+                // coordinated omission). No task, timer or lock per request beyond the wait itself,
+                // so the client stays cheaper than the server at the offered rate.
                 let per_connection = rate / shape.connections as f64;
                 let interval = Duration::from_secs_f64(1.0 / per_connection);
                 for (index, (channel, raw)) in channels.iter().zip(&raw).enumerate() {
-                    let caller = self.caller(channel.clone(), raw.clone(), workload, tokens, counter.clone());
-                    let recorder = recorder.clone();
-                    let permits = Arc::new(tokio::sync::Semaphore::new(shape.in_flight));
-                    let offset = interval.mul_f64(index as f64 / shape.connections as f64);
-                    tasks.push(tokio::spawn(async move {
-                        let locals = Arc::new(std::sync::Mutex::new(Local::new()));
-                        let mut intended = start + offset;
-                        let mut inflight = Vec::new();
-                        while intended < end {
-                            tokio::time::sleep_until(intended.into()).await;
-                            // Waiting for a slot counts in the latency: it is measured from `intended`.
-                            let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                            let mut caller = caller.clone();
-                            let locals = locals.clone();
-                            let at = intended;
-                            inflight.push(tokio::spawn(async move {
-                                let result = caller.call().await;
-                                if at >= measure_from {
-                                    locals.lock().unwrap_or_else(|p| p.into_inner()).record(at.elapsed(), result);
+                    let first = start + interval.mul_f64(index as f64 / shape.connections as f64);
+                    let slots = Arc::new(AtomicU64::new(0));
+                    for _ in 0..shape.in_flight {
+                        let mut caller = self.caller(channel.clone(), raw.clone(), workload, tokens, counter.clone());
+                        let recorder = recorder.clone();
+                        let slots = slots.clone();
+                        tasks.push(tokio::spawn(async move {
+                            let mut local = Local::new();
+                            loop {
+                                let slot = slots.fetch_add(1, Ordering::Relaxed);
+                                let intended = first + interval.mul_f64(slot as f64);
+                                if intended >= end {
+                                    break;
                                 }
-                                drop(permit);
-                            }));
-                            intended += interval;
-                            inflight.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
-                        }
-                        for task in inflight {
-                            let _ = task.await;
-                        }
-                        let local =
-                            std::mem::replace(&mut *locals.lock().unwrap_or_else(|p| p.into_inner()), Local::new());
-                        local.merge_into(&recorder).await;
-                    }));
+                                if intended > Instant::now() {
+                                    tokio::time::sleep_until(intended.into()).await;
+                                }
+                                let result = caller.call().await;
+                                if intended >= measure_from {
+                                    local.record(intended.elapsed(), result);
+                                }
+                            }
+                            local.merge_into(&recorder).await;
+                        }));
+                    }
                 }
             }
         }

@@ -169,17 +169,21 @@ impl RecentIps {
     /// Notes that `session_id` was used from `ip` at `now`; returns how many distinct IPs used it
     /// within `window` (this one included).
     pub fn observe(&mut self, session_id: &str, ip: IpAddr, now: Millis, window: Duration) -> usize {
-        let mut seen = match self.current.remove(session_id) {
-            Some(seen) => seen,
-            None => self.previous.remove(session_id).unwrap_or_default(),
-        };
         let since = now.saturating_sub(crate::clock::millis(window));
-        seen.retain(|(other, at)| *at > since && *other != ip);
-        seen.push((ip, now));
-        if seen.len() > Self::PER_SESSION {
-            seen.remove(0);
+        let note = |seen: &mut Vec<(IpAddr, Millis)>| {
+            seen.retain(|(other, at)| *at > since && *other != ip);
+            seen.push((ip, now));
+            if seen.len() > Self::PER_SESSION {
+                seen.remove(0);
+            }
+            seen.len()
+        };
+        // The common case, a session seen in this generation, is updated in place: no key copy.
+        if let Some(seen) = self.current.get_mut(session_id) {
+            return note(seen);
         }
-        let count = seen.len();
+        let mut seen = self.previous.remove(session_id).unwrap_or_default();
+        let count = note(&mut seen);
         if self.current.len() >= self.capacity {
             self.previous = std::mem::take(&mut self.current);
         }
@@ -202,14 +206,28 @@ impl RecentIps {
 #[derive(Debug)]
 pub struct HijackDetector {
     rules: HijackRules,
-    recent: Mutex<RecentIps>,
+    /// Split by session so that concurrent validations rarely wait for one another's lock.
+    recent: Box<[Mutex<RecentIps>]>,
     clock: Arc<dyn Clock>,
 }
+
+/// Sessions whose recent IPs are remembered, about twice over (see [`RecentIps`]).
+const RECENT_SESSIONS: usize = 50_000;
+/// Locks the recent-IP memory is split over.
+const RECENT_SHARDS: usize = 16;
 
 impl HijackDetector {
     /// A detector with `rules`, remembering recent IPs of up to about 2 × 50 000 sessions.
     pub fn new(rules: HijackRules, clock: Arc<dyn Clock>) -> HijackDetector {
-        HijackDetector { rules, recent: Mutex::new(RecentIps::new(50_000)), clock }
+        let recent = (0..RECENT_SHARDS).map(|_| Mutex::new(RecentIps::new(RECENT_SESSIONS / RECENT_SHARDS))).collect();
+        HijackDetector { rules, recent, clock }
+    }
+
+    fn shard(&self, session_id: &str) -> &Mutex<RecentIps> {
+        // FNV-1a: session ids end in random hex, and any spread will do.
+        let hash =
+            session_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        &self.recent[(hash % RECENT_SHARDS as u64) as usize]
     }
 
     pub fn rules(&self) -> &HijackRules {
@@ -222,7 +240,7 @@ impl HijackScorer for HijackDetector {
         let recent = match request.ip_address {
             Some(ip) => {
                 // A poisoned lock only means another scoring panicked mid-insert; the map is whole.
-                let mut memory = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+                let mut memory = self.shard(&session.session_id).lock().unwrap_or_else(|p| p.into_inner());
                 memory.observe(&session.session_id, ip, self.clock.now(), self.rules.velocity_window)
             }
             None => 0,

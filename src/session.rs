@@ -362,15 +362,11 @@ impl SessionManager {
         let eviction = self.eviction(record.created_at);
         let cap = self.settings.max_sessions_per_user;
         let event = self.observer.creation_event(&record);
-        let evicted = if event.is_none() && limit.is_none() {
-            self.store.create(record.clone(), cap, eviction).await?
-        } else {
-            let with = CreateWith { event: event.clone(), limit };
-            match self.store.create_recorded(record.clone(), cap, eviction, with).await? {
-                CreateOutcome::Created(evicted) => evicted,
-                CreateOutcome::Refused(decision) => {
-                    return Err(self.guard.refused(SESSION_CREATE_RULE, &record.user_id, decision).await);
-                }
+        let with = CreateWith { event: event.clone(), limit };
+        let evicted = match self.store.create_recorded(record.clone(), cap, eviction, with).await? {
+            CreateOutcome::Created(evicted) => evicted,
+            CreateOutcome::Refused(decision) => {
+                return Err(self.guard.refused(SESSION_CREATE_RULE, &record.user_id, decision).await);
             }
         };
         if !evicted.is_empty() {

@@ -164,14 +164,6 @@ impl Limiter {
         Ok(decision)
     }
 
-    /// The check [`Limiter::enforce`] would ask the store for, when it asks one (limiting on, the
-    /// rule configured).
-    fn planned_check(&self, rule_name: &str, key: &str) -> Option<LimitCheck> {
-        // A rule that cannot grant one unit is refused by `decide` as an invalid cost: not planned.
-        let rule = self.rules.get(rule_name).filter(|rule| self.enabled && rule.burst >= 1)?;
-        Some(LimitCheck { rule: rule.clone(), key: key.to_owned(), now: self.clock.now() })
-    }
-
     /// Logs that `rule` refuses new keys, at most once a minute per limiter.
     fn warn_full(&self, rule: &Rule) {
         let now = self.clock.now();
@@ -220,8 +212,12 @@ impl LimitGuard for Limiter {
         self.enforce(rule, key).await
     }
 
-    fn planned(&self, rule: &str, key: &str) -> Option<LimitCheck> {
-        self.planned_check(rule, key)
+    /// The check [`Limiter::enforce`] would ask the store for, when it asks one (limiting on, the
+    /// rule configured).
+    fn planned(&self, rule_name: &str, key: &str) -> Option<LimitCheck> {
+        // A rule that cannot grant one unit is refused by `decide` as an invalid cost: not planned.
+        let rule = self.rules.get(rule_name).filter(|rule| self.enabled && rule.burst >= 1)?;
+        Some(LimitCheck { rule: rule.clone(), key: key.to_owned(), now: self.clock.now() })
     }
 
     async fn refused(&self, rule_name: &str, key: &str, decision: Decision) -> Error {

@@ -277,13 +277,7 @@ impl SessionStore for EmbeddedStore {
         eviction: EndSession,
         with: CreateWith,
     ) -> Result<CreateOutcome> {
-        let event = match with.event {
-            Some(event) => {
-                let bytes = event.to_bytes()?;
-                Some((event, bytes))
-            }
-            None => None,
-        };
+        let event = with.event.map(|event| event.to_bytes().map(|bytes| (event, bytes))).transpose()?;
         let limit = with.limit;
         let max_keys = self.max_limiter_keys;
         self.write(Durability::Immediate, move |tx| {

@@ -72,7 +72,12 @@ impl RawChannel {
         let request = request.body(()).map_err(|_| tonic::Code::Internal)?;
         let mut send = self.send.clone().ready().await.map_err(transport)?;
         let (response, mut stream) = send.send_request(request, false).map_err(transport)?;
-        stream.send_data(body, true).map_err(transport)?;
+        // A server may answer before it has read the request (a trailers-only error such as
+        // UNIMPLEMENTED or UNAUTHENTICATED) and reset the stream with NO_ERROR; the body then
+        // finds the stream closed. That is not the call's failure: the answer already came, so
+        // the call's outcome is the response's (which fails too when the body was lost for any
+        // other reason).
+        let _ = stream.send_data(body, true);
         let response = response.await.map_err(transport)?;
         if response.status() != http::StatusCode::OK {
             // What a gRPC client makes of an HTTP error without a gRPC status.

@@ -403,8 +403,10 @@ fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
         }
         StorageKind::Redis => {
             let url = config.storage.redis_url.as_deref().unwrap_or_default();
-            crate::store::redis::open(url, &config.storage.key_prefix, config.storage.operation_timeout)
-                .map(|store| Stores::of(store).instrumented(config.storage.kind.as_str()))
+            crate::store::redis::open(url, &config.storage.key_prefix, config.storage.operation_timeout).map(|store| {
+                Stores::of(store.with_record_format(config.storage.record_format))
+                    .instrumented(config.storage.kind.as_str())
+            })
         }
         StorageKind::KvRest => {
             let (Some(url), Some(token)) = (&config.storage.kv_rest_url, &config.storage.kv_rest_token) else {
@@ -412,8 +414,12 @@ fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
                     "settings `kv_rest.url` and `kv_rest.token`: required when storage is kv-rest".into(),
                 ));
             };
-            crate::store::kv_rest::open(url, token, &config.storage.key_prefix, config.storage.operation_timeout)
-                .map(|store| Stores::of(store).instrumented(config.storage.kind.as_str()))
+            crate::store::kv_rest::open(url, token, &config.storage.key_prefix, config.storage.operation_timeout).map(
+                |store| {
+                    Stores::of(store.with_record_format(config.storage.record_format))
+                        .instrumented(config.storage.kind.as_str())
+                },
+            )
         }
     }
 }

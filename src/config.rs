@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use crate::model::RecordFormat;
 use crate::revocation::RevocationSettings;
 use crate::security::SecuritySettings;
 use crate::security::hijack::HijackRules;
@@ -173,6 +174,10 @@ pub struct StorageConfig {
     /// Bytes of database pages the embedded store keeps in memory (`embedded.cache_mb`); pages
     /// beyond it are read from the file again (from the OS page cache, one syscall each).
     pub embedded_cache_bytes: usize,
+    /// How Redis and kv-rest write session records (`redis.record_format`): JSON, which every
+    /// earlier build reads, unless set to binary. Both are always read. The embedded store
+    /// always writes binary.
+    pub record_format: RecordFormat,
     /// Why this backend: where `storage` was set, or the variable that chose it when it was not.
     pub chosen_by: String,
 }
@@ -407,6 +412,11 @@ impl Config {
             embedded_cache_bytes: embedded_cache_bytes(
                 r.number("embedded.cache_mb", crate::store::embedded::DEFAULT_CACHE_MB)?,
             )?,
+            record_format: r.parsed("redis.record_format", &[], RecordFormat::Json, "json or binary", |s| match s {
+                "json" => Some(RecordFormat::Json),
+                "binary" => Some(RecordFormat::Binary),
+                _ => None,
+            })?,
             chosen_by,
         };
         if storage.max_limiter_keys == 0 {

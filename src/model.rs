@@ -14,7 +14,7 @@ pub mod token;
 
 pub use revocation::{RevocationEvent, RevocationKind, new_log_id};
 pub use security::{EventType, SecurityEvent, Severity};
-pub use session::{SessionRecord, SessionState, shard_tag};
+pub use session::{RecordFormat, SessionRecord, SessionState, shard_tag};
 pub use token::{RefreshLease, RefreshRecord};
 
 /// SHA-256 of a session token or an upstream token: the only form in which a token is stored.

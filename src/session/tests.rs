@@ -2,6 +2,7 @@ use std::sync::Mutex;
 
 use super::*;
 use crate::clock::ManualClock;
+use crate::model::RecordFormat;
 use crate::store::memory::MemoryStore;
 
 #[derive(Debug, Default)]
@@ -116,7 +117,7 @@ fn effective_state_expires_at_the_instant() {
     assert_eq!(past_both.effective_ended_at(300), Some(200), "the earlier of the two timeouts");
     let ended = SessionRecord { ended_at: Some(42), ..revoked.clone() };
     assert_eq!(ended.effective_ended_at(1_000), Some(42), "a written end is reported as written");
-    assert_eq!(SessionRecord::from_bytes(&record.to_bytes().unwrap()).unwrap(), record);
+    assert_eq!(SessionRecord::from_bytes(&record.to_bytes(RecordFormat::Json).unwrap()).unwrap(), record);
 }
 
 /// Issue 16 point 15a: a record a newer replica wrote, with a field this build does not know,
@@ -137,7 +138,7 @@ fn records_keep_unknown_fields_and_default_missing_ones() {
     });
     let mut record = SessionRecord::from_bytes(&serde_json::to_vec(&newer).unwrap()).unwrap();
     record.version += 1;
-    let written: serde_json::Value = serde_json::from_slice(&record.to_bytes().unwrap()).unwrap();
+    let written: serde_json::Value = serde_json::from_slice(&record.to_bytes(RecordFormat::Json).unwrap()).unwrap();
     assert_eq!(written["future_field"], serde_json::json!({"kept": [1, 2]}), "{written}");
     assert_eq!(written["schema_version"], 9);
     assert_eq!(written["version"], 5);

@@ -45,8 +45,8 @@ use redb::{
 use crate::clock::Millis;
 use crate::error::{Error, Result};
 use crate::model::limiter::{self, Decision, LimiterState, Rule};
+use crate::model::{RecordFormat, RevocationEvent, SecurityEvent, SessionRecord};
 use crate::model::{RefreshLease, RefreshRecord};
-use crate::model::{RevocationEvent, SecurityEvent, SessionRecord};
 use crate::store::{
     CasOutcome, CreateOutcome, CreateWith, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead,
     RateLimitStore, RevocationLog, RevocationPage, RevocationQuery, SecurityEventStore, SessionStore, TimedOut,
@@ -140,6 +140,10 @@ fn index_deadlines_once(tx: &WriteTransaction) -> Result<()> {
     meta.insert(META_DEADLINES_INDEXED, b"1".as_slice()).map_err(unavailable)?;
     Ok(())
 }
+
+/// How this store writes records. It reads JSON records too (every database written before the
+/// binary form existed), and rewrites each in binary the next time it changes.
+const RECORD_FORMAT: RecordFormat = RecordFormat::Binary;
 
 /// Megabytes of database pages kept in memory when `embedded.cache_mb` is unset. The cache
 /// fills only as pages are read, so a small store never holds this much.
@@ -269,7 +273,7 @@ impl EmbeddedStore {
             let mut expiry = tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
             for record in records {
                 let hash = record.token_hash.as_slice();
-                sessions.insert(hash, record.to_bytes()?.as_slice()).map_err(unavailable)?;
+                sessions.insert(hash, record.to_bytes(RECORD_FORMAT)?.as_slice()).map_err(unavailable)?;
                 ids.insert(record.session_id.as_str(), hash).map_err(unavailable)?;
                 users.insert((record.user_id.as_str(), record.session_id.as_str()), hash).map_err(unavailable)?;
                 expiry.insert((at(record.retain_until), hash), ()).map_err(unavailable)?;

@@ -59,9 +59,9 @@ use futures_util::StreamExt as _;
 use crate::clock::Millis;
 use crate::error::{Error, Result};
 use crate::model::limiter::{self, Decision, LimiterState, Rule};
+use crate::model::{RecordFormat, SessionRecord, SessionState, shard_tag};
 use crate::model::{RefreshLease, RefreshRecord};
 use crate::model::{RevocationEvent, RevocationKind, SecurityEvent, new_log_id};
-use crate::model::{SessionRecord, SessionState, shard_tag};
 use crate::store::{
     CasOutcome, CreateOutcome, CreateWith, EndOutcome, EndSession, EventQuery, LeaseOutcome, LogPosition, LogRead,
     RateLimitStore, RevocationLog, RevocationPage, RevocationQuery, SecurityEventStore, SessionStore, TimedOut,
@@ -151,6 +151,8 @@ pub struct KeyspaceStore<T: Transport> {
     /// Rate-limit checks of one key take turns within this replica (striped by key), so the
     /// compare-and-set only ever races the other replicas' checks, not this one's.
     limit_turns: Vec<tokio::sync::Mutex<()>>,
+    /// How records are written (`redis.record_format`); both are read.
+    format: RecordFormat,
 }
 
 /// Stripes of [`KeyspaceStore::limit_turns`].
@@ -181,7 +183,14 @@ impl<T: Transport> KeyspaceStore<T> {
             log_id: std::sync::RwLock::new(UNKNOWN_LOG_ID.to_owned()),
             last_drain: std::sync::Mutex::new(None),
             limit_turns: (0..LIMIT_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            format: RecordFormat::default(),
         }
+    }
+
+    /// The same store, writing records in `format` (records of either format are read).
+    pub fn with_record_format(mut self, format: RecordFormat) -> KeyspaceStore<T> {
+        self.format = format;
+        self
     }
 
     /// The sink keys and arguments of a script that may end sessions of tag `tag` (see

@@ -58,7 +58,7 @@ pub(super) fn load(tx: &WriteTransaction, hash: &TokenHash) -> Result<Option<Ses
 /// Writes a record that already exists, moving its expiry entry if retention changed.
 pub(super) fn save(tx: &WriteTransaction, record: &SessionRecord, old_retain_until: Millis) -> Result<()> {
     let mut sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
-    sessions.insert(record.token_hash.as_slice(), record.to_bytes()?.as_slice()).map_err(unavailable)?;
+    sessions.insert(record.token_hash.as_slice(), record.to_bytes(RECORD_FORMAT)?.as_slice()).map_err(unavailable)?;
     if old_retain_until != record.retain_until {
         let mut expiry = tx.open_table(SESSION_EXPIRY).map_err(unavailable)?;
         expiry.remove((at(old_retain_until), record.token_hash.as_slice())).map_err(unavailable)?;
@@ -246,7 +246,10 @@ fn create_in(
         }
     }
     let hash = record.token_hash.as_slice();
-    tx.open_table(SESSIONS).map_err(unavailable)?.insert(hash, record.to_bytes()?.as_slice()).map_err(unavailable)?;
+    tx.open_table(SESSIONS)
+        .map_err(unavailable)?
+        .insert(hash, record.to_bytes(RECORD_FORMAT)?.as_slice())
+        .map_err(unavailable)?;
     tx.open_table(SESSION_IDS).map_err(unavailable)?.insert(record.session_id.as_str(), hash).map_err(unavailable)?;
     tx.open_table(USER_SESSIONS)
         .map_err(unavailable)?

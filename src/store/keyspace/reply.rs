@@ -40,8 +40,8 @@ pub(super) fn record(reply: Reply) -> Result<Option<SessionRecord>> {
     let doc_at = items.chunks(2).position(|pair| matches!(&pair[0], Reply::Data(name) if name == b"doc"));
     let doc = doc_at.and_then(|i| items.get(2 * i + 1)).ok_or_else(|| malformed("no `doc` field"))?;
     let mut record: SessionRecord = match doc {
-        Reply::Data(bytes) => serde_json::from_slice(bytes).map_err(|_| malformed("`doc` is not a JSON object"))?,
-        _ => return Err(malformed("`doc` is not a JSON object")),
+        Reply::Data(bytes) => SessionRecord::from_bytes(bytes)?,
+        _ => return Err(malformed("`doc` is not a string")),
     };
     for pair in items.chunks(2) {
         let [name, value] = pair else { return Err(malformed("odd number of hash items")) };

@@ -125,7 +125,7 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
                 self.layout.id(&tag, &record.session_id),
                 self.layout.user(&tag, &record.user_id),
             ]);
-            let doc = String::from_utf8(record.to_bytes()?).map_err(Error::internal)?;
+            let doc = record.to_text(self.format)?;
             args.extend([
                 self.layout.records(&tag),
                 eviction.at.to_string(),
@@ -227,7 +227,7 @@ impl<T: Transport> SessionStore for KeyspaceStore<T> {
     async fn compare_and_swap(&self, record: &SessionRecord, expected_version: u64) -> Result<CasOutcome> {
         self.bounded("compare_and_swap", async {
             self.index_upstream(record).await?;
-            let doc = String::from_utf8(record.to_bytes()?).map_err(Error::internal)?;
+            let doc = record.to_text(self.format)?;
             let args = vec![
                 expected_version.to_string(),
                 doc,

@@ -18,8 +18,8 @@ pub enum RecordFormat {
     /// A JSON object: readable by every earlier build.
     #[default]
     Json,
-    /// A marker byte and a protobuf message (see `binary`): several times faster to read,
-    /// about half the size, and unreadable by builds from before it existed.
+    /// A marker byte and a protobuf message (see `binary`): cheaper to read and smaller, and
+    /// unreadable by builds from before it existed.
     Binary,
 }
 

@@ -250,10 +250,10 @@ impl SessionRecord {
             Some((&TEXT_MARKER, rest)) => {
                 let raw = base64::engine::general_purpose::STANDARD
                     .decode(rest)
-                    .map_err(|_| Error::internal("stored session is unreadable: bad base64 after `~`"))?;
+                    .map_err(|_| binary::unreadable("bad base64 after `~`"))?;
                 match raw.split_first() {
                     Some((&binary::MARKER, rest)) => binary::decode(rest),
-                    _ => Err(Error::internal("stored session is unreadable: `~` not followed by a binary record")),
+                    _ => Err(binary::unreadable("`~` not followed by a binary record")),
                 }
             }
             _ => serde_json::from_slice(bytes).map_err(|e| Error::internal_from("stored session is unreadable", e)),

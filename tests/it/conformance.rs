@@ -1398,7 +1398,19 @@ pub fn kv_rest() -> Backend {
     Backend::new(Stores::of(store), ())
 }
 
+/// Redis writing binary records (`redis.record_format = "binary"`): the `~`-prefixed base64
+/// form through the scripts, which override fields beside it without reading it.
+pub fn redis_binary() -> Backend {
+    let server = crate::servers::shared_redis();
+    let prefix = crate::servers::unique_prefix("redis-bin");
+    let store = session_authority::store::redis::open(&server.url(), &prefix, SHARED_TIMEOUT)
+        .unwrap()
+        .with_record_format(session_authority::model::RecordFormat::Binary);
+    Backend::new(Stores::of(store), ())
+}
+
 conformance!(redis_backend, crate::conformance::redis());
+conformance!(redis_binary_backend, crate::conformance::redis_binary());
 conformance!(redis_cluster_backend, crate::conformance::redis_cluster());
 conformance!(kv_rest_backend, crate::conformance::kv_rest());
 
@@ -1433,6 +1445,38 @@ async fn redis_records_keep_fields_a_newer_replica_wrote() {
     m.terminate(&by, "user_logout").await.unwrap();
     let doc = doc_of(&key);
     assert_eq!(doc["future_field"], serde_json::json!({"kept": true}), "after end: {doc}");
+}
+
+/// Records of both formats coexist on one Redis: a replica writing binary stores `~` and base64
+/// in `doc`, and a replica still writing JSON reads, updates and ends that session (and the
+/// binary one reads the JSON rewrite).
+#[tokio::test]
+async fn redis_binary_and_json_replicas_read_each_others_records() {
+    let server = crate::servers::shared_redis();
+    let prefix = crate::servers::unique_prefix("redis-mixed");
+    let open = |format| {
+        let store = session_authority::store::redis::open(&server.url(), &prefix, SHARED_TIMEOUT).unwrap();
+        Backend::new(Stores::of(store.with_record_format(format)), ())
+    };
+    let (binary, json) =
+        (open(session_authority::model::RecordFormat::Binary), open(session_authority::model::RecordFormat::Json));
+    let clock = ManualClock::new(START);
+    let (writer, reader) = (manager(&binary, 5, &clock), manager(&json, 5, &clock));
+    let by = SessionRef::Token(token(&writer.create(new_session("mia")).await.unwrap()));
+    let url = server.url();
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli").arg("-u").arg(&url).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let keys = cli(&["--scan", "--pattern", &format!("{prefix}*:s:*")]);
+    let key = keys.lines().next().unwrap_or_else(|| panic!("no record key under {prefix}")).to_owned();
+    assert!(cli(&["hget", &key, "doc"]).starts_with('~'), "a binary writer stores `~` and base64");
+
+    reader.update(&by, BTreeMap::from([("a".to_string(), "1".to_string())]), &[], None).await.unwrap();
+    assert!(cli(&["hget", &key, "doc"]).starts_with('{'), "the JSON writer's swap rewrote it as JSON");
+    assert_eq!(writer.find(&by).await.unwrap().metadata.get("a").map(String::as_str), Some("1"));
+    reader.terminate(&by, "user_logout").await.unwrap();
+    assert!(!writer.find(&by).await.unwrap().is_active_at(START));
 }
 
 /// Issue 16 point 15b on Redis: a sealed upstream token is bound to its session and its field.

@@ -149,7 +149,8 @@ fn state_number(state: SessionState) -> u32 {
     }
 }
 
-fn unreadable(what: &str) -> Error {
+/// The error of a stored record that cannot be read, saying what is wrong with it.
+pub(super) fn unreadable(what: &str) -> Error {
     Error::internal(format!("stored session is unreadable: {what}"))
 }
 

@@ -233,3 +233,19 @@ fn a_setting_read_only_in_some_cases_is_still_known() {
     let e = load(&[("config", path.to_str().unwrap())], &[]).unwrap_err().to_string();
     assert!(e.contains("`token.providers.acme.scope`") && e.contains("not a known setting"), "{e}");
 }
+
+#[test]
+fn the_redis_record_format_defaults_to_json_and_names_its_values_when_wrong() {
+    assert_eq!(load(&[], &[]).unwrap().storage.record_format, RecordFormat::Json);
+    let c = load(&[], &[("SESSION_AUTHORITY_REDIS_RECORD_FORMAT", "binary")]).unwrap();
+    assert_eq!(c.storage.record_format, RecordFormat::Binary);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[redis]\nrecord_format = \"binary\"\n").unwrap();
+    let c = load(&[("config", path.to_str().unwrap())], &[]).unwrap();
+    assert_eq!(c.storage.record_format, RecordFormat::Binary);
+    for bad in ["protobuf", "", "JSONB"] {
+        let e = load(&[], &[("SESSION_AUTHORITY_REDIS_RECORD_FORMAT", bad)]).unwrap_err().to_string();
+        assert!(e.contains("redis.record_format") && e.contains("json or binary"), "{bad:?}: {e}");
+    }
+}

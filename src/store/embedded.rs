@@ -554,4 +554,45 @@ mod tests {
             [created.session_id.as_str()]
         );
     }
+
+    #[tokio::test]
+    async fn a_database_holding_json_records_from_an_earlier_build_reads_them_and_rewrites_each_in_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let clock = ManualClock::new(1_800_000_000_000);
+        let (a, b) = (stored_session(&store, &clock, "ada").await, stored_session(&store, &clock, "bob").await);
+        let raw = |store: &EmbeddedStore, hash: &TokenHash| {
+            let tx = store.db.begin_read().unwrap();
+            let table = tx.open_table(SESSIONS).unwrap();
+            table.get(hash.as_slice()).unwrap().unwrap().value().to_vec()
+        };
+        assert_eq!(raw(&store, &a.token_hash)[0], 0xB1, "this build writes binary");
+        // What an earlier build wrote: the same records as JSON.
+        store
+            .write_now(Durability::Immediate, |tx| {
+                let mut sessions = tx.open_table(SESSIONS).map_err(unavailable)?;
+                for record in [&a, &b] {
+                    let json = record.to_bytes(RecordFormat::Json)?;
+                    sessions.insert(record.token_hash.as_slice(), json.as_slice()).map_err(unavailable)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        drop(store);
+
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(raw(&store, &a.token_hash)[0], b'{');
+        assert_eq!(store.get_by_token(&a.token_hash).await.unwrap().unwrap(), a);
+        assert_eq!(store.get_by_id(&b.session_id).await.unwrap().unwrap(), b);
+        assert_eq!(store.list_user("ada").await.unwrap(), vec![a.clone()]);
+
+        // The next change rewrites the record in binary; an untouched one stays JSON and readable.
+        store.end(&a.token_hash, revoke(a.last_accessed_at + 10)).await.unwrap();
+        assert_eq!(raw(&store, &a.token_hash)[0], 0xB1);
+        let ended = store.get_by_token(&a.token_hash).await.unwrap().unwrap();
+        assert!(ended.state.is_terminal());
+        assert_eq!((ended.user_id.as_str(), ended.session_id.as_str()), ("ada", a.session_id.as_str()));
+        assert_eq!(raw(&store, &b.token_hash)[0], b'{');
+        assert_eq!(store.get_by_token(&b.token_hash).await.unwrap().unwrap(), b);
+    }
 }

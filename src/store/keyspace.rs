@@ -460,6 +460,11 @@ mod tests {
         let hash = crate::crypto::token_hash(&token);
         let record = layout.record(&hash);
         assert!(record.starts_with(&format!("atoms:session:{{{tag}}}:s:")), "{record}");
+        assert_eq!(record, format!("{}{}", layout.records(&hash_tag(&hash)), hex::encode(hash)));
+        assert_eq!(
+            due_member(&hash),
+            format!("{}:{}", &record[record.len() - 64..][..4], &record[record.len() - 64..])
+        );
         assert!(layout.user(&tag, "alice").starts_with(&format!("atoms:session:{{{tag}}}:u:")));
         assert_eq!(id_tag(&format!("ses_{tag}_0123")), Some(tag.as_str()));
         assert_eq!(id_tag("ses_XYZW_0123"), None);

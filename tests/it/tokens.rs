@@ -776,7 +776,8 @@ async fn logout_all_revokes_upstream_tokens_from_a_durable_queue_across_a_restar
         .into_inner();
     let took = started.elapsed();
     assert_eq!(answer.revoked_count, 20, "{answer:?}");
-    assert!(took < Duration::from_secs(1), "logout-all waited for the provider: {took:?}");
+    // Well under the provider's 10 s delay, with room for a slow machine.
+    assert!(took < Duration::from_secs(5), "logout-all waited for the provider: {took:?}");
 
     // Slow: the provider has seen revocation requests and processed none of them.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -17,6 +17,7 @@
 pub mod prometheus;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
@@ -90,11 +91,15 @@ pub fn otlp_configured(lookup: &dyn Fn(&str) -> Option<String>) -> Result<bool, 
     Ok(true)
 }
 
+/// Whether [`init`] installed the OTLP exporter (see [`grpc_span`]).
+static TRACES_EXPORTED: AtomicBool = AtomicBool::new(false);
+
 /// Installs the global subscriber: the log format on stderr (filtered by `RUST_LOG`, default
 /// `info`) and, when configured, the OTLP exporter. Call it inside the Tokio runtime that will
 /// run the server.
 pub fn init(format: LogFormat, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Telemetry, ConfigError> {
     let provider = if otlp_configured(lookup)? { Some(provider(lookup)?) } else { None };
+    TRACES_EXPORTED.store(provider.is_some(), Ordering::Relaxed);
     let filter = lookup("RUST_LOG")
         .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
@@ -188,8 +193,15 @@ impl Extractor for HeaderExtractor<'_> {
 /// The span of one gRPC call: named after the method, a server span in OpenTelemetry terms, and
 /// the child of the caller's span when the request carries a valid `traceparent`. The method
 /// path is the only request data on it.
+///
+/// Without an OTLP exporter the span carries the method alone: the OpenTelemetry names
+/// (`otel.*`, `rpc.*`) would only repeat it on every log line, and the log layer formats a
+/// span's fields when the span is made, on every call, whether or not anything is logged.
 pub fn grpc_span<B>(request: &http::Request<B>) -> tracing::Span {
     let path = request.uri().path();
+    if !TRACES_EXPORTED.load(Ordering::Relaxed) {
+        return tracing::info_span!("grpc", method = %path);
+    }
     let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
     let span = tracing::info_span!(
         "grpc",

@@ -385,6 +385,17 @@ async fn logs_of_a_full_flow_hold_no_secret_in_either_format() {
                 let other: Vec<&&str> =
                     lines.iter().filter(|l| serde_json::from_str::<serde_json::Value>(l).is_err()).collect();
                 assert!(other.is_empty(), "lines that are not JSON: {other:#?}");
+                // A line logged inside a call names the call's method through its span, and with
+                // no OTLP exporter the span carries nothing else (see telemetry::grpc_span).
+                let hijack: serde_json::Value = lines
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|l| l.to_string().contains("session_hijack_attempt"))
+                    .expect("the hijack attempt is logged");
+                let span = hijack["span"].as_object().unwrap_or_else(|| panic!("no span on {hijack}"));
+                let method = span.get("method").and_then(|m| m.as_str()).unwrap_or_default();
+                assert!(method.starts_with("/atoms.session.v1."), "{hijack}");
+                assert!(span.keys().all(|k| k == "method" || k == "name"), "{hijack}");
             }
             _ => assert_eq!(json_lines, 0, "text lines are not JSON"),
         }

@@ -197,6 +197,8 @@ impl Extractor for HeaderExtractor<'_> {
 /// Without an OTLP exporter the span carries the method alone: the OpenTelemetry names
 /// (`otel.*`, `rpc.*`) would only repeat it on every log line, and the log layer formats a
 /// span's fields when the span is made, on every call, whether or not anything is logged.
+/// The exporter, and so the attributes and the caller's parent, are those [`init`] installed: a
+/// program embedding [`crate::app`] with an OpenTelemetry layer of its own gets the method alone.
 pub fn grpc_span<B>(request: &http::Request<B>) -> tracing::Span {
     let path = request.uri().path();
     if !TRACES_EXPORTED.load(Ordering::Relaxed) {

@@ -567,7 +567,7 @@ mod tests {
             table.get(hash.as_slice()).unwrap().unwrap().value().to_vec()
         };
         assert_eq!(raw(&store, &a.token_hash)[0], 0xB1, "this build writes binary");
-        // What an earlier build wrote: the same records as JSON.
+        // What an earlier build wrote: the same records as JSON (its writer, unchanged here).
         store
             .write_now(Durability::Immediate, |tx| {
                 let mut sessions = tx.open_table(SESSIONS).map_err(unavailable)?;

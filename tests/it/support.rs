@@ -125,6 +125,9 @@ impl Spawn {
             .arg(&data_dir)
             .args(&self.args)
             .env_remove("RUST_LOG")
+            // No trace export from the caller's environment: a test that wants it sets it.
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

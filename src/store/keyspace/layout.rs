@@ -33,7 +33,8 @@ impl Layout {
         let mut digits = [0u8; 64];
         hex::encode_to_slice(hash, &mut digits).expect("64 digits for 32 bytes");
         let digits = std::str::from_utf8(&digits).expect("hex digits are ASCII");
-        let mut key = String::with_capacity(self.prefix.len() + 8 + digits.len());
+        // The prefix, `{`, the four digits of the tag, `}:s:`, the 64 digits.
+        let mut key = String::with_capacity(self.prefix.len() + 1 + 4 + 4 + digits.len());
         key.push_str(&self.prefix);
         key.push('{');
         key.push_str(&digits[..4]);

@@ -213,9 +213,16 @@ impl Intercept for HealthWatchCapLayer {
     }
 }
 
-/// Methods whose responses are long-lived streams.
+/// Methods whose responses are long-lived streams: the revocation feed, health Watch, and
+/// reflection (a client may keep its stream open for a whole session).
 fn is_server_stream(path: &str) -> bool {
-    matches!(path, "/atoms.session.v1.RevocationService/WatchRevocations" | HEALTH_WATCH)
+    matches!(
+        path,
+        "/atoms.session.v1.RevocationService/WatchRevocations"
+            | HEALTH_WATCH
+            | "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+            | "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )
 }
 
 /// Ends open server streams with UNAVAILABLE ("server shutting down, reconnect") when the
@@ -241,8 +248,17 @@ impl Intercept for ShutdownStreamsLayer {
         S::Future: Send + 'static,
     {
         let streaming = is_server_stream(request.uri().path());
-        let future = inner.call(request);
         let shutdown = self.shutdown.clone();
+        // The request side of a stream ends too: a bidirectional call (reflection) whose client
+        // keeps sending holds its HTTP/2 stream, and with it graceful shutdown, until it ends.
+        let request = if streaming {
+            request.map(|body| {
+                Hooked::wrap(body, EndRequestOnShutdown { shutdown: Box::pin(shutdown.clone().cancelled_owned()) })
+            })
+        } else {
+            request
+        };
+        let future = inner.call(request);
         Box::pin(async move {
             let response = future.await?;
             if !streaming {
@@ -305,6 +321,21 @@ impl<H: FrameHook> http_body::Body for Hooked<H> {
 }
 
 /// Ends a server stream with an UNAVAILABLE status once shutdown begins.
+/// Ends a request body when the shutdown token fires, as if the client had finished sending
+/// (an empty trailers frame, which tonic's server decoder reads as the end of the stream).
+struct EndRequestOnShutdown {
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl FrameHook for EndRequestOnShutdown {
+    fn before(&mut self, cx: &mut Context<'_>) -> Option<Frame<bytes::Bytes>> {
+        if self.shutdown.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        Some(Frame::trailers(http::HeaderMap::new()))
+    }
+}
+
 struct EndOnShutdown {
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
 }

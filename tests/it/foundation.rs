@@ -200,6 +200,51 @@ async fn sigterm_with_an_open_stream_exits_zero_and_ends_the_stream() {
     assert_eq!(code, Some(0), "log:\n{}", server.logs());
 }
 
+/// A reflection stream a client keeps open (an IDE or grpcui holds one for its session) does not
+/// hold shutdown to `server.shutdown_grace` (20 s): it ends with UNAVAILABLE like the other
+/// long-lived streams, and the process exits at once.
+#[tokio::test]
+async fn sigterm_with_an_open_reflection_stream_exits_without_waiting_out_the_grace() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let mut server = Process::start();
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let (requests, outgoing) = tokio::sync::mpsc::channel(4);
+    let list = || ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    requests.send(list()).await.unwrap();
+    let mut stream = client
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some(), "a first answer");
+
+    let started = std::time::Instant::now();
+    server.signal("TERM");
+    let exited = tokio::task::spawn_blocking(move || (server.wait_exit(Duration::from_secs(15)), server));
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Code::Ok,
+                Err(status) => return status.code(),
+            }
+        }
+    })
+    .await
+    .expect("the reflection stream ends before the grace");
+    assert!(matches!(ended, Code::Unavailable | Code::Ok), "{ended:?}");
+    let (code, server) = exited.await.unwrap();
+    assert_eq!(code, Some(0), "exited within 15 s of SIGTERM (grace 20 s); log:\n{}", server.logs());
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    drop(requests);
+}
+
 #[tokio::test]
 async fn bad_configuration_exits_non_zero_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -320,7 +320,6 @@ impl<H: FrameHook> http_body::Body for Hooked<H> {
     }
 }
 
-/// Ends a server stream with an UNAVAILABLE status once shutdown begins.
 /// Ends a request body when the shutdown token fires, as if the client had finished sending
 /// (an empty trailers frame, which tonic's server decoder reads as the end of the stream).
 struct EndRequestOnShutdown {
@@ -336,6 +335,7 @@ impl FrameHook for EndRequestOnShutdown {
     }
 }
 
+/// Ends a server stream with an UNAVAILABLE status once shutdown begins.
 struct EndOnShutdown {
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
 }

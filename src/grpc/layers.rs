@@ -252,9 +252,7 @@ impl Intercept for ShutdownStreamsLayer {
         // The request side of a stream ends too: a bidirectional call (reflection) whose client
         // keeps sending holds its HTTP/2 stream, and with it graceful shutdown, until it ends.
         let request = if streaming {
-            request.map(|body| {
-                Hooked::wrap(body, EndRequestOnShutdown { shutdown: Box::pin(shutdown.clone().cancelled_owned()) })
-            })
+            request.map(|body| Hooked::wrap(body, EndOnShutdown::new(&shutdown, false)))
         } else {
             request
         };
@@ -264,13 +262,12 @@ impl Intercept for ShutdownStreamsLayer {
             if !streaming {
                 return Ok(response);
             }
-            Ok(response
-                .map(|body| Hooked::wrap(body, EndOnShutdown { shutdown: Box::pin(shutdown.cancelled_owned()) })))
+            Ok(response.map(|body| Hooked::wrap(body, EndOnShutdown::new(&shutdown, true))))
         })
     }
 }
 
-/// What a [`Hooked`] response body does around the frames of the body it wraps.
+/// What a [`Hooked`] body does around the frames of the body it wraps.
 pub(crate) trait FrameHook: Send + Unpin + 'static {
     /// Runs before each poll of the inner body; a frame returned here ends the body.
     fn before(&mut self, _cx: &mut Context<'_>) -> Option<Frame<bytes::Bytes>> {
@@ -320,24 +317,19 @@ impl<H: FrameHook> http_body::Body for Hooked<H> {
     }
 }
 
-/// Ends a request body when the shutdown token fires, as if the client had finished sending
-/// (an empty trailers frame, which tonic's server decoder reads as the end of the stream).
-struct EndRequestOnShutdown {
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
-}
-
-impl FrameHook for EndRequestOnShutdown {
-    fn before(&mut self, cx: &mut Context<'_>) -> Option<Frame<bytes::Bytes>> {
-        if self.shutdown.as_mut().poll(cx).is_pending() {
-            return None;
-        }
-        Some(Frame::trailers(http::HeaderMap::new()))
-    }
-}
-
-/// Ends a server stream with an UNAVAILABLE status once shutdown begins.
+/// Ends a long-lived stream's body once shutdown begins, with a trailers frame: the response's
+/// carries UNAVAILABLE ("reconnect and resume"); the request's is empty, which tonic's server
+/// decoder reads as the client having finished sending.
 struct EndOnShutdown {
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The response side (UNAVAILABLE), not the request side.
+    response: bool,
+}
+
+impl EndOnShutdown {
+    fn new(shutdown: &CancellationToken, response: bool) -> EndOnShutdown {
+        EndOnShutdown { shutdown: Box::pin(shutdown.clone().cancelled_owned()), response }
+    }
 }
 
 impl FrameHook for EndOnShutdown {
@@ -345,10 +337,12 @@ impl FrameHook for EndOnShutdown {
         if self.shutdown.as_mut().poll(cx).is_pending() {
             return None;
         }
-        let status = tonic::Status::unavailable("server shutting down; reconnect and resume from your last cursor");
         let mut trailers = http::HeaderMap::new();
-        if let Err(e) = status.add_header(&mut trailers) {
-            tracing::warn!(error = %e, "could not encode the shutdown status");
+        if self.response {
+            let status = tonic::Status::unavailable("server shutting down; reconnect and resume from your last cursor");
+            if let Err(e) = status.add_header(&mut trailers) {
+                tracing::warn!(error = %e, "could not encode the shutdown status");
+            }
         }
         Some(Frame::trailers(trailers))
     }

@@ -1414,6 +1414,13 @@ conformance!(redis_binary_backend, crate::conformance::redis_binary());
 conformance!(redis_cluster_backend, crate::conformance::redis_cluster());
 conformance!(kv_rest_backend, crate::conformance::kv_rest());
 
+/// The Redis key of the session record under `prefix` whose token hash is `hash_hex` (`*`: the
+/// first record found).
+fn record_key(server: &crate::servers::SharedRedis, prefix: &str, hash_hex: &str) -> String {
+    let keys = server.cli(&["--scan", "--pattern", &format!("{prefix}*:s:{hash_hex}")]);
+    keys.lines().next().unwrap_or_else(|| panic!("no record key under {prefix}")).to_owned()
+}
+
 /// Issue 16 point 15a on Redis: a field a newer replica wrote into the record's `doc` survives
 /// this build's compare-and-swap (UpdateSession) and end (terminate).
 #[tokio::test]
@@ -1426,13 +1433,8 @@ async fn redis_records_keep_fields_a_newer_replica_wrote() {
     let m = manager(&backend, 5, &clock);
     let t = token(&m.create(new_session("nora")).await.unwrap());
     let by = SessionRef::Token(t);
-    let url = server.url();
-    let cli = |args: &[&str]| -> String {
-        let out = std::process::Command::new("redis-cli").arg("-u").arg(&url).args(args).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let keys = cli(&["--scan", "--pattern", &format!("{prefix}*:s:*")]);
-    let key = keys.lines().next().unwrap_or_else(|| panic!("no record key under {prefix}")).to_owned();
+    let cli = |args: &[&str]| server.cli(args);
+    let key = record_key(server, &prefix, "*");
     let doc_of = |key: &str| -> serde_json::Value { serde_json::from_str(cli(&["hget", key, "doc"]).trim()).unwrap() };
     let mut doc = doc_of(&key);
     doc["future_field"] = serde_json::json!({"kept": true});
@@ -1463,13 +1465,8 @@ async fn redis_binary_and_json_replicas_read_each_others_records() {
     let clock = ManualClock::new(START);
     let (writer, reader) = (manager(&binary, 5, &clock), manager(&json, 5, &clock));
     let by = SessionRef::Token(token(&writer.create(new_session("mia")).await.unwrap()));
-    let url = server.url();
-    let cli = |args: &[&str]| -> String {
-        let out = std::process::Command::new("redis-cli").arg("-u").arg(&url).args(args).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let keys = cli(&["--scan", "--pattern", &format!("{prefix}*:s:*")]);
-    let key = keys.lines().next().unwrap_or_else(|| panic!("no record key under {prefix}")).to_owned();
+    let cli = |args: &[&str]| server.cli(args);
+    let key = record_key(server, &prefix, "*");
     assert!(cli(&["hget", &key, "doc"]).starts_with('~'), "a binary writer stores `~` and base64");
 
     reader.update(&by, BTreeMap::from([("a".to_string(), "1".to_string())]), &[], None).await.unwrap();
@@ -1499,17 +1496,9 @@ async fn redis_ciphertexts_moved_between_sessions_or_fields_do_not_open() {
     };
     let a = m.create(with_access("ada", "access-of-ada")).await.unwrap();
     let b = m.create(with_access("bob", "access-of-bob")).await.unwrap();
-    let url = server.url();
-    let cli = |args: &[&str]| -> String {
-        let out = std::process::Command::new("redis-cli").arg("-u").arg(&url).args(args).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let cli = |args: &[&str]| server.cli(args);
     let key_of = |created: &session_authority::session::Created| {
-        cli(&["--scan", "--pattern", &format!("{prefix}*:s:{}", hex::encode(created.session.token_hash))])
-            .lines()
-            .next()
-            .unwrap_or_else(|| panic!("no record key under {prefix}"))
-            .to_owned()
+        record_key(server, &prefix, &hex::encode(created.session.token_hash))
     };
     let (key_a, key_b) = (key_of(&a), key_of(&b));
     let doc_of = |key: &str| -> serde_json::Value { serde_json::from_str(cli(&["hget", key, "doc"]).trim()).unwrap() };

@@ -175,8 +175,7 @@ impl RedisServer {
 
     /// Runs redis-cli against this server and returns its stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli").arg("-p").arg(self.port.to_string()).args(args).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        redis_cli(self.port, args)
     }
 
     /// SIGTERM (a clean shutdown that flushes the append-only file), then waits for the exit.
@@ -240,6 +239,17 @@ impl SharedRedis {
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+
+    /// Runs redis-cli against this server and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args)
+    }
+}
+
+/// redis-cli against the server on `port`: its stdout.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The 3-master Redis Cluster of this test binary (started once).

@@ -94,6 +94,12 @@ pub fn otlp_configured(lookup: &dyn Fn(&str) -> Option<String>) -> Result<bool, 
 /// Whether [`init`] installed the OTLP exporter (see [`grpc_span`]).
 static TRACES_EXPORTED: AtomicBool = AtomicBool::new(false);
 
+/// Whether [`init`] installed the OTLP exporter: spans made only for traces (the storage spans,
+/// the OpenTelemetry attributes of [`grpc_span`]) are skipped without one.
+pub(crate) fn traces_exported() -> bool {
+    TRACES_EXPORTED.load(Ordering::Relaxed)
+}
+
 /// Installs the global subscriber: the log format on stderr (filtered by `RUST_LOG`, default
 /// `info`) and, when configured, the OTLP exporter. Call it inside the Tokio runtime that will
 /// run the server.
@@ -201,7 +207,7 @@ impl Extractor for HeaderExtractor<'_> {
 /// program embedding [`crate::app`] with an OpenTelemetry layer of its own gets the method alone.
 pub fn grpc_span<B>(request: &http::Request<B>) -> tracing::Span {
     let path = request.uri().path();
-    if !TRACES_EXPORTED.load(Ordering::Relaxed) {
+    if !traces_exported() {
         return tracing::info_span!("grpc", method = %path);
     }
     let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));

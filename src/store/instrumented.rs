@@ -1,7 +1,8 @@
-//! One wrapper that instruments every backend alike: each call to the storage traits runs
-//! inside a `storage` tracing span (exported to OpenTelemetry as `storage <operation>`, a child of
-//! the RPC's span), and records its latency in `storage_operation_seconds` and its failures in
-//! `storage_operation_errors_total`, labelled by `backend` and `operation` (the trait method).
+//! One wrapper that instruments every backend alike: with an OTLP exporter installed
+//! ([`crate::telemetry::init`]), each call to the storage traits runs inside a `storage` tracing
+//! span (exported as `storage <operation>`, a child of the RPC's span); every call records its
+//! latency in `storage_operation_seconds` and its failures in `storage_operation_errors_total`,
+//! labelled by `backend` and `operation` (the trait method).
 //!
 //! Doing it here rather than in each backend keeps the backends free of telemetry and gives
 //! every backend, present and future, the same metric and span names. Labels are static strings,
@@ -55,15 +56,22 @@ impl<T> Instrumented<T> {
 
     async fn observe<R>(&self, operation: &'static str, call: impl Future<Output = Result<R>>) -> Result<R> {
         let backend = self.backend;
-        let span = tracing::info_span!(
-            "storage",
-            otel.name = %format_args!("storage {operation}"),
-            otel.kind = "client",
-            db.system = backend,
-            db.operation = operation,
-        );
         let started = Instant::now();
-        let result = call.instrument(span).await;
+        // The span is only made for an exporter: log output leaves storage spans out, and making
+        // one (an entry in the span registry, entered and left on every poll) was a few per cent
+        // of a rate-limit check's CPU.
+        let result = if crate::telemetry::traces_exported() {
+            let span = tracing::info_span!(
+                "storage",
+                otel.name = %format_args!("storage {operation}"),
+                otel.kind = "client",
+                db.system = backend,
+                db.operation = operation,
+            );
+            call.instrument(span).await
+        } else {
+            call.await
+        };
         metrics::histogram!(STORAGE_SECONDS, "backend" => backend, "operation" => operation)
             .record(started.elapsed().as_secs_f64());
         if result.is_err() {

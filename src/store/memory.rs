@@ -5,7 +5,7 @@
 //! event are one step too.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 
@@ -54,45 +54,85 @@ impl Default for MemoryStore {
     }
 }
 
-/// Rate-limit state by (rule, key), with an index by the time it can be forgotten, and how many
-/// keys each rule holds (at most `max_keys`: see [`limiter`]'s "Bounded state").
+/// Rate-limit state by rule and key, with an index by the time it can be forgotten. A rule
+/// holds at most `max_keys` keys (see [`limiter`]'s "Bounded state"). Names and keys are shared
+/// (`Arc<str>`) between the table and the index, so a check of a stored key allocates nothing.
 #[derive(Debug, Default)]
 struct Limits {
-    states: HashMap<(String, String), LimiterState>,
-    forget: BTreeSet<(Millis, String, String)>,
-    forget_at: HashMap<(String, String), Millis>,
-    held: HashMap<String, usize>,
+    rules: HashMap<Arc<str>, RuleStates>,
+    forget: BTreeSet<(Millis, Arc<str>, Arc<str>)>,
     max_keys: usize,
+}
+
+/// The stored states of one rule.
+#[derive(Debug)]
+struct RuleStates {
+    name: Arc<str>,
+    keys: HashMap<Arc<str>, Slot>,
+}
+
+/// One key's state, and the time it is indexed under in [`Limits::forget`].
+#[derive(Debug)]
+struct Slot {
+    key: Arc<str>,
+    state: LimiterState,
+    forget_at: Millis,
 }
 
 /// States a check at the bound drops, at most, before it decides whether a new key fits.
 const PURGE_AT_BOUND: usize = 1000;
 
 impl Limits {
-    /// Deletes up to `limit` states forgettable at `now`.
-    fn purge(&mut self, now: Millis, limit: usize) -> usize {
-        let due: Vec<(Millis, String, String)> =
-            self.forget.iter().take_while(|(at, ..)| *at <= now).take(limit).cloned().collect();
-        for entry in &due {
-            self.forget.remove(entry);
-            let id = (entry.1.clone(), entry.2.clone());
-            self.forget_at.remove(&id);
-            if self.states.remove(&id).is_some()
-                && let Some(held) = self.held.get_mut(&id.0)
-            {
-                *held = held.saturating_sub(1);
-                if *held == 0 {
-                    self.held.remove(&id.0);
+    fn state(&self, rule: &str, key: &str) -> Option<LimiterState> {
+        self.rules.get(rule)?.keys.get(key).map(|slot| slot.state)
+    }
+
+    /// Stores `state` for (`rule`, `key`), indexed to be forgotten at `forget_at`.
+    fn store(&mut self, rule: &str, key: &str, state: LimiterState, forget_at: Millis) {
+        let Limits { rules, forget, .. } = self;
+        if !rules.contains_key(rule) {
+            let name: Arc<str> = Arc::from(rule);
+            rules.insert(name.clone(), RuleStates { name, keys: HashMap::new() });
+        }
+        let Some(states) = rules.get_mut(rule) else { return };
+        match states.keys.get_mut(key) {
+            Some(slot) => {
+                if slot.forget_at != forget_at {
+                    forget.remove(&(slot.forget_at, states.name.clone(), slot.key.clone()));
+                    forget.insert((forget_at, states.name.clone(), slot.key.clone()));
+                    slot.forget_at = forget_at;
                 }
+                slot.state = state;
+            }
+            None => {
+                let key: Arc<str> = Arc::from(key);
+                forget.insert((forget_at, states.name.clone(), key.clone()));
+                states.keys.insert(key.clone(), Slot { key, state, forget_at });
             }
         }
-        due.len()
+    }
+
+    /// Deletes up to `limit` states forgettable at `now`.
+    fn purge(&mut self, now: Millis, limit: usize) -> usize {
+        let mut dropped = 0;
+        while dropped < limit && self.forget.first().is_some_and(|(at, ..)| *at <= now) {
+            let Some((_, rule, key)) = self.forget.pop_first() else { break };
+            if let Some(states) = self.rules.get_mut(&rule) {
+                states.keys.remove(&key);
+                if states.keys.is_empty() {
+                    // Gives the table's memory back after a flood of keys.
+                    self.rules.remove(&rule);
+                }
+            }
+            dropped += 1;
+        }
+        dropped
     }
 
     /// Whether a new key of `rule` may be stored at `now`: below the bound, after dropping state
     /// that decides nothing any more.
     fn has_room(&mut self, rule: &str, now: Millis) -> bool {
-        let held = |limits: &Limits| limits.held.get(rule).copied().unwrap_or(0);
+        let held = |limits: &Limits| limits.rules.get(rule).map_or(0, |states| states.keys.len());
         if held(self) < self.max_keys {
             return true;
         }
@@ -527,28 +567,20 @@ impl SessionStore for MemoryStore {
 impl RateLimitStore for MemoryStore {
     async fn check(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
         let mut limits = self.limits();
-        let id = (rule.name.clone(), key.to_owned());
-        let state = limits.states.get(&id).copied();
+        let state = limits.state(&rule.name, key);
         if state.is_none() && !limits.has_room(&rule.name, now) {
             return Ok(limiter::refused(rule));
         }
         let (decision, next) = limiter::apply(state, rule, cost, now);
         if let Some(next) = next {
-            let forget_at = next.forget_at(rule);
-            if let Some(old) = limits.forget_at.insert(id.clone(), forget_at) {
-                limits.forget.remove(&(old, id.0.clone(), id.1.clone()));
-            }
-            limits.forget.insert((forget_at, id.0.clone(), id.1.clone()));
-            if limits.states.insert(id, next).is_none() {
-                *limits.held.entry(rule.name.clone()).or_default() += 1;
-            }
+            limits.store(&rule.name, key, next, next.forget_at(rule));
         }
         Ok(decision)
     }
 
     async fn peek(&self, rule: &Rule, key: &str, cost: u32, now: Millis) -> Result<Decision> {
         let mut limits = self.limits();
-        let state = limits.states.get(&(rule.name.clone(), key.to_owned())).copied();
+        let state = limits.state(&rule.name, key);
         // Dropping state that decides nothing changes no decision, so a peek may do it too.
         if state.is_none() && !limits.has_room(&rule.name, now) {
             return Ok(limiter::refused(rule));
@@ -616,5 +648,49 @@ impl SecurityEventStore for MemoryStore {
             }
         }
         Ok(due.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn rule(name: &str) -> Rule {
+        Rule { name: name.into(), limit: 2, period: Duration::from_secs(60), burst: 2, backoff: None }
+    }
+
+    /// The forget index holds one entry per stored key, under the time its state says, however
+    /// often a key's state moves; and once every state is forgotten the tables are empty.
+    #[tokio::test]
+    async fn the_forget_index_follows_each_keys_state_and_a_full_purge_leaves_nothing() {
+        let store = MemoryStore::new();
+        let (a, b) = (rule("a"), rule("b"));
+        for step in 0..5 {
+            for key in ["k1", "k2", "k3"] {
+                store.check(&a, key, 1, 1_000 + step * 7_000).await.unwrap();
+            }
+            store.check(&b, "k1", 1, 1_000 + step * 7_000).await.unwrap();
+        }
+        {
+            let limits = store.limits();
+            assert_eq!(limits.forget.len(), 4, "{:?}", limits.forget);
+            for (at, name, key) in &limits.forget {
+                let slot = &limits.rules[name].keys[key];
+                assert_eq!(slot.forget_at, *at);
+                let rule = if &**name == "a" { &a } else { &b };
+                assert_eq!(slot.state.forget_at(rule), *at);
+            }
+        }
+        let last = limits_latest(&store);
+        assert_eq!(store.purge_limits(last - 1, 100).await.unwrap(), 0);
+        assert_eq!(store.purge_limits(last, 100).await.unwrap(), 4);
+        let limits = store.limits();
+        assert!(limits.rules.is_empty() && limits.forget.is_empty(), "{limits:?}");
+    }
+
+    fn limits_latest(store: &MemoryStore) -> Millis {
+        store.limits().forget.iter().map(|(at, ..)| *at).max().unwrap()
     }
 }

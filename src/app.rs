@@ -23,11 +23,12 @@
 //! `SessionStore::count_active` every 15 s (a backend may answer `None`; the default method does).
 //! Labels are static strings or configured names (rule, provider), never ids, tokens or addresses.
 //!
-//! **Overload.** Four ceilings, each answered at once rather than queued: calls in flight
+//! **Overload.** Five ceilings, each answered at once rather than queued: calls in flight
 //! (`server.concurrency_limit`, the load-shed permits of the request flow), open watch streams
 //! (`revocation.max_watchers`), open health Watch streams (`server.max_health_watch_streams`:
-//! health is never shed and needs no key), and per watcher the live broadcast (`revocation.watch_buffer`: a
-//! watcher that falls that far behind is ended with `ABORTED` and its cursor, so a client that
+//! health is never shed and needs no key), open reflection streams
+//! (`server.max_reflection_streams`: no key either), and per watcher the live broadcast
+//! (`revocation.watch_buffer`: a watcher that falls that far behind is ended with `ABORTED` and its cursor, so a client that
 //! never reads costs the server at most one HTTP/2 flow-control window of buffered data). HTTP/2
 //! `SETTINGS_MAX_CONCURRENT_STREAMS` is deliberately left unset (`App::run_until` says so
 //! explicitly): sidecars multiplex many watch streams over few connections, and a client over a
@@ -60,7 +61,7 @@ use crate::clock::{AlignedClock, Clock};
 use crate::config::{Config, ConfigError, StorageKind};
 use crate::grpc::auth::AuthLayer;
 use crate::grpc::envoy::{ExtAuthzAdapter, RateLimitAdapter};
-use crate::grpc::layers::{HealthWatchCapLayer, LoadShedLayer, ShutdownStreamsLayer};
+use crate::grpc::layers::{LoadShedLayer, PublicStreamCapLayer, ShutdownStreamsLayer};
 use crate::grpc::pb;
 use crate::grpc::pb::security_service_server::SecurityServiceServer;
 use crate::grpc::pb::session_service_server::SessionServiceServer;
@@ -274,8 +275,8 @@ impl App {
         // here rather than left to a default: sidecars multiplex many watch streams over few
         // connections, and a client over a per-connection limit queues its calls locally
         // instead of getting a quick RESOURCE_EXHAUSTED. The global ceilings are the load-shed
-        // permits (`server.concurrency_limit`), `revocation.max_watchers` and
-        // `server.max_health_watch_streams`.
+        // permits (`server.concurrency_limit`), `revocation.max_watchers`,
+        // `server.max_health_watch_streams` and `server.max_reflection_streams`.
         let mut builder = Server::builder()
             .timeout(server_config.request_timeout)
             .max_concurrent_streams(None)
@@ -303,7 +304,10 @@ impl App {
             .layer(ShutdownStreamsLayer::new(shutdown.clone()))
             .layer(AuthLayer::new(secrets.api_keys.clone(), client_cert_role))
             .layer(LoadShedLayer::new(server_config.concurrency_limit))
-            .layer(HealthWatchCapLayer::new(server_config.max_health_watch_streams))
+            .layer(PublicStreamCapLayer::new(
+                server_config.max_health_watch_streams,
+                server_config.max_reflection_streams,
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

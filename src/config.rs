@@ -142,6 +142,9 @@ pub struct ServerConfig {
     /// `grpc.health.v1.Health/Watch` streams open at once; more are refused with
     /// RESOURCE_EXHAUSTED. Health needs no key and is never shed, so this is its only bound.
     pub max_health_watch_streams: usize,
+    /// Reflection streams (v1 and v1alpha together) open at once; more are refused with
+    /// RESOURCE_EXHAUSTED. Reflection needs no key, and a client may hold its stream open.
+    pub max_reflection_streams: usize,
     /// Largest request or response message, in bytes.
     pub max_message_bytes: usize,
     /// How long shutdown waits for in-flight calls before it gives up on them.
@@ -285,6 +288,11 @@ pub struct Config {
 /// room for thousands of them while bounding what callers without a key can hold open.
 pub const DEFAULT_MAX_HEALTH_WATCH_STREAMS: usize = 4096;
 
+/// Reflection streams one replica serves at once unless configured
+/// (`server.max_reflection_streams`). Reflection is for tools (`grpcurl`, IDEs), whose streams
+/// last one command; this bounds what callers without a key can hold open.
+pub const DEFAULT_MAX_REFLECTION_STREAMS: usize = 256;
+
 /// Settings given on the command line, by dotted name.
 pub type Flags = BTreeMap<String, String>;
 
@@ -360,6 +368,7 @@ impl Config {
             request_timeout: r.positive_duration("server.request_timeout", Duration::from_secs(10))?,
             concurrency_limit: r.number("server.concurrency_limit", 1024usize)?,
             max_health_watch_streams: r.number("server.max_health_watch_streams", DEFAULT_MAX_HEALTH_WATCH_STREAMS)?,
+            max_reflection_streams: r.number("server.max_reflection_streams", DEFAULT_MAX_REFLECTION_STREAMS)?,
             max_message_bytes: r.number("server.max_message_bytes", 1024 * 1024usize)?,
             shutdown_grace: r.duration("server.shutdown_grace", Duration::from_secs(20))?,
             tls,
@@ -369,6 +378,9 @@ impl Config {
         }
         if server.max_health_watch_streams == 0 {
             return Err(err("setting `server.max_health_watch_streams`: must be at least 1"));
+        }
+        if server.max_reflection_streams == 0 {
+            return Err(err("setting `server.max_reflection_streams`: must be at least 1"));
         }
         if server.max_message_bytes < 1024 {
             return Err(err("setting `server.max_message_bytes`: must be at least 1024"));

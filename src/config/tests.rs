@@ -32,6 +32,7 @@ fn defaults_are_the_guides() {
     assert_eq!(c.revocation.max_watchers, 20_000);
     assert_eq!(c.server.concurrency_limit, 1024);
     assert_eq!(c.server.max_health_watch_streams, 4096);
+    assert_eq!(c.server.max_reflection_streams, 256);
     assert_eq!(c.security.hijack.threshold, 0.7);
     assert_eq!(c.log_format, LogFormat::Text);
     assert!(c.metrics_listen.is_none());
@@ -91,6 +92,12 @@ fn errors_name_the_setting() {
     assert!(e.contains("server.max_health_watch_streams"), "{e}");
     let c = load(&[], &[("SESSION_AUTHORITY_SERVER_MAX_HEALTH_WATCH_STREAMS", "2")]).unwrap();
     assert_eq!(c.server.max_health_watch_streams, 2);
+    for bad in ["0", "some"] {
+        let e = load(&[], &[("SESSION_AUTHORITY_SERVER_MAX_REFLECTION_STREAMS", bad)]).unwrap_err().to_string();
+        assert!(e.contains("server.max_reflection_streams"), "{e}");
+    }
+    let c = load(&[], &[("SESSION_AUTHORITY_SERVER_MAX_REFLECTION_STREAMS", "3")]).unwrap();
+    assert_eq!(c.server.max_reflection_streams, 3);
     for bad in ["0", "-1", "lots", "18446744073709551615"] {
         let e = load(&[], &[("SESSION_AUTHORITY_EMBEDDED_CACHE_MB", bad)]).unwrap_err().to_string();
         assert!(e.contains("embedded.cache_mb"), "{bad}: {e}");

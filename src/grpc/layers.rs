@@ -90,7 +90,7 @@ pub(crate) use intercepting_layer;
 ///
 /// Health is never shed: it answers from memory, and a probe refused under load would get a
 /// busy replica restarted or taken out of rotation, moving its load onto the others. Its Watch
-/// streams have a ceiling of their own, [`HealthWatchCapLayer`].
+/// streams have a ceiling of their own, [`PublicStreamCapLayer`].
 #[derive(Clone, Debug)]
 pub struct LoadShedLayer {
     permits: Slots,
@@ -162,40 +162,57 @@ impl Intercept for LoadShedLayer {
 /// The health method whose response is a long-lived stream.
 const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 
-/// Caps the `grpc.health.v1.Health/Watch` streams open at once. Health needs no key and is never
-/// shed (see [`LoadShedLayer`]), so without this a caller with no credentials could hold open as
-/// many streams as it likes. A stream over the cap is answered RESOURCE_EXHAUSTED at once; a
-/// stream's place is held by its response body, so it comes back when the stream ends, the
-/// client cancels, or shutdown ends it. `Check` is not limited.
+/// The reflection methods (v1 and v1alpha): bidirectional streams a client may keep open.
+const REFLECTION: [&str; 2] = [
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Caps the long-lived streams that need no key: `grpc.health.v1.Health/Watch`
+/// (`server.max_health_watch_streams`) and reflection, both versions together
+/// (`server.max_reflection_streams`). Health is never shed (see [`LoadShedLayer`]) and the
+/// load-shed permit of a stream goes back once its response starts, so without this a caller
+/// with no credentials could hold open as many streams as it likes. A stream over its cap is
+/// answered RESOURCE_EXHAUSTED at once; a stream's place is held by its response body, so it
+/// comes back when the stream ends, the client cancels, or shutdown ends it. Unary calls
+/// (`Check`) are not limited.
 #[derive(Clone, Debug)]
-pub struct HealthWatchCapLayer {
-    places: Slots,
+pub struct PublicStreamCapLayer {
+    health_watch: Slots,
+    reflection: Slots,
 }
 
-impl HealthWatchCapLayer {
-    /// At most `limit` open Watch streams (capped at what a semaphore can count).
-    pub fn new(limit: usize) -> HealthWatchCapLayer {
-        HealthWatchCapLayer { places: Slots::new(limit) }
+impl PublicStreamCapLayer {
+    /// At most `health_watch` open Watch streams and `reflection` open reflection streams (each
+    /// capped at what a semaphore can count).
+    pub fn new(health_watch: usize, reflection: usize) -> PublicStreamCapLayer {
+        PublicStreamCapLayer { health_watch: Slots::new(health_watch), reflection: Slots::new(reflection) }
     }
 }
 
-intercepting_layer!(HealthWatchCapLayer);
+intercepting_layer!(PublicStreamCapLayer);
 
-impl Intercept for HealthWatchCapLayer {
+impl Intercept for PublicStreamCapLayer {
     fn call<S>(&self, inner: &mut S, request: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, S::Error>>
     where
         S: Service<Request<Body>, Response = Response<Body>>,
         S::Future: Send + 'static,
     {
-        if request.uri().path() != HEALTH_WATCH {
+        let path = request.uri().path();
+        let (places, refusal) = if path == HEALTH_WATCH {
+            let advice = "poll grpc.health.v1.Health/Check instead, or retry with backoff";
+            (&self.health_watch, ("health Watch streams (server.max_health_watch_streams)", advice))
+        } else if REFLECTION.contains(&path) {
+            let advice = "close the reflection streams your tools left open, or retry with backoff";
+            (&self.reflection, ("reflection streams (server.max_reflection_streams)", advice))
+        } else {
             return Box::pin(inner.call(request));
-        }
-        let Some(place) = self.places.take() else {
+        };
+        let Some(place) = places.take() else {
+            let (what, advice) = refusal;
             let status = tonic::Status::from(Error::ResourceExhausted(format!(
-                "this replica already serves its maximum of {} health Watch streams \
-                 (server.max_health_watch_streams); poll grpc.health.v1.Health/Check instead, \
-                 or retry with backoff",
-                self.places.limit
+                "this replica already serves its maximum of {} {what}; {advice}",
+                places.limit
             )));
             return Box::pin(async move { Ok(status.into_http()) });
         };
@@ -216,13 +233,7 @@ impl Intercept for HealthWatchCapLayer {
 /// Methods whose responses are long-lived streams: the revocation feed, health Watch, and
 /// reflection (a client may keep its stream open for a whole session).
 fn is_server_stream(path: &str) -> bool {
-    matches!(
-        path,
-        "/atoms.session.v1.RevocationService/WatchRevocations"
-            | HEALTH_WATCH
-            | "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
-            | "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
-    )
+    matches!(path, "/atoms.session.v1.RevocationService/WatchRevocations" | HEALTH_WATCH) || REFLECTION.contains(&path)
 }
 
 /// Ends open server streams with UNAVAILABLE ("server shutting down, reconnect") when the

@@ -637,3 +637,85 @@ async fn health_watch_streams_are_capped() {
     assert_eq!(watch(&mut clients[1]).await.expect_err("full again").code(), Code::ResourceExhausted);
     println!("overload: max_health_watch_streams {MAX}: the extra stream refused, one place back after a close");
 }
+
+/// Reflection needs no key either, and a reflection client may keep its stream open as long as it
+/// likes (the global limit lets a stream go once its response starts), so open reflection
+/// streams, v1 and v1alpha together, have a ceiling of their own: one more is refused with
+/// RESOURCE_EXHAUSTED naming `server.max_reflection_streams`, unary calls go on answering, and a
+/// closed stream gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_streams_are_capped() {
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    const MAX: usize = 2;
+    let server = Spawn::default()
+        .arg("--storage")
+        .arg("memory")
+        .env("SESSION_AUTHORITY_SERVER_MAX_REFLECTION_STREAMS", MAX.to_string())
+        .start();
+    let channel = server.channel().await;
+    // A v1 stream held open by its sender: one answer read, the request side left open.
+    let open_v1 = || {
+        let channel = channel.clone();
+        async move {
+            let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
+            let (requests, outgoing) = mpsc::channel(4);
+            let list = v1::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+            };
+            requests.send(list).await.unwrap();
+            let mut stream = client
+                .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+                .await?
+                .into_inner();
+            let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("an answer");
+            assert!(first?.is_some(), "a first answer");
+            Ok::<_, tonic::Status>((requests, stream))
+        }
+    };
+    let first = open_v1().await.expect("within the limit");
+    let second = {
+        let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+        let (requests, outgoing) = mpsc::channel(4);
+        let list = v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+        };
+        requests.send(list).await.unwrap();
+        let mut stream = client
+            .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await
+            .expect("v1alpha within the limit")
+            .into_inner();
+        assert!(stream.message().await.unwrap().is_some(), "a first v1alpha answer");
+        (requests, stream)
+    };
+
+    let refused = open_v1().await.expect_err("beyond max_reflection_streams");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("server.max_reflection_streams"), "{}", refused.message());
+    let reason = refused.get_error_details().error_info().map(|info| info.reason.clone());
+    assert_eq!(reason.as_deref(), Some("OVERLOADED"));
+    let mut health = HealthClient::new(channel.clone());
+    let checked = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
+    assert!(checked.is_ok(), "unary calls still answer: {checked:?}");
+
+    // Closing one (the client ends its side and drops the stream) frees its place.
+    drop(first);
+    let mut refused_meanwhile = 0;
+    let reopened = loop {
+        match open_v1().await {
+            Ok(stream) => break stream,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                refused_meanwhile += 1;
+                assert!(refused_meanwhile < 400, "the closed stream never gave its place back");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    };
+    assert_eq!(open_v1().await.expect_err("full again").code(), Code::ResourceExhausted);
+    drop((second, reopened));
+    println!("overload: max_reflection_streams {MAX}: the extra stream refused, one place back after a close");
+}

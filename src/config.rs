@@ -280,7 +280,19 @@ pub struct Config {
     /// Address of the Prometheus `/metrics` listener; off when unset.
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// Every setting resolution read (dotted names), for [`Config::unread_env_vars`].
+    pub settings_read: BTreeSet<String>,
 }
+
+/// Variables with our prefix that are no setting: the config file's path, the test clock, and
+/// the clients' key variables (the load generator and the examples read them, and they may
+/// share the server's environment).
+const OTHER_ENV_VARS: &[&str] = &[
+    "SESSION_AUTHORITY_CONFIG",
+    "SESSION_AUTHORITY_CLOCK_OFFSET",
+    "SESSION_AUTHORITY_KEY",
+    "SESSION_AUTHORITY_PROXY_KEY",
+];
 
 /// Health Watch streams one replica serves at once unless configured
 /// (`server.max_health_watch_streams`). Probes poll `Check`; `Watch` is for clients that use
@@ -334,7 +346,38 @@ impl Config {
         if let Some(unknown) = r.file.keys().find(|k| !asked.contains(k.as_str())) {
             return Err(err(format!("setting `{unknown}` in the {} is not a known setting", r.file_name)));
         }
-        Ok(config)
+        Ok(Config { settings_read: asked.clone(), ..config })
+    }
+
+    /// Of the environment variables `names`, those with the `SESSION_AUTHORITY_` prefix that no
+    /// setting of this configuration reads: a typo, a setting of another version, or a field of
+    /// a rate rule or provider that no config file declares. Each comes with the variable of the
+    /// nearest setting when one is near (a few letters apart). The environment cannot be an
+    /// error the way a file key is: it is shared with other programs.
+    pub fn unread_env_vars<I, S>(&self, names: I) -> Vec<(String, Option<String>)>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let read: BTreeSet<String> = self.settings_read.iter().map(|key| resolve::env_name(key)).collect();
+        let mut unread: Vec<(String, Option<String>)> = names
+            .into_iter()
+            .map(|name| name.as_ref().to_owned())
+            .filter(|name| name.starts_with("SESSION_AUTHORITY_"))
+            .filter(|name| !read.contains(name) && !OTHER_ENV_VARS.contains(&name.as_str()))
+            .map(|name| {
+                let nearest = read
+                    .iter()
+                    .map(|known| (strsim::levenshtein(&name, known), known))
+                    .filter(|(distance, _)| *distance <= 3)
+                    .min()
+                    .map(|(_, known)| known.clone());
+                (name, nearest)
+            })
+            .collect();
+        unread.sort();
+        unread.dedup();
+        unread
     }
 
     /// The configuration with every default and the given flags only (no environment).
@@ -568,6 +611,7 @@ impl Config {
             envoy,
             metrics_listen: r.socket_addr("metrics_listen")?,
             log_format,
+            settings_read: BTreeSet::new(),
         })
     }
 }

@@ -180,6 +180,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let telemetry = session_authority::telemetry::init(config.log_format, &|name| std::env::var(name).ok())?;
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    for (variable, nearest) in config.unread_env_vars(names) {
+        match nearest {
+            Some(nearest) => {
+                tracing::warn!(%variable, did_you_mean = %nearest, "an environment variable no setting reads; it has no effect")
+            }
+            None => tracing::warn!(
+                %variable,
+                "an environment variable no setting reads; it has no effect (a new rate rule or token provider is declared in the config file, and its fields may then come from the environment)"
+            ),
+        }
+    }
     let result = async {
         let app = App::build(config).await?;
         #[cfg(feature = "bench-seed")]

@@ -256,3 +256,45 @@ fn the_redis_record_format_defaults_to_json_and_names_its_values_when_wrong() {
         assert!(e.contains("redis.record_format") && e.contains("json or binary"), "{bad:?}: {e}");
     }
 }
+
+/// An environment variable with our prefix that no setting reads is named (it cannot be an
+/// error: the environment is shared), with the nearest setting's variable when one is near; the
+/// variables settings read, the non-setting ones and other programs' are not.
+#[test]
+fn environment_variables_no_setting_reads_are_named_with_the_nearest_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[security.rules.api_call]\nlimit = 10\nperiod = \"1m\"\n").unwrap();
+    let c = load(&[("config", path.to_str().unwrap())], &[]).unwrap();
+    let names = [
+        "SESSION_AUTHORITY_SESSION_IDLE_TIMOUT",
+        "SESSION_AUTHORITY_SECURITY_RULES_MINE_LIMIT",
+        "SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT",
+        "SESSION_AUTHORITY_SECURITY_RULES_API_CALL_BURST",
+        "SESSION_AUTHORITY_SECURITY_RULES_TOKEN_REFRESH_LIMIT",
+        "SESSION_AUTHORITY_REDIS_RECORD_FORMAT",
+        "SESSION_AUTHORITY_API_KEYS",
+        "SESSION_AUTHORITY_ENCRYPTION_KEY",
+        "SESSION_AUTHORITY_CONFIG",
+        "SESSION_AUTHORITY_KEY",
+        "SESSION_AUTHORITY_CLOCK_OFFSET",
+        "REDIS_URL",
+        "PATH",
+        "SESSION_AUTHORITY_SESSION_IDLE_TIMOUT",
+    ];
+    let unread = c.unread_env_vars(names);
+    assert_eq!(
+        unread,
+        vec![
+            ("SESSION_AUTHORITY_SECURITY_RULES_MINE_LIMIT".to_string(), None),
+            (
+                "SESSION_AUTHORITY_SESSION_IDLE_TIMOUT".to_string(),
+                Some("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT".to_string())
+            ),
+        ]
+    );
+    // Without the file, the rule it declared is no setting either.
+    let bare = load(&[], &[]).unwrap();
+    let unread = bare.unread_env_vars(["SESSION_AUTHORITY_SECURITY_RULES_API_CALL_BURST"]);
+    assert_eq!(unread.len(), 1, "{unread:?}");
+}

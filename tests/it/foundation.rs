@@ -245,6 +245,28 @@ async fn sigterm_with_an_open_reflection_stream_exits_without_waiting_out_the_gr
     drop(requests);
 }
 
+/// A misspelt variable would otherwise leave its setting at the default without a word: the
+/// server names it at start, with the setting it is nearest to, and never its value.
+#[tokio::test]
+async fn a_misspelt_environment_variable_is_named_at_start_with_the_setting_it_is_nearest() {
+    let server = crate::support::Spawn::default()
+        .arg("--storage")
+        .arg("memory")
+        .env("SESSION_AUTHORITY_SESSION_IDLE_TIMOUT", "value-7f3a9c")
+        .env("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT", "20m")
+        .start();
+    let logs = server.logs();
+    let warned: Vec<&str> = logs.lines().filter(|l| l.contains("no setting reads")).collect();
+    assert_eq!(warned.len(), 1, "one warning, for the misspelt variable only:\n{logs}");
+    assert!(warned[0].contains("SESSION_AUTHORITY_SESSION_IDLE_TIMOUT"), "{}", warned[0]);
+    assert!(
+        warned[0].contains("did_you_mean") && warned[0].contains("SESSION_AUTHORITY_SESSION_IDLE_TIMEOUT"),
+        "{}",
+        warned[0]
+    );
+    assert!(!logs.contains("value-7f3a9c"), "a variable's value is never logged:\n{logs}");
+}
+
 #[tokio::test]
 async fn bad_configuration_exits_non_zero_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();

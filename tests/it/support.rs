@@ -131,6 +131,12 @@ impl Spawn {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // Nor any setting of ours from the caller's environment: each test says what it runs with.
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(|name| name.starts_with("SESSION_AUTHORITY_")) {
+                command.env_remove(name);
+            }
+        }
         if self.with_keys {
             command.env("SESSION_AUTHORITY_API_KEYS", api_keys_env());
         }

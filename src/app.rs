@@ -392,16 +392,18 @@ async fn bind(config: &Config) -> Result<tokio::net::TcpListener, ConfigError> {
 
 /// Opens the configured stores (one backend serves sessions, rate limits and events).
 fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
+    // Storage spans are made only for an exporter: log output leaves them out.
+    let traced = crate::telemetry::traces_exported();
     match config.storage.kind {
         StorageKind::Memory => {
             Ok(Stores::of(MemoryStore::new().with_max_limiter_keys(config.storage.max_limiter_keys))
-                .instrumented(config.storage.kind.as_str()))
+                .instrumented(config.storage.kind.as_str(), traced))
         }
         StorageKind::Embedded => {
             EmbeddedStore::open_with_cache(&config.storage.data_dir, config.storage.embedded_cache_bytes)
                 .map(|store| {
                     Stores::of(store.with_max_limiter_keys(config.storage.max_limiter_keys))
-                        .instrumented(config.storage.kind.as_str())
+                        .instrumented(config.storage.kind.as_str(), traced)
                 })
                 .map_err(|e| ConfigError(format!("setting `data_dir`: {e}")))
         }
@@ -409,7 +411,7 @@ fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
             let url = config.storage.redis_url.as_deref().unwrap_or_default();
             crate::store::redis::open(url, &config.storage.key_prefix, config.storage.operation_timeout).map(|store| {
                 Stores::of(store.with_record_format(config.storage.record_format))
-                    .instrumented(config.storage.kind.as_str())
+                    .instrumented(config.storage.kind.as_str(), traced)
             })
         }
         StorageKind::KvRest => {
@@ -421,7 +423,7 @@ fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
             crate::store::kv_rest::open(url, token, &config.storage.key_prefix, config.storage.operation_timeout).map(
                 |store| {
                     Stores::of(store.with_record_format(config.storage.record_format))
-                        .instrumented(config.storage.kind.as_str())
+                        .instrumented(config.storage.kind.as_str(), traced)
                 },
             )
         }

@@ -686,10 +686,10 @@ impl Stores {
         }
     }
 
-    /// The same stores, each call timed, counted on failure and run inside a `storage` span,
-    /// labelled with `backend` (see [`instrumented`]).
-    pub fn instrumented(self, backend: &'static str) -> Stores {
-        instrumented::wrap(self, backend)
+    /// The same stores, each call timed and counted on failure, labelled with `backend`, and
+    /// run inside a `storage` span when `traced` (see [`instrumented`]).
+    pub fn instrumented(self, backend: &'static str, traced: bool) -> Stores {
+        instrumented::wrap(self, backend, traced)
     }
 }
 

@@ -27,13 +27,14 @@ use crate::store::{
     RevocationQuery, SecurityEventStore, SessionStore, Stores, TimedOut, TokenHash, TokenStore, Touch,
 };
 
-/// Wraps the stores of `stores`, labelling everything with `backend`.
-pub(crate) fn wrap(stores: Stores, backend: &'static str) -> Stores {
+/// Wraps the stores of `stores`, labelling everything with `backend`; with `traced`, every call
+/// runs inside a `storage` span.
+pub(crate) fn wrap(stores: Stores, backend: &'static str, traced: bool) -> Stores {
     Stores {
-        sessions: std::sync::Arc::new(Instrumented { inner: stores.sessions, backend }),
-        limits: std::sync::Arc::new(Instrumented { inner: stores.limits, backend }),
-        events: std::sync::Arc::new(Instrumented { inner: stores.events, backend }),
-        tokens: std::sync::Arc::new(Instrumented { inner: stores.tokens, backend }),
+        sessions: std::sync::Arc::new(Instrumented { inner: stores.sessions, backend, traced }),
+        limits: std::sync::Arc::new(Instrumented { inner: stores.limits, backend, traced }),
+        events: std::sync::Arc::new(Instrumented { inner: stores.events, backend, traced }),
+        tokens: std::sync::Arc::new(Instrumented { inner: stores.tokens, backend, traced }),
         events_with_sessions: stores.events_with_sessions,
     }
 }
@@ -43,24 +44,26 @@ pub(crate) fn wrap(stores: Stores, backend: &'static str) -> Stores {
 pub struct Instrumented<T> {
     inner: T,
     backend: &'static str,
+    /// Whether calls run inside a `storage` span (only worth making for an exporter).
+    traced: bool,
 }
 
 /// The target of the storage spans (log output leaves them out; traces keep them).
 pub const SPAN_TARGET: &str = module_path!();
 
 impl<T> Instrumented<T> {
-    /// Wraps `inner`, labelling its calls with `backend`.
+    /// Wraps `inner`, labelling its calls with `backend`, each inside a `storage` span.
     pub fn new(inner: T, backend: &'static str) -> Instrumented<T> {
-        Instrumented { inner, backend }
+        Instrumented { inner, backend, traced: true }
     }
 
     async fn observe<R>(&self, operation: &'static str, call: impl Future<Output = Result<R>>) -> Result<R> {
         let backend = self.backend;
         let started = Instant::now();
-        // The span is only made for an exporter: log output leaves storage spans out, and making
-        // one (an entry in the span registry, entered and left on every poll) was a few per cent
-        // of a rate-limit check's CPU.
-        let result = if crate::telemetry::traces_exported() {
+        // The app traces storage only for an exporter: log output leaves storage spans out, and
+        // making one (an entry in the span registry, entered and left on every poll) was a few
+        // per cent of a rate-limit check's CPU.
+        let result = if self.traced {
             let span = tracing::info_span!(
                 "storage",
                 otel.name = %format_args!("storage {operation}"),

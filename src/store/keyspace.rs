@@ -149,14 +149,41 @@ pub struct KeyspaceStore<T: Transport> {
     /// When this replica last drained stale outboxes (Redis Cluster).
     last_drain: std::sync::Mutex<Option<std::time::Instant>>,
     /// Rate-limit checks of one key take turns within this replica (striped by key), so the
-    /// compare-and-set only ever races the other replicas' checks, not this one's.
-    limit_turns: Vec<tokio::sync::Mutex<()>>,
+    /// compare-and-set only ever races the other replicas' checks, not this one's; each stripe
+    /// remembers the states its checks last saw.
+    limit_turns: Vec<tokio::sync::Mutex<LimitStripe>>,
     /// How records are written (`redis.record_format`); both are read.
     format: RecordFormat,
 }
 
 /// Stripes of [`KeyspaceStore::limit_turns`].
 const LIMIT_STRIPES: usize = 64;
+
+/// Keys whose state one stripe remembers, at most (64 stripes: 65,536 keys, a few MiB).
+const LIMIT_STATES_PER_STRIPE: usize = 1024;
+
+/// One stripe of rate-limit turns: the encoded state this replica last read or wrote for each
+/// of its keys (by field), the guess a check's compare-and-set starts from. Only a guess: a
+/// check grants only through a compare-and-set against the stored state, and refuses only on a
+/// state read from Redis, so a stale entry costs a round trip, never a wrong decision.
+#[derive(Debug, Default)]
+pub(crate) struct LimitStripe {
+    seen: std::collections::HashMap<String, String>,
+}
+
+impl LimitStripe {
+    fn remember(&mut self, field: &str, state: String) {
+        if let Some(slot) = self.seen.get_mut(field) {
+            *slot = state;
+            return;
+        }
+        if self.seen.len() >= LIMIT_STATES_PER_STRIPE {
+            // A flood of keys: start over rather than track ages (a forgotten key costs one read).
+            self.seen.clear();
+        }
+        self.seen.insert(field.to_owned(), state);
+    }
+}
 
 /// Placeholder log id until the first log read: alphanumeric (so a cursor made with it parses),
 /// never equal to a real id (16 hex digits), so such a cursor is out of range, never misread.
@@ -182,7 +209,7 @@ impl<T: Transport> KeyspaceStore<T> {
             timeout,
             log_id: std::sync::RwLock::new(UNKNOWN_LOG_ID.to_owned()),
             last_drain: std::sync::Mutex::new(None),
-            limit_turns: (0..LIMIT_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            limit_turns: (0..LIMIT_STRIPES).map(|_| tokio::sync::Mutex::default()).collect(),
             format: RecordFormat::default(),
         }
     }
@@ -451,6 +478,20 @@ impl<T: Transport> KeyspaceStore<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stripe's memory of states is bounded whatever the number of keys, and a key it holds
+    /// is updated in place.
+    #[test]
+    fn a_limit_stripe_remembers_a_bounded_number_of_keys() {
+        let mut stripe = LimitStripe::default();
+        for i in 0..LIMIT_STATES_PER_STRIPE * 3 + 7 {
+            stripe.remember(&format!("rule\0key-{i}"), format!("state-{i}"));
+            assert!(stripe.seen.len() <= LIMIT_STATES_PER_STRIPE);
+        }
+        stripe.remember("rule\0kept", "one".into());
+        stripe.remember("rule\0kept", "two".into());
+        assert_eq!(stripe.seen.get("rule\0kept").map(String::as_str), Some("two"));
+    }
 
     #[test]
     fn keys_of_one_user_share_a_hash_tag() {

@@ -280,6 +280,84 @@ async fn validate_session_is_one_redis_command() {
     assert!(feed.values().all(|n| *n <= polls), "more than the feed's polls: {feed:?} in {polls} s; {stats}");
 }
 
+/// The calls of each command name since the last `CONFIG RESETSTAT`, leaving out the health
+/// check's PING, the clock alignment's TIME and the test's own INFO / CONFIG.
+fn command_calls(redis: &RedisServer) -> BTreeMap<String, u64> {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.trim().strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
+        })
+        .filter(|(name, _)| !(name == "ping" || name == "time" || name == "info" || name.starts_with("config")))
+        .collect()
+}
+
+fn check(rule: &str, key: &str) -> pb::CheckRateLimitRequest {
+    pb::CheckRateLimitRequest { rule_name: rule.into(), key: key.into(), cost: 1, consume: Some(true) }
+}
+
+/// A replica remembers the state it last read or wrote for a key, so a check of a key it has
+/// seen is one round trip: the compare-and-set script alone, against that state (the read before
+/// it is only for a key it has not seen, or lost the race for).
+#[tokio::test]
+async fn a_rate_limit_check_of_a_key_the_replica_has_seen_is_one_redis_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[security.rules.one_trip]\nlimit = 1000\nperiod = \"1m\"\n").unwrap();
+    let redis = RedisServer::start();
+    let server = on_redis(&redis.url(), "trip:")
+        .arg("--config")
+        .arg(config.to_str().unwrap())
+        .env("SESSION_AUTHORITY_SESSION_CLEANUP_INTERVAL", "1h")
+        .start();
+    let mut client = server.security(Some(SERVICE_KEY)).await;
+    assert!(client.check_rate_limit(check("one_trip", "k")).await.unwrap().into_inner().allowed);
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    let started = Instant::now();
+    for _ in 0..50 {
+        assert!(client.check_rate_limit(check("one_trip", "k")).await.unwrap().into_inner().allowed);
+    }
+    let calls = command_calls(&redis);
+    // The feed's tailer polls once a second with one script of its own (HSETNX, HMGET, XRANGE).
+    let polls = started.elapsed().as_secs() + 2;
+    // Commands a script runs count too: each compare-and-set reads the state once, inside Redis.
+    assert_eq!(calls.get("hget"), Some(&50), "no read before the compare-and-set: {calls:?}");
+    let scripts = calls.get("evalsha").copied().unwrap_or(0);
+    assert!((50..=50 + polls).contains(&scripts), "one script per check: {calls:?}");
+    assert_eq!(calls.get("hset"), Some(&50), "each check wrote its state once: {calls:?}");
+}
+
+/// The remembered state is only ever a guess: checks of one key alternating between two
+/// replicas (each one's memory of the key stale after the other's write) grant exactly the
+/// limit, in order; a refusal is decided on a fresh read, so a state deleted behind a replica's
+/// back (expired, or removed by an operator) refuses nothing.
+#[tokio::test]
+async fn remembered_rate_limit_states_are_checked_against_redis_before_any_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[security.rules.alternate]\nlimit = 6\nperiod = \"1h\"\n").unwrap();
+    let redis = RedisServer::start();
+    let replica = || on_redis(&redis.url(), "alt:").arg("--config").arg(config.to_str().unwrap()).start();
+    let (a, b) = (replica(), replica());
+    let (mut on_a, mut on_b) = (a.security(Some(SERVICE_KEY)).await, b.security(Some(SERVICE_KEY)).await);
+    let mut granted = Vec::new();
+    for i in 0..14 {
+        let client = if i % 2 == 0 { &mut on_a } else { &mut on_b };
+        granted.push(client.check_rate_limit(check("alternate", "t")).await.unwrap().into_inner().allowed);
+    }
+    let expected: Vec<bool> = (0..14).map(|i| i < 6).collect();
+    assert_eq!(granted, expected, "exactly the first six, whichever replica asked");
+
+    // Both remember a refused, blocked key; the states go away in Redis; the next check is a
+    // fresh key's.
+    redis.cli(&["DEL", "alt:{limits}:states"]);
+    assert!(on_a.check_rate_limit(check("alternate", "t")).await.unwrap().into_inner().allowed);
+    assert!(on_b.check_rate_limit(check("alternate", "t")).await.unwrap().into_inner().allowed);
+    assert_eq!(redis.cli(&["HLEN", "alt:{limits}:states"]).trim(), "1", "the key's state is back");
+}
+
 #[tokio::test]
 async fn kv_rest_endpoint_failures_answer_unavailable_then_recover() {
     let shim = KvRest::start(&shared_redis().url());

@@ -392,7 +392,8 @@ async fn bind(config: &Config) -> Result<tokio::net::TcpListener, ConfigError> {
 
 /// Opens the configured stores (one backend serves sessions, rate limits and events).
 fn open_stores(config: &Config) -> Result<Stores, ConfigError> {
-    // Storage spans are made only for an exporter: log output leaves them out.
+    // Storage spans are made only for an exporter: log output leaves them out. A program
+    // embedding the app gets them through `telemetry::init` before `App::build`.
     let traced = crate::telemetry::traces_exported();
     match config.storage.kind {
         StorageKind::Memory => {

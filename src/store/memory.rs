@@ -56,7 +56,7 @@ impl Default for MemoryStore {
 
 /// Rate-limit state by rule and key, with an index by the time it can be forgotten. A rule
 /// holds at most `max_keys` keys (see [`limiter`]'s "Bounded state"). Names and keys are shared
-/// (`Arc<str>`) between the table and the index, so a check of a stored key allocates nothing.
+/// (`Arc<str>`) between the table and the index, so a check of a stored key allocates no string.
 #[derive(Debug, Default)]
 struct Limits {
     rules: HashMap<Arc<str>, RuleStates>,

@@ -337,7 +337,7 @@ async fn a_rate_limit_check_of_a_key_the_replica_has_seen_is_one_redis_command()
 async fn remembered_rate_limit_states_are_checked_against_redis_before_any_decision() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
-    std::fs::write(&config, "[security.rules.alternate]\nlimit = 6\nperiod = \"1h\"\n").unwrap();
+    std::fs::write(&config, "[security.rules.alternate]\nlimit = 6\nperiod = \"1h\"\nbackoff = true\n").unwrap();
     let redis = RedisServer::start();
     let replica = || on_redis(&redis.url(), "alt:").arg("--config").arg(config.to_str().unwrap()).start();
     let (a, b) = (replica(), replica());

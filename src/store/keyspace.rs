@@ -187,7 +187,7 @@ impl LimitStripe {
         }
         if self.seen.len() >= LIMIT_STATES_PER_STRIPE {
             // Full: one key, whichever the table yields first, makes room (no ages are kept;
-            // a forgotten key costs its next check one read), so hot keys mostly stay.
+            // a forgotten key costs its next check one read), so all the others stay.
             if let Some(evicted) = self.seen.keys().next().cloned() {
                 self.seen.remove(&evicted);
             }

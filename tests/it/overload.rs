@@ -256,6 +256,37 @@ fn watcher_on(channel: &Channel) -> Watchers {
     RevocationServiceClient::with_interceptor(channel.clone(), Auth::new(Some(WATCHER_KEY)))
 }
 
+/// A stream refused at one of the stream ceilings: RESOURCE_EXHAUSTED with reason OVERLOADED, and
+/// a message naming `setting`.
+fn assert_refused_at_ceiling(refused: &tonic::Status, setting: &str) {
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains(setting), "{}", refused.message());
+    let reason = refused.get_error_details().error_info().map(|info| info.reason.clone());
+    assert_eq!(reason.as_deref(), Some("OVERLOADED"));
+}
+
+/// Opens a stream with `open` until a place is free: a closed stream gives its place back once
+/// the server has seen the cancel, which must happen within 10 s; meanwhile only
+/// RESOURCE_EXHAUSTED is expected.
+async fn reopen<T, F, Opened>(mut open: F) -> T
+where
+    F: FnMut() -> Opened,
+    Opened: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut refused_meanwhile = 0;
+    loop {
+        match open().await {
+            Ok(opened) => return opened,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                refused_meanwhile += 1;
+                assert!(refused_meanwhile < 400, "the closed stream never gave its place back");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_watch_streams_open_stay_cheap_and_all_receive_one_revocation() {
     const STREAMS: usize = 10_000;
@@ -522,10 +553,7 @@ async fn watch_streams_beyond_max_watchers_are_refused_until_one_closes() {
     // One more, on either connection: RESOURCE_EXHAUSTED naming the setting.
     for client in &mut clients {
         let refused = open_watch(client, None).await.expect_err("beyond max_watchers");
-        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-        assert!(refused.message().contains("revocation.max_watchers"), "{}", refused.message());
-        let reason = refused.get_error_details().error_info().map(|info| info.reason.clone());
-        assert_eq!(reason.as_deref(), Some("OVERLOADED"));
+        assert_refused_at_ceiling(&refused, "revocation.max_watchers");
     }
     // A separate ceiling from the call limit: unary calls pass.
     let mut sessions = server.sessions(Some(SERVICE_KEY)).await;
@@ -534,18 +562,11 @@ async fn watch_streams_beyond_max_watchers_are_refused_until_one_closes() {
 
     // Closing one frees its place (once the server has seen the cancel).
     drop(open.remove(0));
-    let mut refused_meanwhile = 0;
-    let reopened = loop {
-        match open_watch(&mut clients[0], None).await {
-            Ok((stream, _)) => break stream,
-            Err(status) => {
-                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-                refused_meanwhile += 1;
-                assert!(refused_meanwhile < 400, "the closed stream never gave its place back");
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        }
-    };
+    let reopened = reopen(|| {
+        let mut client = clients[0].clone();
+        async move { open_watch(&mut client, None).await.map(|(stream, _)| stream) }
+    })
+    .await;
     open.push(reopened);
     assert_eq!(open_watch(&mut clients[1], None).await.expect_err("full again").code(), Code::ResourceExhausted);
 
@@ -609,11 +630,8 @@ async fn health_watch_streams_are_capped() {
 
     for client in &mut clients {
         let refused = watch(client).await.expect_err("beyond max_health_watch_streams");
-        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-        assert!(refused.message().contains("server.max_health_watch_streams"), "{}", refused.message());
+        assert_refused_at_ceiling(&refused, "server.max_health_watch_streams");
         assert!(refused.message().contains("Check"), "says what to do instead: {}", refused.message());
-        let reason = refused.get_error_details().error_info().map(|info| info.reason.clone());
-        assert_eq!(reason.as_deref(), Some("OVERLOADED"));
         // Check still answers.
         let checked = client.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
         assert_eq!(checked.status, ServingStatus::Serving as i32);
@@ -621,18 +639,7 @@ async fn health_watch_streams_are_capped() {
 
     // Closing one frees its place (once the server has seen the cancel).
     drop(open.remove(0));
-    let mut refused_meanwhile = 0;
-    let reopened = loop {
-        match watch(&mut clients[0]).await {
-            Ok(stream) => break stream,
-            Err(status) => {
-                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-                refused_meanwhile += 1;
-                assert!(refused_meanwhile < 400, "the closed stream never gave its place back");
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        }
-    };
+    let reopened = reopen(|| watch(&mut clients[0])).await;
     open.push(reopened);
     assert_eq!(watch(&mut clients[1]).await.expect_err("full again").code(), Code::ResourceExhausted);
     println!("overload: max_health_watch_streams {MAX}: the extra stream refused, one place back after a close");
@@ -694,28 +701,14 @@ async fn reflection_streams_are_capped() {
     };
 
     let refused = open_v1().await.expect_err("beyond max_reflection_streams");
-    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert!(refused.message().contains("server.max_reflection_streams"), "{}", refused.message());
-    let reason = refused.get_error_details().error_info().map(|info| info.reason.clone());
-    assert_eq!(reason.as_deref(), Some("OVERLOADED"));
+    assert_refused_at_ceiling(&refused, "server.max_reflection_streams");
     let mut health = HealthClient::new(channel.clone());
     let checked = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
     assert!(checked.is_ok(), "unary calls still answer: {checked:?}");
 
     // Closing one (the client ends its side and drops the stream) frees its place.
     drop(first);
-    let mut refused_meanwhile = 0;
-    let reopened = loop {
-        match open_v1().await {
-            Ok(stream) => break stream,
-            Err(status) => {
-                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-                refused_meanwhile += 1;
-                assert!(refused_meanwhile < 400, "the closed stream never gave its place back");
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        }
-    };
+    let reopened = reopen(open_v1).await;
     assert_eq!(open_v1().await.expect_err("full again").code(), Code::ResourceExhausted);
     drop((second, reopened));
     println!("overload: max_reflection_streams {MAX}: the extra stream refused, one place back after a close");
